@@ -1,0 +1,261 @@
+//! Live provider health observed by the filter itself, shared by all workers.
+//!
+//! Per provider: consecutive failures, an error-rate EWMA, a time-to-first-byte EWMA, a
+//! `Retry-After` window and a circuit (closed → open for a cooldown → half-open with one probe
+//! → closed on the probe's success). Transitions are pure functions of (record, outcome, now);
+//! the glue stores the whole table under one shared-data key with CAS.
+
+use crate::config::Circuit;
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+
+/// Smoothing factor of the EWMAs.
+const ALPHA: f64 = 0.2;
+/// Longest `Retry-After` honoured, ms.
+pub const MAX_RETRY_AFTER_MS: u64 = 600_000;
+
+/// Circuit state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Normal.
+    #[default]
+    Closed,
+    /// Kept out of rotation until `until` (ms).
+    Open {
+        /// End of the cooldown.
+        until: u64,
+    },
+    /// One probe request in flight; others keep out until `until` (ms), when a new probe may go.
+    HalfOpen {
+        /// When the probe counts as lost.
+        until: u64,
+    },
+}
+
+/// Health of one provider.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProviderHealth {
+    /// Failures since the last success.
+    #[serde(rename = "f", default)]
+    pub consecutive_failures: u32,
+    /// Circuit.
+    #[serde(rename = "c", default)]
+    pub circuit: CircuitState,
+    /// Kept out until this time (ms) because the provider said `Retry-After`.
+    #[serde(rename = "ra", default)]
+    pub retry_after_until: u64,
+    /// EWMA of failures (1) and successes (0).
+    #[serde(rename = "e", default)]
+    pub error_rate: f64,
+    /// EWMA of time to first byte of streaming answers, ms (0 = none yet).
+    #[serde(rename = "l", default)]
+    pub ttfb_ms: f64,
+    /// Latency samples seen.
+    #[serde(rename = "n", default)]
+    pub samples: u32,
+    /// Circuit openings so far.
+    #[serde(rename = "o", default)]
+    pub opens: u32,
+}
+
+/// The result of one attempt, as health sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Observation {
+    /// The provider answered well; `ttfb_ms` for streaming answers.
+    Success {
+        /// Time to first byte of a streaming answer.
+        ttfb_ms: Option<f64>,
+    },
+    /// The provider failed; `retry_after_ms` when it said so.
+    Failure {
+        /// Requested back-off.
+        retry_after_ms: Option<u64>,
+    },
+}
+
+/// Whether a provider may be tried now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Yes.
+    Open,
+    /// Yes, as the single half-open probe (claim it first).
+    Probe,
+    /// No: circuit open until the given time.
+    CircuitOpen(u64),
+    /// No: another probe is in flight.
+    ProbeInFlight,
+    /// No: the provider asked to be left alone until the given time.
+    RetryAfter(u64),
+}
+
+impl ProviderHealth {
+    /// Whether the provider may be tried at `now`.
+    pub fn admission(&self, now: u64) -> Admission {
+        if self.retry_after_until > now {
+            return Admission::RetryAfter(self.retry_after_until);
+        }
+        match self.circuit {
+            CircuitState::Closed => Admission::Open,
+            CircuitState::Open { until } if now < until => Admission::CircuitOpen(until),
+            CircuitState::Open { .. } => Admission::Probe,
+            CircuitState::HalfOpen { until } if now < until => Admission::ProbeInFlight,
+            CircuitState::HalfOpen { .. } => Admission::Probe,
+        }
+    }
+
+    /// Marks the probe as taken until `until`.
+    pub fn claim_probe(&mut self, until: u64) {
+        self.circuit = CircuitState::HalfOpen { until };
+    }
+
+    /// Applies an observation. Returns true when the change matters to other workers
+    /// (anything but a routine success's latency drift) and should be written back.
+    pub fn observe(&mut self, obs: Observation, now: u64, circuit: &Circuit) -> bool {
+        match obs {
+            Observation::Success { ttfb_ms } => {
+                let was_clean =
+                    self.consecutive_failures == 0 && self.circuit == CircuitState::Closed && self.error_rate < 0.01;
+                self.consecutive_failures = 0;
+                self.circuit = CircuitState::Closed;
+                self.error_rate *= 1.0 - ALPHA;
+                if self.error_rate < 1e-4 {
+                    self.error_rate = 0.0;
+                }
+                let mut drift = false;
+                if let Some(t) = ttfb_ms {
+                    let before = self.ttfb_ms;
+                    self.ttfb_ms = if self.samples == 0 { t } else { before + ALPHA * (t - before) };
+                    self.samples = self.samples.saturating_add(1);
+                    drift = before == 0.0 || ((self.ttfb_ms - before) / before).abs() > 0.1;
+                }
+                !was_clean || drift
+            }
+            Observation::Failure { retry_after_ms } => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                self.error_rate = self.error_rate * (1.0 - ALPHA) + ALPHA;
+                if let Some(ra) = retry_after_ms {
+                    self.retry_after_until = self.retry_after_until.max(now + ra.min(MAX_RETRY_AFTER_MS));
+                }
+                let open = match self.circuit {
+                    CircuitState::HalfOpen { .. } => true,
+                    CircuitState::Open { .. } => true,
+                    CircuitState::Closed => self.consecutive_failures >= circuit.failure_threshold,
+                };
+                if open {
+                    if !matches!(self.circuit, CircuitState::Open { until } if until > now) {
+                        self.opens = self.opens.saturating_add(1);
+                    }
+                    self.circuit = CircuitState::Open { until: now + circuit.cooldown_ms };
+                }
+                true
+            }
+        }
+    }
+}
+
+/// Health of every provider, keyed by provider name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthTable {
+    /// Records by provider name; absent = healthy, no data.
+    pub providers: HashMap<String, ProviderHealth>,
+}
+
+impl HealthTable {
+    /// The record of `name` (default when absent).
+    pub fn get(&self, name: &str) -> ProviderHealth {
+        self.providers.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Mutable record of `name`, created when absent.
+    pub fn entry(&mut self, name: &str) -> &mut ProviderHealth {
+        self.providers.entry_ref(name).or_default()
+    }
+
+    /// Shared-data encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes; unreadable data counts as empty (healthy) rather than failing requests.
+    pub fn decode(bytes: &[u8]) -> HealthTable {
+        if bytes.is_empty() {
+            return HealthTable::default();
+        }
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+}
+
+/// Parses a `Retry-After` header (delta-seconds only; HTTP dates are ignored) into ms.
+pub fn parse_retry_after(v: &str) -> Option<u64> {
+    let secs: u64 = v.trim().parse().ok()?;
+    Some(secs.saturating_mul(1000).min(MAX_RETRY_AFTER_MS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C: Circuit = Circuit { failure_threshold: 3, cooldown_ms: 1000 };
+    const FAIL: Observation = Observation::Failure { retry_after_ms: None };
+    const OK: Observation = Observation::Success { ttfb_ms: None };
+
+    #[test]
+    fn circuit_opens_after_threshold_then_probes_then_closes() {
+        let mut h = ProviderHealth::default();
+        assert!(h.observe(FAIL, 0, &C));
+        assert!(h.observe(FAIL, 1, &C));
+        assert_eq!(h.admission(2), Admission::Open);
+        h.observe(FAIL, 2, &C);
+        assert_eq!(h.admission(3), Admission::CircuitOpen(1002));
+        assert_eq!(h.opens, 1);
+        assert_eq!(h.admission(1002), Admission::Probe);
+        h.claim_probe(1500);
+        assert_eq!(h.admission(1100), Admission::ProbeInFlight);
+        // A lost probe frees the slot again.
+        assert_eq!(h.admission(1500), Admission::Probe);
+        assert!(h.observe(OK, 1200, &C));
+        assert_eq!(h.admission(1201), Admission::Open);
+        assert_eq!(h.consecutive_failures, 0);
+    }
+
+    #[test]
+    fn failed_probe_reopens_for_a_full_cooldown() {
+        let mut h = ProviderHealth { circuit: CircuitState::HalfOpen { until: 5000 }, ..Default::default() };
+        h.observe(FAIL, 4000, &C);
+        assert_eq!(h.admission(4001), Admission::CircuitOpen(5000));
+        assert_eq!(h.opens, 1);
+    }
+
+    #[test]
+    fn retry_after_keeps_provider_out_and_is_capped() {
+        let mut h = ProviderHealth::default();
+        h.observe(Observation::Failure { retry_after_ms: Some(2000) }, 100, &C);
+        assert_eq!(h.admission(101), Admission::RetryAfter(2100));
+        assert_eq!(h.admission(2100), Admission::Open);
+        assert_eq!(parse_retry_after(" 3 "), Some(3000));
+        assert_eq!(parse_retry_after("99999"), Some(MAX_RETRY_AFTER_MS));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
+
+    #[test]
+    fn routine_success_is_not_worth_a_shared_write() {
+        let mut h = ProviderHealth::default();
+        assert!(!h.observe(OK, 0, &C));
+        assert!(h.observe(Observation::Success { ttfb_ms: Some(100.0) }, 0, &C));
+        assert!(!h.observe(Observation::Success { ttfb_ms: Some(102.0) }, 0, &C));
+        h.observe(FAIL, 0, &C);
+        assert!(h.observe(OK, 0, &C), "recovery must be shared");
+        assert!(h.error_rate > 0.0);
+    }
+
+    #[test]
+    fn table_round_trips_and_tolerates_garbage() {
+        let mut t = HealthTable::default();
+        t.entry("a").observe(FAIL, 0, &C);
+        let back = HealthTable::decode(&t.encode());
+        assert_eq!(back, t);
+        assert_eq!(HealthTable::decode(b"garbage"), HealthTable::default());
+        assert_eq!(back.get("zzz"), ProviderHealth::default());
+    }
+}

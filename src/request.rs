@@ -1,0 +1,419 @@
+//! What routing needs from an OpenAI-style request body, read in one pass without building a
+//! JSON tree: `model` (and where it sits, for the rewrite), `stream`, `max_tokens`.
+//!
+//! The scanner validates the whole document's syntax (so a truncated or non-JSON body gets a
+//! 400 here instead of an error from the provider) but only decodes the few top-level fields
+//! it needs; everything else is skipped byte by byte.
+
+use std::ops::Range;
+
+/// Max nesting accepted in a request body.
+const MAX_DEPTH: usize = 128;
+
+/// Facts about one request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// Requested model, decoded.
+    pub model: String,
+    /// Byte range of the `model` value in the body, quotes included.
+    pub model_span: Range<usize>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage: true`.
+    pub include_usage: bool,
+    /// `max_tokens` or `max_completion_tokens`.
+    pub max_tokens: Option<u64>,
+    /// Body size in bytes.
+    pub body_len: usize,
+}
+
+impl RequestInfo {
+    /// Rough input token count: about four bytes of JSON per token.
+    pub fn estimated_input_tokens(&self) -> u64 {
+        (self.body_len as u64 / 4).max(1)
+    }
+
+    /// Output tokens: `max_tokens` when set, else the configured default.
+    pub fn estimated_output_tokens(&self, default: u64) -> u64 {
+        self.max_tokens.unwrap_or(default)
+    }
+}
+
+/// Why a body cannot be routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// Empty body.
+    Empty,
+    /// Not a JSON object (syntax error at byte offset).
+    NotJson(usize),
+    /// Top level is JSON but not an object.
+    NotObject,
+    /// No `model` field.
+    NoModel,
+    /// `model` is not a non-empty string.
+    BadModel,
+}
+
+impl BodyError {
+    /// Message for the 400 answer.
+    pub fn message(&self) -> String {
+        match self {
+            Self::Empty => "request body is empty; expected a JSON object with a `model` field".into(),
+            Self::NotJson(at) => format!("request body is not valid JSON (syntax error at byte {at})"),
+            Self::NotObject => "request body must be a JSON object".into(),
+            Self::NoModel => "request body has no `model` field".into(),
+            Self::BadModel => "`model` must be a non-empty string".into(),
+        }
+    }
+
+    /// OpenAI error code for the 400 answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Empty | Self::NotJson(_) | Self::NotObject => "invalid_json",
+            Self::NoModel | Self::BadModel => "model_missing",
+        }
+    }
+}
+
+/// Scans a request body.
+pub fn parse(body: &[u8]) -> Result<RequestInfo, BodyError> {
+    let mut s = Scanner { b: body, i: 0 };
+    s.ws();
+    if s.i >= body.len() {
+        return Err(BodyError::Empty);
+    }
+    if s.peek() != Some(b'{') {
+        // Still tell "not JSON" from "JSON but not an object".
+        s.value(0)?;
+        s.ws();
+        return Err(if s.i == body.len() { BodyError::NotObject } else { BodyError::NotJson(s.i) });
+    }
+    s.i += 1;
+    let mut model: Option<(String, Range<usize>)> = None;
+    let mut model_bad = false;
+    let mut stream = false;
+    let mut include_usage = false;
+    let mut max_tokens = None;
+    s.ws();
+    if s.peek() == Some(b'}') {
+        s.i += 1;
+    } else {
+        loop {
+            s.ws();
+            let key = s.string_range()?;
+            s.ws();
+            s.expect(b':')?;
+            s.ws();
+            let start = s.i;
+            let key = &body[key.start + 1..key.end - 1];
+            match key {
+                b"model" => {
+                    if s.peek() == Some(b'"') {
+                        let r = s.string_range()?;
+                        match decode_string(&body[r.clone()]) {
+                            Some(m) if !m.is_empty() => model = Some((m, r)),
+                            _ => model_bad = true,
+                        }
+                    } else {
+                        s.value(1)?;
+                        model_bad = true;
+                    }
+                }
+                b"stream" => {
+                    s.value(1)?;
+                    stream = &body[start..s.i] == b"true";
+                }
+                b"max_tokens" | b"max_completion_tokens" => {
+                    s.value(1)?;
+                    if let Ok(n) = std::str::from_utf8(&body[start..s.i]).unwrap_or("").parse::<u64>() {
+                        max_tokens = Some(n);
+                    }
+                }
+                b"stream_options" => {
+                    s.value(1)?;
+                    include_usage = stream_options_include_usage(&body[start..s.i]);
+                }
+                _ => s.value(1)?,
+            }
+            s.ws();
+            match s.next() {
+                Some(b',') => continue,
+                Some(b'}') => break,
+                _ => return Err(BodyError::NotJson(s.i.saturating_sub(1))),
+            }
+        }
+    }
+    s.ws();
+    if s.i != body.len() {
+        return Err(BodyError::NotJson(s.i));
+    }
+    match model {
+        Some((model, model_span)) if !model_bad => Ok(RequestInfo {
+            model,
+            model_span,
+            stream,
+            include_usage,
+            max_tokens,
+            body_len: body.len(),
+        }),
+        _ if model_bad => Err(BodyError::BadModel),
+        _ => Err(BodyError::NoModel),
+    }
+}
+
+/// The body with `model` replaced by `new_model`; `None` when no rewrite is needed.
+pub fn rewrite_model(body: &[u8], info: &RequestInfo, new_model: &str) -> Option<Vec<u8>> {
+    if new_model == info.model {
+        return None;
+    }
+    let quoted = serde_json::to_string(new_model).ok()?;
+    let mut out = Vec::with_capacity(body.len() + quoted.len());
+    out.extend_from_slice(&body[..info.model_span.start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[info.model_span.end..]);
+    Some(out)
+}
+
+fn stream_options_include_usage(v: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Opts {
+        #[serde(default)]
+        include_usage: bool,
+    }
+    serde_json::from_slice::<Opts>(v).map(|o| o.include_usage).unwrap_or(false)
+}
+
+/// Decodes a JSON string literal (quotes included).
+fn decode_string(lit: &[u8]) -> Option<String> {
+    let inner = &lit[1..lit.len() - 1];
+    if !inner.contains(&b'\\') {
+        return std::str::from_utf8(inner).ok().map(str::to_string);
+    }
+    serde_json::from_slice::<String>(lit).ok()
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek();
+        self.i += 1;
+        c
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn expect(&mut self, c: u8) -> Result<(), BodyError> {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(BodyError::NotJson(self.i))
+        }
+    }
+
+    fn string_range(&mut self) -> Result<Range<usize>, BodyError> {
+        let start = self.i;
+        self.expect(b'"')?;
+        loop {
+            match self.next() {
+                Some(b'"') => return Ok(start..self.i),
+                Some(b'\\') => match self.next() {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {}
+                    Some(b'u') => {
+                        for _ in 0..4 {
+                            match self.next() {
+                                Some(c) if c.is_ascii_hexdigit() => {}
+                                _ => return Err(BodyError::NotJson(self.i.saturating_sub(1))),
+                            }
+                        }
+                    }
+                    _ => return Err(BodyError::NotJson(self.i.saturating_sub(1))),
+                },
+                Some(c) if c < 0x20 => return Err(BodyError::NotJson(self.i - 1)),
+                Some(_) => {}
+                None => return Err(BodyError::NotJson(self.b.len())),
+            }
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<(), BodyError> {
+        if depth > MAX_DEPTH {
+            return Err(BodyError::NotJson(self.i));
+        }
+        match self.peek() {
+            Some(b'"') => self.string_range().map(|_| ()),
+            Some(b'{') => {
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(b'}') {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    self.string_range()?;
+                    self.ws();
+                    self.expect(b':')?;
+                    self.ws();
+                    self.value(depth + 1)?;
+                    self.ws();
+                    match self.next() {
+                        Some(b',') => continue,
+                        Some(b'}') => return Ok(()),
+                        _ => return Err(BodyError::NotJson(self.i.saturating_sub(1))),
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    self.value(depth + 1)?;
+                    self.ws();
+                    match self.next() {
+                        Some(b',') => continue,
+                        Some(b']') => return Ok(()),
+                        _ => return Err(BodyError::NotJson(self.i.saturating_sub(1))),
+                    }
+                }
+            }
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => Err(BodyError::NotJson(self.i)),
+        }
+    }
+
+    fn literal(&mut self, lit: &[u8]) -> Result<(), BodyError> {
+        if self.b[self.i..].starts_with(lit) {
+            self.i += lit.len();
+            Ok(())
+        } else {
+            Err(BodyError::NotJson(self.i))
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    fn number(&mut self) -> Result<(), BodyError> {
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        if self.digits() == 0 {
+            return Err(BodyError::NotJson(self.i));
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return Err(BodyError::NotJson(self.i));
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return Err(BodyError::NotJson(self.i));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_model_stream_and_max_tokens() {
+        let body = br#"{"messages":[{"role":"user","content":"hi \"there\" {"}],"model":"gpt-4o-mini","stream":true,"max_tokens":64,"stream_options":{"include_usage":true}}"#;
+        let info = parse(body).unwrap();
+        assert_eq!(info.model, "gpt-4o-mini");
+        assert!(info.stream && info.include_usage);
+        assert_eq!(info.max_tokens, Some(64));
+        assert_eq!(&body[info.model_span.clone()], br#""gpt-4o-mini""#);
+    }
+
+    #[test]
+    fn nested_model_keys_are_not_the_model() {
+        let body = br#"{"metadata":{"model":"nested"},"model":"top"}"#;
+        assert_eq!(parse(body).unwrap().model, "top");
+        let body = br#"{"metadata":{"model":"nested"}}"#;
+        assert_eq!(parse(body), Err(BodyError::NoModel));
+    }
+
+    #[test]
+    fn bad_bodies_are_classified() {
+        assert_eq!(parse(b""), Err(BodyError::Empty));
+        assert_eq!(parse(b"   "), Err(BodyError::Empty));
+        assert!(matches!(parse(b"not json"), Err(BodyError::NotJson(0))));
+        assert!(matches!(parse(br#"{"model":"a""#), Err(BodyError::NotJson(_))));
+        assert!(matches!(parse(br#"{"model":"a"} x"#), Err(BodyError::NotJson(_))));
+        assert!(matches!(parse(br#"{"model":"a","x":[1,2,}"#), Err(BodyError::NotJson(_))));
+        assert!(matches!(parse(br#"{"model":"a","x":01.}"#), Err(BodyError::NotJson(_))));
+        assert_eq!(parse(b"[1,2]"), Err(BodyError::NotObject));
+        assert_eq!(parse(br#"{"messages":[]}"#), Err(BodyError::NoModel));
+        assert_eq!(parse(br#"{"model":7}"#), Err(BodyError::BadModel));
+        assert_eq!(parse(br#"{"model":""}"#), Err(BodyError::BadModel));
+        assert!(matches!(parse(&[b'['; 500]), Err(BodyError::NotJson(_))));
+    }
+
+    #[test]
+    fn escaped_model_is_decoded() {
+        let info = parse(br#"{"model":"a\/b\u0041"}"#).unwrap();
+        assert_eq!(info.model, "a/bA");
+    }
+
+    #[test]
+    fn rewrite_replaces_only_the_model_value() {
+        let body = br#"{ "model" : "llama" , "messages":[{"content":"model llama"}]}"#;
+        let info = parse(body).unwrap();
+        let out = rewrite_model(body, &info, "meta/Llama-3 \"x\"").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "meta/Llama-3 \"x\"");
+        assert_eq!(v["messages"][0]["content"], "model llama");
+        assert!(rewrite_model(body, &info, "llama").is_none());
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_validity() {
+        let docs: &[&[u8]] = &[
+            br#"{"model":"m","a":1e5,"b":-0.5,"c":[true,false,null],"d":{}}"#,
+            br#"{"model":"m","a":1e}"#,
+            br#"{"model":"m","a":"\x"}"#,
+            br#"{"model":"m",}"#,
+            br#"{"model":"m","a":[]}"#,
+            "{\"model\":\"m\",\"a\":\"tab\there\"}".as_bytes(),
+        ];
+        for d in docs {
+            let ours = parse(d).is_ok();
+            let theirs = serde_json::from_slice::<serde_json::Value>(d).is_ok();
+            assert_eq!(ours, theirs, "{}", String::from_utf8_lossy(d));
+        }
+    }
+}

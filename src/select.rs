@@ -1,0 +1,713 @@
+//! Provider ranking: candidates → constraints → score per strategy → ordered list.
+//!
+//! Every decision is a function of (config, market view, health, request, preferences, now,
+//! rng): nothing here touches the host, so tests build those values directly.
+
+use crate::config::{Config, Constraints, ProviderType, Strategy};
+use crate::health::{Admission, HealthTable};
+use crate::market::{Availability, MarketView};
+use crate::request::RequestInfo;
+use crate::rng::Rng;
+use std::fmt;
+
+/// Where a candidate's numbers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Fresh market data.
+    Market,
+    /// Market data older than `market.max_age_ms` with no static offer to fall back on.
+    StaleMarket,
+    /// The provider's `static_offer`.
+    Static,
+    /// Nothing known: ranked after every provider with data.
+    Unknown,
+}
+
+impl Source {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Market => "market",
+            Self::StaleMarket => "stale_market",
+            Self::Static => "static",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// A provider that may serve the request, with the numbers it was ranked on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Index into `config.providers`.
+    pub provider: usize,
+    /// Model id to send to this provider.
+    pub provider_model: String,
+    /// Origin of the numbers.
+    pub source: Source,
+    /// USD per million input tokens.
+    pub input_per_mtok: f64,
+    /// USD per million output tokens.
+    pub output_per_mtok: f64,
+    /// Time to first token used for ranking, ms.
+    pub ttft_ms: f64,
+    /// Market (or static) uptime.
+    pub uptime: f64,
+    /// Reliability used for ranking: uptime discounted by observed errors and availability.
+    pub reliability: f64,
+    /// Availability.
+    pub availability: Availability,
+    /// Provider category.
+    pub provider_type: ProviderType,
+    /// Expected cost of this request, USD.
+    pub expected_cost_usd: f64,
+    /// Score under the strategy used (higher is better).
+    pub score: f64,
+    /// This attempt would be the half-open probe of an open circuit.
+    pub probe: bool,
+}
+
+/// Why a provider that serves the model is not a candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reason {
+    /// The market says `offline`.
+    Offline,
+    /// Price over the cap.
+    MaxPrice {
+        /// Highest of input and output price.
+        price: f64,
+        /// Cap.
+        max: f64,
+    },
+    /// Uptime under the floor.
+    MinUptime {
+        /// Uptime.
+        uptime: f64,
+        /// Floor.
+        min: f64,
+    },
+    /// TTFT over the cap.
+    MaxTtft {
+        /// TTFT.
+        ttft_ms: f64,
+        /// Cap.
+        max: f64,
+    },
+    /// Provider type not allowed.
+    ProviderType(ProviderType),
+    /// Region not allowed (or unknown).
+    Region(Option<String>),
+    /// The request needs more context than the offer has.
+    ContextWindow {
+        /// Tokens needed (estimate).
+        need: u64,
+        /// Offer's window.
+        have: u64,
+    },
+    /// A constraint needs numbers the provider has none of.
+    NoData,
+    /// Circuit open after failures.
+    CircuitOpen {
+        /// End of the cooldown, ms.
+        until: u64,
+    },
+    /// Half-open probe already in flight.
+    ProbeInFlight,
+    /// Provider asked to back off.
+    RetryAfter {
+        /// End of the back-off, ms.
+        until: u64,
+    },
+    /// Excluded by the client's `x-market-router-exclude`.
+    ExcludedByClient,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Offline => write!(f, "offline in the market"),
+            Self::MaxPrice { price, max } => write!(f, "price {price}/Mtok over max_price_per_mtok {max}"),
+            Self::MinUptime { uptime, min } => write!(f, "uptime {uptime} under min_uptime {min}"),
+            Self::MaxTtft { ttft_ms, max } => write!(f, "ttft {ttft_ms} ms over max_ttft_ms {max}"),
+            Self::ProviderType(t) => write!(f, "provider type {} not allowed", t.as_str()),
+            Self::Region(Some(r)) => write!(f, "region {r} not allowed"),
+            Self::Region(None) => write!(f, "region unknown and regions are constrained"),
+            Self::ContextWindow { need, have } => write!(f, "needs ~{need} tokens, context window {have}"),
+            Self::NoData => write!(f, "no market data or static_offer to check constraints against"),
+            Self::CircuitOpen { .. } => write!(f, "circuit open after repeated failures"),
+            Self::ProbeInFlight => write!(f, "recovery probe in flight"),
+            Self::RetryAfter { .. } => write!(f, "asked to back off (Retry-After)"),
+            Self::ExcludedByClient => write!(f, "excluded by the client"),
+        }
+    }
+}
+
+impl Reason {
+    /// Short constraint name for metrics and messages.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Offline => "offline",
+            Self::MaxPrice { .. } => "max_price_per_mtok",
+            Self::MinUptime { .. } => "min_uptime",
+            Self::MaxTtft { .. } => "max_ttft_ms",
+            Self::ProviderType(_) => "provider_types",
+            Self::Region(_) => "regions",
+            Self::ContextWindow { .. } => "context_window",
+            Self::NoData => "no_data",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::ProbeInFlight => "probe_in_flight",
+            Self::RetryAfter { .. } => "retry_after",
+            Self::ExcludedByClient => "excluded_by_client",
+        }
+    }
+}
+
+/// Per-request preferences (client headers, when allowed), on top of the configuration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Prefs {
+    /// Strategy override.
+    pub strategy: Option<Strategy>,
+    /// Extra price cap (the stricter of this and the configured one applies).
+    pub max_price_per_mtok: Option<f64>,
+    /// Allowed provider types (intersected with the configured ones).
+    pub provider_types: Vec<ProviderType>,
+    /// Allowed regions (intersected with the configured ones).
+    pub regions: Vec<String>,
+    /// Provider names not to use.
+    pub exclude: Vec<String>,
+}
+
+/// The ranking of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranking {
+    /// Strategy used.
+    pub strategy: Strategy,
+    /// Primary first, then fallbacks.
+    pub candidates: Vec<Candidate>,
+    /// Providers serving the model that were left out, and why.
+    pub excluded: Vec<(usize, Reason)>,
+    /// The market data was stale.
+    pub stale: bool,
+}
+
+/// Why nothing can be ranked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoRoute {
+    /// No configured provider serves the model.
+    UnknownModel,
+    /// Providers serve it, but all were excluded.
+    AllExcluded(Vec<(usize, Reason)>),
+}
+
+/// Ranks the providers for `req`.
+#[allow(clippy::too_many_arguments)]
+pub fn rank(
+    config: &Config,
+    market: Option<&MarketView>,
+    health: &HealthTable,
+    req: &RequestInfo,
+    prefs: &Prefs,
+    now_ms: u64,
+    rng: &mut Rng,
+) -> Result<Ranking, NoRoute> {
+    let strategy = prefs.strategy.unwrap_or(config.routing.strategy);
+    let stale = match (market, &config.market) {
+        (Some(m), Some(mc)) => m.age_ms(now_ms) > mc.max_age_ms,
+        _ => false,
+    };
+    let in_tokens = req.estimated_input_tokens();
+    let out_tokens = req.estimated_output_tokens(config.routing.default_output_tokens);
+    let c = &config.routing.constraints;
+    let mut serving = 0;
+    let mut candidates = Vec::new();
+    let mut excluded = Vec::new();
+    for (idx, p) in config.providers.iter().enumerate() {
+        let Some(configured_model) = p.model_id(&req.model) else { continue };
+        serving += 1;
+        let offer = market.and_then(|m| m.offer(&req.model, idx));
+        let mut cand = match (offer, &p.static_offer) {
+            (Some(o), so) if !stale || so.is_none() => Candidate {
+                provider: idx,
+                provider_model: o.provider_model.clone().unwrap_or_else(|| configured_model.to_string()),
+                source: if stale { Source::StaleMarket } else { Source::Market },
+                input_per_mtok: o.input_per_mtok,
+                output_per_mtok: o.output_per_mtok,
+                ttft_ms: o.ttft_p50_ms,
+                uptime: o.uptime,
+                reliability: o.uptime,
+                availability: o.availability,
+                provider_type: o.provider_type,
+                expected_cost_usd: 0.0,
+                score: 0.0,
+                probe: false,
+            },
+            (_, Some(so)) => Candidate {
+                provider: idx,
+                provider_model: configured_model.to_string(),
+                source: Source::Static,
+                input_per_mtok: so.input_per_mtok,
+                output_per_mtok: so.output_per_mtok,
+                ttft_ms: so.ttft_p50_ms,
+                uptime: so.uptime,
+                reliability: so.uptime,
+                availability: Availability::Online,
+                provider_type: p.provider_type,
+                expected_cost_usd: 0.0,
+                score: 0.0,
+                probe: false,
+            },
+            (_, None) => Candidate {
+                provider: idx,
+                provider_model: configured_model.to_string(),
+                source: Source::Unknown,
+                input_per_mtok: f64::NAN,
+                output_per_mtok: f64::NAN,
+                ttft_ms: f64::NAN,
+                uptime: f64::NAN,
+                reliability: f64::NAN,
+                availability: Availability::Online,
+                provider_type: p.provider_type,
+                expected_cost_usd: f64::NAN,
+                score: 0.0,
+                probe: false,
+            },
+        };
+        let region = offer.and_then(|o| o.region.as_deref()).or(p.region.as_deref());
+        let window = offer.and_then(|o| o.context_window).or(p.static_offer.as_ref().and_then(|s| s.context_window));
+        if let Some(reason) = check(c, prefs, &p.name, &cand, region, window, in_tokens + out_tokens) {
+            excluded.push((idx, reason));
+            continue;
+        }
+        match health.providers.get(&p.name).map(|h| h.admission(now_ms)) {
+            None | Some(Admission::Open) => {}
+            Some(Admission::Probe) => cand.probe = true,
+            Some(Admission::CircuitOpen(until)) => {
+                excluded.push((idx, Reason::CircuitOpen { until }));
+                continue;
+            }
+            Some(Admission::ProbeInFlight) => {
+                excluded.push((idx, Reason::ProbeInFlight));
+                continue;
+            }
+            Some(Admission::RetryAfter(until)) => {
+                excluded.push((idx, Reason::RetryAfter { until }));
+                continue;
+            }
+        }
+        if cand.source != Source::Unknown {
+            let h = health.providers.get(&p.name);
+            let err = h.map_or(0.0, |h| h.error_rate);
+            let avail = if cand.availability == Availability::Degraded { 0.9 } else { 1.0 };
+            cand.reliability = cand.uptime * (1.0 - err) * avail;
+            if let Some(h) = h.filter(|h| h.samples >= 3 && h.ttfb_ms > cand.ttft_ms) {
+                cand.ttft_ms = h.ttfb_ms;
+            }
+            cand.expected_cost_usd =
+                (in_tokens as f64 * cand.input_per_mtok + out_tokens as f64 * cand.output_per_mtok) / 1e6;
+        }
+        candidates.push(cand);
+    }
+    if serving == 0 {
+        return Err(NoRoute::UnknownModel);
+    }
+    if candidates.is_empty() {
+        return Err(NoRoute::AllExcluded(excluded));
+    }
+    score(&mut candidates, strategy, config, rng);
+    Ok(Ranking { strategy, candidates, excluded, stale })
+}
+
+fn check(
+    c: &Constraints,
+    prefs: &Prefs,
+    name: &str,
+    cand: &Candidate,
+    region: Option<&str>,
+    window: Option<u64>,
+    need_tokens: u64,
+) -> Option<Reason> {
+    if prefs.exclude.iter().any(|e| e == name) {
+        return Some(Reason::ExcludedByClient);
+    }
+    if cand.availability == Availability::Offline {
+        return Some(Reason::Offline);
+    }
+    let types_ok = |list: &[ProviderType]| list.is_empty() || list.contains(&cand.provider_type);
+    if !types_ok(&c.provider_types) || !types_ok(&prefs.provider_types) {
+        return Some(Reason::ProviderType(cand.provider_type));
+    }
+    let region_ok = |list: &[String]| list.is_empty() || region.is_some_and(|r| list.iter().any(|x| x == r));
+    if !region_ok(&c.regions) || !region_ok(&prefs.regions) {
+        return Some(Reason::Region(region.map(str::to_string)));
+    }
+    if let Some(have) = window {
+        if need_tokens > have {
+            return Some(Reason::ContextWindow { need: need_tokens, have });
+        }
+    }
+    let max_price = match (c.max_price_per_mtok, prefs.max_price_per_mtok) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let numeric = max_price.is_some() || c.min_uptime.is_some() || c.max_ttft_ms.is_some();
+    if cand.source == Source::Unknown {
+        return numeric.then_some(Reason::NoData);
+    }
+    if let Some(max) = max_price {
+        let price = cand.input_per_mtok.max(cand.output_per_mtok);
+        if price > max {
+            return Some(Reason::MaxPrice { price, max });
+        }
+    }
+    if let Some(min) = c.min_uptime {
+        if cand.uptime < min {
+            return Some(Reason::MinUptime { uptime: cand.uptime, min });
+        }
+    }
+    if let Some(max) = c.max_ttft_ms {
+        if cand.ttft_ms > max {
+            return Some(Reason::MaxTtft { ttft_ms: cand.ttft_ms, max });
+        }
+    }
+    None
+}
+
+/// "Nines" of reliability: 0.99 → 2, 0.999 → 3; capped so a perfect 1.0 stays finite.
+fn nines(r: f64) -> f64 {
+    -(1.0 - r.clamp(0.0, 0.99999)).log10()
+}
+
+fn score(cands: &mut [Candidate], strategy: Strategy, config: &Config, rng: &mut Rng) {
+    let known = |c: &Candidate| c.source != Source::Unknown;
+    let min_cost = cands.iter().filter(|c| known(c)).map(|c| c.expected_cost_usd).fold(f64::INFINITY, f64::min);
+    let min_ttft = cands.iter().filter(|c| known(c)).map(|c| c.ttft_ms).fold(f64::INFINITY, f64::min);
+    let max_nines = cands.iter().filter(|c| known(c)).map(|c| nines(c.reliability)).fold(0.0, f64::max);
+    let w = config.routing.weights;
+    for c in cands.iter_mut() {
+        if !known(c) {
+            c.score = -1.0;
+            continue;
+        }
+        let price = if c.expected_cost_usd <= 0.0 { 1.0 } else { min_cost / c.expected_cost_usd };
+        let latency = min_ttft / c.ttft_ms;
+        let rel = if max_nines <= 0.0 { 1.0 } else { nines(c.reliability) / max_nines };
+        let balanced = w.price * price + w.latency * latency + w.reliability * rel;
+        c.score = match strategy {
+            Strategy::Cheapest => price,
+            Strategy::Fastest => latency,
+            Strategy::MostReliable => rel,
+            Strategy::Balanced | Strategy::Weighted => balanced,
+        };
+    }
+    // One random key per candidate: the tie-break, or (weighted) the sampling key.
+    let mut keyed: Vec<(f64, f64, Candidate)> = cands
+        .iter()
+        .map(|c| {
+            let u = rng.next_f64().max(f64::MIN_POSITIVE);
+            let key = match strategy {
+                // Efraimidis–Spirakis weighted order: key = u^(1/w), with w = score⁴ so
+                // better offers win most draws while others still get some traffic.
+                Strategy::Weighted if c.score > 0.0 => u.powf(1.0 / c.score.powi(4)),
+                Strategy::Weighted => 0.0,
+                _ => c.score,
+            };
+            (key, u, c.clone())
+        })
+        .collect();
+    keyed.sort_by(|a, b| {
+        let primary = if (a.0 - b.0).abs() <= 1e-9 * a.0.abs().max(b.0.abs()).max(1.0) {
+            std::cmp::Ordering::Equal
+        } else {
+            b.0.total_cmp(&a.0)
+        };
+        primary.then_with(|| b.1.total_cmp(&a.1))
+    });
+    for (slot, (_, _, c)) in cands.iter_mut().zip(keyed) {
+        *slot = c;
+    }
+}
+
+/// Moves `provider` to the front when it is a candidate (session affinity).
+pub fn prefer(ranking: &mut Ranking, provider: usize) -> bool {
+    match ranking.candidates.iter().position(|c| c.provider == provider) {
+        Some(0) => true,
+        Some(i) => {
+            let c = ranking.candidates.remove(i);
+            ranking.candidates.insert(0, c);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A one-line account of why nothing could be chosen, for the 503 message.
+pub fn explain_exclusions(config: &Config, model: &str, excluded: &[(usize, Reason)]) -> String {
+    let mut s = format!("no provider for model `{}` meets the routing constraints: ", crate::errors::clip(model, 200));
+    for (i, (idx, reason)) in excluded.iter().enumerate() {
+        if i > 0 {
+            s.push_str("; ");
+        }
+        let name = config.providers.get(*idx).map_or("?", |p| p.name.as_str());
+        s.push_str(&format!("{name}: {reason} [{}]", reason.code()));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::{Observation, ProviderHealth};
+    use crate::market::{validate, MarketView};
+    use crate::request;
+
+    fn config(strategy: &str, extra: &str) -> Config {
+        let doc = format!(
+            r#"{{"providers":[
+                {{"name":"cheap","cluster":"c1","models":{{"llama":"llama-cheap"}},"provider_type":"community","region":"eu-west"}},
+                {{"name":"fast","cluster":"c2","models":{{"llama":"llama"}},"region":"us-east"}},
+                {{"name":"solid","cluster":"c3","models":{{"llama":"llama"}},"region":"us-east"}},
+                {{"name":"other","cluster":"c4","models":{{"gpt":"gpt"}}}}],
+              "market":{{"cluster":"m","max_age_ms":60000}},
+              "routing":{{"strategy":"{strategy}"{extra}}}}}"#
+        );
+        Config::parse(doc.as_bytes()).unwrap()
+    }
+
+    /// cheap: lowest price, slow, less reliable; fast: lowest ttft; solid: most reliable.
+    fn market(c: &Config, generated_at: u64) -> MarketView {
+        let offer = |p: &str, i: f64, o: f64, t: f64, u: f64, a: &str, k: &str| {
+            format!(
+                r#"{{"provider":"{p}","model":"llama","price":{{"input_per_mtok":{i},"output_per_mtok":{o}}},
+                  "latency_ms":{{"ttft_p50":{t}}},"uptime":{u},"availability":"{a}","provider_type":"{k}"}}"#
+            )
+        };
+        let doc = format!(
+            r#"{{"version":1,"generated_at_ms":{generated_at},"offers":[{},{},{}]}}"#,
+            offer("cheap", 0.1, 0.2, 900.0, 0.97, "online", "community"),
+            offer("fast", 0.6, 0.9, 150.0, 0.99, "online", "company"),
+            offer("solid", 0.8, 1.2, 500.0, 0.9995, "online", "company"),
+        );
+        MarketView::new(validate(doc.as_bytes(), c, 0, None).unwrap().stored, c)
+    }
+
+    fn req() -> RequestInfo {
+        request::parse(br#"{"model":"llama","messages":[{"role":"user","content":"hello"}],"max_tokens":100}"#)
+            .unwrap()
+    }
+
+    fn names(c: &Config, r: &Ranking) -> Vec<String> {
+        r.candidates.iter().map(|x| c.providers[x.provider].name.clone()).collect()
+    }
+
+    fn ranked(strategy: &str) -> Vec<String> {
+        let c = config(strategy, "");
+        let m = market(&c, 1000);
+        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(7))
+            .unwrap();
+        names(&c, &r)
+    }
+
+    #[test]
+    fn each_strategy_orders_the_fixture_catalog() {
+        assert_eq!(ranked("cheapest"), ["cheap", "fast", "solid"]);
+        assert_eq!(ranked("fastest"), ["fast", "solid", "cheap"]);
+        assert_eq!(ranked("most_reliable"), ["solid", "fast", "cheap"]);
+        // balanced (0.5 price, 0.3 latency, 0.2 reliability): cheap wins on price.
+        assert_eq!(ranked("balanced")[0], "cheap");
+    }
+
+    #[test]
+    fn balanced_weights_shift_the_choice() {
+        let c = config("balanced", r#","weights":{"price":0.1,"latency":0.8,"reliability":0.1}"#);
+        let m = market(&c, 1000);
+        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
+            .unwrap();
+        assert_eq!(names(&c, &r)[0], "fast");
+    }
+
+    #[test]
+    fn model_is_rewritten_per_provider_and_cost_is_estimated() {
+        let c = config("cheapest", "");
+        let m = market(&c, 1000);
+        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
+            .unwrap();
+        let first = &r.candidates[0];
+        assert_eq!(first.provider_model, "llama-cheap");
+        let want = (req().estimated_input_tokens() as f64 * 0.1 + 100.0 * 0.2) / 1e6;
+        assert!((first.expected_cost_usd - want).abs() < 1e-15);
+    }
+
+    #[test]
+    fn constraints_exclude_with_reasons() {
+        let c = config(
+            "cheapest",
+            r#","constraints":{"max_price_per_mtok":1.0,"min_uptime":0.98,"provider_types":["company"]}"#,
+        );
+        let m = market(&c, 1000);
+        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
+            .unwrap();
+        assert_eq!(names(&c, &r), ["fast"]);
+        let codes: Vec<&str> = r.excluded.iter().map(|(_, why)| why.code()).collect();
+        assert_eq!(codes, ["provider_types", "max_price_per_mtok"]);
+    }
+
+    #[test]
+    fn all_excluded_explains_each_provider() {
+        let c = config("cheapest", r#","constraints":{"max_ttft_ms":100}"#);
+        let m = market(&c, 1000);
+        let e = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
+            .unwrap_err();
+        let NoRoute::AllExcluded(ex) = e else { panic!("expected AllExcluded") };
+        let msg = explain_exclusions(&c, "llama", &ex);
+        assert!(msg.contains("cheap: ttft 900 ms over max_ttft_ms 100 [max_ttft_ms]"), "{msg}");
+        assert_eq!(ex.len(), 3);
+    }
+
+    #[test]
+    fn unknown_model_is_its_own_error() {
+        let c = config("cheapest", "");
+        let mut r = req();
+        r.model = "nope".into();
+        let e = rank(&c, None, &HealthTable::default(), &r, &Prefs::default(), 0, &mut Rng::new(1));
+        assert_eq!(e, Err(NoRoute::UnknownModel));
+    }
+
+    #[test]
+    fn offline_offers_are_skipped() {
+        let c = config("fastest", "");
+        let doc = r#"{"version":1,"generated_at_ms":1000,"offers":[
+            {"provider":"fast","model":"llama","price":{"input_per_mtok":0.6,"output_per_mtok":0.9},
+             "latency_ms":{"ttft_p50":150},"uptime":0.99,"availability":"offline","provider_type":"company"},
+            {"provider":"solid","model":"llama","price":{"input_per_mtok":0.8,"output_per_mtok":1.2},
+             "latency_ms":{"ttft_p50":500},"uptime":0.999,"availability":"online","provider_type":"company"}]}"#;
+        let m = MarketView::new(validate(doc.as_bytes(), &c, 0, None).unwrap().stored, &c);
+        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
+            .unwrap();
+        // cheap has no market offer and no static offer: it ranks last, as unknown.
+        assert_eq!(names(&c, &r), ["solid", "cheap"]);
+        assert_eq!(r.candidates[1].source, Source::Unknown);
+        assert_eq!(r.excluded, vec![(1, Reason::Offline)]);
+    }
+
+    #[test]
+    fn stale_market_prefers_static_offers_and_says_so() {
+        let doc = r#"{"providers":[
+            {"name":"a","cluster":"c1","models":{"m":"m"},
+             "static_offer":{"price":{"input_per_mtok":9,"output_per_mtok":9},"latency_ms":{"ttft_p50":100},"uptime":0.99}},
+            {"name":"b","cluster":"c2","models":{"m":"m"}}],
+            "market":{"cluster":"s","refresh_ms":1000,"max_age_ms":5000},"routing":{"strategy":"cheapest"}}"#;
+        let c = Config::parse(doc.as_bytes()).unwrap();
+        let snap = r#"{"version":1,"generated_at_ms":0,"offers":[
+            {"provider":"a","model":"m","price":{"input_per_mtok":0.1,"output_per_mtok":0.1},"latency_ms":{"ttft_p50":100},"uptime":0.99,"availability":"online","provider_type":"company"},
+            {"provider":"b","model":"m","price":{"input_per_mtok":1,"output_per_mtok":1},"latency_ms":{"ttft_p50":100},"uptime":0.99,"availability":"online","provider_type":"company"}]}"#;
+        let m = MarketView::new(validate(snap.as_bytes(), &c, 0, None).unwrap().stored, &c);
+        let r = request::parse(br#"{"model":"m"}"#).unwrap();
+        let fresh = rank(&c, Some(&m), &HealthTable::default(), &r, &Prefs::default(), 4000, &mut Rng::new(1)).unwrap();
+        assert!(!fresh.stale);
+        assert_eq!(fresh.candidates[0].provider, 0);
+        let stale = rank(&c, Some(&m), &HealthTable::default(), &r, &Prefs::default(), 6000, &mut Rng::new(1)).unwrap();
+        assert!(stale.stale);
+        assert_eq!(stale.candidates[0].provider, 1, "a falls back to its pricier static offer");
+        assert_eq!(stale.candidates[0].source, Source::StaleMarket);
+        assert_eq!(stale.candidates[1].source, Source::Static);
+    }
+
+    #[test]
+    fn health_excludes_open_circuits_and_flags_probes() {
+        let c = config("cheapest", "");
+        let m = market(&c, 1000);
+        let mut h = HealthTable::default();
+        let circuit = c.failover.circuit;
+        for _ in 0..3 {
+            h.entry("cheap").observe(Observation::Failure { retry_after_ms: None }, 1000, &circuit);
+        }
+        h.entry("fast").observe(Observation::Failure { retry_after_ms: Some(5000) }, 1000, &circuit);
+        let r = rank(&c, Some(&m), &h, &req(), &Prefs::default(), 1001, &mut Rng::new(1)).unwrap();
+        assert_eq!(names(&c, &r), ["solid"]);
+        let after = rank(&c, Some(&m), &h, &req(), &Prefs::default(), 1000 + 30_000, &mut Rng::new(1)).unwrap();
+        assert_eq!(names(&c, &after), ["cheap", "fast", "solid"]);
+        assert!(after.candidates[0].probe);
+    }
+
+    #[test]
+    fn observed_errors_lower_reliability() {
+        let c = config("most_reliable", "");
+        let m = market(&c, 1000);
+        let mut h = HealthTable::default();
+        let mut rec = ProviderHealth::default();
+        rec.error_rate = 0.5;
+        h.providers.insert("solid".into(), rec);
+        let r = rank(&c, Some(&m), &h, &req(), &Prefs::default(), 1000, &mut Rng::new(1)).unwrap();
+        assert_eq!(names(&c, &r)[0], "fast");
+    }
+
+    #[test]
+    fn client_prefs_narrow_and_override() {
+        let c = config("cheapest", "");
+        let m = market(&c, 1000);
+        let prefs = Prefs {
+            strategy: Some(Strategy::Fastest),
+            exclude: vec!["fast".into()],
+            regions: vec!["us-east".into()],
+            ..Prefs::default()
+        };
+        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &prefs, 1000, &mut Rng::new(1)).unwrap();
+        assert_eq!(r.strategy, Strategy::Fastest);
+        assert_eq!(names(&c, &r), ["solid"]);
+    }
+
+    #[test]
+    fn ties_are_broken_by_the_seed_deterministically() {
+        let doc = r#"{"providers":[
+            {"name":"a","cluster":"c1","models":{"m":"m"}},{"name":"b","cluster":"c2","models":{"m":"m"}},
+            {"name":"c","cluster":"c3","models":{"m":"m"}}],"routing":{"strategy":"cheapest"}}"#;
+        let c = Config::parse(doc.as_bytes()).unwrap();
+        let r = request::parse(br#"{"model":"m"}"#).unwrap();
+        let order = |seed| {
+            let x = rank(&c, None, &HealthTable::default(), &r, &Prefs::default(), 0, &mut Rng::new(seed)).unwrap();
+            names(&c, &x)
+        };
+        assert_eq!(order(42), order(42));
+        let firsts: std::collections::HashSet<String> = (0..50).map(|s| order(s)[0].clone()).collect();
+        assert_eq!(firsts.len(), 3, "ties spread over all providers across seeds");
+    }
+
+    #[test]
+    fn weighted_spreads_but_favours_the_best() {
+        let c = config("weighted", "");
+        let m = market(&c, 1000);
+        let mut rng = Rng::new(99);
+        let mut wins = std::collections::HashMap::new();
+        for _ in 0..2000 {
+            let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut rng).unwrap();
+            *wins.entry(names(&c, &r)[0].clone()).or_insert(0) += 1;
+        }
+        let best = ranked("balanced")[0].clone();
+        let best_wins = wins[&best];
+        assert!(best_wins > 1000, "{wins:?}");
+        assert!(wins.len() == 3 && wins.values().all(|&n| n > 20), "{wins:?}");
+    }
+
+    #[test]
+    fn context_window_excludes_too_small_offers() {
+        let doc = r#"{"providers":[
+            {"name":"small","cluster":"c1","models":{"m":"m"},"static_offer":{"price":{"input_per_mtok":0,"output_per_mtok":0},"context_window":100}},
+            {"name":"big","cluster":"c2","models":{"m":"m"},"static_offer":{"price":{"input_per_mtok":1,"output_per_mtok":1}}}],
+            "routing":{"strategy":"cheapest"}}"#;
+        let c = Config::parse(doc.as_bytes()).unwrap();
+        let r = request::parse(br#"{"model":"m","max_tokens":500}"#).unwrap();
+        let x = rank(&c, None, &HealthTable::default(), &r, &Prefs::default(), 0, &mut Rng::new(1)).unwrap();
+        assert_eq!(names(&c, &x), ["big"]);
+        assert_eq!(x.excluded[0].1.code(), "context_window");
+    }
+
+    #[test]
+    fn affinity_moves_a_candidate_first() {
+        let c = config("cheapest", "");
+        let m = market(&c, 1000);
+        let mut r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
+            .unwrap();
+        assert!(prefer(&mut r, 2));
+        assert_eq!(names(&c, &r), ["solid", "cheap", "fast"]);
+        assert!(!prefer(&mut r, 3));
+    }
+}
