@@ -1,15 +1,22 @@
 //! market-router: a proxy-wasm HTTP filter that routes OpenAI-compatible LLM requests to the
 //! best provider for each request, by live market stats, and fails over when a provider fails.
 //!
-//! The core modules are plain Rust and build and test natively; only `filter` (compiled for
-//! wasm32 only) touches the proxy-wasm host.
+//! The core modules are plain Rust and build and test natively; only `host` and `filter`
+//! (compiled for wasm32 only) touch the proxy-wasm host.
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
+pub mod attempt;
 pub mod config;
 pub mod errors;
+pub mod headers;
 pub mod health;
 pub mod market;
 pub mod request;
 pub mod rng;
 pub mod select;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;
+#[cfg(target_arch = "wasm32")]
+mod host;

@@ -251,6 +251,8 @@ pub struct MarketView {
     pub fetched_at_ms: u64,
     /// Number of offers.
     pub offers: usize,
+    /// ETag of the snapshot, for `If-None-Match`.
+    pub etag: Option<String>,
     by_model: HashMap<String, Vec<(usize, Offer)>>,
 }
 
@@ -264,7 +266,13 @@ impl MarketView {
                 by_model.entry(o.model.clone()).or_default().push((idx, o));
             }
         }
-        Self { generated_at_ms: stored.generated_at_ms, fetched_at_ms: stored.fetched_at_ms, offers, by_model }
+        Self {
+            generated_at_ms: stored.generated_at_ms,
+            fetched_at_ms: stored.fetched_at_ms,
+            offers,
+            etag: stored.etag,
+            by_model,
+        }
     }
 
     /// The offer of provider `idx` for `model`.

@@ -1,0 +1,203 @@
+//! proxy-wasm glue: the root context (configuration, market refresh) and the HTTP context
+//! (one request's walk), over the per-VM state below. Decisions live in the core modules.
+
+mod http;
+mod root;
+
+use crate::config::Config;
+use crate::health::{Admission, HealthTable, Observation};
+use crate::host::{self, SetError};
+use crate::market::{MarketView, Stored};
+use crate::rng::Rng;
+use log::{debug, info, warn};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// Bounded CAS retries on shared data; on give-up the update is skipped (the request never fails for it).
+const CAS_RETRIES: usize = 8;
+/// How often a VM looks for a newer market generation from the request path, ms.
+const MARKET_CHECK_MS: u64 = 250;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(root::Root::new(context_id))
+    });
+}}
+
+/// Shared-data key names, all under `<prefix>/` so they resolve to one Kong shm_kv zone.
+#[derive(Debug)]
+pub(crate) struct Keys {
+    /// Validated snapshot.
+    market: String,
+    /// Generation counter of `market` (small, read often).
+    market_gen: String,
+    /// Refresh slot: when the next fetch is due.
+    market_due: String,
+    /// Last refresh outcome, for once-per-streak logging.
+    market_status: String,
+    /// Health table.
+    health: String,
+    /// Prefix of affinity slots.
+    affinity: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Self {
+            market: format!("{prefix}/market"),
+            market_gen: format!("{prefix}/market_gen"),
+            market_due: format!("{prefix}/market_due"),
+            market_status: format!("{prefix}/market_status"),
+            health: format!("{prefix}/health"),
+            affinity: format!("{prefix}/aff/"),
+        }
+    }
+}
+
+/// Per-VM state shared by the root context and the HTTP contexts of one worker.
+pub(crate) struct Vm {
+    pub(crate) config: Config,
+    pub(crate) keys: Keys,
+    pub(crate) inner: RefCell<VmInner>,
+}
+
+pub(crate) struct VmInner {
+    pub(crate) market: Option<Rc<MarketView>>,
+    market_gen: u64,
+    market_checked_ms: u64,
+    pub(crate) health: HealthTable,
+    health_cas: u32,
+    pub(crate) rng: Rng,
+}
+
+fn read_u64(bytes: &[u8]) -> u64 {
+    bytes.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
+impl Vm {
+    pub(crate) fn new(config: Config, seed: u64) -> Self {
+        let keys = Keys::new(&config.shared_data_prefix);
+        let seed = config.routing.seed.unwrap_or(seed);
+        Self {
+            config,
+            keys,
+            inner: RefCell::new(VmInner {
+                market: None,
+                market_gen: 0,
+                market_checked_ms: 0,
+                health: HealthTable::default(),
+                health_cas: 0,
+                rng: Rng::new(seed),
+            }),
+        }
+    }
+
+    /// Re-decodes the market when the shared generation moved (at most every `MARKET_CHECK_MS`
+    /// unless `force`).
+    pub(crate) fn sync_market(&self, now: u64, force: bool) {
+        if self.config.market.is_none() {
+            return;
+        }
+        let Ok(mut inner) = self.inner.try_borrow_mut() else { return };
+        if !force && inner.market.is_some() && now < inner.market_checked_ms + MARKET_CHECK_MS {
+            return;
+        }
+        inner.market_checked_ms = now;
+        let Some((gen_bytes, _)) = host::shared_get(&self.keys.market_gen) else { return };
+        let generation = read_u64(&gen_bytes);
+        if generation == 0 || generation == inner.market_gen {
+            return;
+        }
+        if let Some((bytes, _)) = host::shared_get(&self.keys.market) {
+            if let Some(stored) = Stored::decode(&bytes) {
+                let view = MarketView::new(stored, &self.config);
+                debug!("market-router: market generation {generation} loaded ({} offers)", view.offers);
+                inner.market = Some(Rc::new(view));
+                inner.market_gen = generation;
+            }
+        }
+    }
+
+    /// Refreshes the cached health table when the shared copy changed.
+    pub(crate) fn sync_health(&self) {
+        let Some((bytes, cas)) = host::shared_get(&self.keys.health) else { return };
+        let Ok(mut inner) = self.inner.try_borrow_mut() else { return };
+        if cas != inner.health_cas {
+            inner.health = HealthTable::decode(&bytes);
+            inner.health_cas = cas;
+        }
+    }
+
+    /// Applies `f` to the shared health table with CAS; gives up after `CAS_RETRIES`.
+    /// `f` returns whether the change is worth writing. Returns whether it was applied.
+    fn update_health(&self, f: impl Fn(&mut HealthTable) -> bool) -> bool {
+        for _ in 0..CAS_RETRIES {
+            let (bytes, cas) = host::shared_get(&self.keys.health).unwrap_or_default();
+            let mut table = HealthTable::decode(&bytes);
+            if !f(&mut table) {
+                return false;
+            }
+            match host::shared_set(&self.keys.health, &table.encode(), Some(cas)) {
+                Ok(()) => {
+                    if let Ok(mut inner) = self.inner.try_borrow_mut() {
+                        inner.health = table;
+                        // The next read sees a new CAS and reloads: cheaper than guessing it.
+                        inner.health_cas = 0;
+                    }
+                    return true;
+                }
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Refused(s)) => {
+                    warn!("market-router: health update refused by the host ({s:?}); skipped");
+                    return false;
+                }
+            }
+        }
+        debug!("market-router: health update gave up after {CAS_RETRIES} CAS conflicts; skipped");
+        false
+    }
+
+    /// Records what an attempt said about a provider.
+    pub(crate) fn observe(&self, provider: &str, obs: Observation, now: u64) {
+        // A routine success on a clean record changes nothing others need: no shared write.
+        if let (Observation::Success { ttfb_ms: None }, Ok(inner)) = (obs, self.inner.try_borrow()) {
+            let rec = inner.health.providers.get(provider);
+            if rec.is_none_or(|r| r.consecutive_failures == 0 && r.error_rate == 0.0 && r.admission(now) == Admission::Open) {
+                return;
+            }
+        }
+        let circuit = self.config.failover.circuit;
+        let opened = std::cell::Cell::new(false);
+        self.update_health(|t| {
+            let rec = t.entry(provider);
+            let before = rec.opens;
+            let material = rec.observe(obs, now, &circuit);
+            opened.set(rec.opens > before);
+            material
+        });
+        if opened.get() {
+            warn!(
+                "market-router: circuit opened for provider {provider} for {} ms after repeated failures",
+                circuit.cooldown_ms
+            );
+        }
+    }
+
+    /// Claims the half-open probe of `provider`; false when another request has it.
+    pub(crate) fn claim_probe(&self, provider: &str, now: u64) -> bool {
+        let until = now + self.config.failover.attempt_timeout_ms;
+        let claimed = self.update_health(|t| {
+            let rec = t.entry(provider);
+            if rec.admission(now) != Admission::Probe {
+                return false;
+            }
+            rec.claim_probe(until);
+            true
+        });
+        if claimed {
+            info!("market-router: probing provider {provider} after its circuit cooldown");
+        }
+        claimed
+    }
+}

@@ -1,0 +1,203 @@
+//! Root context: validates the configuration and keeps the market snapshot fresh.
+//!
+//! Refresh uses a due-time slot in shared data instead of a singleton service, so it works the
+//! same on every proxy-wasm host (Envoy workers, Kong nginx workers): every VM ticks, reads
+//! `<prefix>/market_due`, and only the VM whose CAS write moves the due time forward makes the
+//! sidecar call. One call per period per process, whatever the worker count.
+
+use super::{http::Http, read_u64, Vm};
+use crate::config::Config;
+use crate::host;
+use crate::market;
+use log::{debug, error, info, warn};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType};
+use std::rc::Rc;
+
+pub(crate) struct Root {
+    id: u32,
+    vm: Option<Rc<Vm>>,
+    /// Token of the snapshot fetch in flight.
+    fetch: Option<u32>,
+}
+
+impl Root {
+    pub(crate) fn new(id: u32) -> Self {
+        Self { id, vm: None, fetch: None }
+    }
+
+    fn tick_period_ms(config: &Config) -> u64 {
+        config.market.as_ref().map_or(1000, |m| (m.refresh_ms / 4).clamp(50, 1000))
+    }
+
+    /// Tries to take this period's refresh slot; true when this VM should fetch now.
+    fn claim_refresh(vm: &Vm, now: u64) -> bool {
+        let Some(m) = &vm.config.market else { return false };
+        let Some((due, cas)) = host::shared_get(&vm.keys.market_due) else { return false };
+        if due.len() >= 8 && now < read_u64(&due) {
+            return false;
+        }
+        let next = now + m.refresh_ms;
+        host::shared_set(&vm.keys.market_due, &next.to_le_bytes(), Some(cas)).is_ok()
+    }
+
+    fn start_fetch(&mut self, vm: &Vm) {
+        let Some(m) = &vm.config.market else { return };
+        let etag = vm.inner.try_borrow().ok().and_then(|i| i.market.as_ref().and_then(|m| m.etag.clone()));
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", "GET"),
+            (":path", m.path.as_str()),
+            (":authority", m.authority.as_str()),
+            ("accept", "application/json"),
+        ];
+        if let Some(e) = etag.as_deref() {
+            headers.push(("if-none-match", e));
+        }
+        match host::dispatch(&m.cluster, &headers, &[], m.timeout_ms) {
+            Ok(token) => self.fetch = Some(token),
+            Err(s) => self.refresh_failed(vm, &format!("cannot call cluster `{}` ({s:?})", m.cluster)),
+        }
+    }
+
+    /// Logs a refresh failure once per failure streak (across all workers) and keeps the last
+    /// good snapshot.
+    fn refresh_failed(&self, vm: &Vm, why: &str) {
+        let status = host::shared_get(&vm.keys.market_status).map(|(b, _)| b).unwrap_or_default();
+        if status != b"fail" {
+            warn!("market-router: market refresh failed: {why}; keeping the last good snapshot");
+            let _ = host::shared_set(&vm.keys.market_status, b"fail", None);
+        } else {
+            debug!("market-router: market refresh failed again: {why}");
+        }
+    }
+
+    fn refresh_ok(&self, vm: &Vm) {
+        let status = host::shared_get(&vm.keys.market_status).map(|(b, _)| b).unwrap_or_default();
+        if status == b"fail" {
+            info!("market-router: market refresh recovered");
+        }
+        if status != b"ok" {
+            let _ = host::shared_set(&vm.keys.market_status, b"ok", None);
+        }
+    }
+
+    fn on_snapshot(&mut self, vm: &Vm, body_size: usize) {
+        let headers = host::call_response_headers();
+        let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_str());
+        match status {
+            Some("304") => {
+                debug!("market-router: market snapshot not modified");
+                self.refresh_ok(vm);
+            }
+            Some("200") => {
+                let body = host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
+                let etag = headers.iter().find(|(k, _)| k == "etag").map(|(_, v)| v.clone());
+                match market::validate(&body, &vm.config, host::now_ms(), etag) {
+                    Ok(v) => {
+                        if !v.invalid.is_empty() {
+                            let (i, why) = &v.invalid[0];
+                            warn!(
+                                "market-router: dropped {} invalid offer(s) from the snapshot (first: offers[{i}]: {why})",
+                                v.invalid.len()
+                            );
+                        }
+                        if v.unknown_providers > 0 {
+                            debug!("market-router: ignored {} offer(s) of unconfigured providers", v.unknown_providers);
+                        }
+                        self.store(vm, &v.stored);
+                        self.refresh_ok(vm);
+                    }
+                    Err(e) => self.refresh_failed(vm, &e.to_string()),
+                }
+            }
+            Some(s) => self.refresh_failed(vm, &format!("sidecar answered status {s}")),
+            None => self.refresh_failed(vm, "no answer (connection failed, reset or timed out)"),
+        }
+    }
+
+    fn store(&self, vm: &Vm, stored: &market::Stored) {
+        if let Err(e) = host::shared_set(&vm.keys.market, &stored.encode(), None) {
+            warn!("market-router: cannot store the market snapshot ({e:?}); keeping the previous one");
+            return;
+        }
+        for _ in 0..8 {
+            let Some((g, cas)) = host::shared_get(&vm.keys.market_gen) else { return };
+            let next = read_u64(&g) + 1;
+            if host::shared_set(&vm.keys.market_gen, &next.to_le_bytes(), Some(cas)).is_ok() {
+                info!(
+                    "market-router: market snapshot updated: {} offers, generated_at_ms {}",
+                    stored.offers.len(),
+                    stored.generated_at_ms
+                );
+                return;
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if self.fetch != Some(token_id) {
+            return;
+        }
+        self.fetch = None;
+        let Some(vm) = self.vm.clone() else { return };
+        self.on_snapshot(&vm, body_size);
+        vm.sync_market(host::now_ms(), true);
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        info!("market-router v{} VM started (root context {})", env!("CARGO_PKG_VERSION"), self.id);
+        true
+    }
+
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = host::plugin_configuration().unwrap_or_default();
+        let config = match Config::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("market-router: invalid plugin configuration: {e}");
+                return false;
+            }
+        };
+        let seed = host::now_ms() ^ (u64::from(self.id) << 32);
+        let vm = Rc::new(Vm::new(config, seed));
+        if vm.config.market.is_some() {
+            // Create the refresh slot once so later claims are all CAS writes.
+            if host::shared_get(&vm.keys.market_due).is_none_or(|(v, _)| v.is_empty()) {
+                let _ = host::shared_set(&vm.keys.market_due, &0u64.to_le_bytes(), None);
+            }
+            host::set_tick_period_ms(Self::tick_period_ms(&vm.config));
+        }
+        vm.sync_market(host::now_ms(), true);
+        info!(
+            "market-router configured: {} provider(s), strategy {}, failover {}, market {}",
+            vm.config.providers.len(),
+            vm.config.routing.strategy.as_str(),
+            vm.config.failover.mode.as_str(),
+            vm.config.market.as_ref().map_or("none", |m| m.cluster.as_str())
+        );
+        self.vm = Some(vm);
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(vm) = self.vm.clone() else { return };
+        let now = host::now_ms();
+        vm.sync_market(now, true);
+        if self.fetch.is_none() && Self::claim_refresh(&vm, now) {
+            self.start_fetch(&vm);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let vm = self.vm.clone()?;
+        Some(Box::new(Http::new(context_id, vm)))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

@@ -1,0 +1,192 @@
+//! Header rules: which paths are routed, client preference headers, what a re-dispatched
+//! attempt carries, what the answer sent back keeps, and the affinity slot encoding.
+
+use crate::config::{Config, ProviderType, Strategy};
+use crate::select::Prefs;
+
+/// Client preference headers (honoured only with `routing.client_overrides`, always stripped).
+pub const PREF_STRATEGY: &str = "x-market-router-strategy";
+/// Extra price cap, USD per million tokens.
+pub const PREF_MAX_PRICE: &str = "x-market-router-max-price";
+/// Allowed provider types, comma-separated.
+pub const PREF_PROVIDER_TYPE: &str = "x-market-router-provider-type";
+/// Allowed regions, comma-separated.
+pub const PREF_REGION: &str = "x-market-router-region";
+/// Provider names not to use, comma-separated.
+pub const PREF_EXCLUDE: &str = "x-market-router-exclude";
+/// All preference headers.
+pub const PREF_HEADERS: [&str; 5] = [PREF_STRATEGY, PREF_MAX_PRICE, PREF_PROVIDER_TYPE, PREF_REGION, PREF_EXCLUDE];
+
+/// Hop-by-hop and host-managed headers never copied onto a dispatched attempt or a replaced answer.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// The request paths market-router routes.
+pub fn is_llm_path(method: &str, path: &str) -> bool {
+    if method != "POST" {
+        return false;
+    }
+    let path = path.split('?').next().unwrap_or(path);
+    matches!(path, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings")
+}
+
+fn list(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Preferences from the client's headers. Unknown values are ignored (the header is advisory).
+pub fn prefs_from_headers(headers: &[(String, String)]) -> Prefs {
+    let mut p = Prefs::default();
+    for (k, v) in headers {
+        match k.as_str() {
+            PREF_STRATEGY => p.strategy = Strategy::parse(v.trim()),
+            PREF_MAX_PRICE => p.max_price_per_mtok = v.trim().parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0),
+            PREF_PROVIDER_TYPE => p.provider_types = list(v).filter_map(ProviderType::parse).collect(),
+            PREF_REGION => p.regions = list(v).map(str::to_string).collect(),
+            PREF_EXCLUDE => p.exclude = list(v).map(str::to_string).collect(),
+            _ => {}
+        }
+    }
+    p
+}
+
+/// Headers of a dispatched attempt: the client's end-to-end headers (request id, trace
+/// context, content type, custom headers) minus pseudo-headers, hop-by-hop headers, the
+/// cluster header, preference headers and — unless configured — `authorization`.
+pub fn forwarded(config: &Config, headers: &[(String, String)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with(':')
+                && k != "host"
+                && !HOP_BY_HOP.contains(&k.as_str())
+                && *k != config.routing.cluster_header
+                && !PREF_HEADERS.contains(&k.as_str())
+                && !k.starts_with("x-envoy-")
+                && (config.failover.forward_client_authorization || k != "authorization")
+        })
+        .cloned()
+        .collect()
+}
+
+/// Headers of a provider's answer worth passing on when the filter replaces the response.
+pub fn answer_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(':') && !HOP_BY_HOP.contains(&k.as_str()) && !k.starts_with("x-market-router-"))
+        .cloned()
+        .collect()
+}
+
+/// 64-bit FNV-1a, used to place affinity values into slots.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Number of affinity slots in shared data (bounded memory; a collision only costs stickiness).
+pub const AFFINITY_SLOTS: u64 = 4096;
+
+/// Slot key suffix and the value identifying `session` in it.
+pub fn affinity_slot(session: &str) -> (u64, String) {
+    let h = fnv1a(session.as_bytes());
+    (h % AFFINITY_SLOTS, format!("{h:016x}"))
+}
+
+/// Encodes a slot value: session hash and provider name.
+pub fn affinity_encode(tag: &str, provider: &str) -> Vec<u8> {
+    format!("{tag}:{provider}").into_bytes()
+}
+
+/// The provider stored for `tag`, if the slot holds this session.
+pub fn affinity_decode<'a>(value: &'a [u8], tag: &str) -> Option<&'a str> {
+    let s = std::str::from_utf8(value).ok()?;
+    let (t, p) = s.split_once(':')?;
+    (t == tag).then_some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn llm_paths() {
+        assert!(is_llm_path("POST", "/v1/chat/completions"));
+        assert!(is_llm_path("POST", "/v1/embeddings?x=1"));
+        assert!(!is_llm_path("GET", "/v1/chat/completions"));
+        assert!(!is_llm_path("POST", "/v1/models"));
+    }
+
+    #[test]
+    fn prefs_parse_leniently() {
+        let p = prefs_from_headers(&h(&[
+            (PREF_STRATEGY, "fastest"),
+            (PREF_MAX_PRICE, "2.5"),
+            (PREF_PROVIDER_TYPE, "company, guild"),
+            (PREF_REGION, "eu-west,"),
+            (PREF_EXCLUDE, "a,b"),
+        ]));
+        assert_eq!(p.strategy, Some(Strategy::Fastest));
+        assert_eq!(p.max_price_per_mtok, Some(2.5));
+        assert_eq!(p.provider_types, vec![ProviderType::Company]);
+        assert_eq!(p.regions, vec!["eu-west"]);
+        assert_eq!(p.exclude, vec!["a", "b"]);
+        assert_eq!(prefs_from_headers(&h(&[(PREF_MAX_PRICE, "-1")])).max_price_per_mtok, None);
+    }
+
+    #[test]
+    fn forwarded_keeps_end_to_end_headers_only() {
+        let c = Config::parse(br#"{"providers":[{"name":"a","cluster":"a","models":{"m":"m"}}]}"#).unwrap();
+        let got = forwarded(
+            &c,
+            &h(&[
+                (":path", "/v1/chat/completions"),
+                ("content-type", "application/json"),
+                ("x-request-id", "r1"),
+                ("traceparent", "00-abc-def-01"),
+                ("authorization", "Bearer client"),
+                ("connection", "keep-alive"),
+                ("content-length", "10"),
+                ("x-market-router-cluster", "a"),
+                (PREF_EXCLUDE, "a"),
+                ("x-team", "blue"),
+                ("x-envoy-expected-rq-timeout-ms", "5"),
+            ]),
+        );
+        let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-request-id", "traceparent", "x-team"]);
+        let c2 = Config::parse(
+            br#"{"providers":[{"name":"a","cluster":"a","models":{"m":"m"}}],"failover":{"forward_client_authorization":true}}"#,
+        )
+        .unwrap();
+        assert!(forwarded(&c2, &h(&[("authorization", "x")])).len() == 1);
+    }
+
+    #[test]
+    fn affinity_slots_round_trip() {
+        let (slot, tag) = affinity_slot("conversation-1");
+        assert!(slot < AFFINITY_SLOTS);
+        let v = affinity_encode(&tag, "acme");
+        assert_eq!(affinity_decode(&v, &tag), Some("acme"));
+        let (_, other) = affinity_slot("conversation-2");
+        assert_eq!(affinity_decode(&v, &other), None);
+    }
+}
