@@ -85,29 +85,44 @@ impl Outcome {
     pub fn observation(&self, ttfb_ms: Option<f64>) -> Option<Observation> {
         match *self {
             Self::Success(_) => Some(Observation::Success { ttfb_ms }),
-            Self::Status { status, retry_after_ms } if status == 429 || status >= 500 => {
-                Some(Observation::Failure { retry_after_ms })
-            }
+            Self::Status {
+                status,
+                retry_after_ms,
+            } if status == 429 || status >= 500 => Some(Observation::Failure { retry_after_ms }),
             Self::Status { .. } => None,
             Self::ConnectFailure | Self::Reset | Self::Timeout | Self::Malformed => {
-                Some(Observation::Failure { retry_after_ms: None })
+                Some(Observation::Failure {
+                    retry_after_ms: None,
+                })
             }
         }
     }
 
     /// Whether the outcome came from the provider's own answer (as opposed to the host's).
     pub fn from_provider(&self) -> bool {
-        matches!(self, Self::Success(_) | Self::Status { .. } | Self::Malformed)
+        matches!(
+            self,
+            Self::Success(_) | Self::Status { .. } | Self::Malformed
+        )
     }
 }
 
 /// Classifies a routed response from `:status` and Envoy's `response.code_details`.
-pub fn classify_routed(status: u32, code_details: Option<&str>, retry_after: Option<&str>) -> Outcome {
+pub fn classify_routed(
+    status: u32,
+    code_details: Option<&str>,
+    retry_after: Option<&str>,
+) -> Outcome {
     let retry_after_ms = retry_after.and_then(crate::health::parse_retry_after);
     match code_details {
         Some(d) if d != "via_upstream" => {
             if d.starts_with("upstream_reset_before_response_started") {
-                let connect = ["connection_failure", "connect_error", "connection_refused", "Connection_refused"];
+                let connect = [
+                    "connection_failure",
+                    "connect_error",
+                    "connection_refused",
+                    "Connection_refused",
+                ];
                 if connect.iter().any(|c| d.contains(c)) {
                     Outcome::ConnectFailure
                 } else {
@@ -115,7 +130,10 @@ pub fn classify_routed(status: u32, code_details: Option<&str>, retry_after: Opt
                 }
             } else if d.contains("timeout") {
                 Outcome::Timeout
-            } else if d == "cluster_not_found" || d == "no_healthy_upstream" || d.starts_with("upstream_connect") {
+            } else if d == "cluster_not_found"
+                || d == "no_healthy_upstream"
+                || d.starts_with("upstream_connect")
+            {
                 Outcome::ConnectFailure
             } else if d.starts_with("upstream_reset") {
                 Outcome::Reset
@@ -130,7 +148,9 @@ pub fn classify_routed(status: u32, code_details: Option<&str>, retry_after: Opt
 /// Classifies the answer to a dispatched call. Envoy's async client reports connect failures
 /// and timeouts as local replies with a plain-text body, and a reset as no headers at all.
 pub fn classify_dispatched(status: Option<u32>, body: &[u8], retry_after: Option<&str>) -> Outcome {
-    let Some(status) = status else { return Outcome::Reset };
+    let Some(status) = status else {
+        return Outcome::Reset;
+    };
     let retry_after_ms = retry_after.and_then(crate::health::parse_retry_after);
     if status == 503 || status == 504 {
         let head = &body[..body.len().min(160)];
@@ -139,7 +159,12 @@ pub fn classify_dispatched(status: Option<u32>, body: &[u8], retry_after: Option
             return Outcome::Timeout;
         }
         if text.starts_with("upstream connect error") {
-            let connect = ["connection failure", "connection_failure", "Connection refused", "connect error"];
+            let connect = [
+                "connection failure",
+                "connection_failure",
+                "Connection refused",
+                "connect error",
+            ];
             let reason = text.split("reset reason:").nth(1).unwrap_or("");
             return if connect.iter().any(|c| reason.contains(c)) {
                 Outcome::ConnectFailure
@@ -158,7 +183,10 @@ fn status_outcome(status: u32, retry_after_ms: Option<u64>) -> Outcome {
     if (200..300).contains(&status) {
         Outcome::Success(status)
     } else {
-        Outcome::Status { status, retry_after_ms }
+        Outcome::Status {
+            status,
+            retry_after_ms,
+        }
     }
 }
 
@@ -221,7 +249,10 @@ impl Attempts {
         match candidates.iter().position(|c| !used(c.provider)) {
             Some(candidate) => Next::Try {
                 candidate,
-                timeout_ms: self.attempt_timeout_ms.min(self.deadline_ms - now_ms).max(1),
+                timeout_ms: self
+                    .attempt_timeout_ms
+                    .min(self.deadline_ms - now_ms)
+                    .max(1),
             },
             None => Next::GiveUp,
         }
@@ -242,11 +273,20 @@ impl Attempts {
     /// The answer when every attempt failed: 504 if all timed out, 503 if every provider was
     /// unavailable (connect failure, 503, 429), else 502; the message lists each attempt.
     pub fn final_error(&self, config: &Config, model: &str) -> ApiError {
-        let all = |f: &dyn Fn(&Outcome) -> bool| !self.tried.is_empty() && self.tried.iter().all(|(_, o)| f(o));
+        let all = |f: &dyn Fn(&Outcome) -> bool| {
+            !self.tried.is_empty() && self.tried.iter().all(|(_, o)| f(o))
+        };
         let status = if all(&|o| *o == Outcome::Timeout) {
             504
         } else if all(&|o| {
-            matches!(o, Outcome::ConnectFailure | Outcome::Status { status: 503 | 429, .. })
+            matches!(
+                o,
+                Outcome::ConnectFailure
+                    | Outcome::Status {
+                        status: 503 | 429,
+                        ..
+                    }
+            )
         }) {
             503
         } else {
@@ -272,7 +312,10 @@ impl Attempts {
         self.tried
             .iter()
             .filter_map(|(_, o)| match o {
-                Outcome::Status { retry_after_ms: Some(ms), .. } => Some(ms.div_ceil(1000)),
+                Outcome::Status {
+                    retry_after_ms: Some(ms),
+                    ..
+                } => Some(ms.div_ceil(1000)),
                 _ => None,
             })
             .min()
@@ -314,25 +357,53 @@ mod tests {
     #[test]
     fn routed_classification_uses_code_details() {
         let refused = "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}";
-        assert_eq!(classify_routed(503, Some(refused), None), Outcome::ConnectFailure);
         assert_eq!(
-            classify_routed(503, Some("upstream_reset_before_response_started{connection_termination}"), None),
+            classify_routed(503, Some(refused), None),
+            Outcome::ConnectFailure
+        );
+        assert_eq!(
+            classify_routed(
+                503,
+                Some("upstream_reset_before_response_started{connection_termination}"),
+                None
+            ),
             Outcome::Reset
         );
-        assert_eq!(classify_routed(504, Some("response_timeout"), None), Outcome::Timeout);
-        assert_eq!(classify_routed(503, Some("cluster_not_found"), None), Outcome::ConnectFailure);
+        assert_eq!(
+            classify_routed(504, Some("response_timeout"), None),
+            Outcome::Timeout
+        );
+        assert_eq!(
+            classify_routed(503, Some("cluster_not_found"), None),
+            Outcome::ConnectFailure
+        );
         assert_eq!(
             classify_routed(503, Some("via_upstream"), Some("2")),
-            Outcome::Status { status: 503, retry_after_ms: Some(2000) }
+            Outcome::Status {
+                status: 503,
+                retry_after_ms: Some(2000)
+            }
         );
-        assert_eq!(classify_routed(200, Some("via_upstream"), None), Outcome::Success(200));
-        assert_eq!(classify_routed(429, None, None), Outcome::Status { status: 429, retry_after_ms: None });
+        assert_eq!(
+            classify_routed(200, Some("via_upstream"), None),
+            Outcome::Success(200)
+        );
+        assert_eq!(
+            classify_routed(429, None, None),
+            Outcome::Status {
+                status: 429,
+                retry_after_ms: None
+            }
+        );
     }
 
     #[test]
     fn dispatched_classification_reads_local_reply_bodies() {
         assert_eq!(classify_dispatched(None, b"", None), Outcome::Reset);
-        assert_eq!(classify_dispatched(Some(504), b"upstream request timeout", None), Outcome::Timeout);
+        assert_eq!(
+            classify_dispatched(Some(504), b"upstream request timeout", None),
+            Outcome::Timeout
+        );
         assert_eq!(
             classify_dispatched(
                 Some(503),
@@ -347,32 +418,77 @@ mod tests {
         );
         assert_eq!(
             classify_dispatched(Some(503), br#"{"error":{}}"#, Some("1")),
-            Outcome::Status { status: 503, retry_after_ms: Some(1000) }
+            Outcome::Status {
+                status: 503,
+                retry_after_ms: Some(1000)
+            }
         );
-        assert_eq!(classify_dispatched(Some(200), b"{}", None), Outcome::Success(200));
+        assert_eq!(
+            classify_dispatched(Some(200), b"{}", None),
+            Outcome::Success(200)
+        );
     }
 
     #[test]
     fn retry_rules_follow_config() {
         let r = config("").failover.retry_on;
-        assert!(Outcome::Status { status: 503, retry_after_ms: None }.retryable(&r, &[]));
-        assert!(Outcome::Status { status: 429, retry_after_ms: None }.retryable(&r, &[]));
-        assert!(!Outcome::Status { status: 400, retry_after_ms: None }.retryable(&r, &[]));
-        assert!(!Outcome::Status { status: 401, retry_after_ms: None }.retryable(&r, &[]));
-        assert!(Outcome::Status { status: 401, retry_after_ms: None }.retryable(&r, &[401]));
+        assert!(Outcome::Status {
+            status: 503,
+            retry_after_ms: None
+        }
+        .retryable(&r, &[]));
+        assert!(Outcome::Status {
+            status: 429,
+            retry_after_ms: None
+        }
+        .retryable(&r, &[]));
+        assert!(!Outcome::Status {
+            status: 400,
+            retry_after_ms: None
+        }
+        .retryable(&r, &[]));
+        assert!(!Outcome::Status {
+            status: 401,
+            retry_after_ms: None
+        }
+        .retryable(&r, &[]));
+        assert!(Outcome::Status {
+            status: 401,
+            retry_after_ms: None
+        }
+        .retryable(&r, &[401]));
         assert!(Outcome::ConnectFailure.retryable(&r, &[]));
         assert!(!Outcome::Success(200).retryable(&r, &[]));
-        let only_5xx = config(r#","failover":{"retry_on":["5xx"]}"#).failover.retry_on;
+        let only_5xx = config(r#","failover":{"retry_on":["5xx"]}"#)
+            .failover
+            .retry_on;
         assert!(!Outcome::Timeout.retryable(&only_5xx, &[]));
-        assert!(!Outcome::Status { status: 429, retry_after_ms: None }.retryable(&only_5xx, &[]));
+        assert!(!Outcome::Status {
+            status: 429,
+            retry_after_ms: None
+        }
+        .retryable(&only_5xx, &[]));
     }
 
     #[test]
     fn client_errors_do_not_count_against_the_provider() {
-        assert_eq!(Outcome::Status { status: 400, retry_after_ms: None }.observation(None), None);
         assert_eq!(
-            Outcome::Status { status: 429, retry_after_ms: Some(5) }.observation(None),
-            Some(Observation::Failure { retry_after_ms: Some(5) })
+            Outcome::Status {
+                status: 400,
+                retry_after_ms: None
+            }
+            .observation(None),
+            None
+        );
+        assert_eq!(
+            Outcome::Status {
+                status: 429,
+                retry_after_ms: Some(5)
+            }
+            .observation(None),
+            Some(Observation::Failure {
+                retry_after_ms: Some(5)
+            })
         );
     }
 
@@ -392,7 +508,12 @@ mod tests {
         assert_eq!(seen, vec![0, 1, 2], "max_attempts 3");
         let e = a.final_error(&c, "m");
         assert_eq!(e.status, 503);
-        assert!(e.message.contains("a: connect failure; b: connect failure; c: connect failure"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("a: connect failure; b: connect failure; c: connect failure"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -400,10 +521,22 @@ mod tests {
         let c = config(r#","failover":{"attempt_timeout_ms":1000,"deadline_ms":1500}"#);
         let cands: Vec<Candidate> = (0..4).map(cand).collect();
         let mut a = Attempts::new(&c, 0);
-        assert_eq!(a.next(&cands, 0), Next::Try { candidate: 0, timeout_ms: 1000 });
+        assert_eq!(
+            a.next(&cands, 0),
+            Next::Try {
+                candidate: 0,
+                timeout_ms: 1000
+            }
+        );
         a.start(0);
         a.finish(Outcome::Timeout);
-        assert_eq!(a.next(&cands, 1000), Next::Try { candidate: 1, timeout_ms: 500 });
+        assert_eq!(
+            a.next(&cands, 1000),
+            Next::Try {
+                candidate: 1,
+                timeout_ms: 500
+            }
+        );
         a.start(1);
         a.finish(Outcome::Timeout);
         assert_eq!(a.next(&cands, 1500), Next::GiveUp);
@@ -415,7 +548,10 @@ mod tests {
         let c = config("");
         let mut a = Attempts::new(&c, 0);
         a.start(0);
-        a.finish(Outcome::Status { status: 429, retry_after_ms: Some(2500) });
+        a.finish(Outcome::Status {
+            status: 429,
+            retry_after_ms: Some(2500),
+        });
         a.start(1);
         a.finish(Outcome::Malformed);
         assert_eq!(a.final_error(&c, "m").status, 502);

@@ -118,7 +118,10 @@ pub struct Provider {
 impl Provider {
     /// The provider's id for a client model name, if it serves it.
     pub fn model_id(&self, model: &str) -> Option<&str> {
-        self.models.iter().find(|(m, _)| m == model).map(|(_, id)| id.as_str())
+        self.models
+            .iter()
+            .find(|(m, _)| m == model)
+            .map(|(_, id)| id.as_str())
     }
 }
 
@@ -152,7 +155,11 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
-        Self { price: 0.5, latency: 0.3, reliability: 0.2 }
+        Self {
+            price: 0.5,
+            latency: 0.3,
+            reliability: 0.2,
+        }
     }
 }
 
@@ -190,6 +197,10 @@ pub struct Routing {
     pub default_output_tokens: u64,
     /// Fixed random seed (tests, reproducible benchmarks); none = seeded from the clock.
     pub seed: Option<u64>,
+    /// Share of eligible requests (0-100) routed by the market; the rest go to `default_provider`.
+    pub rollout_percent: u8,
+    /// Provider index that takes the requests outside the rollout.
+    pub default_provider: Option<usize>,
 }
 
 /// How attempts are made.
@@ -277,6 +288,8 @@ pub struct Config {
     pub response_headers: bool,
     /// Prefix of shared-data keys (`<prefix>/market`, …); on Kong it names the shm_kv zone.
     pub shared_data_prefix: String,
+    /// Path prefix of the transparency endpoints (`<prefix>/models`, `<prefix>/route`); none = off.
+    pub explain_path_prefix: Option<String>,
 }
 
 impl Config {
@@ -304,7 +317,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "field `{}` = {}: {}", self.field, self.value, self.expected)
+        write!(
+            f,
+            "field `{}` = {}: {}",
+            self.field, self.value, self.expected
+        )
     }
 }
 
@@ -322,7 +339,11 @@ fn err(field: &str, value: Option<&Value>, expected: impl Into<String>) -> Confi
             }
         }
     };
-    ConfigError { field: field.to_string(), value, expected: expected.into() }
+    ConfigError {
+        field: field.to_string(),
+        value,
+        expected: expected.into(),
+    }
 }
 
 /// A JSON object being read field by field; `finish` refuses fields nobody read.
@@ -345,7 +366,11 @@ impl<'a> Obj<'a> {
                         ));
                     }
                 }
-                Ok(Self { map, path: path.to_string(), known })
+                Ok(Self {
+                    map,
+                    path: path.to_string(),
+                    known,
+                })
             }
             other => Err(err(display_path(path), Some(other), "expected an object")),
         }
@@ -361,7 +386,8 @@ impl<'a> Obj<'a> {
     }
 
     fn req(&self, k: &str) -> Result<&'a Value, ConfigError> {
-        self.get(k).ok_or_else(|| err(&self.field(k), None, "required"))
+        self.get(k)
+            .ok_or_else(|| err(&self.field(k), None, "required"))
     }
 
     fn string(&self, k: &str) -> Result<Option<String>, ConfigError> {
@@ -374,7 +400,8 @@ impl<'a> Obj<'a> {
 
     fn req_string(&self, k: &str) -> Result<String, ConfigError> {
         self.req(k)?;
-        self.string(k).and_then(|s| s.ok_or_else(|| err(&self.field(k), None, "required")))
+        self.string(k)
+            .and_then(|s| s.ok_or_else(|| err(&self.field(k), None, "required")))
     }
 
     fn bool(&self, k: &str, default: bool) -> Result<bool, ConfigError> {
@@ -390,7 +417,11 @@ impl<'a> Obj<'a> {
             None => Ok(None),
             Some(v) => match v.as_f64() {
                 Some(x) if x.is_finite() && x >= min && x <= max => Ok(Some(x)),
-                _ => Err(err(&self.field(k), Some(v), format!("expected a number in {min}..={max}"))),
+                _ => Err(err(
+                    &self.field(k),
+                    Some(v),
+                    format!("expected a number in {min}..={max}"),
+                )),
             },
         }
     }
@@ -400,7 +431,11 @@ impl<'a> Obj<'a> {
             None => Ok(default),
             Some(v) => match v.as_u64() {
                 Some(x) if x >= min && x <= max => Ok(x),
-                _ => Err(err(&self.field(k), Some(v), format!("expected an integer in {min}..={max}"))),
+                _ => Err(err(
+                    &self.field(k),
+                    Some(v),
+                    format!("expected an integer in {min}..={max}"),
+                )),
             },
         }
     }
@@ -427,13 +462,19 @@ impl<'a> Obj<'a> {
         allowed: &str,
         parse: impl Fn(&str) -> Option<T>,
     ) -> Result<Vec<T>, ConfigError> {
-        let Some(items) = self.array(k)? else { return Ok(Vec::new()) };
+        let Some(items) = self.array(k)? else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             match item.as_str().and_then(&parse) {
                 Some(t) => out.push(t),
                 None => {
-                    return Err(err(&format!("{}[{i}]", self.field(k)), Some(item), allowed.to_string()))
+                    return Err(err(
+                        &format!("{}[{i}]", self.field(k)),
+                        Some(item),
+                        allowed.to_string(),
+                    ))
                 }
             }
         }
@@ -459,13 +500,15 @@ fn display_path(path: &str) -> &str {
 
 fn is_header_name(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 const TOP: &[&str] = &[
@@ -476,13 +519,29 @@ const TOP: &[&str] = &[
     "limits",
     "response_headers",
     "shared_data_prefix",
+    "explain",
 ];
-const PROVIDER: &[&str] =
-    &["name", "cluster", "authority", "models", "provider_type", "region", "static_offer"];
+const EXPLAIN: &[&str] = &["enabled", "path_prefix"];
+const PROVIDER: &[&str] = &[
+    "name",
+    "cluster",
+    "authority",
+    "models",
+    "provider_type",
+    "region",
+    "static_offer",
+];
 const OFFER: &[&str] = &["price", "latency_ms", "uptime", "context_window"];
 const PRICE: &[&str] = &["input_per_mtok", "output_per_mtok"];
 const LATENCY: &[&str] = &["ttft_p50"];
-const MARKET: &[&str] = &["cluster", "authority", "path", "refresh_ms", "max_age_ms", "timeout_ms"];
+const MARKET: &[&str] = &[
+    "cluster",
+    "authority",
+    "path",
+    "refresh_ms",
+    "max_age_ms",
+    "timeout_ms",
+];
 const ROUTING: &[&str] = &[
     "strategy",
     "weights",
@@ -492,10 +551,17 @@ const ROUTING: &[&str] = &[
     "client_overrides",
     "default_output_tokens",
     "seed",
+    "rollout_percent",
+    "default_provider",
 ];
 const WEIGHTS: &[&str] = &["price", "latency", "reliability"];
-const CONSTRAINTS: &[&str] =
-    &["max_price_per_mtok", "min_uptime", "max_ttft_ms", "provider_types", "regions"];
+const CONSTRAINTS: &[&str] = &[
+    "max_price_per_mtok",
+    "min_uptime",
+    "max_ttft_ms",
+    "provider_types",
+    "regions",
+];
 const FAILOVER: &[&str] = &[
     "mode",
     "max_attempts",
@@ -510,8 +576,15 @@ const CIRCUIT: &[&str] = &["failure_threshold", "cooldown_ms"];
 const LIMITS: &[&str] = &["max_body_bytes"];
 
 /// Allowed `failover.retry_on` values.
-pub const RETRY_ON_VALUES: &[&str] =
-    &["connect-failure", "reset", "timeout", "5xx", "429", "4xx", "malformed"];
+pub const RETRY_ON_VALUES: &[&str] = &[
+    "connect-failure",
+    "reset",
+    "timeout",
+    "5xx",
+    "429",
+    "4xx",
+    "malformed",
+];
 
 impl Config {
     /// Parses and validates a configuration document.
@@ -528,14 +601,59 @@ impl Config {
     pub fn from_value(v: &Value) -> Result<Config, ConfigError> {
         let top = Obj::new(v, "", TOP)?;
         let providers = parse_providers(&top)?;
-        let market = top.obj("market", MARKET)?.map(|m| parse_market(&m)).transpose()?;
-        let routing = parse_routing(top.obj("routing", ROUTING)?)?;
+        let market = top
+            .obj("market", MARKET)?
+            .map(|m| parse_market(&m))
+            .transpose()?;
+        let mut routing = parse_routing(top.obj("routing", ROUTING)?)?;
+        if let Some(r) = top.obj("routing", ROUTING)? {
+            let rollout = r.int("rollout_percent", 0, 100, 100)? as u8;
+            let default = r.string("default_provider")?;
+            routing.rollout_percent = rollout;
+            routing.default_provider = match default {
+                None if rollout < 100 => {
+                    return Err(err(
+                        "routing.default_provider",
+                        None,
+                        "required when routing.rollout_percent is below 100",
+                    ))
+                }
+                None => None,
+                Some(name) => Some(providers.iter().position(|p| p.name == name).ok_or_else(
+                    || {
+                        err(
+                            "routing.default_provider",
+                            r.get("default_provider"),
+                            "expected the name of a configured provider",
+                        )
+                    },
+                )?),
+            };
+        }
+        let explain_path_prefix = match top.obj("explain", EXPLAIN)? {
+            None => Some("/market-router/v1".to_string()),
+            Some(e) => {
+                let prefix = e
+                    .string("path_prefix")?
+                    .unwrap_or_else(|| "/market-router/v1".to_string());
+                if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains('?') {
+                    return Err(err(
+                        "explain.path_prefix",
+                        e.get("path_prefix"),
+                        "expected a path starting with / and not ending with /",
+                    ));
+                }
+                e.bool("enabled", true)?.then_some(prefix)
+            }
+        };
         let failover = parse_failover(top.obj("failover", FAILOVER)?)?;
         let max_body_bytes = match top.obj("limits", LIMITS)? {
             Some(l) => l.int("max_body_bytes", 1, 64 << 20, 1 << 20)?,
             None => 1 << 20,
         } as usize;
-        let prefix = top.string("shared_data_prefix")?.unwrap_or_else(|| "mr".to_string());
+        let prefix = top
+            .string("shared_data_prefix")?
+            .unwrap_or_else(|| "mr".to_string());
         if !is_name(&prefix) {
             return Err(err(
                 "shared_data_prefix",
@@ -551,14 +669,21 @@ impl Config {
             max_body_bytes,
             response_headers: top.bool("response_headers", true)?,
             shared_data_prefix: prefix,
+            explain_path_prefix,
         })
     }
 }
 
 fn parse_providers(top: &Obj<'_>) -> Result<Vec<Provider>, ConfigError> {
-    let items = top.array("providers")?.ok_or_else(|| err("providers", None, "required"))?;
+    let items = top
+        .array("providers")?
+        .ok_or_else(|| err("providers", None, "required"))?;
     if items.is_empty() {
-        return Err(err("providers", top.get("providers"), "expected at least one provider"));
+        return Err(err(
+            "providers",
+            top.get("providers"),
+            "expected at least one provider",
+        ));
     }
     let mut out: Vec<Provider> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
@@ -566,56 +691,80 @@ fn parse_providers(top: &Obj<'_>) -> Result<Vec<Provider>, ConfigError> {
         let p = Obj::new(item, &path, PROVIDER)?;
         let name = p.req_string("name")?;
         if !is_name(&name) {
-            return Err(err(&p.field("name"), p.get("name"), "expected 1-64 characters of A-Z a-z 0-9 - _ ."));
+            return Err(err(
+                &p.field("name"),
+                p.get("name"),
+                "expected 1-64 characters of A-Z a-z 0-9 - _ .",
+            ));
         }
         if out.iter().any(|q| q.name == name) {
-            return Err(err(&p.field("name"), p.get("name"), "expected a name no other provider uses"));
+            return Err(err(
+                &p.field("name"),
+                p.get("name"),
+                "expected a name no other provider uses",
+            ));
         }
         let cluster = p.req_string("cluster")?;
         let authority = p.string("authority")?.unwrap_or_else(|| cluster.clone());
         let models_v = p.req("models")?;
-        let models = match models_v {
-            Value::Object(m) if !m.is_empty() => {
-                let mut models = Vec::with_capacity(m.len());
-                for (k, v) in m {
-                    match v.as_str() {
-                        Some(id) if !id.is_empty() && !k.is_empty() => {
-                            models.push((k.clone(), id.to_string()))
-                        }
-                        _ => {
-                            return Err(err(
-                                &format!("{path}.models.{k}"),
-                                Some(v),
-                                "expected the provider's model id, a non-empty string",
-                            ))
+        let models =
+            match models_v {
+                Value::Object(m) if !m.is_empty() => {
+                    let mut models = Vec::with_capacity(m.len());
+                    for (k, v) in m {
+                        match v.as_str() {
+                            Some(id) if !id.is_empty() && !k.is_empty() => {
+                                models.push((k.clone(), id.to_string()))
+                            }
+                            _ => {
+                                return Err(err(
+                                    &format!("{path}.models.{k}"),
+                                    Some(v),
+                                    "expected the provider's model id, a non-empty string",
+                                ))
+                            }
                         }
                     }
+                    models
                 }
-                models
-            }
-            other => {
-                return Err(err(
+                other => return Err(err(
                     &p.field("models"),
                     Some(other),
                     "expected a non-empty object mapping client model names to provider model ids",
-                ))
-            }
-        };
+                )),
+            };
         let provider_type = match p.get("provider_type") {
             None => ProviderType::Company,
             Some(v) => v.as_str().and_then(ProviderType::parse).ok_or_else(|| {
-                err(&p.field("provider_type"), Some(v), "expected one of company, community, self_hosted")
+                err(
+                    &p.field("provider_type"),
+                    Some(v),
+                    "expected one of company, community, self_hosted",
+                )
             })?,
         };
         let region = p.string("region")?;
-        let static_offer = p.obj("static_offer", OFFER)?.map(|o| parse_static_offer(&o)).transpose()?;
-        out.push(Provider { name, cluster, authority, models, provider_type, region, static_offer });
+        let static_offer = p
+            .obj("static_offer", OFFER)?
+            .map(|o| parse_static_offer(&o))
+            .transpose()?;
+        out.push(Provider {
+            name,
+            cluster,
+            authority,
+            models,
+            provider_type,
+            region,
+            static_offer,
+        });
     }
     Ok(out)
 }
 
 fn parse_static_offer(o: &Obj<'_>) -> Result<StaticOffer, ConfigError> {
-    let price = o.obj("price", PRICE)?.ok_or_else(|| err(&o.field("price"), None, "required"))?;
+    let price = o
+        .obj("price", PRICE)?
+        .ok_or_else(|| err(&o.field("price"), None, "required"))?;
     let input = price.num("input_per_mtok", 0.0, 1e6)?;
     let output = price.num("output_per_mtok", 0.0, 1e6)?;
     let input = input.ok_or_else(|| err(&price.field("input_per_mtok"), None, "required"))?;
@@ -638,9 +787,15 @@ fn parse_static_offer(o: &Obj<'_>) -> Result<StaticOffer, ConfigError> {
 
 fn parse_market(m: &Obj<'_>) -> Result<Market, ConfigError> {
     let cluster = m.req_string("cluster")?;
-    let path = m.string("path")?.unwrap_or_else(|| "/v1/market/snapshot".to_string());
+    let path = m
+        .string("path")?
+        .unwrap_or_else(|| "/v1/market/snapshot".to_string());
     if !path.starts_with('/') {
-        return Err(err(&m.field("path"), m.get("path"), "expected a path starting with /"));
+        return Err(err(
+            &m.field("path"),
+            m.get("path"),
+            "expected a path starting with /",
+        ));
     }
     let refresh_ms = m.int("refresh_ms", 100, 86_400_000, 5000)?;
     let max_age_ms = m.int("max_age_ms", 1, u64::MAX / 4, 60_000.max(refresh_ms * 2))?;
@@ -653,7 +808,9 @@ fn parse_market(m: &Obj<'_>) -> Result<Market, ConfigError> {
     }
     Ok(Market {
         cluster,
-        authority: m.string("authority")?.unwrap_or_else(|| "market".to_string()),
+        authority: m
+            .string("authority")?
+            .unwrap_or_else(|| "market".to_string()),
         path,
         refresh_ms,
         max_age_ms,
@@ -672,6 +829,8 @@ fn parse_routing(r: Option<Obj<'_>>) -> Result<Routing, ConfigError> {
             client_overrides: false,
             default_output_tokens: 256,
             seed: None,
+            rollout_percent: 100,
+            default_provider: None,
         });
     };
     let strategy = match r.get("strategy") {
@@ -693,9 +852,17 @@ fn parse_routing(r: Option<Obj<'_>>) -> Result<Routing, ConfigError> {
             let reliability = w.num("reliability", 0.0, 1e6)?.unwrap_or(d.reliability);
             let sum = price + latency + reliability;
             if sum <= 0.0 {
-                return Err(err(&r.field("weights"), r.get("weights"), "expected weights whose sum is > 0"));
+                return Err(err(
+                    &r.field("weights"),
+                    r.get("weights"),
+                    "expected weights whose sum is > 0",
+                ));
             }
-            Weights { price: price / sum, latency: latency / sum, reliability: reliability / sum }
+            Weights {
+                price: price / sum,
+                latency: latency / sum,
+                reliability: reliability / sum,
+            }
         }
     };
     let constraints = match r.obj("constraints", CONSTRAINTS)? {
@@ -714,8 +881,9 @@ fn parse_routing(r: Option<Obj<'_>>) -> Result<Routing, ConfigError> {
             })?,
         },
     };
-    let cluster_header =
-        r.string("cluster_header")?.unwrap_or_else(|| "x-market-router-cluster".to_string());
+    let cluster_header = r
+        .string("cluster_header")?
+        .unwrap_or_else(|| "x-market-router-cluster".to_string());
     if !is_header_name(&cluster_header) {
         return Err(err(
             &r.field("cluster_header"),
@@ -745,6 +913,8 @@ fn parse_routing(r: Option<Obj<'_>>) -> Result<Routing, ConfigError> {
             None => None,
             Some(_) => Some(r.int("seed", 0, u64::MAX, 0)?),
         },
+        rollout_percent: 100,
+        default_provider: None,
     })
 }
 
@@ -758,7 +928,10 @@ fn parse_failover(f: Option<Obj<'_>>) -> Result<Failover, ConfigError> {
         status_4xx: false,
         malformed: true,
     };
-    let default_circuit = Circuit { failure_threshold: 3, cooldown_ms: 30_000 };
+    let default_circuit = Circuit {
+        failure_threshold: 3,
+        cooldown_ms: 30_000,
+    };
     let Some(f) = f else {
         return Ok(Failover {
             mode: FailoverMode::Route,
@@ -776,7 +949,13 @@ fn parse_failover(f: Option<Obj<'_>>) -> Result<Failover, ConfigError> {
         Some(v) => match v.as_str() {
             Some("route") => FailoverMode::Route,
             Some("dispatch") => FailoverMode::Dispatch,
-            _ => return Err(err(&f.field("mode"), Some(v), "expected one of route, dispatch")),
+            _ => {
+                return Err(err(
+                    &f.field("mode"),
+                    Some(v),
+                    "expected one of route, dispatch",
+                ))
+            }
         },
     };
     let retry_on = match f.array("retry_on")? {
@@ -966,10 +1145,25 @@ mod tests {
                 "field `limits.max_body_bytes` = 0: expected an integer in 1..=67108864",
             ),
             ("[1]", "field `(root)` = [1]: expected an object"),
+            (
+                r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":{"rollout_percent":50}}"#,
+                "field `routing.default_provider` = (missing): required when routing.rollout_percent is below 100",
+            ),
+            (
+                r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":{"rollout_percent":50,"default_provider":"zz"}}"#,
+                "field `routing.default_provider` = \"zz\": expected the name of a configured provider",
+            ),
+            (
+                r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"explain":{"path_prefix":"mr/"}}"#,
+                "field `explain.path_prefix` = \"mr/\": expected a path starting with /",
+            ),
         ];
         for (doc, want) in cases {
             let got = Config::parse(doc.as_bytes()).unwrap_err().to_string();
-            assert!(got.starts_with(want), "doc {doc}\n got: {got}\nwant: {want}…");
+            assert!(
+                got.starts_with(want),
+                "doc {doc}\n got: {got}\nwant: {want}…"
+            );
         }
     }
 

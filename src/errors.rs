@@ -21,7 +21,12 @@ pub struct ApiError {
 impl ApiError {
     /// 400: the request body cannot be routed (not JSON, no `model`).
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self { status: 400, kind: "invalid_request_error", code, message: message.into() }
+        Self {
+            status: 400,
+            kind: "invalid_request_error",
+            code,
+            message: message.into(),
+        }
     }
 
     /// 404: no configured provider serves the model.
@@ -59,12 +64,22 @@ impl ApiError {
 
     /// 502/503/504: every attempt failed.
     pub fn all_failed(status: u32, message: impl Into<String>) -> Self {
-        Self { status, kind: "upstream_error", code: "all_providers_failed", message: message.into() }
+        Self {
+            status,
+            kind: "upstream_error",
+            code: "all_providers_failed",
+            message: message.into(),
+        }
     }
 
     /// 500: the filter itself could not proceed (a host call failed).
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { status: 500, kind: "internal_error", code: "market_router_internal", message: message.into() }
+        Self {
+            status: 500,
+            kind: "internal_error",
+            code: "market_router_internal",
+            message: message.into(),
+        }
     }
 
     /// The JSON body.

@@ -15,7 +15,13 @@ pub const PREF_REGION: &str = "x-market-router-region";
 /// Provider names not to use, comma-separated.
 pub const PREF_EXCLUDE: &str = "x-market-router-exclude";
 /// All preference headers.
-pub const PREF_HEADERS: [&str; 5] = [PREF_STRATEGY, PREF_MAX_PRICE, PREF_PROVIDER_TYPE, PREF_REGION, PREF_EXCLUDE];
+pub const PREF_HEADERS: [&str; 5] = [
+    PREF_STRATEGY,
+    PREF_MAX_PRICE,
+    PREF_PROVIDER_TYPE,
+    PREF_REGION,
+    PREF_EXCLUDE,
+];
 
 /// Hop-by-hop and host-managed headers never copied onto a dispatched attempt or a replaced answer.
 const HOP_BY_HOP: [&str; 10] = [
@@ -37,7 +43,10 @@ pub fn is_llm_path(method: &str, path: &str) -> bool {
         return false;
     }
     let path = path.split('?').next().unwrap_or(path);
-    matches!(path, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings")
+    matches!(
+        path,
+        "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
+    )
 }
 
 fn list(v: &str) -> impl Iterator<Item = &str> {
@@ -50,8 +59,16 @@ pub fn prefs_from_headers(headers: &[(String, String)]) -> Prefs {
     for (k, v) in headers {
         match k.as_str() {
             PREF_STRATEGY => p.strategy = Strategy::parse(v.trim()),
-            PREF_MAX_PRICE => p.max_price_per_mtok = v.trim().parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0),
-            PREF_PROVIDER_TYPE => p.provider_types = list(v).filter_map(ProviderType::parse).collect(),
+            PREF_MAX_PRICE => {
+                p.max_price_per_mtok = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+            }
+            PREF_PROVIDER_TYPE => {
+                p.provider_types = list(v).filter_map(ProviderType::parse).collect()
+            }
             PREF_REGION => p.regions = list(v).map(str::to_string).collect(),
             PREF_EXCLUDE => p.exclude = list(v).map(str::to_string).collect(),
             _ => {}
@@ -83,7 +100,11 @@ pub fn forwarded(config: &Config, headers: &[(String, String)]) -> Vec<(String, 
 pub fn answer_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
     headers
         .iter()
-        .filter(|(k, _)| !k.starts_with(':') && !HOP_BY_HOP.contains(&k.as_str()) && !k.starts_with("x-market-router-"))
+        .filter(|(k, _)| {
+            !k.starts_with(':')
+                && !HOP_BY_HOP.contains(&k.as_str())
+                && !k.starts_with("x-market-router-")
+        })
         .cloned()
         .collect()
 }
@@ -124,7 +145,10 @@ mod tests {
     use super::*;
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -149,12 +173,16 @@ mod tests {
         assert_eq!(p.provider_types, vec![ProviderType::Company]);
         assert_eq!(p.regions, vec!["eu-west"]);
         assert_eq!(p.exclude, vec!["a", "b"]);
-        assert_eq!(prefs_from_headers(&h(&[(PREF_MAX_PRICE, "-1")])).max_price_per_mtok, None);
+        assert_eq!(
+            prefs_from_headers(&h(&[(PREF_MAX_PRICE, "-1")])).max_price_per_mtok,
+            None
+        );
     }
 
     #[test]
     fn forwarded_keeps_end_to_end_headers_only() {
-        let c = Config::parse(br#"{"providers":[{"name":"a","cluster":"a","models":{"m":"m"}}]}"#).unwrap();
+        let c = Config::parse(br#"{"providers":[{"name":"a","cluster":"a","models":{"m":"m"}}]}"#)
+            .unwrap();
         let got = forwarded(
             &c,
             &h(&[
@@ -172,7 +200,10 @@ mod tests {
             ]),
         );
         let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names, ["content-type", "x-request-id", "traceparent", "x-team"]);
+        assert_eq!(
+            names,
+            ["content-type", "x-request-id", "traceparent", "x-team"]
+        );
         let c2 = Config::parse(
             br#"{"providers":[{"name":"a","cluster":"a","models":{"m":"m"}}],"failover":{"forward_client_authorization":true}}"#,
         )

@@ -114,8 +114,9 @@ impl ProviderHealth {
     pub fn observe(&mut self, obs: Observation, now: u64, circuit: &Circuit) -> bool {
         match obs {
             Observation::Success { ttfb_ms } => {
-                let was_clean =
-                    self.consecutive_failures == 0 && self.circuit == CircuitState::Closed && self.error_rate < 0.01;
+                let was_clean = self.consecutive_failures == 0
+                    && self.circuit == CircuitState::Closed
+                    && self.error_rate < 0.01;
                 self.consecutive_failures = 0;
                 self.circuit = CircuitState::Closed;
                 self.error_rate *= 1.0 - ALPHA;
@@ -125,7 +126,11 @@ impl ProviderHealth {
                 let mut drift = false;
                 if let Some(t) = ttfb_ms {
                     let before = self.ttfb_ms;
-                    self.ttfb_ms = if self.samples == 0 { t } else { before + ALPHA * (t - before) };
+                    self.ttfb_ms = if self.samples == 0 {
+                        t
+                    } else {
+                        before + ALPHA * (t - before)
+                    };
                     self.samples = self.samples.saturating_add(1);
                     drift = before == 0.0 || ((self.ttfb_ms - before) / before).abs() > 0.1;
                 }
@@ -135,7 +140,8 @@ impl ProviderHealth {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
                 self.error_rate = self.error_rate * (1.0 - ALPHA) + ALPHA;
                 if let Some(ra) = retry_after_ms {
-                    self.retry_after_until = self.retry_after_until.max(now + ra.min(MAX_RETRY_AFTER_MS));
+                    self.retry_after_until =
+                        self.retry_after_until.max(now + ra.min(MAX_RETRY_AFTER_MS));
                 }
                 let open = match self.circuit {
                     CircuitState::HalfOpen { .. } => true,
@@ -146,7 +152,9 @@ impl ProviderHealth {
                     if !matches!(self.circuit, CircuitState::Open { until } if until > now) {
                         self.opens = self.opens.saturating_add(1);
                     }
-                    self.circuit = CircuitState::Open { until: now + circuit.cooldown_ms };
+                    self.circuit = CircuitState::Open {
+                        until: now + circuit.cooldown_ms,
+                    };
                 }
                 true
             }
@@ -196,8 +204,13 @@ pub fn parse_retry_after(v: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    const C: Circuit = Circuit { failure_threshold: 3, cooldown_ms: 1000 };
-    const FAIL: Observation = Observation::Failure { retry_after_ms: None };
+    const C: Circuit = Circuit {
+        failure_threshold: 3,
+        cooldown_ms: 1000,
+    };
+    const FAIL: Observation = Observation::Failure {
+        retry_after_ms: None,
+    };
     const OK: Observation = Observation::Success { ttfb_ms: None };
 
     #[test]
@@ -221,7 +234,10 @@ mod tests {
 
     #[test]
     fn failed_probe_reopens_for_a_full_cooldown() {
-        let mut h = ProviderHealth { circuit: CircuitState::HalfOpen { until: 5000 }, ..Default::default() };
+        let mut h = ProviderHealth {
+            circuit: CircuitState::HalfOpen { until: 5000 },
+            ..Default::default()
+        };
         h.observe(FAIL, 4000, &C);
         assert_eq!(h.admission(4001), Admission::CircuitOpen(5000));
         assert_eq!(h.opens, 1);
@@ -230,7 +246,13 @@ mod tests {
     #[test]
     fn retry_after_keeps_provider_out_and_is_capped() {
         let mut h = ProviderHealth::default();
-        h.observe(Observation::Failure { retry_after_ms: Some(2000) }, 100, &C);
+        h.observe(
+            Observation::Failure {
+                retry_after_ms: Some(2000),
+            },
+            100,
+            &C,
+        );
         assert_eq!(h.admission(101), Admission::RetryAfter(2100));
         assert_eq!(h.admission(2100), Admission::Open);
         assert_eq!(parse_retry_after(" 3 "), Some(3000));
@@ -242,8 +264,20 @@ mod tests {
     fn routine_success_is_not_worth_a_shared_write() {
         let mut h = ProviderHealth::default();
         assert!(!h.observe(OK, 0, &C));
-        assert!(h.observe(Observation::Success { ttfb_ms: Some(100.0) }, 0, &C));
-        assert!(!h.observe(Observation::Success { ttfb_ms: Some(102.0) }, 0, &C));
+        assert!(h.observe(
+            Observation::Success {
+                ttfb_ms: Some(100.0)
+            },
+            0,
+            &C
+        ));
+        assert!(!h.observe(
+            Observation::Success {
+                ttfb_ms: Some(102.0)
+            },
+            0,
+            &C
+        ));
         h.observe(FAIL, 0, &C);
         assert!(h.observe(OK, 0, &C), "recovery must be shared");
         assert!(h.error_rate > 0.0);

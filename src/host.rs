@@ -26,7 +26,9 @@ pub(crate) fn set_request_header(name: &str, value: Option<&str>) -> bool {
 
 /// One response header.
 pub(crate) fn response_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+    hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
 }
 
 /// Sets a response header; false when the host refused.
@@ -34,13 +36,14 @@ pub(crate) fn set_response_header(name: &str, value: &str) -> bool {
     hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)).is_ok()
 }
 
-
 /// Reads `size` bytes of a buffer.
 pub(crate) fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
     if size == 0 {
         return Some(Vec::new());
     }
-    hostcalls::get_buffer(kind, 0, size).ok().map(Option::unwrap_or_default)
+    hostcalls::get_buffer(kind, 0, size)
+        .ok()
+        .map(Option::unwrap_or_default)
 }
 
 /// Replaces a buffer's first `size` bytes with `value`.
@@ -84,7 +87,12 @@ pub(crate) fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> Result<()
 }
 
 /// Starts an HTTP call to a host cluster.
-pub(crate) fn dispatch(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, Status> {
+pub(crate) fn dispatch(
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, Status> {
     hostcalls::dispatch_http_call(
         cluster,
         headers.to_vec(),
@@ -104,8 +112,6 @@ pub(crate) fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) 
     hostcalls::send_http_response(status, headers.to_vec(), Some(body)).is_ok()
 }
 
-
-
 /// Sets the root context's tick period.
 pub(crate) fn set_tick_period_ms(ms: u64) -> bool {
     hostcalls::set_tick_period(Duration::from_millis(ms)).is_ok()
@@ -113,6 +119,50 @@ pub(crate) fn set_tick_period_ms(ms: u64) -> bool {
 
 /// Plugin configuration bytes.
 pub(crate) fn plugin_configuration() -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten()
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+        .ok()
+        .flatten()
 }
 
+/// Defines a metric; `None` when the host refused (then the metric is simply not recorded).
+pub(crate) fn define_metric(kind: proxy_wasm::types::MetricType, name: &str) -> Option<u32> {
+    // define_metric panics on any status but Ok: guard the name so the host has no reason to refuse.
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return None;
+    }
+    hostcalls::define_metric(kind, name).ok()
+}
+
+/// Adds to a counter or gauge.
+pub(crate) fn increment_metric(id: u32, by: i64) {
+    let _ = hostcalls::increment_metric(id, by);
+}
+
+/// Records a gauge value or a histogram sample.
+pub(crate) fn record_metric(id: u32, value: u64) {
+    let _ = hostcalls::record_metric(id, value);
+}
+
+/// Writes a per-request property (Envoy: filter state `wasm.<name>`, readable by access logs).
+pub(crate) fn set_property(name: &str, value: &[u8]) -> bool {
+    hostcalls::set_property(vec![name], Some(value)).is_ok()
+}
+
+/// Monotonic-enough nanoseconds for measuring the filter's own work (0 if unavailable).
+pub(crate) fn now_ns() -> u128 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// Follows the host's log level so disabled levels cost nothing (hosts without
+/// `proxy_get_log_level`, such as Kong, get info).
+pub(crate) fn follow_host_log_level() {
+    let level = hostcalls::get_log_level().unwrap_or(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_log_level(level);
+}

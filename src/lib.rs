@@ -9,9 +9,11 @@
 pub mod attempt;
 pub mod config;
 pub mod errors;
+pub mod explain;
 pub mod headers;
 pub mod health;
 pub mod market;
+pub mod metrics;
 pub mod request;
 pub mod rng;
 pub mod select;

@@ -147,14 +147,21 @@ pub fn validate(
     let obj = v.as_object().ok_or(SnapshotError::Field("(root)"))?;
     match obj.get("version") {
         Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
-        Some(other) => return Err(SnapshotError::Version(crate::errors::clip(&other.to_string(), 20).into())),
+        Some(other) => {
+            return Err(SnapshotError::Version(
+                crate::errors::clip(&other.to_string(), 20).into(),
+            ))
+        }
         None => return Err(SnapshotError::Version("missing".into())),
     }
     let generated_at_ms = obj
         .get("generated_at_ms")
         .and_then(Value::as_u64)
         .ok_or(SnapshotError::Field("generated_at_ms"))?;
-    let items = obj.get("offers").and_then(Value::as_array).ok_or(SnapshotError::Field("offers"))?;
+    let items = obj
+        .get("offers")
+        .and_then(Value::as_array)
+        .ok_or(SnapshotError::Field("offers"))?;
     let mut offers = Vec::with_capacity(items.len());
     let mut invalid = Vec::new();
     let mut unknown_providers = 0;
@@ -174,7 +181,12 @@ pub fn validate(
         return Err(SnapshotError::NoValidOffers(invalid.len()));
     }
     Ok(Validated {
-        stored: Stored { generated_at_ms, fetched_at_ms, etag, offers },
+        stored: Stored {
+            generated_at_ms,
+            fetched_at_ms,
+            etag,
+            offers,
+        },
         invalid,
         unknown_providers,
     })
@@ -196,12 +208,20 @@ fn offer(v: &Value) -> Result<Offer, String> {
         }
     };
     let num = |parent: &'static str, k: &'static str| -> Option<f64> {
-        o.get(parent).and_then(|p| p.get(k)).and_then(Value::as_f64).filter(|x| x.is_finite())
+        o.get(parent)
+            .and_then(|p| p.get(k))
+            .and_then(Value::as_f64)
+            .filter(|x| x.is_finite())
     };
-    let input = num("price", "input_per_mtok").filter(|x| *x >= 0.0).ok_or("`price.input_per_mtok` must be ≥ 0")?;
-    let output =
-        num("price", "output_per_mtok").filter(|x| *x >= 0.0).ok_or("`price.output_per_mtok` must be ≥ 0")?;
-    let ttft = num("latency_ms", "ttft_p50").filter(|x| *x > 0.0).ok_or("`latency_ms.ttft_p50` must be > 0")?;
+    let input = num("price", "input_per_mtok")
+        .filter(|x| *x >= 0.0)
+        .ok_or("`price.input_per_mtok` must be ≥ 0")?;
+    let output = num("price", "output_per_mtok")
+        .filter(|x| *x >= 0.0)
+        .ok_or("`price.output_per_mtok` must be ≥ 0")?;
+    let ttft = num("latency_ms", "ttft_p50")
+        .filter(|x| *x > 0.0)
+        .ok_or("`latency_ms.ttft_p50` must be > 0")?;
     let uptime = o
         .get("uptime")
         .and_then(Value::as_f64)
@@ -220,11 +240,19 @@ fn offer(v: &Value) -> Result<Offer, String> {
         .ok_or("`provider_type` must be company, community or self_hosted")?;
     let context_window = match o.get("context_window") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or("`context_window` must be a positive integer")?),
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| *n > 0)
+                .ok_or("`context_window` must be a positive integer")?,
+        ),
     };
     let throughput_tps = match o.get("throughput_tps") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).ok_or("`throughput_tps` must be ≥ 0")?),
+        Some(v) => Some(
+            v.as_f64()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or("`throughput_tps` must be ≥ 0")?,
+        ),
     };
     Ok(Offer {
         provider: text("provider")?,
@@ -277,7 +305,11 @@ impl MarketView {
 
     /// The offer of provider `idx` for `model`.
     pub fn offer(&self, model: &str, idx: usize) -> Option<&Offer> {
-        self.by_model.get(model)?.iter().find(|(i, _)| *i == idx).map(|(_, o)| o)
+        self.by_model
+            .get(model)?
+            .iter()
+            .find(|(i, _)| *i == idx)
+            .map(|(_, o)| o)
     }
 
     /// Models with at least one offer, sorted.
@@ -316,7 +348,10 @@ mod tests {
     fn valid_snapshot_round_trips_through_storage() {
         let doc = format!(
             r#"{{"version":1,"generated_at_ms":1000,"offers":[{},{}]}}"#,
-            offer_json("acme", r#","region":"eu-west","context_window":8192,"provider_model":"meta/llama""#),
+            offer_json(
+                "acme",
+                r#","region":"eu-west","context_window":8192,"provider_model":"meta/llama""#
+            ),
             offer_json("ghost", "")
         );
         let v = validate(doc.as_bytes(), &config(), 2000, Some("\"e1\"".into())).unwrap();
@@ -353,7 +388,12 @@ mod tests {
         let c = config();
         assert_eq!(validate(b"nope", &c, 0, None), Err(SnapshotError::NotJson));
         assert_eq!(
-            validate(br#"{"version":2,"generated_at_ms":1,"offers":[]}"#, &c, 0, None),
+            validate(
+                br#"{"version":2,"generated_at_ms":1,"offers":[]}"#,
+                &c,
+                0,
+                None
+            ),
             Err(SnapshotError::Version("2".into()))
         );
         assert_eq!(
@@ -368,8 +408,17 @@ mod tests {
             r#"{{"version":1,"generated_at_ms":1,"offers":[{}]}}"#,
             offer_json("acme", "").replace("community", "guild")
         );
-        assert_eq!(validate(all_bad.as_bytes(), &c, 0, None), Err(SnapshotError::NoValidOffers(1)));
+        assert_eq!(
+            validate(all_bad.as_bytes(), &c, 0, None),
+            Err(SnapshotError::NoValidOffers(1))
+        );
         // An empty market is valid: it says nobody offers anything right now.
-        assert!(validate(br#"{"version":1,"generated_at_ms":1,"offers":[]}"#, &c, 0, None).is_ok());
+        assert!(validate(
+            br#"{"version":1,"generated_at_ms":1,"offers":[]}"#,
+            &c,
+            0,
+            None
+        )
+        .is_ok());
     }
 }

@@ -58,8 +58,12 @@ impl BodyError {
     /// Message for the 400 answer.
     pub fn message(&self) -> String {
         match self {
-            Self::Empty => "request body is empty; expected a JSON object with a `model` field".into(),
-            Self::NotJson(at) => format!("request body is not valid JSON (syntax error at byte {at})"),
+            Self::Empty => {
+                "request body is empty; expected a JSON object with a `model` field".into()
+            }
+            Self::NotJson(at) => {
+                format!("request body is not valid JSON (syntax error at byte {at})")
+            }
             Self::NotObject => "request body must be a JSON object".into(),
             Self::NoModel => "request body has no `model` field".into(),
             Self::BadModel => "`model` must be a non-empty string".into(),
@@ -86,7 +90,11 @@ pub fn parse(body: &[u8]) -> Result<RequestInfo, BodyError> {
         // Still tell "not JSON" from "JSON but not an object".
         s.value(0)?;
         s.ws();
-        return Err(if s.i == body.len() { BodyError::NotObject } else { BodyError::NotJson(s.i) });
+        return Err(if s.i == body.len() {
+            BodyError::NotObject
+        } else {
+            BodyError::NotJson(s.i)
+        });
     }
     s.i += 1;
     let mut model: Option<(String, Range<usize>)> = None;
@@ -125,7 +133,10 @@ pub fn parse(body: &[u8]) -> Result<RequestInfo, BodyError> {
                 }
                 b"max_tokens" | b"max_completion_tokens" => {
                     s.value(1)?;
-                    if let Ok(n) = std::str::from_utf8(&body[start..s.i]).unwrap_or("").parse::<u64>() {
+                    if let Ok(n) = std::str::from_utf8(&body[start..s.i])
+                        .unwrap_or("")
+                        .parse::<u64>()
+                    {
                         max_tokens = Some(n);
                     }
                 }
@@ -180,7 +191,9 @@ fn stream_options_include_usage(v: &[u8]) -> bool {
         #[serde(default)]
         include_usage: bool,
     }
-    serde_json::from_slice::<Opts>(v).map(|o| o.include_usage).unwrap_or(false)
+    serde_json::from_slice::<Opts>(v)
+        .map(|o| o.include_usage)
+        .unwrap_or(false)
 }
 
 /// Decodes a JSON string literal (quotes included).
@@ -372,10 +385,22 @@ mod tests {
         assert_eq!(parse(b""), Err(BodyError::Empty));
         assert_eq!(parse(b"   "), Err(BodyError::Empty));
         assert!(matches!(parse(b"not json"), Err(BodyError::NotJson(0))));
-        assert!(matches!(parse(br#"{"model":"a""#), Err(BodyError::NotJson(_))));
-        assert!(matches!(parse(br#"{"model":"a"} x"#), Err(BodyError::NotJson(_))));
-        assert!(matches!(parse(br#"{"model":"a","x":[1,2,}"#), Err(BodyError::NotJson(_))));
-        assert!(matches!(parse(br#"{"model":"a","x":01.}"#), Err(BodyError::NotJson(_))));
+        assert!(matches!(
+            parse(br#"{"model":"a""#),
+            Err(BodyError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"model":"a"} x"#),
+            Err(BodyError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"model":"a","x":[1,2,}"#),
+            Err(BodyError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"model":"a","x":01.}"#),
+            Err(BodyError::NotJson(_))
+        ));
         assert_eq!(parse(b"[1,2]"), Err(BodyError::NotObject));
         assert_eq!(parse(br#"{"messages":[]}"#), Err(BodyError::NoModel));
         assert_eq!(parse(br#"{"model":7}"#), Err(BodyError::BadModel));

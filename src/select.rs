@@ -125,14 +125,21 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Offline => write!(f, "offline in the market"),
-            Self::MaxPrice { price, max } => write!(f, "price {price}/Mtok over max_price_per_mtok {max}"),
+            Self::MaxPrice { price, max } => {
+                write!(f, "price {price}/Mtok over max_price_per_mtok {max}")
+            }
             Self::MinUptime { uptime, min } => write!(f, "uptime {uptime} under min_uptime {min}"),
             Self::MaxTtft { ttft_ms, max } => write!(f, "ttft {ttft_ms} ms over max_ttft_ms {max}"),
             Self::ProviderType(t) => write!(f, "provider type {} not allowed", t.as_str()),
             Self::Region(Some(r)) => write!(f, "region {r} not allowed"),
             Self::Region(None) => write!(f, "region unknown and regions are constrained"),
-            Self::ContextWindow { need, have } => write!(f, "needs ~{need} tokens, context window {have}"),
-            Self::NoData => write!(f, "no market data or static_offer to check constraints against"),
+            Self::ContextWindow { need, have } => {
+                write!(f, "needs ~{need} tokens, context window {have}")
+            }
+            Self::NoData => write!(
+                f,
+                "no market data or static_offer to check constraints against"
+            ),
             Self::CircuitOpen { .. } => write!(f, "circuit open after repeated failures"),
             Self::ProbeInFlight => write!(f, "recovery probe in flight"),
             Self::RetryAfter { .. } => write!(f, "asked to back off (Retry-After)"),
@@ -221,59 +228,34 @@ pub fn rank(
     let mut candidates = Vec::new();
     let mut excluded = Vec::new();
     for (idx, p) in config.providers.iter().enumerate() {
-        let Some(configured_model) = p.model_id(&req.model) else { continue };
+        let Some(configured_model) = p.model_id(&req.model) else {
+            continue;
+        };
         serving += 1;
         let offer = market.and_then(|m| m.offer(&req.model, idx));
-        let mut cand = match (offer, &p.static_offer) {
-            (Some(o), so) if !stale || so.is_none() => Candidate {
-                provider: idx,
-                provider_model: o.provider_model.clone().unwrap_or_else(|| configured_model.to_string()),
-                source: if stale { Source::StaleMarket } else { Source::Market },
-                input_per_mtok: o.input_per_mtok,
-                output_per_mtok: o.output_per_mtok,
-                ttft_ms: o.ttft_p50_ms,
-                uptime: o.uptime,
-                reliability: o.uptime,
-                availability: o.availability,
-                provider_type: o.provider_type,
-                expected_cost_usd: 0.0,
-                score: 0.0,
-                probe: false,
-            },
-            (_, Some(so)) => Candidate {
-                provider: idx,
-                provider_model: configured_model.to_string(),
-                source: Source::Static,
-                input_per_mtok: so.input_per_mtok,
-                output_per_mtok: so.output_per_mtok,
-                ttft_ms: so.ttft_p50_ms,
-                uptime: so.uptime,
-                reliability: so.uptime,
-                availability: Availability::Online,
-                provider_type: p.provider_type,
-                expected_cost_usd: 0.0,
-                score: 0.0,
-                probe: false,
-            },
-            (_, None) => Candidate {
-                provider: idx,
-                provider_model: configured_model.to_string(),
-                source: Source::Unknown,
-                input_per_mtok: f64::NAN,
-                output_per_mtok: f64::NAN,
-                ttft_ms: f64::NAN,
-                uptime: f64::NAN,
-                reliability: f64::NAN,
-                availability: Availability::Online,
-                provider_type: p.provider_type,
-                expected_cost_usd: f64::NAN,
-                score: 0.0,
-                probe: false,
-            },
-        };
-        let region = offer.and_then(|o| o.region.as_deref()).or(p.region.as_deref());
-        let window = offer.and_then(|o| o.context_window).or(p.static_offer.as_ref().and_then(|s| s.context_window));
-        if let Some(reason) = check(c, prefs, &p.name, &cand, region, window, in_tokens + out_tokens) {
+        let mut cand = candidate(
+            idx,
+            configured_model,
+            offer,
+            p.static_offer.as_ref(),
+            p.provider_type,
+            stale,
+        );
+        let region = offer
+            .and_then(|o| o.region.as_deref())
+            .or(p.region.as_deref());
+        let window = offer
+            .and_then(|o| o.context_window)
+            .or(p.static_offer.as_ref().and_then(|s| s.context_window));
+        if let Some(reason) = check(
+            c,
+            prefs,
+            &p.name,
+            &cand,
+            region,
+            window,
+            in_tokens + out_tokens,
+        ) {
             excluded.push((idx, reason));
             continue;
         }
@@ -296,13 +278,18 @@ pub fn rank(
         if cand.source != Source::Unknown {
             let h = health.providers.get(&p.name);
             let err = h.map_or(0.0, |h| h.error_rate);
-            let avail = if cand.availability == Availability::Degraded { 0.9 } else { 1.0 };
+            let avail = if cand.availability == Availability::Degraded {
+                0.9
+            } else {
+                1.0
+            };
             cand.reliability = cand.uptime * (1.0 - err) * avail;
             if let Some(h) = h.filter(|h| h.samples >= 3 && h.ttfb_ms > cand.ttft_ms) {
                 cand.ttft_ms = h.ttfb_ms;
             }
-            cand.expected_cost_usd =
-                (in_tokens as f64 * cand.input_per_mtok + out_tokens as f64 * cand.output_per_mtok) / 1e6;
+            cand.expected_cost_usd = (in_tokens as f64 * cand.input_per_mtok
+                + out_tokens as f64 * cand.output_per_mtok)
+                / 1e6;
         }
         candidates.push(cand);
     }
@@ -313,7 +300,78 @@ pub fn rank(
         return Err(NoRoute::AllExcluded(excluded));
     }
     score(&mut candidates, strategy, config, rng);
-    Ok(Ranking { strategy, candidates, excluded, stale })
+    Ok(Ranking {
+        strategy,
+        candidates,
+        excluded,
+        stale,
+    })
+}
+
+/// The numbers provider `idx` is ranked on: fresh market data, else its static offer, else
+/// stale market data, else nothing known.
+fn candidate(
+    idx: usize,
+    configured_model: &str,
+    offer: Option<&crate::market::Offer>,
+    static_offer: Option<&crate::config::StaticOffer>,
+    provider_type: ProviderType,
+    stale: bool,
+) -> Candidate {
+    match (offer, static_offer) {
+        (Some(o), so) if !stale || so.is_none() => Candidate {
+            provider: idx,
+            provider_model: o
+                .provider_model
+                .clone()
+                .unwrap_or_else(|| configured_model.to_string()),
+            source: if stale {
+                Source::StaleMarket
+            } else {
+                Source::Market
+            },
+            input_per_mtok: o.input_per_mtok,
+            output_per_mtok: o.output_per_mtok,
+            ttft_ms: o.ttft_p50_ms,
+            uptime: o.uptime,
+            reliability: o.uptime,
+            availability: o.availability,
+            provider_type: o.provider_type,
+            expected_cost_usd: 0.0,
+            score: 0.0,
+            probe: false,
+        },
+        (_, Some(so)) => Candidate {
+            provider: idx,
+            provider_model: configured_model.to_string(),
+            source: Source::Static,
+            input_per_mtok: so.input_per_mtok,
+            output_per_mtok: so.output_per_mtok,
+            ttft_ms: so.ttft_p50_ms,
+            uptime: so.uptime,
+            reliability: so.uptime,
+            availability: Availability::Online,
+            provider_type: provider_type,
+            expected_cost_usd: 0.0,
+            score: 0.0,
+            probe: false,
+        },
+        (_, None) => Candidate {
+            provider: idx,
+            provider_model: configured_model.to_string(),
+            source: Source::Unknown,
+            input_per_mtok: f64::NAN,
+            output_per_mtok: f64::NAN,
+            ttft_ms: f64::NAN,
+            uptime: f64::NAN,
+            reliability: f64::NAN,
+            availability: Availability::Online,
+            provider_type: provider_type,
+            expected_cost_usd: f64::NAN,
+            score: 0.0,
+            probe: false,
+        },
+    }
 }
 
 fn check(
@@ -335,13 +393,17 @@ fn check(
     if !types_ok(&c.provider_types) || !types_ok(&prefs.provider_types) {
         return Some(Reason::ProviderType(cand.provider_type));
     }
-    let region_ok = |list: &[String]| list.is_empty() || region.is_some_and(|r| list.iter().any(|x| x == r));
+    let region_ok =
+        |list: &[String]| list.is_empty() || region.is_some_and(|r| list.iter().any(|x| x == r));
     if !region_ok(&c.regions) || !region_ok(&prefs.regions) {
         return Some(Reason::Region(region.map(str::to_string)));
     }
     if let Some(have) = window {
         if need_tokens > have {
-            return Some(Reason::ContextWindow { need: need_tokens, have });
+            return Some(Reason::ContextWindow {
+                need: need_tokens,
+                have,
+            });
         }
     }
     let max_price = match (c.max_price_per_mtok, prefs.max_price_per_mtok) {
@@ -360,12 +422,18 @@ fn check(
     }
     if let Some(min) = c.min_uptime {
         if cand.uptime < min {
-            return Some(Reason::MinUptime { uptime: cand.uptime, min });
+            return Some(Reason::MinUptime {
+                uptime: cand.uptime,
+                min,
+            });
         }
     }
     if let Some(max) = c.max_ttft_ms {
         if cand.ttft_ms > max {
-            return Some(Reason::MaxTtft { ttft_ms: cand.ttft_ms, max });
+            return Some(Reason::MaxTtft {
+                ttft_ms: cand.ttft_ms,
+                max,
+            });
         }
     }
     None
@@ -378,18 +446,38 @@ fn nines(r: f64) -> f64 {
 
 fn score(cands: &mut [Candidate], strategy: Strategy, config: &Config, rng: &mut Rng) {
     let known = |c: &Candidate| c.source != Source::Unknown;
-    let min_cost = cands.iter().filter(|c| known(c)).map(|c| c.expected_cost_usd).fold(f64::INFINITY, f64::min);
-    let min_ttft = cands.iter().filter(|c| known(c)).map(|c| c.ttft_ms).fold(f64::INFINITY, f64::min);
-    let max_nines = cands.iter().filter(|c| known(c)).map(|c| nines(c.reliability)).fold(0.0, f64::max);
+    let min_cost = cands
+        .iter()
+        .filter(|c| known(c))
+        .map(|c| c.expected_cost_usd)
+        .fold(f64::INFINITY, f64::min);
+    let min_ttft = cands
+        .iter()
+        .filter(|c| known(c))
+        .map(|c| c.ttft_ms)
+        .fold(f64::INFINITY, f64::min);
+    let max_nines = cands
+        .iter()
+        .filter(|c| known(c))
+        .map(|c| nines(c.reliability))
+        .fold(0.0, f64::max);
     let w = config.routing.weights;
     for c in cands.iter_mut() {
         if !known(c) {
             c.score = -1.0;
             continue;
         }
-        let price = if c.expected_cost_usd <= 0.0 { 1.0 } else { min_cost / c.expected_cost_usd };
+        let price = if c.expected_cost_usd <= 0.0 {
+            1.0
+        } else {
+            min_cost / c.expected_cost_usd
+        };
         let latency = min_ttft / c.ttft_ms;
-        let rel = if max_nines <= 0.0 { 1.0 } else { nines(c.reliability) / max_nines };
+        let rel = if max_nines <= 0.0 {
+            1.0
+        } else {
+            nines(c.reliability) / max_nines
+        };
         let balanced = w.price * price + w.latency * latency + w.reliability * rel;
         c.score = match strategy {
             Strategy::Cheapest => price,
@@ -426,9 +514,54 @@ fn score(cands: &mut [Candidate], strategy: Strategy, config: &Config, rng: &mut
     }
 }
 
+/// A ranking holding only provider `idx` (requests outside `rollout_percent` go to the
+/// default provider as they did before market routing: no constraints, no fallbacks).
+pub fn pinned(
+    config: &Config,
+    market: Option<&MarketView>,
+    req: &RequestInfo,
+    idx: usize,
+) -> Option<Ranking> {
+    let p = config.providers.get(idx)?;
+    let configured_model = p.model_id(&req.model)?;
+    let offer = market.and_then(|m| m.offer(&req.model, idx));
+    let mut cand = candidate(
+        idx,
+        configured_model,
+        offer,
+        p.static_offer.as_ref(),
+        p.provider_type,
+        false,
+    );
+    cand.score = 1.0;
+    Some(Ranking {
+        strategy: config.routing.strategy,
+        candidates: vec![cand],
+        excluded: Vec::new(),
+        stale: false,
+    })
+}
+
+/// Whether a request takes market routing under `rollout_percent`: sticky per affinity value
+/// when there is one, else a draw.
+pub fn in_rollout(percent: u8, affinity: Option<&str>, rng: &mut Rng) -> bool {
+    if percent >= 100 {
+        return true;
+    }
+    let bucket = match affinity {
+        Some(s) => crate::headers::fnv1a(s.as_bytes()) % 100,
+        None => rng.next_u64() % 100,
+    };
+    bucket < u64::from(percent)
+}
+
 /// Moves `provider` to the front when it is a candidate (session affinity).
 pub fn prefer(ranking: &mut Ranking, provider: usize) -> bool {
-    match ranking.candidates.iter().position(|c| c.provider == provider) {
+    match ranking
+        .candidates
+        .iter()
+        .position(|c| c.provider == provider)
+    {
         Some(0) => true,
         Some(i) => {
             let c = ranking.candidates.remove(i);
@@ -441,7 +574,10 @@ pub fn prefer(ranking: &mut Ranking, provider: usize) -> bool {
 
 /// A one-line account of why nothing could be chosen, for the 503 message.
 pub fn explain_exclusions(config: &Config, model: &str, excluded: &[(usize, Reason)]) -> String {
-    let mut s = format!("no provider for model `{}` meets the routing constraints: ", crate::errors::clip(model, 200));
+    let mut s = format!(
+        "no provider for model `{}` meets the routing constraints: ",
+        crate::errors::clip(model, 200)
+    );
     for (i, (idx, reason)) in excluded.iter().enumerate() {
         if i > 0 {
             s.push_str("; ");
@@ -490,19 +626,32 @@ mod tests {
     }
 
     fn req() -> RequestInfo {
-        request::parse(br#"{"model":"llama","messages":[{"role":"user","content":"hello"}],"max_tokens":100}"#)
-            .unwrap()
+        request::parse(
+            br#"{"model":"llama","messages":[{"role":"user","content":"hello"}],"max_tokens":100}"#,
+        )
+        .unwrap()
     }
 
     fn names(c: &Config, r: &Ranking) -> Vec<String> {
-        r.candidates.iter().map(|x| c.providers[x.provider].name.clone()).collect()
+        r.candidates
+            .iter()
+            .map(|x| c.providers[x.provider].name.clone())
+            .collect()
     }
 
     fn ranked(strategy: &str) -> Vec<String> {
         let c = config(strategy, "");
         let m = market(&c, 1000);
-        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(7))
-            .unwrap();
+        let r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(7),
+        )
+        .unwrap();
         names(&c, &r)
     }
 
@@ -517,10 +666,21 @@ mod tests {
 
     #[test]
     fn balanced_weights_shift_the_choice() {
-        let c = config("balanced", r#","weights":{"price":0.1,"latency":0.8,"reliability":0.1}"#);
+        let c = config(
+            "balanced",
+            r#","weights":{"price":0.1,"latency":0.8,"reliability":0.1}"#,
+        );
         let m = market(&c, 1000);
-        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
-            .unwrap();
+        let r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert_eq!(names(&c, &r)[0], "fast");
     }
 
@@ -528,8 +688,16 @@ mod tests {
     fn model_is_rewritten_per_provider_and_cost_is_estimated() {
         let c = config("cheapest", "");
         let m = market(&c, 1000);
-        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
-            .unwrap();
+        let r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         let first = &r.candidates[0];
         assert_eq!(first.provider_model, "llama-cheap");
         let want = (req().estimated_input_tokens() as f64 * 0.1 + 100.0 * 0.2) / 1e6;
@@ -543,8 +711,16 @@ mod tests {
             r#","constraints":{"max_price_per_mtok":1.0,"min_uptime":0.98,"provider_types":["company"]}"#,
         );
         let m = market(&c, 1000);
-        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
-            .unwrap();
+        let r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert_eq!(names(&c, &r), ["fast"]);
         let codes: Vec<&str> = r.excluded.iter().map(|(_, why)| why.code()).collect();
         assert_eq!(codes, ["provider_types", "max_price_per_mtok"]);
@@ -554,11 +730,24 @@ mod tests {
     fn all_excluded_explains_each_provider() {
         let c = config("cheapest", r#","constraints":{"max_ttft_ms":100}"#);
         let m = market(&c, 1000);
-        let e = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
-            .unwrap_err();
-        let NoRoute::AllExcluded(ex) = e else { panic!("expected AllExcluded") };
+        let e = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(1),
+        )
+        .unwrap_err();
+        let NoRoute::AllExcluded(ex) = e else {
+            panic!("expected AllExcluded")
+        };
         let msg = explain_exclusions(&c, "llama", &ex);
-        assert!(msg.contains("cheap: ttft 900 ms over max_ttft_ms 100 [max_ttft_ms]"), "{msg}");
+        assert!(
+            msg.contains("cheap: ttft 900 ms over max_ttft_ms 100 [max_ttft_ms]"),
+            "{msg}"
+        );
         assert_eq!(ex.len(), 3);
     }
 
@@ -567,7 +756,15 @@ mod tests {
         let c = config("cheapest", "");
         let mut r = req();
         r.model = "nope".into();
-        let e = rank(&c, None, &HealthTable::default(), &r, &Prefs::default(), 0, &mut Rng::new(1));
+        let e = rank(
+            &c,
+            None,
+            &HealthTable::default(),
+            &r,
+            &Prefs::default(),
+            0,
+            &mut Rng::new(1),
+        );
         assert_eq!(e, Err(NoRoute::UnknownModel));
     }
 
@@ -580,8 +777,16 @@ mod tests {
             {"provider":"solid","model":"llama","price":{"input_per_mtok":0.8,"output_per_mtok":1.2},
              "latency_ms":{"ttft_p50":500},"uptime":0.999,"availability":"online","provider_type":"company"}]}"#;
         let m = MarketView::new(validate(doc.as_bytes(), &c, 0, None).unwrap().stored, &c);
-        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
-            .unwrap();
+        let r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         // cheap has no market offer and no static offer: it ranks last, as unknown.
         assert_eq!(names(&c, &r), ["solid", "cheap"]);
         assert_eq!(r.candidates[1].source, Source::Unknown);
@@ -601,12 +806,33 @@ mod tests {
             {"provider":"b","model":"m","price":{"input_per_mtok":1,"output_per_mtok":1},"latency_ms":{"ttft_p50":100},"uptime":0.99,"availability":"online","provider_type":"company"}]}"#;
         let m = MarketView::new(validate(snap.as_bytes(), &c, 0, None).unwrap().stored, &c);
         let r = request::parse(br#"{"model":"m"}"#).unwrap();
-        let fresh = rank(&c, Some(&m), &HealthTable::default(), &r, &Prefs::default(), 4000, &mut Rng::new(1)).unwrap();
+        let fresh = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &r,
+            &Prefs::default(),
+            4000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert!(!fresh.stale);
         assert_eq!(fresh.candidates[0].provider, 0);
-        let stale = rank(&c, Some(&m), &HealthTable::default(), &r, &Prefs::default(), 6000, &mut Rng::new(1)).unwrap();
+        let stale = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &r,
+            &Prefs::default(),
+            6000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert!(stale.stale);
-        assert_eq!(stale.candidates[0].provider, 1, "a falls back to its pricier static offer");
+        assert_eq!(
+            stale.candidates[0].provider, 1,
+            "a falls back to its pricier static offer"
+        );
         assert_eq!(stale.candidates[0].source, Source::StaleMarket);
         assert_eq!(stale.candidates[1].source, Source::Static);
     }
@@ -618,12 +844,42 @@ mod tests {
         let mut h = HealthTable::default();
         let circuit = c.failover.circuit;
         for _ in 0..3 {
-            h.entry("cheap").observe(Observation::Failure { retry_after_ms: None }, 1000, &circuit);
+            h.entry("cheap").observe(
+                Observation::Failure {
+                    retry_after_ms: None,
+                },
+                1000,
+                &circuit,
+            );
         }
-        h.entry("fast").observe(Observation::Failure { retry_after_ms: Some(5000) }, 1000, &circuit);
-        let r = rank(&c, Some(&m), &h, &req(), &Prefs::default(), 1001, &mut Rng::new(1)).unwrap();
+        h.entry("fast").observe(
+            Observation::Failure {
+                retry_after_ms: Some(5000),
+            },
+            1000,
+            &circuit,
+        );
+        let r = rank(
+            &c,
+            Some(&m),
+            &h,
+            &req(),
+            &Prefs::default(),
+            1001,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert_eq!(names(&c, &r), ["solid"]);
-        let after = rank(&c, Some(&m), &h, &req(), &Prefs::default(), 1000 + 30_000, &mut Rng::new(1)).unwrap();
+        let after = rank(
+            &c,
+            Some(&m),
+            &h,
+            &req(),
+            &Prefs::default(),
+            1000 + 30_000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert_eq!(names(&c, &after), ["cheap", "fast", "solid"]);
         assert!(after.candidates[0].probe);
     }
@@ -636,7 +892,16 @@ mod tests {
         let mut rec = ProviderHealth::default();
         rec.error_rate = 0.5;
         h.providers.insert("solid".into(), rec);
-        let r = rank(&c, Some(&m), &h, &req(), &Prefs::default(), 1000, &mut Rng::new(1)).unwrap();
+        let r = rank(
+            &c,
+            Some(&m),
+            &h,
+            &req(),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert_eq!(names(&c, &r)[0], "fast");
     }
 
@@ -650,7 +915,16 @@ mod tests {
             regions: vec!["us-east".into()],
             ..Prefs::default()
         };
-        let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &prefs, 1000, &mut Rng::new(1)).unwrap();
+        let r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(),
+            &prefs,
+            1000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert_eq!(r.strategy, Strategy::Fastest);
         assert_eq!(names(&c, &r), ["solid"]);
     }
@@ -663,12 +937,26 @@ mod tests {
         let c = Config::parse(doc.as_bytes()).unwrap();
         let r = request::parse(br#"{"model":"m"}"#).unwrap();
         let order = |seed| {
-            let x = rank(&c, None, &HealthTable::default(), &r, &Prefs::default(), 0, &mut Rng::new(seed)).unwrap();
+            let x = rank(
+                &c,
+                None,
+                &HealthTable::default(),
+                &r,
+                &Prefs::default(),
+                0,
+                &mut Rng::new(seed),
+            )
+            .unwrap();
             names(&c, &x)
         };
         assert_eq!(order(42), order(42));
-        let firsts: std::collections::HashSet<String> = (0..50).map(|s| order(s)[0].clone()).collect();
-        assert_eq!(firsts.len(), 3, "ties spread over all providers across seeds");
+        let firsts: std::collections::HashSet<String> =
+            (0..50).map(|s| order(s)[0].clone()).collect();
+        assert_eq!(
+            firsts.len(),
+            3,
+            "ties spread over all providers across seeds"
+        );
     }
 
     #[test]
@@ -678,13 +966,25 @@ mod tests {
         let mut rng = Rng::new(99);
         let mut wins = std::collections::HashMap::new();
         for _ in 0..2000 {
-            let r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut rng).unwrap();
+            let r = rank(
+                &c,
+                Some(&m),
+                &HealthTable::default(),
+                &req(),
+                &Prefs::default(),
+                1000,
+                &mut rng,
+            )
+            .unwrap();
             *wins.entry(names(&c, &r)[0].clone()).or_insert(0) += 1;
         }
         let best = ranked("balanced")[0].clone();
         let best_wins = wins[&best];
         assert!(best_wins > 1000, "{wins:?}");
-        assert!(wins.len() == 3 && wins.values().all(|&n| n > 20), "{wins:?}");
+        assert!(
+            wins.len() == 3 && wins.values().all(|&n| n > 20),
+            "{wins:?}"
+        );
     }
 
     #[test]
@@ -695,17 +995,54 @@ mod tests {
             "routing":{"strategy":"cheapest"}}"#;
         let c = Config::parse(doc.as_bytes()).unwrap();
         let r = request::parse(br#"{"model":"m","max_tokens":500}"#).unwrap();
-        let x = rank(&c, None, &HealthTable::default(), &r, &Prefs::default(), 0, &mut Rng::new(1)).unwrap();
+        let x = rank(
+            &c,
+            None,
+            &HealthTable::default(),
+            &r,
+            &Prefs::default(),
+            0,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert_eq!(names(&c, &x), ["big"]);
         assert_eq!(x.excluded[0].1.code(), "context_window");
+    }
+
+    #[test]
+    fn rollout_splits_and_sticks_per_session() {
+        let mut rng = Rng::new(3);
+        let n = (0..10_000)
+            .filter(|_| in_rollout(30, None, &mut rng))
+            .count();
+        assert!((2700..3300).contains(&n), "{n}");
+        let first = in_rollout(30, Some("s-1"), &mut rng);
+        assert!((0..50).all(|_| in_rollout(30, Some("s-1"), &mut rng) == first));
+        assert!(in_rollout(100, None, &mut rng));
+        assert!(!in_rollout(0, Some("x"), &mut rng));
+        let c = config("cheapest", "");
+        let r = pinned(&c, None, &req(), 2).unwrap();
+        assert_eq!(names(&c, &r), ["solid"]);
+        assert!(
+            pinned(&c, None, &req(), 3).is_none(),
+            "other does not serve llama"
+        );
     }
 
     #[test]
     fn affinity_moves_a_candidate_first() {
         let c = config("cheapest", "");
         let m = market(&c, 1000);
-        let mut r = rank(&c, Some(&m), &HealthTable::default(), &req(), &Prefs::default(), 1000, &mut Rng::new(1))
-            .unwrap();
+        let mut r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(1),
+        )
+        .unwrap();
         assert!(prefer(&mut r, 2));
         assert_eq!(names(&c, &r), ["solid", "cheap", "fast"]);
         assert!(!prefer(&mut r, 3));

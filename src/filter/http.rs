@@ -9,30 +9,35 @@ use super::Vm;
 use crate::attempt::{classify_dispatched, classify_routed, Attempts, Next, Outcome};
 use crate::config::FailoverMode;
 use crate::errors::ApiError;
+use crate::explain;
 use crate::headers::{self, PREF_HEADERS};
 use crate::host;
+use crate::metrics::{self, Global, PerProvider, Usage};
 use crate::request::{self, RequestInfo};
 use crate::select::{self, NoRoute, Prefs, Ranking};
 use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
+use serde_json::json;
 use std::borrow::Cow;
 use std::rc::Rc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Not an LLM request, or finished: hands off.
+    /// Not an LLM request: hands off.
     Passthrough,
     /// Holding headers while the body arrives.
     Reading,
     /// First attempt sent through the host's route.
     Routed,
-    /// Route mode: holding a 2xx answer until its body shows it is well-formed.
+    /// Route mode: holding a 2xx answer until its body is complete (validity, usage, cost).
     Validating,
+    /// Route mode: a streaming answer is flowing to the client.
+    Streaming,
     /// An attempt by `dispatch_http_call` is in flight.
     Dispatched,
-    /// The filter answered (local reply or replaced response).
-    Replied,
+    /// The answer is decided (delivered, replaced or a local reply).
+    Done,
 }
 
 struct Affinity {
@@ -53,6 +58,10 @@ pub(crate) struct Http {
     token: Option<u32>,
     attempt_started_ms: u64,
     affinity: Option<Affinity>,
+    /// Snapshot age at decision time, ms.
+    snapshot_age_ms: Option<u64>,
+    /// Usage of the delivered answer, when known.
+    usage: Option<Usage>,
 }
 
 fn is_json(body: &[u8]) -> bool {
@@ -73,17 +82,37 @@ impl Http {
             token: None,
             attempt_started_ms: 0,
             affinity: None,
+            snapshot_age_ms: None,
+            usage: None,
         }
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn stream(&self) -> bool {
+        self.info.as_ref().is_some_and(|i| i.stream)
     }
 
     /// Answers with an OpenAI-style error and stops the stream.
     fn reply_error(&mut self, e: &ApiError) -> Action {
-        self.state = State::Replied;
-        let mut hs: Vec<(String, String)> = vec![("content-type".into(), "application/json".into())];
+        let counter = match e.code {
+            "invalid_json" | "model_missing" => Some(Global::RejectedBadRequest),
+            "model_not_found" => Some(Global::RejectedUnknownModel),
+            "request_too_large" => Some(Global::RejectedTooLarge),
+            "no_provider_available" => Some(Global::RejectedNoProvider),
+            "all_providers_failed" => Some(Global::AllFailed),
+            _ => None,
+        };
+        if let Some(c) = counter {
+            self.vm.metrics.inc(c);
+        }
+        let mut hs: Vec<(String, String)> =
+            vec![("content-type".into(), "application/json".into())];
         if self.vm.config.response_headers {
             if let Some(a) = &self.attempts {
                 hs.push(("x-market-router-attempts".into(), a.tried.len().to_string()));
@@ -92,11 +121,48 @@ impl Http {
                 }
             }
         }
-        let refs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        if !host::send_response(e.status, &refs, &e.body()) {
-            warn!("#{} market-router: the host refused the local reply ({})", self.id, e.status);
-        }
+        self.record_decision(None, Some(e.status));
+        self.send(e.status, &hs, &e.body());
         Action::Pause
+    }
+
+    fn send(&mut self, status: u32, hs: &[(String, String)], body: &[u8]) {
+        self.state = State::Done;
+        let refs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        if !host::send_response(status, &refs, body) {
+            warn!(
+                "#{} market-router: the host refused the local reply ({status})",
+                self.id
+            );
+        }
+    }
+
+    /// Provider index of the last finished attempt.
+    fn served_by(&self) -> Option<usize> {
+        self.attempts
+            .as_ref()
+            .and_then(|a| a.tried.last().map(|(p, _)| *p))
+    }
+
+    /// Price of the candidate for `provider` in this request's ranking.
+    fn prices(&self, provider: usize) -> Option<(f64, f64, f64)> {
+        let c = self
+            .ranking
+            .as_ref()?
+            .candidates
+            .iter()
+            .find(|c| c.provider == provider)?;
+        Some((c.input_per_mtok, c.output_per_mtok, c.expected_cost_usd))
+    }
+
+    /// Cost of the answer: from its usage, else the ranking's estimate (flagged as such).
+    fn cost(&self, provider: usize) -> Option<(f64, bool)> {
+        let (i, o, estimate) = self.prices(provider)?;
+        match self.usage {
+            Some(u) if i.is_finite() && o.is_finite() => Some((u.cost_usd(i, o), false)),
+            _ if estimate.is_finite() => Some((estimate, true)),
+            _ => None,
+        }
     }
 
     /// Our response headers for an answer from `provider`.
@@ -104,19 +170,133 @@ impl Http {
         if !self.vm.config.response_headers {
             return Vec::new();
         }
-        let name = self.vm.config.providers.get(provider).map_or("", |p| p.name.as_str());
+        let name = self
+            .vm
+            .config
+            .providers
+            .get(provider)
+            .map_or("", |p| p.name.as_str());
         let attempts = self.attempts.as_ref().map_or(1, |a| a.tried.len().max(1));
         let mut hs = vec![
             ("x-market-router-provider".to_string(), name.to_string()),
             ("x-market-router-attempts".to_string(), attempts.to_string()),
         ];
         if let Some(r) = &self.ranking {
-            hs.push(("x-market-router-strategy".to_string(), r.strategy.as_str().to_string()));
+            hs.push((
+                "x-market-router-strategy".to_string(),
+                r.strategy.as_str().to_string(),
+            ));
+        }
+        if let Some(age) = self.snapshot_age_ms {
+            hs.push((
+                "x-market-router-snapshot-age-ms".to_string(),
+                age.to_string(),
+            ));
+        }
+        if let Some((usd, estimated)) = self.cost(provider) {
+            hs.push(("x-market-router-cost-usd".to_string(), format!("{usd:.8}")));
+            if estimated {
+                hs.push((
+                    "x-market-router-cost-estimated".to_string(),
+                    "true".to_string(),
+                ));
+            }
         }
         hs
     }
 
+    /// Writes the decision record (Envoy filter state `wasm.market_router.decision`).
+    fn record_decision(&self, provider: Option<usize>, status: Option<u32>) {
+        let config = &self.vm.config;
+        let name = |i: usize| config.providers.get(i).map_or("?", |p| p.name.as_str());
+        let tried: Vec<serde_json::Value> = self
+            .attempts
+            .as_ref()
+            .map(|a| {
+                a.tried
+                    .iter()
+                    .map(|(p, o)| json!([name(*p), o.label()]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let score = provider.and_then(|p| {
+            self.ranking
+                .as_ref()?
+                .candidates
+                .iter()
+                .find(|c| c.provider == p)
+                .map(|c| (c.score * 1e4).round() / 1e4)
+        });
+        let cost = provider.and_then(|p| self.cost(p));
+        let record = json!({
+            "model": self.info.as_ref().map(|i| i.model.as_str()),
+            "provider": provider.map(name),
+            "status": status,
+            "attempts": tried.len(),
+            "tried": tried,
+            "strategy": self.ranking.as_ref().map(|r| r.strategy.as_str()),
+            "score": score,
+            "cost_usd": cost.map(|c| c.0),
+            "cost_estimated": cost.map(|c| c.1),
+            "prompt_tokens": self.usage.map(|u| u.prompt_tokens),
+            "completion_tokens": self.usage.map(|u| u.completion_tokens),
+            "snapshot_age_ms": self.snapshot_age_ms,
+        });
+        host::set_property("market_router.decision", record.to_string().as_bytes());
+    }
+
+    /// Counts the delivered answer's tokens and cost.
+    fn account(&self, provider: usize) {
+        let Some(u) = self.usage else { return };
+        let m = &self.vm.metrics;
+        m.add(provider, PerProvider::TokensIn, u.prompt_tokens);
+        m.add(provider, PerProvider::TokensOut, u.completion_tokens);
+        if let Some((usd, false)) = self.cost(provider) {
+            m.add(
+                provider,
+                PerProvider::CostMicroUsd,
+                (usd * 1e6).round() as u64,
+            );
+        }
+    }
+
+    fn answer_explain(&mut self, q: explain::Query) -> Action {
+        let vm = Rc::clone(&self.vm);
+        let now = host::now_ms();
+        vm.sync_market(now, false);
+        vm.sync_health();
+        let Ok(inner) = vm.inner.try_borrow() else {
+            return self.reply_error(&ApiError::internal("market-router state busy"));
+        };
+        let market = inner.market.as_deref();
+        let (status, body) = match q {
+            explain::Query::Models => (200, explain::models(&vm.config, market, now)),
+            explain::Query::Route {
+                model,
+                input_tokens,
+                output_tokens,
+            } => explain::route(
+                &vm.config,
+                market,
+                &inner.health,
+                &model,
+                input_tokens,
+                output_tokens,
+                now,
+            ),
+            explain::Query::NotFound => (
+                404,
+                json!({"error": {"message": "unknown market-router endpoint; try GET <prefix>/models or <prefix>/route?model=…", "type": "invalid_request_error", "code": "not_found"}}),
+            ),
+        };
+        drop(inner);
+        let hs = vec![("content-type".to_string(), "application/json".to_string())];
+        self.send(status, &hs, body.to_string().as_bytes());
+        Action::Pause
+    }
+
     fn on_body_complete(&mut self, body: Vec<u8>) -> Action {
+        let t0 = host::now_ns();
         let now = host::now_ms();
         let info = match request::parse(&body) {
             Ok(i) => i,
@@ -131,54 +311,102 @@ impl Http {
         } else {
             Prefs::default()
         };
+        let session = config
+            .routing
+            .affinity_header
+            .as_deref()
+            .and_then(|h| self.header(h))
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
         let ranked = match vm.inner.try_borrow_mut() {
             Ok(mut inner) => {
                 let inner = &mut *inner;
-                select::rank(config, inner.market.as_deref(), &inner.health, &info, &prefs, now, &mut inner.rng)
+                self.snapshot_age_ms = inner.market.as_ref().map(|m| m.age_ms(now));
+                let pinned = match config.routing.default_provider {
+                    Some(d)
+                        if !select::in_rollout(
+                            config.routing.rollout_percent,
+                            session.as_deref(),
+                            &mut inner.rng,
+                        ) =>
+                    {
+                        select::pinned(config, inner.market.as_deref(), &info, d)
+                    }
+                    _ => None,
+                };
+                match pinned {
+                    Some(r) => {
+                        vm.metrics.inc(Global::RolloutDefault);
+                        Ok(r)
+                    }
+                    None => {
+                        if config.routing.rollout_percent < 100 {
+                            vm.metrics.inc(Global::RolloutMarket);
+                        }
+                        select::rank(
+                            config,
+                            inner.market.as_deref(),
+                            &inner.health,
+                            &info,
+                            &prefs,
+                            now,
+                            &mut inner.rng,
+                        )
+                    }
+                }
             }
             Err(_) => return self.reply_error(&ApiError::internal("market-router state busy")),
         };
+        self.info = Some(info);
         let mut ranking = match ranked {
             Ok(r) => r,
-            Err(NoRoute::UnknownModel) => return self.reply_error(&ApiError::unknown_model(&info.model)),
+            Err(NoRoute::UnknownModel) => {
+                let model = self
+                    .info
+                    .as_ref()
+                    .map_or("", |i| i.model.as_str())
+                    .to_string();
+                return self.reply_error(&ApiError::unknown_model(&model));
+            }
             Err(NoRoute::AllExcluded(ex)) => {
-                let msg = select::explain_exclusions(config, &info.model, &ex);
+                let model = self.info.as_ref().map_or("", |i| i.model.as_str());
+                let msg = select::explain_exclusions(config, model, &ex);
                 debug!("#{} market-router: {msg}", self.id);
                 return self.reply_error(&ApiError::no_provider(msg));
             }
         };
         if ranking.stale {
+            vm.metrics.inc(Global::StaleDecisions);
             debug!("#{} market-router: market data is stale; ranking with static offers where configured", self.id);
         }
-        if let Some(h) = &config.routing.affinity_header {
-            if let Some(session) = self.header(h).filter(|s| !s.is_empty()) {
-                let (slot, tag) = headers::affinity_slot(session);
-                let key = format!("{}{slot}", vm.keys.affinity);
-                let stored = host::shared_get(&key)
-                    .and_then(|(v, _)| headers::affinity_decode(&v, &tag).map(str::to_string));
-                if let Some(idx) = stored.as_deref().and_then(|n| config.provider_index(n)) {
-                    select::prefer(&mut ranking, idx);
-                }
-                self.affinity = Some(Affinity { key, tag, stored });
+        if let Some(session) = session.as_deref() {
+            let (slot, tag) = headers::affinity_slot(session);
+            let key = format!("{}{slot}", vm.keys.affinity);
+            let stored = host::shared_get(&key)
+                .and_then(|(v, _)| headers::affinity_decode(&v, &tag).map(str::to_string));
+            if let Some(idx) = stored.as_deref().and_then(|n| config.provider_index(n)) {
+                select::prefer(&mut ranking, idx);
             }
+            self.affinity = Some(Affinity { key, tag, stored });
         }
-        debug!(
-            "#{} market-router: model {} strategy {} ranked [{}]",
-            self.id,
-            info.model,
-            ranking.strategy.as_str(),
-            ranking
-                .candidates
-                .iter()
-                .map(|c| format!("{}:{:.3}", config.providers[c.provider].name, c.score))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        if log::log_enabled!(log::Level::Debug) {
+            debug!(
+                "#{} market-router: model {} strategy {} ranked [{}]",
+                self.id,
+                self.info.as_ref().map_or("", |i| i.model.as_str()),
+                ranking.strategy.as_str(),
+                ranking
+                    .candidates
+                    .iter()
+                    .map(|c| format!("{}:{:.3}", config.providers[c.provider].name, c.score))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         self.attempts = Some(Attempts::new(config, now));
         self.ranking = Some(ranking);
-        self.info = Some(info);
         self.body = body;
-        match config.failover.mode {
+        let action = match config.failover.mode {
             FailoverMode::Route => self.route_first(now),
             FailoverMode::Dispatch => {
                 if self.dispatch_next(now) {
@@ -188,7 +416,10 @@ impl Http {
                     self.reply_error(&e)
                 }
             }
-        }
+        };
+        let elapsed_us = host::now_ns().saturating_sub(t0) / 1000;
+        vm.metrics.decision_time(elapsed_us as u64);
+        action
     }
 
     fn final_error(&self) -> ApiError {
@@ -208,7 +439,10 @@ impl Http {
             let (ranking, attempts) = (self.ranking.as_mut()?, self.attempts.as_ref()?);
             match attempts.next(&ranking.candidates, now) {
                 Next::GiveUp => return None,
-                Next::Try { candidate, timeout_ms } => {
+                Next::Try {
+                    candidate,
+                    timeout_ms,
+                } => {
                     let c = &ranking.candidates[candidate];
                     if c.probe {
                         let name = &self.vm.config.providers[c.provider].name;
@@ -235,7 +469,8 @@ impl Http {
             return self.reply_error(&ApiError::internal("lost request state"));
         };
         let cand = &ranking.candidates[idx];
-        let provider = &config.providers[cand.provider];
+        let provider_idx = cand.provider;
+        let provider = &config.providers[provider_idx];
         if !host::set_request_header(&config.routing.cluster_header, Some(&provider.cluster)) {
             return self.reply_error(&ApiError::internal("the host refused the cluster header"));
         }
@@ -248,15 +483,23 @@ impl Http {
             }
         }
         for (k, _) in &self.headers {
-            if PREF_HEADERS.contains(&k.as_str()) || (k == "authorization" && !config.failover.forward_client_authorization) {
+            if PREF_HEADERS.contains(&k.as_str())
+                || (k == "authorization" && !config.failover.forward_client_authorization)
+            {
                 host::set_request_header(k, None);
             }
         }
         if !info.stream {
-            host::set_request_header("x-envoy-upstream-rq-timeout-ms", Some(&timeout_ms.to_string()));
+            host::set_request_header(
+                "x-envoy-upstream-rq-timeout-ms",
+                Some(&timeout_ms.to_string()),
+            );
         }
-        let provider_idx = cand.provider;
-        debug!("#{} market-router: routing model {} to {}", self.id, info.model, provider.name);
+        debug!(
+            "#{} market-router: routing model {} to {}",
+            self.id, info.model, provider.name
+        );
+        vm.metrics.add(provider_idx, PerProvider::Attempts, 1);
         if let Some(a) = self.attempts.as_mut() {
             a.start(provider_idx);
         }
@@ -270,26 +513,39 @@ impl Http {
         while let Some((idx, timeout_ms)) = self.next_attempt(now) {
             let vm = Rc::clone(&self.vm);
             let config = &vm.config;
-            let (Some(ranking), Some(info)) = (&self.ranking, &self.info) else { return false };
+            let (Some(ranking), Some(info)) = (&self.ranking, &self.info) else {
+                return false;
+            };
             let cand = &ranking.candidates[idx];
             let provider_idx = cand.provider;
             let provider = &config.providers[provider_idx];
-            let body: Cow<'_, [u8]> = match request::rewrite_model(&self.body, info, &cand.provider_model) {
-                Some(b) => Cow::Owned(b),
-                None => Cow::Borrowed(&self.body),
-            };
+            let body: Cow<'_, [u8]> =
+                match request::rewrite_model(&self.body, info, &cand.provider_model) {
+                    Some(b) => Cow::Owned(b),
+                    None => Cow::Borrowed(&self.body),
+                };
             let path = self.header(":path").unwrap_or("/v1/chat/completions");
             let fwd = headers::forwarded(config, &self.headers);
-            let mut hs: Vec<(&str, &str)> =
-                vec![(":method", "POST"), (":path", path), (":authority", provider.authority.as_str())];
+            let mut hs: Vec<(&str, &str)> = vec![
+                (":method", "POST"),
+                (":path", path),
+                (":authority", provider.authority.as_str()),
+            ];
             hs.extend(fwd.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let result = host::dispatch(&provider.cluster, &hs, &body, timeout_ms);
             let name = provider.name.clone();
-            let Some(attempts) = self.attempts.as_mut() else { return false };
+            vm.metrics.add(provider_idx, PerProvider::Attempts, 1);
+            let Some(attempts) = self.attempts.as_mut() else {
+                return false;
+            };
             attempts.start(provider_idx);
             match result {
                 Ok(token) => {
-                    debug!("#{} market-router: attempt {} → {name}", self.id, attempts.count());
+                    debug!(
+                        "#{} market-router: attempt {} → {name}",
+                        self.id,
+                        attempts.count()
+                    );
                     self.token = Some(token);
                     self.attempt_started_ms = now;
                     self.state = State::Dispatched;
@@ -298,7 +554,15 @@ impl Http {
                 Err(s) => {
                     warn!("#{} market-router: cannot dispatch to {name} ({s:?}); trying the next provider", self.id);
                     attempts.finish(Outcome::ConnectFailure);
-                    vm.observe(&name, crate::health::Observation::Failure { retry_after_ms: None }, now);
+                    vm.metrics.add(provider_idx, PerProvider::Failure, 1);
+                    vm.metrics.add(provider_idx, PerProvider::Failover, 1);
+                    vm.observe(
+                        &name,
+                        crate::health::Observation::Failure {
+                            retry_after_ms: None,
+                        },
+                        now,
+                    );
                 }
             }
         }
@@ -306,28 +570,47 @@ impl Http {
     }
 
     /// Records an outcome and says whether the answer at hand should reach the client.
-    /// Returns `Some(true)` deliver, `Some(false)` fail with the final error, `None` a next
-    /// attempt is in flight.
+    /// `Some(true)` deliver it, `Some(false)` fail with the final error, `None` a next attempt
+    /// is in flight.
     fn judge(&mut self, outcome: Outcome, now: u64) -> Option<bool> {
         let vm = Rc::clone(&self.vm);
         let provider = self.attempts.as_ref().and_then(|a| a.current)?;
         let name = vm.config.providers[provider].name.clone();
-        let stream = self.info.as_ref().is_some_and(|i| i.stream);
-        let ttfb = stream.then(|| now.saturating_sub(self.attempt_started_ms) as f64);
+        let ttfb = self
+            .stream()
+            .then(|| now.saturating_sub(self.attempt_started_ms) as f64);
         if let Some(a) = self.attempts.as_mut() {
             a.finish(outcome);
         }
-        if let Some(obs) = outcome.observation(ttfb) {
+        let observation = outcome.observation(ttfb);
+        if let Some(obs) = observation {
             vm.observe(&name, obs, now);
         }
         if let Outcome::Success(_) = outcome {
+            vm.metrics.add(provider, PerProvider::Success, 1);
+            if self.attempts.as_ref().is_some_and(|a| a.tried.len() > 1) {
+                vm.metrics.inc(Global::RecoveredByFailover);
+            }
             self.remember_affinity(&name);
             return Some(true);
         }
-        if !outcome.retryable(&vm.config.failover.retry_on, &vm.config.failover.retry_on_status) {
+        if matches!(
+            observation,
+            Some(crate::health::Observation::Failure { .. })
+        ) {
+            vm.metrics.add(provider, PerProvider::Failure, 1);
+        }
+        if !outcome.retryable(
+            &vm.config.failover.retry_on,
+            &vm.config.failover.retry_on_status,
+        ) {
             return Some(true);
         }
-        warn!("#{} market-router: provider {name} failed ({outcome}); failing over", self.id);
+        vm.metrics.add(provider, PerProvider::Failover, 1);
+        warn!(
+            "#{} market-router: provider {name} failed ({outcome}); failing over",
+            self.id
+        );
         if self.dispatch_next(now) {
             None
         } else {
@@ -343,32 +626,39 @@ impl Http {
         }
     }
 
-    /// Adds our headers to the routed response in place.
-    fn decorate_routed(&self) {
-        let Some(p) = self.attempts.as_ref().and_then(|a| a.tried.last().map(|(p, _)| *p)) else { return };
+    /// Route mode: the routed answer goes to the client, with our headers added in place.
+    fn deliver_routed(&mut self, status: u32) {
+        let Some(p) = self.served_by() else { return };
         for (k, v) in self.our_headers(p) {
             host::set_response_header(&k, &v);
         }
+        self.account(p);
+        self.record_decision(Some(p), Some(status));
     }
 
     /// Replaces the response with a dispatched attempt's answer.
     fn deliver_dispatched(&mut self, status: u32, answer: &[(String, String)], body: &[u8]) {
-        let provider = self.attempts.as_ref().and_then(|a| a.tried.last().map(|(p, _)| *p)).unwrap_or(0);
+        let provider = self.served_by().unwrap_or(0);
+        if (200..300).contains(&status) {
+            self.usage = metrics::usage_of_answer(body).or_else(|| metrics::usage_in_sse(body));
+        }
         let mut hs = headers::answer_headers(answer);
         hs.extend(self.our_headers(provider));
-        let refs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.state = State::Replied;
-        if !host::send_response(status, &refs, body) {
-            warn!("#{} market-router: the host refused the replaced answer", self.id);
-        }
+        self.account(provider);
+        self.record_decision(Some(provider), Some(status));
+        self.send(status, &hs, body);
     }
 
     /// Route mode: what to do with the routed attempt's outcome at response time.
-    fn after_routed(&mut self, outcome: Outcome, now: u64) -> Action {
+    fn after_routed(&mut self, outcome: Outcome, status: u32, now: u64) -> Action {
         match self.judge(outcome, now) {
             Some(true) => {
-                self.decorate_routed();
-                self.state = State::Passthrough;
+                self.deliver_routed(status);
+                self.state = if self.stream() && (200..300).contains(&status) {
+                    State::Streaming
+                } else {
+                    State::Done
+                };
                 Action::Continue
             }
             Some(false) => {
@@ -381,19 +671,34 @@ impl Http {
 }
 
 impl Context for Http {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
         if self.token != Some(token_id) || self.state != State::Dispatched {
             return;
         }
         self.token = None;
         let now = host::now_ms();
-        let answer = if num_headers == 0 { Vec::new() } else { host::call_response_headers() };
-        let status = answer.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse::<u32>().ok());
+        let answer = if num_headers == 0 {
+            Vec::new()
+        } else {
+            host::call_response_headers()
+        };
+        let status = answer
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse::<u32>().ok());
         let body = host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
-        let retry_after = answer.iter().find(|(k, _)| k == "retry-after").map(|(_, v)| v.as_str());
+        let retry_after = answer
+            .iter()
+            .find(|(k, _)| k == "retry-after")
+            .map(|(_, v)| v.as_str());
         let mut outcome = classify_dispatched(status, &body, retry_after);
-        let stream = self.info.as_ref().is_some_and(|i| i.stream);
-        if matches!(outcome, Outcome::Success(_)) && !stream && !is_json(&body) {
+        if matches!(outcome, Outcome::Success(_)) && !self.stream() && !is_json(&body) {
             outcome = Outcome::Malformed;
         }
         match self.judge(outcome, now) {
@@ -410,13 +715,28 @@ impl Context for Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let hs = host::request_headers();
-        let method = hs.iter().find(|(k, _)| k == ":method").map_or("", |(_, v)| v.as_str());
-        let path = hs.iter().find(|(k, _)| k == ":path").map_or("", |(_, v)| v.as_str());
+        let method = hs
+            .iter()
+            .find(|(k, _)| k == ":method")
+            .map_or("", |(_, v)| v.as_str());
+        let path = hs
+            .iter()
+            .find(|(k, _)| k == ":path")
+            .map_or("", |(_, v)| v.as_str());
         if !headers::is_llm_path(method, path) {
+            if let Some(prefix) = self.vm.config.explain_path_prefix.as_deref() {
+                if let Some(q) = explain::parse(prefix, method, path) {
+                    return self.answer_explain(q);
+                }
+            }
             return Action::Continue;
         }
+        self.vm.metrics.inc(Global::Requests);
         self.headers = hs;
-        if let Some(len) = self.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if let Some(len) = self
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
             if len > self.vm.config.max_body_bytes {
                 return self.reply_error(&ApiError::body_too_large(self.vm.config.max_body_bytes));
             }
@@ -440,7 +760,9 @@ impl HttpContext for Http {
         }
         match host::buffer(BufferType::HttpRequestBody, body_size) {
             Some(body) => self.on_body_complete(body),
-            None => self.reply_error(&ApiError::internal("the host did not hand over the request body")),
+            None => self.reply_error(&ApiError::internal(
+                "the host did not hand over the request body",
+            )),
         }
     }
 
@@ -449,22 +771,26 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let now = host::now_ms();
-        let status = host::response_header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+        let status = host::response_header(":status")
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(0);
         if (200..300).contains(&status) {
-            let stream = self.info.as_ref().is_some_and(|i| i.stream);
-            if !stream && self.vm.config.failover.retry_on.malformed {
+            let config = &self.vm.config;
+            // Non-streaming answers are held until complete: to check they are well-formed
+            // (retry_on malformed) and to price them from their usage (cost header).
+            if !self.stream() && (config.failover.retry_on.malformed || config.response_headers) {
                 if end_of_stream {
-                    return self.after_routed(Outcome::Malformed, now);
+                    return self.after_routed(Outcome::Malformed, status, now);
                 }
                 self.state = State::Validating;
                 return Action::Pause;
             }
-            return self.after_routed(Outcome::Success(status), now);
+            return self.after_routed(Outcome::Success(status), status, now);
         }
         let details = host::property(&["response", "code_details"]);
         let retry_after = host::response_header("retry-after");
         let outcome = classify_routed(status, details.as_deref(), retry_after.as_deref());
-        self.after_routed(outcome, now)
+        self.after_routed(outcome, status, now)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -475,11 +801,48 @@ impl HttpContext for Http {
                     return Action::Pause;
                 }
                 let now = host::now_ms();
-                let body = host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
-                let outcome = if is_json(&body) { Outcome::Success(200) } else { Outcome::Malformed };
-                self.after_routed(outcome, now)
+                let body =
+                    host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
+                let malformed = self.vm.config.failover.retry_on.malformed && !is_json(&body);
+                self.usage = metrics::usage_of_answer(&body);
+                let status = host::response_header(":status")
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .unwrap_or(200);
+                let outcome = if malformed {
+                    Outcome::Malformed
+                } else {
+                    Outcome::Success(status)
+                };
+                self.after_routed(outcome, status, now)
+            }
+            State::Streaming => {
+                // Look for the final usage chunk; only chunks that can hold it are read.
+                if let Some(chunk) = host::buffer(BufferType::HttpResponseBody, body_size) {
+                    if let Some(u) = metrics::usage_in_sse(&chunk) {
+                        self.usage = Some(u);
+                    }
+                }
+                if end_of_stream {
+                    self.state = State::Done;
+                    if let Some(p) = self.served_by() {
+                        self.account(p);
+                        self.record_decision(Some(p), Some(200));
+                    }
+                }
+                Action::Continue
             }
             _ => Action::Continue,
+        }
+    }
+
+    fn on_log(&mut self) {
+        // A stream that ended without its end-of-stream body callback (reset mid-response).
+        if self.state == State::Streaming {
+            self.vm.metrics.inc(Global::StreamFailedMidway);
+            if let Some(p) = self.served_by() {
+                self.vm.metrics.add(p, PerProvider::Failure, 1);
+                self.record_decision(Some(p), Some(200));
+            }
         }
     }
 }

@@ -8,8 +8,10 @@ use crate::config::Config;
 use crate::health::{Admission, HealthTable, Observation};
 use crate::host::{self, SetError};
 use crate::market::{MarketView, Stored};
+use crate::metrics::{self, Global, PerProvider};
 use crate::rng::Rng;
 use log::{debug, info, warn};
+use proxy_wasm::types::MetricType;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -55,10 +57,79 @@ impl Keys {
     }
 }
 
+/// Metric ids of this VM (`None` where the host refused a definition).
+pub(crate) struct Metrics {
+    global: Vec<Option<u32>>,
+    per_provider: Vec<Vec<Option<u32>>>,
+    snapshot_age: Option<u32>,
+    snapshot_offers: Option<u32>,
+    decision_us: Option<u32>,
+}
+
+impl Metrics {
+    fn define(config: &Config) -> Self {
+        Self {
+            global: Global::ALL
+                .iter()
+                .map(|g| host::define_metric(MetricType::Counter, g.name()))
+                .collect(),
+            per_provider: config
+                .providers
+                .iter()
+                .map(|p| {
+                    PerProvider::ALL
+                        .iter()
+                        .map(|m| host::define_metric(MetricType::Counter, &m.name(&p.name)))
+                        .collect()
+                })
+                .collect(),
+            snapshot_age: host::define_metric(MetricType::Gauge, metrics::SNAPSHOT_AGE_MS),
+            snapshot_offers: host::define_metric(MetricType::Gauge, metrics::SNAPSHOT_OFFERS),
+            decision_us: host::define_metric(MetricType::Histogram, metrics::DECISION_US),
+        }
+    }
+
+    pub(crate) fn inc(&self, g: Global) {
+        self.inc_by(g, 1);
+    }
+
+    pub(crate) fn inc_by(&self, g: Global, by: u64) {
+        if let Some(Some(id)) = self.global.get(g as usize) {
+            host::increment_metric(*id, by.min(i64::MAX as u64) as i64);
+        }
+    }
+
+    pub(crate) fn add(&self, provider: usize, m: PerProvider, by: u64) {
+        if let Some(Some(id)) = self
+            .per_provider
+            .get(provider)
+            .and_then(|v| v.get(m as usize))
+        {
+            host::increment_metric(*id, by.min(i64::MAX as u64) as i64);
+        }
+    }
+
+    pub(crate) fn snapshot(&self, age_ms: u64, offers: usize) {
+        if let Some(id) = self.snapshot_age {
+            host::record_metric(id, age_ms);
+        }
+        if let Some(id) = self.snapshot_offers {
+            host::record_metric(id, offers as u64);
+        }
+    }
+
+    pub(crate) fn decision_time(&self, us: u64) {
+        if let Some(id) = self.decision_us {
+            host::record_metric(id, us);
+        }
+    }
+}
+
 /// Per-VM state shared by the root context and the HTTP contexts of one worker.
 pub(crate) struct Vm {
     pub(crate) config: Config,
     pub(crate) keys: Keys,
+    pub(crate) metrics: Metrics,
     pub(crate) inner: RefCell<VmInner>,
 }
 
@@ -72,16 +143,21 @@ pub(crate) struct VmInner {
 }
 
 fn read_u64(bytes: &[u8]) -> u64 {
-    bytes.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+    bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 impl Vm {
     pub(crate) fn new(config: Config, seed: u64) -> Self {
         let keys = Keys::new(&config.shared_data_prefix);
         let seed = config.routing.seed.unwrap_or(seed);
+        let metrics = Metrics::define(&config);
         Self {
             config,
             keys,
+            metrics,
             inner: RefCell::new(VmInner {
                 market: None,
                 market_gen: 0,
@@ -99,12 +175,16 @@ impl Vm {
         if self.config.market.is_none() {
             return;
         }
-        let Ok(mut inner) = self.inner.try_borrow_mut() else { return };
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            return;
+        };
         if !force && inner.market.is_some() && now < inner.market_checked_ms + MARKET_CHECK_MS {
             return;
         }
         inner.market_checked_ms = now;
-        let Some((gen_bytes, _)) = host::shared_get(&self.keys.market_gen) else { return };
+        let Some((gen_bytes, _)) = host::shared_get(&self.keys.market_gen) else {
+            return;
+        };
         let generation = read_u64(&gen_bytes);
         if generation == 0 || generation == inner.market_gen {
             return;
@@ -112,7 +192,10 @@ impl Vm {
         if let Some((bytes, _)) = host::shared_get(&self.keys.market) {
             if let Some(stored) = Stored::decode(&bytes) {
                 let view = MarketView::new(stored, &self.config);
-                debug!("market-router: market generation {generation} loaded ({} offers)", view.offers);
+                debug!(
+                    "market-router: market generation {generation} loaded ({} offers)",
+                    view.offers
+                );
                 inner.market = Some(Rc::new(view));
                 inner.market_gen = generation;
             }
@@ -121,8 +204,12 @@ impl Vm {
 
     /// Refreshes the cached health table when the shared copy changed.
     pub(crate) fn sync_health(&self) {
-        let Some((bytes, cas)) = host::shared_get(&self.keys.health) else { return };
-        let Ok(mut inner) = self.inner.try_borrow_mut() else { return };
+        let Some((bytes, cas)) = host::shared_get(&self.keys.health) else {
+            return;
+        };
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            return;
+        };
         if cas != inner.health_cas {
             inner.health = HealthTable::decode(&bytes);
             inner.health_cas = cas;
@@ -161,9 +248,14 @@ impl Vm {
     /// Records what an attempt said about a provider.
     pub(crate) fn observe(&self, provider: &str, obs: Observation, now: u64) {
         // A routine success on a clean record changes nothing others need: no shared write.
-        if let (Observation::Success { ttfb_ms: None }, Ok(inner)) = (obs, self.inner.try_borrow()) {
+        if let (Observation::Success { ttfb_ms: None }, Ok(inner)) = (obs, self.inner.try_borrow())
+        {
             let rec = inner.health.providers.get(provider);
-            if rec.is_none_or(|r| r.consecutive_failures == 0 && r.error_rate == 0.0 && r.admission(now) == Admission::Open) {
+            if rec.is_none_or(|r| {
+                r.consecutive_failures == 0
+                    && r.error_rate == 0.0
+                    && r.admission(now) == Admission::Open
+            }) {
                 return;
             }
         }
@@ -177,6 +269,9 @@ impl Vm {
             material
         });
         if opened.get() {
+            if let Some(idx) = self.config.provider_index(provider) {
+                self.metrics.add(idx, PerProvider::CircuitOpen, 1);
+            }
             warn!(
                 "market-router: circuit opened for provider {provider} for {} ms after repeated failures",
                 circuit.cooldown_ms

@@ -9,6 +9,7 @@ use super::{http::Http, read_u64, Vm};
 use crate::config::Config;
 use crate::host;
 use crate::market;
+use crate::metrics::Global;
 use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
@@ -23,17 +24,28 @@ pub(crate) struct Root {
 
 impl Root {
     pub(crate) fn new(id: u32) -> Self {
-        Self { id, vm: None, fetch: None }
+        Self {
+            id,
+            vm: None,
+            fetch: None,
+        }
     }
 
     fn tick_period_ms(config: &Config) -> u64 {
-        config.market.as_ref().map_or(1000, |m| (m.refresh_ms / 4).clamp(50, 1000))
+        config
+            .market
+            .as_ref()
+            .map_or(1000, |m| (m.refresh_ms / 4).clamp(50, 1000))
     }
 
     /// Tries to take this period's refresh slot; true when this VM should fetch now.
     fn claim_refresh(vm: &Vm, now: u64) -> bool {
-        let Some(m) = &vm.config.market else { return false };
-        let Some((due, cas)) = host::shared_get(&vm.keys.market_due) else { return false };
+        let Some(m) = &vm.config.market else {
+            return false;
+        };
+        let Some((due, cas)) = host::shared_get(&vm.keys.market_due) else {
+            return false;
+        };
         if due.len() >= 8 && now < read_u64(&due) {
             return false;
         }
@@ -43,7 +55,11 @@ impl Root {
 
     fn start_fetch(&mut self, vm: &Vm) {
         let Some(m) = &vm.config.market else { return };
-        let etag = vm.inner.try_borrow().ok().and_then(|i| i.market.as_ref().and_then(|m| m.etag.clone()));
+        let etag = vm
+            .inner
+            .try_borrow()
+            .ok()
+            .and_then(|i| i.market.as_ref().and_then(|m| m.etag.clone()));
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", "GET"),
             (":path", m.path.as_str()),
@@ -55,14 +71,19 @@ impl Root {
         }
         match host::dispatch(&m.cluster, &headers, &[], m.timeout_ms) {
             Ok(token) => self.fetch = Some(token),
-            Err(s) => self.refresh_failed(vm, &format!("cannot call cluster `{}` ({s:?})", m.cluster)),
+            Err(s) => {
+                self.refresh_failed(vm, &format!("cannot call cluster `{}` ({s:?})", m.cluster))
+            }
         }
     }
 
     /// Logs a refresh failure once per failure streak (across all workers) and keeps the last
     /// good snapshot.
     fn refresh_failed(&self, vm: &Vm, why: &str) {
-        let status = host::shared_get(&vm.keys.market_status).map(|(b, _)| b).unwrap_or_default();
+        vm.metrics.inc(Global::RefreshFailed);
+        let status = host::shared_get(&vm.keys.market_status)
+            .map(|(b, _)| b)
+            .unwrap_or_default();
         if status != b"fail" {
             warn!("market-router: market refresh failed: {why}; keeping the last good snapshot");
             let _ = host::shared_set(&vm.keys.market_status, b"fail", None);
@@ -72,7 +93,9 @@ impl Root {
     }
 
     fn refresh_ok(&self, vm: &Vm) {
-        let status = host::shared_get(&vm.keys.market_status).map(|(b, _)| b).unwrap_or_default();
+        let status = host::shared_get(&vm.keys.market_status)
+            .map(|(b, _)| b)
+            .unwrap_or_default();
         if status == b"fail" {
             info!("market-router: market refresh recovered");
         }
@@ -83,18 +106,28 @@ impl Root {
 
     fn on_snapshot(&mut self, vm: &Vm, body_size: usize) {
         let headers = host::call_response_headers();
-        let status = headers.iter().find(|(k, _)| k == ":status").map(|(_, v)| v.as_str());
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .map(|(_, v)| v.as_str());
         match status {
             Some("304") => {
                 debug!("market-router: market snapshot not modified");
+                vm.metrics.inc(Global::RefreshNotModified);
                 self.refresh_ok(vm);
             }
             Some("200") => {
-                let body = host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
-                let etag = headers.iter().find(|(k, _)| k == "etag").map(|(_, v)| v.clone());
+                let body =
+                    host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
+                let etag = headers
+                    .iter()
+                    .find(|(k, _)| k == "etag")
+                    .map(|(_, v)| v.clone());
                 match market::validate(&body, &vm.config, host::now_ms(), etag) {
                     Ok(v) => {
                         if !v.invalid.is_empty() {
+                            vm.metrics
+                                .inc_by(Global::OffersInvalid, v.invalid.len() as u64);
                             let (i, why) = &v.invalid[0];
                             warn!(
                                 "market-router: dropped {} invalid offer(s) from the snapshot (first: offers[{i}]: {why})",
@@ -102,9 +135,13 @@ impl Root {
                             );
                         }
                         if v.unknown_providers > 0 {
-                            debug!("market-router: ignored {} offer(s) of unconfigured providers", v.unknown_providers);
+                            debug!(
+                                "market-router: ignored {} offer(s) of unconfigured providers",
+                                v.unknown_providers
+                            );
                         }
                         self.store(vm, &v.stored);
+                        vm.metrics.inc(Global::RefreshOk);
                         self.refresh_ok(vm);
                     }
                     Err(e) => self.refresh_failed(vm, &e.to_string()),
@@ -117,11 +154,15 @@ impl Root {
 
     fn store(&self, vm: &Vm, stored: &market::Stored) {
         if let Err(e) = host::shared_set(&vm.keys.market, &stored.encode(), None) {
-            warn!("market-router: cannot store the market snapshot ({e:?}); keeping the previous one");
+            warn!(
+                "market-router: cannot store the market snapshot ({e:?}); keeping the previous one"
+            );
             return;
         }
         for _ in 0..8 {
-            let Some((g, cas)) = host::shared_get(&vm.keys.market_gen) else { return };
+            let Some((g, cas)) = host::shared_get(&vm.keys.market_gen) else {
+                return;
+            };
             let next = read_u64(&g) + 1;
             if host::shared_set(&vm.keys.market_gen, &next.to_le_bytes(), Some(cas)).is_ok() {
                 info!(
@@ -136,7 +177,13 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
         if self.fetch != Some(token_id) {
             return;
         }
@@ -149,11 +196,16 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        info!("market-router v{} VM started (root context {})", env!("CARGO_PKG_VERSION"), self.id);
+        info!(
+            "market-router v{} VM started (root context {})",
+            env!("CARGO_PKG_VERSION"),
+            self.id
+        );
         true
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        host::follow_host_log_level();
         let bytes = host::plugin_configuration().unwrap_or_default();
         let config = match Config::parse(&bytes) {
             Ok(c) => c,
@@ -177,7 +229,10 @@ impl RootContext for Root {
             vm.config.providers.len(),
             vm.config.routing.strategy.as_str(),
             vm.config.failover.mode.as_str(),
-            vm.config.market.as_ref().map_or("none", |m| m.cluster.as_str())
+            vm.config
+                .market
+                .as_ref()
+                .map_or("none", |m| m.cluster.as_str())
         );
         self.vm = Some(vm);
         true
@@ -186,7 +241,13 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(vm) = self.vm.clone() else { return };
         let now = host::now_ms();
+        host::follow_host_log_level();
         vm.sync_market(now, true);
+        if let Ok(inner) = vm.inner.try_borrow() {
+            if let Some(m) = &inner.market {
+                vm.metrics.snapshot(m.age_ms(now), m.offers);
+            }
+        }
         if self.fetch.is_none() && Self::claim_refresh(&vm, now) {
             self.start_fetch(&vm);
         }

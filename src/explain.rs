@@ -1,0 +1,318 @@
+//! Pre-route transparency: what is on offer and how one model's providers rank right now,
+//! answered from the VM's snapshot without calling any provider.
+//!
+//! `GET <prefix>/models` lists the models and their providers; `GET <prefix>/route?model=X`
+//! (optional `input_tokens`, `output_tokens`) shows the ranked candidates with their numbers
+//! and score, and each excluded provider with the reason.
+
+use crate::config::Config;
+use crate::health::HealthTable;
+use crate::market::MarketView;
+use crate::request::RequestInfo;
+use crate::rng::Rng;
+use crate::select::{self, NoRoute, Prefs};
+use serde_json::{json, Value};
+
+/// A transparency request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// `GET <prefix>/models`.
+    Models,
+    /// `GET <prefix>/route?model=…`.
+    Route {
+        /// Model asked about (empty when missing).
+        model: String,
+        /// Assumed prompt tokens.
+        input_tokens: u64,
+        /// Assumed completion tokens (none = configured default).
+        output_tokens: Option<u64>,
+    },
+    /// Under the prefix, but no such endpoint (or not GET).
+    NotFound,
+}
+
+/// Recognizes a transparency request under `prefix`.
+pub fn parse(prefix: &str, method: &str, path: &str) -> Option<Query> {
+    let rest = path.strip_prefix(prefix)?;
+    if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')) {
+        return None;
+    }
+    let (p, q) = rest.split_once('?').unwrap_or((rest, ""));
+    if method != "GET" {
+        return Some(Query::NotFound);
+    }
+    match p {
+        "/models" => Some(Query::Models),
+        "/route" => {
+            let mut model = String::new();
+            let mut input_tokens = 1000;
+            let mut output_tokens = None;
+            for pair in q.split('&') {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                let v = percent_decode(v);
+                match k {
+                    "model" => model = v,
+                    "input_tokens" => input_tokens = v.parse().unwrap_or(input_tokens),
+                    "output_tokens" => output_tokens = v.parse().ok(),
+                    _ => {}
+                }
+            }
+            Some(Query::Route {
+                model,
+                input_tokens,
+                output_tokens,
+            })
+        }
+        _ => Some(Query::NotFound),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn num(x: f64) -> Value {
+    if x.is_finite() {
+        json!((x * 1e6).round() / 1e6)
+    } else {
+        Value::Null
+    }
+}
+
+fn snapshot_json(config: &Config, market: Option<&MarketView>, now_ms: u64) -> Value {
+    match (market, &config.market) {
+        (Some(m), Some(mc)) => json!({
+            "generated_at_ms": m.generated_at_ms,
+            "age_ms": m.age_ms(now_ms),
+            "offers": m.offers,
+            "stale": m.age_ms(now_ms) > mc.max_age_ms,
+        }),
+        (None, Some(_)) => json!({"offers": 0, "note": "no snapshot received yet"}),
+        _ => json!({"offers": 0, "note": "no market configured; static offers only"}),
+    }
+}
+
+/// `GET <prefix>/models`.
+pub fn models(config: &Config, market: Option<&MarketView>, now_ms: u64) -> Value {
+    let mut names: Vec<&str> = config
+        .providers
+        .iter()
+        .flat_map(|p| p.models.iter().map(|(m, _)| m.as_str()))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let data: Vec<Value> = names
+        .iter()
+        .map(|m| {
+            let providers: Vec<Value> = config
+                .providers
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.model_id(m).is_some())
+                .map(|(i, p)| {
+                    let offer = market.and_then(|mv| mv.offer(m, i));
+                    json!({
+                        "provider": p.name,
+                        "provider_type": offer.map_or(p.provider_type, |o| o.provider_type).as_str(),
+                        "availability": offer.map(|o| o.availability.as_str()),
+                        "input_per_mtok": offer.map(|o| o.input_per_mtok).or(p.static_offer.as_ref().map(|s| s.input_per_mtok)),
+                        "output_per_mtok": offer.map(|o| o.output_per_mtok).or(p.static_offer.as_ref().map(|s| s.output_per_mtok)),
+                        "source": if offer.is_some() { "market" } else if p.static_offer.is_some() { "static" } else { "unknown" },
+                    })
+                })
+                .collect();
+            json!({"id": m, "object": "model", "owned_by": "market-router", "providers": providers})
+        })
+        .collect();
+    json!({"object": "list", "data": data, "snapshot": snapshot_json(config, market, now_ms)})
+}
+
+/// `GET <prefix>/route?model=…`: status and body.
+pub fn route(
+    config: &Config,
+    market: Option<&MarketView>,
+    health: &HealthTable,
+    model: &str,
+    input_tokens: u64,
+    output_tokens: Option<u64>,
+    now_ms: u64,
+) -> (u32, Value) {
+    if model.is_empty() {
+        return (
+            400,
+            json!({"error": {"message": "query parameter `model` is required", "type": "invalid_request_error", "code": "model_missing"}}),
+        );
+    }
+    let req = RequestInfo {
+        model: model.to_string(),
+        model_span: 0..0,
+        stream: false,
+        include_usage: false,
+        max_tokens: Some(output_tokens.unwrap_or(config.routing.default_output_tokens)),
+        body_len: (input_tokens.saturating_mul(4)) as usize,
+    };
+    // A fixed seed: the same state explains the same way.
+    let ranked = select::rank(
+        config,
+        market,
+        health,
+        &req,
+        &Prefs::default(),
+        now_ms,
+        &mut Rng::new(0),
+    );
+    let excluded_json = |ex: &[(usize, select::Reason)]| -> Vec<Value> {
+        ex.iter()
+            .map(|(i, r)| json!({"provider": config.providers[*i].name, "constraint": r.code(), "reason": r.to_string()}))
+            .collect()
+    };
+    match ranked {
+        Err(NoRoute::UnknownModel) => (
+            404,
+            json!({"error": {"message": format!("model `{}` is not served by any configured provider", crate::errors::clip(model, 200)), "type": "invalid_request_error", "code": "model_not_found"}}),
+        ),
+        Err(NoRoute::AllExcluded(ex)) => (
+            200,
+            json!({"model": model, "strategy": config.routing.strategy.as_str(), "candidates": [], "excluded": excluded_json(&ex), "snapshot": snapshot_json(config, market, now_ms)}),
+        ),
+        Ok(r) => {
+            let cands: Vec<Value> = r
+                .candidates
+                .iter()
+                .enumerate()
+                .map(|(rank, c)| {
+                    let p = &config.providers[c.provider];
+                    json!({
+                        "rank": rank + 1,
+                        "provider": p.name,
+                        "provider_model": c.provider_model,
+                        "source": c.source.as_str(),
+                        "input_per_mtok": num(c.input_per_mtok),
+                        "output_per_mtok": num(c.output_per_mtok),
+                        "ttft_ms": num(c.ttft_ms),
+                        "uptime": num(c.uptime),
+                        "reliability": num(c.reliability),
+                        "availability": c.availability.as_str(),
+                        "provider_type": c.provider_type.as_str(),
+                        "region": market.and_then(|m| m.offer(model, c.provider)).and_then(|o| o.region.clone()).or(p.region.clone()),
+                        "expected_cost_usd": num(c.expected_cost_usd),
+                        "score": num(c.score),
+                        "probe": c.probe,
+                    })
+                })
+                .collect();
+            (
+                200,
+                json!({
+                    "model": model,
+                    "strategy": r.strategy.as_str(),
+                    "assumed_tokens": {"input": input_tokens, "output": req.max_tokens},
+                    "candidates": cands,
+                    "excluded": excluded_json(&r.excluded),
+                    "snapshot": snapshot_json(config, market, now_ms),
+                }),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            br#"{"providers":[
+              {"name":"a","cluster":"ca","models":{"m":"m"},"static_offer":{"price":{"input_per_mtok":1,"output_per_mtok":2}}},
+              {"name":"b","cluster":"cb","models":{"m":"m","n":"n"},"static_offer":{"price":{"input_per_mtok":0.5,"output_per_mtok":0.5},"uptime":0.9}}],
+              "routing":{"strategy":"cheapest","constraints":{"min_uptime":0.95}}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_endpoints_under_the_prefix() {
+        let p = "/market-router/v1";
+        assert_eq!(
+            parse(p, "GET", "/market-router/v1/models"),
+            Some(Query::Models)
+        );
+        assert_eq!(
+            parse(
+                p,
+                "GET",
+                "/market-router/v1/route?model=llama%203&input_tokens=50"
+            ),
+            Some(Query::Route {
+                model: "llama 3".into(),
+                input_tokens: 50,
+                output_tokens: None
+            })
+        );
+        assert_eq!(
+            parse(p, "POST", "/market-router/v1/models"),
+            Some(Query::NotFound)
+        );
+        assert_eq!(
+            parse(p, "GET", "/market-router/v1/nope"),
+            Some(Query::NotFound)
+        );
+        assert_eq!(parse(p, "GET", "/market-router/v10/models"), None);
+        assert_eq!(parse(p, "GET", "/v1/models"), None);
+    }
+
+    #[test]
+    fn models_lists_each_model_with_its_providers() {
+        let v = models(&config(), None, 0);
+        assert_eq!(v["data"][0]["id"], "m");
+        assert_eq!(v["data"][0]["providers"].as_array().unwrap().len(), 2);
+        assert_eq!(v["data"][1]["id"], "n");
+        assert_eq!(v["data"][1]["providers"][0]["source"], "static");
+    }
+
+    #[test]
+    fn route_explains_ranking_and_exclusions() {
+        let (status, v) = route(
+            &config(),
+            None,
+            &HealthTable::default(),
+            "m",
+            100,
+            Some(10),
+            0,
+        );
+        assert_eq!(status, 200);
+        assert_eq!(v["candidates"][0]["provider"], "a");
+        assert_eq!(v["candidates"][0]["rank"], 1);
+        assert_eq!(v["excluded"][0]["provider"], "b");
+        assert_eq!(v["excluded"][0]["constraint"], "min_uptime");
+        assert_eq!(
+            route(&config(), None, &HealthTable::default(), "zz", 1, None, 0).0,
+            404
+        );
+        assert_eq!(
+            route(&config(), None, &HealthTable::default(), "", 1, None, 0).0,
+            400
+        );
+    }
+}
