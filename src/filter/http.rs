@@ -767,13 +767,24 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if self.state != State::Routed {
+        // Validating: the held 2xx broke off mid-body and the host now sends its own reply.
+        let abandoned = self.state == State::Validating;
+        if self.state != State::Routed && !abandoned {
             return Action::Continue;
         }
         let now = host::now_ms();
         let status = host::response_header(":status")
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
+        if abandoned {
+            self.state = State::Routed;
+            let details = host::property(&["response", "code_details"]);
+            let outcome = match classify_routed(status, details.as_deref(), None) {
+                Outcome::Success(_) | Outcome::Status { .. } => Outcome::Reset,
+                other => other,
+            };
+            return self.after_routed(outcome, status, now);
+        }
         if (200..300).contains(&status) {
             let config = &self.vm.config;
             // Non-streaming answers are held until complete: to check they are well-formed

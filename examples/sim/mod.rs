@@ -1,0 +1,1555 @@
+//! Market simulation: a seeded, discrete-time world of LLM providers whose prices, latency and
+//! availability change over time, and the routing strategies compared on it.
+//!
+//! World design (all draws come from the seed, so a run is reproducible bit for bit):
+//!
+//! * Time runs in 1 s slots. Six providers (`acme` … `flux`) serve `llama-70b`; four of them
+//!   also serve `qwen-32b` at a lower price and latency. Provider specs are in [`providers`].
+//! * Prices: each provider has a list price (input and output per Mtok). Price changes arrive
+//!   as a Poisson process, each setting a new price of ×0.6…×1.6 the list price (output moved
+//!   with input, ±10 %), and a small mean-reverting drift (about ±3 %) rides on top.
+//! * Latency: time to first token = base × model factor × a slow mean-reverting drift (about
+//!   ±20 %) × per-request log-normal noise (σ 0.35) with a 2 % slow tail (×3), plus prefill time
+//!   (0.1 ms per input token).
+//! * Episodes, each a Poisson process per provider with exponential durations:
+//!   - outages (mean 4 min): hard 503s, refused connections, hanging requests (timeouts), or a
+//!     partial outage where 30–80 % of requests get a 5xx;
+//!   - rate limiting (mean 2 min): 30–90 % of requests get 429 with `Retry-After` 2–30 s; it is
+//!     per account, so the market does not see it;
+//!   - degraded periods (mean 10 min): latency ×2–4 and 2–8 % errors.
+//!   Outside episodes every provider fails a small base share of requests (503, 500 or reset).
+//!   On top, regional incidents (0.1 per hour per region, mean 3 min) take down every provider
+//!   of a region at once with 503s, refused connections or hanging requests; three of the six
+//!   providers, including the two cheapest of `llama-70b`'s list prices after `ember`, share
+//!   `us-east`.
+//! * The market sidecar publishes a snapshot every 5 s, built from the true state 15 s earlier:
+//!   exact prices, the median TTFT with ±8 % measurement noise, uptime as the true success
+//!   share of the last 30 min, and availability (offline during hard outages; degraded during
+//!   partial outages — detected in 80 % of snapshots — and degraded periods; 0.5 % of offers
+//!   are flagged degraded by mistake). The sidecar itself is down now and then (mean 5 min),
+//!   and the filter then keeps its last snapshot until it is stale (60 s) and falls back to the
+//!   static offers of its configuration (list prices).
+//! * Requests arrive at a fixed rate (5/s by default), 70 % `llama-70b`, with log-normal input
+//!   (median 600) and output (median 220) token counts; half set `max_tokens` (≥ the actual
+//!   output), 70 % stream.
+//! * Each strategy sees the same request stream in the same world, with common random numbers:
+//!   whether request r succeeds on provider p, and how fast, depends only on (seed, r, p) and
+//!   the provider's state at the moment the attempt starts. Requests overlap in time, so what a
+//!   strategy learns from an attempt is known only when the attempt ends.
+//! * Every strategy gets the same failover budget: at most 3 attempts, never the same provider
+//!   twice, 10 s attempt timeout. A failed attempt costs nothing; a successful one costs its
+//!   true input and output tokens at the provider's true price of that moment.
+//! * Latency of a request = time until its answer starts (time to first token of the successful
+//!   attempt) plus the time every failed attempt before it took (a timeout costs the full 10 s).
+//!   A request that fails counts the time of all its attempts. p95 is over all requests.
+//!
+//! Strategies: round-robin over the providers serving the model; static ordered fallback
+//! (configuration order); latency-only learning (EWMA of its own observed latencies, failures
+//! counted as +5 s, 2 % exploration); market-router (the crate's own `select::rank`,
+//! `attempt::Attempts`, `health::HealthTable` and `market::validate` / `MarketView`, driven the
+//! way the filter drives them); and an oracle that knows every attempt's outcome in advance
+//! and sends each request to the cheapest provider that will answer it.
+
+use market_router::attempt::{Attempts, Next, Outcome};
+use market_router::config::Config;
+use market_router::health::{Admission, HealthTable};
+use market_router::market::{validate, MarketView, Stored};
+use market_router::request::RequestInfo;
+use market_router::rng::Rng;
+use market_router::select::{self, Prefs, Ranking};
+use serde_json::{json, Value};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+/// Core clock at simulated time 0 (ms since the epoch).
+pub const T0: u64 = 1_700_000_000_000;
+/// Slot length of the world's timeline, ms.
+const SLOT_MS: u64 = 1000;
+/// Max attempts per request, for every strategy.
+pub const MAX_ATTEMPTS: usize = 3;
+/// Timeout of one attempt, ms, for every strategy.
+pub const ATTEMPT_TIMEOUT_MS: u64 = 10_000;
+/// Market refresh period, ms.
+pub const REFRESH_MS: u64 = 5_000;
+/// Age of the data in a snapshot, ms.
+pub const MARKET_LAG_MS: u64 = 15_000;
+/// Incidents per hour per region (taking down every provider of the region).
+const REGION_INCIDENTS_H: f64 = 0.1;
+/// Window of the market's uptime figure, s.
+const UPTIME_WINDOW_S: usize = 1800;
+
+// ---------------------------------------------------------------------------------------------
+// Randomness
+
+fn normal(r: &mut Rng) -> f64 {
+    let u1 = r.next_f64().max(1e-12);
+    let u2 = r.next_f64();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+fn uniform(r: &mut Rng, lo: f64, hi: f64) -> f64 {
+    lo + (hi - lo) * r.next_f64()
+}
+
+fn exponential(r: &mut Rng, mean: f64) -> f64 {
+    -mean * (1.0 - r.next_f64()).ln()
+}
+
+fn mix(mut h: u64, x: u64) -> u64 {
+    h ^= x
+        .wrapping_add(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(h << 6)
+        .wrapping_add(h >> 2);
+    Rng::new(h).next_u64()
+}
+
+/// A generator keyed by (seed, a, b, c): the common random numbers of the simulation.
+fn keyed(seed: u64, a: u64, b: u64, c: u64) -> Rng {
+    Rng::new(mix(mix(mix(seed, a), b), c))
+}
+
+// ---------------------------------------------------------------------------------------------
+// World
+
+/// A provider of the simulated market.
+#[derive(Debug, Clone)]
+pub struct ProviderSpec {
+    /// Id, as in the configuration and the snapshot.
+    pub name: &'static str,
+    /// company / community / self_hosted.
+    pub kind: &'static str,
+    /// Region tag.
+    pub region: &'static str,
+    /// List price of `llama-70b`, USD per Mtok (input, output).
+    pub list: (f64, f64),
+    /// Median TTFT of `llama-70b`, ms.
+    pub ttft_ms: f64,
+    /// Output tokens per second.
+    pub tps: f64,
+    /// Share of requests failing outside episodes.
+    pub base_err: f64,
+    /// Episodes per hour: outages, rate limiting, degraded periods, price changes.
+    pub outages_h: f64,
+    /// Rate-limit episodes per hour.
+    pub rate_limits_h: f64,
+    /// Degraded periods per hour.
+    pub degraded_h: f64,
+    /// Price changes per hour.
+    pub price_changes_h: f64,
+    /// Whether it serves `qwen-32b` too.
+    pub serves_qwen: bool,
+}
+
+/// The simulated providers, in the configuration order of the filter (and of static fallback).
+pub fn providers() -> Vec<ProviderSpec> {
+    let p = |name, kind, region, list, ttft_ms, tps, base_err, o, rl, d, pc, q| ProviderSpec {
+        name,
+        kind,
+        region,
+        list,
+        ttft_ms,
+        tps,
+        base_err,
+        outages_h: o,
+        rate_limits_h: rl,
+        degraded_h: d,
+        price_changes_h: pc,
+        serves_qwen: q,
+    };
+    vec![
+        // An established mid-priced provider, first in the operator's list.
+        p(
+            "acme",
+            "company",
+            "us-east",
+            (0.55, 0.75),
+            300.0,
+            60.0,
+            0.003,
+            0.15,
+            0.10,
+            0.20,
+            0.15,
+            true,
+        ),
+        // Fast and expensive, rate-limits often.
+        p(
+            "bolt",
+            "company",
+            "us-west",
+            (0.85, 0.95),
+            150.0,
+            250.0,
+            0.004,
+            0.20,
+            0.60,
+            0.20,
+            0.15,
+            false,
+        ),
+        // Premium, very reliable.
+        p(
+            "cirrus",
+            "company",
+            "eu-west",
+            (0.90, 0.90),
+            450.0,
+            50.0,
+            0.001,
+            0.05,
+            0.05,
+            0.10,
+            0.10,
+            false,
+        ),
+        // Cheap, moderately reliable.
+        p(
+            "delta",
+            "company",
+            "us-east",
+            (0.35, 0.45),
+            500.0,
+            40.0,
+            0.006,
+            0.30,
+            0.20,
+            0.40,
+            0.30,
+            true,
+        ),
+        // Community capacity: cheapest and slowest, flaky.
+        p(
+            "ember",
+            "community",
+            "eu-central",
+            (0.25, 0.30),
+            750.0,
+            30.0,
+            0.015,
+            1.00,
+            0.20,
+            0.80,
+            0.40,
+            true,
+        ),
+        // Good value, fairly fast.
+        p(
+            "flux",
+            "company",
+            "us-east",
+            (0.40, 0.40),
+            350.0,
+            80.0,
+            0.005,
+            0.30,
+            0.10,
+            0.30,
+            0.30,
+            true,
+        ),
+    ]
+}
+
+/// A model the clients ask for.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Client model name.
+    pub name: &'static str,
+    /// Provider model id.
+    pub provider_model: &'static str,
+    /// Price relative to `llama-70b`.
+    pub price_factor: f64,
+    /// TTFT relative to `llama-70b`.
+    pub ttft_factor: f64,
+    /// Share of requests.
+    pub share: f64,
+}
+
+/// The simulated models.
+pub fn models() -> Vec<ModelSpec> {
+    vec![
+        ModelSpec {
+            name: "llama-70b",
+            provider_model: "llama-3.1-70b-instruct",
+            price_factor: 1.0,
+            ttft_factor: 1.0,
+            share: 0.7,
+        },
+        ModelSpec {
+            name: "qwen-32b",
+            provider_model: "qwen2.5-32b-instruct",
+            price_factor: 0.4,
+            ttft_factor: 0.7,
+            share: 0.3,
+        },
+    ]
+}
+
+/// How failing requests fail in a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    /// Background errors: 503, 500 or reset.
+    Background,
+    /// 503 answered quickly.
+    Unavailable,
+    /// 500 after some work.
+    Internal,
+    /// 429 with `Retry-After`.
+    RateLimited,
+    /// Connection refused.
+    Refused,
+    /// No answer: the attempt times out.
+    Hang,
+}
+
+/// True state of one provider during one slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    /// USD per Mtok of `llama-70b`, input.
+    pub price_in: f64,
+    /// USD per Mtok of `llama-70b`, output.
+    pub price_out: f64,
+    /// TTFT multiplier (drift × degradation).
+    pub ttft_mult: f64,
+    /// Share of attempts that fail.
+    pub fail: f64,
+    /// How they fail.
+    pub kind: FailKind,
+    /// `Retry-After` of 429s, s.
+    pub retry_after_s: u64,
+    /// Hard outage (what a prober sees as offline).
+    pub down: bool,
+    /// Partial outage or degraded period (what a prober sees as degraded).
+    pub impaired: bool,
+}
+
+/// The world: every provider's timeline, the sidecar's downtime and the requests.
+pub struct World {
+    /// Seed.
+    pub seed: u64,
+    /// Providers.
+    pub providers: Vec<ProviderSpec>,
+    /// Models.
+    pub models: Vec<ModelSpec>,
+    /// Per provider, per slot.
+    pub slots: Vec<Vec<Slot>>,
+    /// Per provider, prefix sums of the success share per slot (for the market's uptime).
+    ok_prefix: Vec<Vec<f64>>,
+    /// Per slot: the market sidecar is down.
+    pub market_down: Vec<bool>,
+    /// The request stream.
+    pub requests: Vec<Request>,
+}
+
+/// One client request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Index in the stream.
+    pub id: usize,
+    /// Arrival, ms of simulated time.
+    pub at_ms: u64,
+    /// Model index.
+    pub model: usize,
+    /// Input tokens.
+    pub in_tok: u64,
+    /// Output tokens the answer will have.
+    pub out_tok: u64,
+    /// `max_tokens`, when the client set it.
+    pub max_tokens: Option<u64>,
+    /// Streaming request.
+    pub stream: bool,
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptResult {
+    /// Outcome, in the core's terms.
+    pub outcome: Outcome,
+    /// Time the attempt took (TTFT when it succeeded), ms.
+    pub ms: u64,
+    /// Cost, USD (0 for failures).
+    pub cost: f64,
+}
+
+impl AttemptResult {
+    /// Whether the attempt answered.
+    pub fn ok(&self) -> bool {
+        matches!(self.outcome, Outcome::Success(_))
+    }
+}
+
+/// Builds the world of `seed` for `n` requests at `rps` requests per second.
+pub fn world(seed: u64, n: usize, rps: f64) -> World {
+    let providers = providers();
+    let models = models();
+    let interval_ms = 1000.0 / rps;
+    let duration_ms =
+        (n as f64 * interval_ms) as u64 + 4 * ATTEMPT_TIMEOUT_MS * MAX_ATTEMPTS as u64;
+    let n_slots = (duration_ms / SLOT_MS) as usize + 2;
+    let mut slots: Vec<Vec<Slot>> = providers
+        .iter()
+        .enumerate()
+        .map(|(pi, spec)| timeline(spec, n_slots, &mut keyed(seed, 1, pi as u64, 0)))
+        .collect();
+    // Regional incidents take down every provider of the region at once.
+    let mut regions: Vec<&str> = providers.iter().map(|p| p.region).collect();
+    regions.sort_unstable();
+    regions.dedup();
+    for (ri, region) in regions.iter().enumerate() {
+        let mut r = keyed(seed, 7, ri as u64, 0);
+        let mut i = 0;
+        while i < n_slots {
+            if r.next_f64() < REGION_INCIDENTS_H / 3600.0 {
+                let len = exponential(&mut r, 180.0).clamp(20.0, 3600.0) as usize;
+                let kind = match r.next_f64() {
+                    u if u < 0.5 => FailKind::Unavailable,
+                    u if u < 0.75 => FailKind::Refused,
+                    _ => FailKind::Hang,
+                };
+                for (p, spec) in providers.iter().enumerate() {
+                    if spec.region != *region {
+                        continue;
+                    }
+                    for s in slots[p].iter_mut().skip(i).take(len) {
+                        s.fail = 1.0;
+                        s.kind = kind;
+                        s.down = true;
+                        s.impaired = false;
+                    }
+                }
+                i += len;
+            }
+            i += 1;
+        }
+    }
+    let ok_prefix = slots
+        .iter()
+        .map(|tl| {
+            let mut acc = 0.0;
+            std::iter::once(0.0)
+                .chain(tl.iter().map(|s| {
+                    acc += 1.0 - s.fail;
+                    acc
+                }))
+                .collect()
+        })
+        .collect();
+    let mut r = keyed(seed, 2, 0, 0);
+    let mut market_down = vec![false; n_slots];
+    let mut i = 0;
+    while i < n_slots {
+        if r.next_f64() < 0.25 / 3600.0 {
+            let len = exponential(&mut r, 300.0).max(30.0) as usize;
+            for s in market_down.iter_mut().skip(i).take(len) {
+                *s = true;
+            }
+            i += len;
+        }
+        i += 1;
+    }
+    let mut r = keyed(seed, 3, 0, 0);
+    let requests = (0..n)
+        .map(|id| {
+            let model = if r.next_f64() < models[0].share { 0 } else { 1 };
+            let in_tok = (600.0 * (1.0 * normal(&mut r)).exp()).clamp(20.0, 30_000.0) as u64;
+            let out_tok = (220.0 * (0.8 * normal(&mut r)).exp()).clamp(1.0, 4_000.0) as u64;
+            let max_tokens = (r.next_f64() < 0.5).then(|| {
+                let cap = out_tok as f64 * uniform(&mut r, 1.0, 3.0);
+                (cap.ceil() as u64).max(out_tok)
+            });
+            Request {
+                id,
+                at_ms: (id as f64 * interval_ms) as u64,
+                model,
+                in_tok,
+                out_tok,
+                max_tokens,
+                stream: r.next_f64() < 0.7,
+            }
+        })
+        .collect();
+    World {
+        seed,
+        providers,
+        models,
+        slots,
+        ok_prefix,
+        market_down,
+        requests,
+    }
+}
+
+/// One provider's timeline.
+fn timeline(spec: &ProviderSpec, n: usize, r: &mut Rng) -> Vec<Slot> {
+    let per_slot = |per_hour: f64| per_hour * SLOT_MS as f64 / 3_600_000.0;
+    // Mean-reverting log drifts: price (τ 30 min, sd 3 %), latency (τ 15 min, sd 20 %).
+    let ou =
+        |x: f64, tau: f64, sd: f64, r: &mut Rng| x - x / tau + sd * (2.0 / tau).sqrt() * normal(r);
+    let (mut level_in, mut level_out) = spec.list;
+    let (mut price_drift, mut lat_drift) = (0.0, 0.0);
+    // Remaining seconds and parameters of the current episodes.
+    let mut outage: (usize, FailKind, f64) = (0, FailKind::Unavailable, 0.0);
+    let mut limit: (usize, f64, u64) = (0, 0.0, 0);
+    let mut degraded: (usize, f64, f64) = (0, 1.0, 0.0);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if r.next_f64() < per_slot(spec.price_changes_h) {
+            let m = uniform(r, 0.6f64.ln(), 1.6f64.ln()).exp();
+            level_in = spec.list.0 * m;
+            level_out = spec.list.1 * m * uniform(r, 0.9, 1.1);
+        }
+        price_drift = ou(price_drift, 1800.0, 0.03, r);
+        lat_drift = ou(lat_drift, 900.0, 0.2, r);
+        if outage.0 == 0 && r.next_f64() < per_slot(spec.outages_h) {
+            let len = exponential(r, 240.0).clamp(20.0, 3600.0) as usize;
+            let u = r.next_f64();
+            outage = if u < 0.30 {
+                (len, FailKind::Unavailable, 1.0)
+            } else if u < 0.45 {
+                (len, FailKind::Refused, 1.0)
+            } else if u < 0.65 {
+                (len, FailKind::Hang, 1.0)
+            } else {
+                let kind = if r.next_f64() < 0.6 {
+                    FailKind::Unavailable
+                } else {
+                    FailKind::Internal
+                };
+                (len, kind, uniform(r, 0.3, 0.8))
+            };
+        }
+        if limit.0 == 0 && r.next_f64() < per_slot(spec.rate_limits_h) {
+            let len = exponential(r, 120.0).clamp(10.0, 1800.0) as usize;
+            limit = (len, uniform(r, 0.3, 0.9), uniform(r, 2.0, 30.0) as u64);
+        }
+        if degraded.0 == 0 && r.next_f64() < per_slot(spec.degraded_h) {
+            let len = exponential(r, 600.0).clamp(30.0, 7200.0) as usize;
+            degraded = (len, uniform(r, 2.0, 4.0), uniform(r, 0.02, 0.08));
+        }
+        let mut s = Slot {
+            price_in: level_in * price_drift.exp(),
+            price_out: level_out * price_drift.exp(),
+            ttft_mult: lat_drift.exp(),
+            fail: spec.base_err,
+            kind: FailKind::Background,
+            retry_after_s: 0,
+            down: false,
+            impaired: false,
+        };
+        if degraded.0 > 0 {
+            degraded.0 -= 1;
+            s.ttft_mult *= degraded.1;
+            s.fail = s.fail.max(degraded.2);
+            s.kind = FailKind::Unavailable;
+            s.impaired = true;
+        }
+        if limit.0 > 0 {
+            limit.0 -= 1;
+            if limit.1 > s.fail {
+                s.fail = limit.1;
+                s.kind = FailKind::RateLimited;
+                s.retry_after_s = limit.2;
+            }
+        }
+        if outage.0 > 0 {
+            outage.0 -= 1;
+            s.fail = outage.2.max(s.fail);
+            s.kind = outage.1;
+            s.down = outage.2 >= 1.0;
+            s.impaired = s.impaired || !s.down;
+        }
+        out.push(s);
+    }
+    out
+}
+
+impl World {
+    /// State of provider `p` at `t_ms`.
+    pub fn slot(&self, p: usize, t_ms: u64) -> &Slot {
+        let tl = &self.slots[p];
+        &tl[((t_ms / SLOT_MS) as usize).min(tl.len() - 1)]
+    }
+
+    /// Whether provider `p` serves model `m`.
+    pub fn serves(&self, p: usize, m: usize) -> bool {
+        m == 0 || self.providers[p].serves_qwen
+    }
+
+    /// Providers serving model `m`, in configuration order.
+    pub fn serving(&self, m: usize) -> Vec<usize> {
+        (0..self.providers.len())
+            .filter(|&p| self.serves(p, m))
+            .collect()
+    }
+
+    /// True prices of `p` for model `m` at `t_ms`, USD per Mtok.
+    pub fn price(&self, p: usize, m: usize, t_ms: u64) -> (f64, f64) {
+        let s = self.slot(p, t_ms);
+        let f = self.models[m].price_factor;
+        (s.price_in * f, s.price_out * f)
+    }
+
+    /// Typical TTFT of `p` for model `m` at `t_ms` (median, 600-token prompt), ms.
+    pub fn median_ttft(&self, p: usize, m: usize, t_ms: u64) -> f64 {
+        self.providers[p].ttft_ms * self.models[m].ttft_factor * self.slot(p, t_ms).ttft_mult + 60.0
+    }
+
+    /// What happens when request `req` is sent to provider `p` at `t_ms`.
+    pub fn attempt(&self, req: &Request, p: usize, t_ms: u64, timeout_ms: u64) -> AttemptResult {
+        let s = *self.slot(p, t_ms);
+        let spec = &self.providers[p];
+        let mut r = keyed(self.seed, 4, req.id as u64, p as u64);
+        let u_fail = r.next_f64();
+        let z = normal(&mut r);
+        let tail = if r.next_f64() < 0.02 { 3.0 } else { 1.0 };
+        let u_kind = r.next_f64();
+        let u_ms = r.next_f64();
+        let ttft = spec.ttft_ms
+            * self.models[req.model].ttft_factor
+            * s.ttft_mult
+            * (0.35 * z).exp()
+            * tail
+            + 0.1 * req.in_tok as f64;
+        let fail = |outcome, ms: f64| AttemptResult {
+            outcome,
+            ms: (ms as u64).clamp(1, timeout_ms),
+            cost: 0.0,
+        };
+        let status = |status, retry_after_ms| Outcome::Status {
+            status,
+            retry_after_ms,
+        };
+        if u_fail < s.fail {
+            return match s.kind {
+                FailKind::Background if u_kind < 0.6 => {
+                    fail(status(503, None), 50.0 + 300.0 * u_ms)
+                }
+                FailKind::Background if u_kind < 0.8 => {
+                    fail(status(500, None), ttft * (0.3 + u_ms))
+                }
+                FailKind::Background => fail(Outcome::Reset, ttft * (0.3 + u_ms)),
+                FailKind::Unavailable => fail(status(503, None), 50.0 + 300.0 * u_ms),
+                FailKind::Internal => fail(status(500, None), ttft * (0.3 + u_ms)),
+                FailKind::RateLimited => fail(
+                    status(429, Some(s.retry_after_s * 1000)),
+                    40.0 + 120.0 * u_ms,
+                ),
+                FailKind::Refused => fail(Outcome::ConnectFailure, 5.0 + 60.0 * u_ms),
+                FailKind::Hang => fail(Outcome::Timeout, timeout_ms as f64),
+            };
+        }
+        if ttft >= timeout_ms as f64 {
+            return fail(Outcome::Timeout, timeout_ms as f64);
+        }
+        let (pi, po) = self.price(p, req.model, t_ms);
+        AttemptResult {
+            outcome: Outcome::Success(200),
+            ms: (ttft as u64).max(1),
+            cost: (req.in_tok as f64 * pi + req.out_tok as f64 * po) / 1e6,
+        }
+    }
+
+    /// The sidecar's snapshot at `t_ms` (None while it is down).
+    pub fn snapshot(&self, t_ms: u64) -> Option<Vec<u8>> {
+        let slot = (t_ms / SLOT_MS) as usize;
+        if self.market_down.get(slot).copied().unwrap_or(false) {
+            return None;
+        }
+        let seen = t_ms.saturating_sub(MARKET_LAG_MS);
+        let seen_slot = ((seen / SLOT_MS) as usize).min(self.slots[0].len() - 1);
+        let mut offers = Vec::new();
+        for (p, spec) in self.providers.iter().enumerate() {
+            let s = self.slot(p, seen);
+            let from = seen_slot.saturating_sub(UPTIME_WINDOW_S);
+            let pre = &self.ok_prefix[p];
+            let uptime =
+                ((pre[seen_slot + 1] - pre[from]) / (seen_slot + 1 - from) as f64).clamp(0.0, 1.0);
+            for (m, model) in self.models.iter().enumerate() {
+                if !self.serves(p, m) {
+                    continue;
+                }
+                let mut r = keyed(self.seed, 5, t_ms, (p * 8 + m) as u64);
+                let availability = if s.down {
+                    "offline"
+                } else if (s.impaired && r.next_f64() < 0.8) || r.next_f64() < 0.005 {
+                    "degraded"
+                } else {
+                    "online"
+                };
+                let (pi, po) = self.price(p, m, seen);
+                let ttft = self.median_ttft(p, m, seen) * (0.08 * normal(&mut r)).exp();
+                offers.push(json!({
+                    "provider": spec.name,
+                    "model": model.name,
+                    "provider_model": model.provider_model,
+                    "price": {"input_per_mtok": round6(pi), "output_per_mtok": round6(po)},
+                    "latency_ms": {"ttft_p50": ttft.round().max(1.0)},
+                    "uptime": round6(uptime),
+                    "availability": availability,
+                    "provider_type": spec.kind,
+                    "region": spec.region,
+                    "context_window": 131_072,
+                    "throughput_tps": spec.tps,
+                }));
+            }
+        }
+        let doc = json!({"version": 1, "generated_at_ms": T0 + t_ms, "offers": offers});
+        serde_json::to_vec(&doc).ok()
+    }
+
+    /// The filter configuration for `strategy` (with extra `routing` fields) and `seed`.
+    pub fn config_json(&self, strategy: &str, routing_extra: &str) -> String {
+        let providers: Vec<Value> = self
+            .providers
+            .iter()
+            .enumerate()
+            .map(|(p, spec)| {
+                let models: serde_json::Map<String, Value> = self
+                    .models
+                    .iter()
+                    .enumerate()
+                    .filter(|(m, _)| self.serves(p, *m))
+                    .map(|(_, m)| (m.name.to_string(), Value::from(m.provider_model)))
+                    .collect();
+                json!({
+                    "name": spec.name,
+                    "cluster": format!("{}-cluster", spec.name),
+                    "models": models,
+                    "provider_type": spec.kind,
+                    "region": spec.region,
+                    "static_offer": {
+                        "price": {"input_per_mtok": spec.list.0, "output_per_mtok": spec.list.1},
+                        "latency_ms": {"ttft_p50": spec.ttft_ms + 60.0},
+                        "uptime": 1.0 - spec.base_err,
+                        "context_window": 131_072
+                    }
+                })
+            })
+            .collect();
+        let routing: Value = serde_json::from_str(&format!(
+            r#"{{"strategy":"{strategy}","seed":{}{routing_extra}}}"#,
+            self.seed
+        ))
+        .unwrap_or(Value::Null);
+        json!({
+            "providers": providers,
+            "market": {"cluster": "market", "refresh_ms": REFRESH_MS, "max_age_ms": 60_000},
+            "routing": routing,
+            "failover": {
+                "mode": "dispatch",
+                "max_attempts": MAX_ATTEMPTS,
+                "attempt_timeout_ms": ATTEMPT_TIMEOUT_MS,
+                "deadline_ms": 60_000,
+                "circuit": {"failure_threshold": 3, "cooldown_ms": 30_000}
+            }
+        })
+        .to_string()
+    }
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strategies
+
+/// A routing strategy driven by the event loop.
+pub trait Router {
+    /// Per-request state.
+    type Flight;
+    /// Row label.
+    fn label(&self) -> String;
+    /// Time advanced to `now_ms` (before any event at that time).
+    fn tick(&mut self, _w: &World, _now_ms: u64) {}
+    /// A request arrived; None = it cannot be routed at all.
+    fn begin(&mut self, w: &World, req: &Request, now_ms: u64) -> Option<Self::Flight>;
+    /// The next provider to try and the attempt's timeout; None = give up.
+    fn next(&mut self, f: &mut Self::Flight, now_ms: u64) -> Option<(usize, u64)>;
+    /// The attempt on `p` ended at `now_ms`; returns whether to fail over.
+    fn done(
+        &mut self,
+        f: &mut Self::Flight,
+        req: &Request,
+        p: usize,
+        a: &AttemptResult,
+        now_ms: u64,
+    ) -> bool;
+}
+
+/// Walk over a fixed order: the baselines' flight.
+pub struct Walk {
+    order: Vec<usize>,
+    tried: usize,
+}
+
+impl Walk {
+    fn next(&mut self) -> Option<(usize, u64)> {
+        if self.tried >= MAX_ATTEMPTS {
+            return None;
+        }
+        let p = *self.order.get(self.tried)?;
+        self.tried += 1;
+        Some((p, ATTEMPT_TIMEOUT_MS))
+    }
+}
+
+/// Round-robin over the providers serving the model; failover to the next in that order.
+#[derive(Default)]
+pub struct RoundRobin {
+    counters: HashMap<usize, usize>,
+}
+
+impl Router for RoundRobin {
+    type Flight = Walk;
+    fn label(&self) -> String {
+        "round-robin".into()
+    }
+    fn begin(&mut self, w: &World, req: &Request, _now: u64) -> Option<Walk> {
+        let serving = w.serving(req.model);
+        let c = self.counters.entry(req.model).or_default();
+        let start = *c % serving.len();
+        *c += 1;
+        let order = (0..serving.len())
+            .map(|i| serving[(start + i) % serving.len()])
+            .collect();
+        Some(Walk { order, tried: 0 })
+    }
+    fn next(&mut self, f: &mut Walk, _now: u64) -> Option<(usize, u64)> {
+        f.next()
+    }
+    fn done(
+        &mut self,
+        _f: &mut Walk,
+        _req: &Request,
+        _p: usize,
+        a: &AttemptResult,
+        _now: u64,
+    ) -> bool {
+        !a.ok()
+    }
+}
+
+/// Static ordered fallback: configuration order, always.
+pub struct StaticOrder;
+
+impl Router for StaticOrder {
+    type Flight = Walk;
+    fn label(&self) -> String {
+        "static fallback".into()
+    }
+    fn begin(&mut self, w: &World, req: &Request, _now: u64) -> Option<Walk> {
+        Some(Walk {
+            order: w.serving(req.model),
+            tried: 0,
+        })
+    }
+    fn next(&mut self, f: &mut Walk, _now: u64) -> Option<(usize, u64)> {
+        f.next()
+    }
+    fn done(
+        &mut self,
+        _f: &mut Walk,
+        _req: &Request,
+        _p: usize,
+        a: &AttemptResult,
+        _now: u64,
+    ) -> bool {
+        !a.ok()
+    }
+}
+
+/// Latency-only learning from its own observations: EWMA (α 0.2) of each provider's observed
+/// latency per model, failures counted as their duration + 5 s; lowest first, 2 % of requests
+/// put a random provider first to keep learning.
+pub struct LatencyLearner {
+    est: HashMap<(usize, usize), f64>,
+    rng: Rng,
+}
+
+impl LatencyLearner {
+    /// A learner with its own seeded exploration.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            est: HashMap::new(),
+            rng: keyed(seed, 6, 0, 0),
+        }
+    }
+}
+
+impl Router for LatencyLearner {
+    type Flight = Walk;
+    fn label(&self) -> String {
+        "latency-only learning".into()
+    }
+    fn begin(&mut self, w: &World, req: &Request, _now: u64) -> Option<Walk> {
+        let mut order = w.serving(req.model);
+        // Never-tried providers estimate 0, so each gets tried early.
+        let est = |p: usize| self.est.get(&(p, req.model)).copied().unwrap_or(0.0);
+        order.sort_by(|a, b| est(*a).total_cmp(&est(*b)));
+        if self.rng.next_f64() < 0.02 {
+            let i = (self.rng.next_u64() % order.len() as u64) as usize;
+            let p = order.remove(i);
+            order.insert(0, p);
+        }
+        Some(Walk { order, tried: 0 })
+    }
+    fn next(&mut self, f: &mut Walk, _now: u64) -> Option<(usize, u64)> {
+        f.next()
+    }
+    fn done(
+        &mut self,
+        _f: &mut Walk,
+        req: &Request,
+        p: usize,
+        a: &AttemptResult,
+        _now: u64,
+    ) -> bool {
+        let sample = if a.ok() {
+            a.ms as f64
+        } else {
+            a.ms as f64 + 5000.0
+        };
+        let e = self.est.entry((p, req.model)).or_insert(sample);
+        *e += 0.2 * (sample - *e);
+        !a.ok()
+    }
+}
+
+/// The crate's own routing core, driven as the filter drives it: a market snapshot every
+/// refresh period through `market::validate` → `Stored` → `MarketView`, `select::rank` per
+/// request, `attempt::Attempts` for the walk (claiming half-open probes), and every outcome
+/// recorded in the shared `HealthTable`.
+pub struct MarketRouter {
+    label: String,
+    /// The validated configuration.
+    pub config: Config,
+    view: Option<MarketView>,
+    /// Observed health.
+    pub health: HealthTable,
+    rng: Rng,
+    next_refresh_ms: u64,
+    /// Snapshots taken, failed (sidecar down) and rejected by validation.
+    pub refreshes: (u64, u64, u64),
+    /// Requests refused because every provider was excluded.
+    pub no_route: u64,
+    /// Ranks that used stale market data.
+    pub stale_ranks: u64,
+    /// Failover attempts (second and later) sent to a provider that health was keeping out
+    /// at that moment (circuit open, probe in flight or `Retry-After`): the ranking is made
+    /// once per request, when it arrives, and the walk does not look at health again.
+    pub kept_out_failovers: u64,
+    /// What-if experiment, not the core's behaviour: skip such candidates at failover time.
+    pub recheck_on_failover: bool,
+}
+
+/// A market-router request in flight.
+pub struct MrFlight {
+    ranking: Ranking,
+    attempts: Attempts,
+}
+
+impl MarketRouter {
+    /// A router for `strategy` (plus extra `routing` JSON fields, e.g. constraints).
+    pub fn new(
+        w: &World,
+        label: &str,
+        strategy: &str,
+        routing_extra: &str,
+    ) -> Result<Self, String> {
+        let doc = w.config_json(strategy, routing_extra);
+        let config = Config::parse(doc.as_bytes()).map_err(|e| format!("{label}: {e}"))?;
+        Ok(Self {
+            label: label.to_string(),
+            rng: Rng::new(config.routing.seed.unwrap_or(w.seed)),
+            config,
+            view: None,
+            health: HealthTable::default(),
+            next_refresh_ms: 0,
+            refreshes: (0, 0, 0),
+            no_route: 0,
+            stale_ranks: 0,
+            kept_out_failovers: 0,
+            recheck_on_failover: false,
+        })
+    }
+
+    fn refresh(&mut self, w: &World, t_ms: u64) {
+        let Some(body) = w.snapshot(t_ms) else {
+            self.refreshes.1 += 1;
+            return;
+        };
+        match validate(&body, &self.config, T0 + t_ms, None) {
+            Ok(v) => {
+                self.refreshes.0 += 1;
+                // Through the shared-data encoding, as every worker VM sees it.
+                if let Some(stored) = Stored::decode(&v.stored.encode()) {
+                    self.view = Some(MarketView::new(stored, &self.config));
+                }
+            }
+            Err(_) => self.refreshes.2 += 1,
+        }
+    }
+}
+
+impl Router for MarketRouter {
+    type Flight = MrFlight;
+    fn label(&self) -> String {
+        self.label.clone()
+    }
+    fn tick(&mut self, w: &World, now_ms: u64) {
+        while self.next_refresh_ms <= now_ms {
+            let t = self.next_refresh_ms;
+            self.refresh(w, t);
+            self.next_refresh_ms += REFRESH_MS;
+        }
+    }
+    fn begin(&mut self, w: &World, req: &Request, now_ms: u64) -> Option<MrFlight> {
+        let info = RequestInfo {
+            model: w.models[req.model].name.to_string(),
+            model_span: 0..0,
+            stream: req.stream,
+            include_usage: false,
+            max_tokens: req.max_tokens,
+            body_len: (req.in_tok * 4) as usize,
+        };
+        let now = T0 + now_ms;
+        match select::rank(
+            &self.config,
+            self.view.as_ref(),
+            &self.health,
+            &info,
+            &Prefs::default(),
+            now,
+            &mut self.rng,
+        ) {
+            Ok(ranking) => {
+                self.stale_ranks += u64::from(ranking.stale);
+                Some(MrFlight {
+                    ranking,
+                    attempts: Attempts::new(&self.config, now),
+                })
+            }
+            Err(_) => {
+                self.no_route += 1;
+                None
+            }
+        }
+    }
+    fn next(&mut self, f: &mut MrFlight, now_ms: u64) -> Option<(usize, u64)> {
+        let now = T0 + now_ms;
+        loop {
+            match f.attempts.next(&f.ranking.candidates, now) {
+                Next::GiveUp => return None,
+                Next::Try {
+                    candidate,
+                    timeout_ms,
+                } => {
+                    let c = &f.ranking.candidates[candidate];
+                    let p = c.provider;
+                    let name = &self.config.providers[p].name;
+                    let admission = self.health.get(name).admission(now);
+                    let kept_out = !matches!(admission, Admission::Open | Admission::Probe);
+                    if f.attempts.count() > 0 && kept_out {
+                        if self.recheck_on_failover {
+                            f.ranking.candidates.remove(candidate);
+                            continue;
+                        }
+                        self.kept_out_failovers += 1;
+                    }
+                    if c.probe {
+                        let rec = self.health.entry(&self.config.providers[p].name);
+                        if rec.admission(now) != Admission::Probe {
+                            f.ranking.candidates.remove(candidate);
+                            continue;
+                        }
+                        rec.claim_probe(now + self.config.failover.attempt_timeout_ms);
+                    }
+                    f.attempts.start(p);
+                    return Some((p, timeout_ms));
+                }
+            }
+        }
+    }
+    fn done(
+        &mut self,
+        f: &mut MrFlight,
+        req: &Request,
+        p: usize,
+        a: &AttemptResult,
+        now_ms: u64,
+    ) -> bool {
+        f.attempts.finish(a.outcome);
+        let ttfb = (req.stream && a.ok()).then_some(a.ms as f64);
+        if let Some(obs) = a.outcome.observation(ttfb) {
+            let circuit = self.config.failover.circuit;
+            let name = &self.config.providers[p].name;
+            self.health.entry(name).observe(obs, T0 + now_ms, &circuit);
+        }
+        !a.ok()
+            && a.outcome.retryable(
+                &self.config.failover.retry_on,
+                &self.config.failover.retry_on_status,
+            )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event loop and results
+
+/// Results of one strategy.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Row label.
+    pub label: String,
+    /// Requests.
+    pub requests: usize,
+    /// Requests answered.
+    pub ok: usize,
+    /// Total cost, USD.
+    pub cost: f64,
+    /// Latency of every request, ms.
+    pub latencies: Vec<u64>,
+    /// Attempts made.
+    pub attempts: usize,
+    /// Attempts that timed out.
+    pub timeouts: usize,
+    /// Answers per provider.
+    pub served: Vec<usize>,
+}
+
+impl Stats {
+    fn new(label: String, n_providers: usize) -> Self {
+        Self {
+            label,
+            served: vec![0; n_providers],
+            ..Self::default()
+        }
+    }
+
+    /// Success rate, %.
+    pub fn success_pct(&self) -> f64 {
+        100.0 * self.ok as f64 / self.requests.max(1) as f64
+    }
+
+    /// USD per 1,000 requests.
+    pub fn cost_per_1k(&self) -> f64 {
+        1000.0 * self.cost / self.requests.max(1) as f64
+    }
+
+    /// Latency percentile (nearest rank), ms.
+    pub fn percentile(&self, q: f64) -> u64 {
+        let mut v = self.latencies.clone();
+        v.sort_unstable();
+        if v.is_empty() {
+            return 0;
+        }
+        let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        v[i]
+    }
+
+    /// Mean attempts per request.
+    pub fn mean_attempts(&self) -> f64 {
+        self.attempts as f64 / self.requests.max(1) as f64
+    }
+
+    /// Share of answers per provider, %.
+    pub fn served_pct(&self) -> Vec<f64> {
+        let total = self.ok.max(1) as f64;
+        self.served
+            .iter()
+            .map(|&n| 100.0 * n as f64 / total)
+            .collect()
+    }
+}
+
+/// A request in flight in the event loop.
+struct InFlight<F> {
+    flight: F,
+    spent_ms: u64,
+    attempts: usize,
+}
+
+/// Runs `router` over the world's request stream.
+pub fn run<R: Router>(w: &World, router: &mut R) -> Stats {
+    let mut st = Stats::new(router.label(), w.providers.len());
+    st.requests = w.requests.len();
+    st.latencies = vec![0; w.requests.len()];
+    let mut flights: HashMap<usize, (InFlight<R::Flight>, usize, AttemptResult)> = HashMap::new();
+    // (end time, request): attempts in flight.
+    let mut events: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+    let mut next_req = 0;
+    loop {
+        let arrival = w.requests.get(next_req).map(|r| r.at_ms);
+        let ends = events.peek().map(|Reverse((t, _))| *t);
+        let take_end = match (arrival, ends) {
+            (None, None) => break,
+            (Some(a), Some(e)) => e <= a,
+            (None, Some(_)) => true,
+            (Some(_), None) => false,
+        };
+        if take_end {
+            let Some(Reverse((now, id))) = events.pop() else {
+                break;
+            };
+            router.tick(w, now);
+            let Some((mut fl, p, a)) = flights.remove(&id) else {
+                continue;
+            };
+            let req = &w.requests[id];
+            fl.spent_ms += a.ms;
+            if a.outcome == Outcome::Timeout {
+                st.timeouts += 1;
+            }
+            let again = router.done(&mut fl.flight, req, p, &a, now);
+            if a.ok() {
+                st.ok += 1;
+                st.cost += a.cost;
+                st.served[p] += 1;
+                st.latencies[id] = fl.spent_ms;
+                continue;
+            }
+            if again {
+                if let Some((q, timeout)) = router.next(&mut fl.flight, now) {
+                    let a = w.attempt(req, q, now, timeout);
+                    fl.attempts += 1;
+                    st.attempts += 1;
+                    events.push(Reverse((now + a.ms, id)));
+                    flights.insert(id, (fl, q, a));
+                    continue;
+                }
+            }
+            st.latencies[id] = fl.spent_ms;
+        } else {
+            let req = &w.requests[next_req];
+            next_req += 1;
+            let now = req.at_ms;
+            router.tick(w, now);
+            let Some(mut flight) = router.begin(w, req, now) else {
+                continue;
+            };
+            if let Some((p, timeout)) = router.next(&mut flight, now) {
+                let a = w.attempt(req, p, now, timeout);
+                st.attempts += 1;
+                events.push(Reverse((now + a.ms, req.id)));
+                flights.insert(
+                    req.id,
+                    (
+                        InFlight {
+                            flight,
+                            spent_ms: 0,
+                            attempts: 1,
+                        },
+                        p,
+                        a,
+                    ),
+                );
+            }
+        }
+    }
+    st
+}
+
+/// The oracle: knows every attempt's outcome in advance and sends each request, once, to the
+/// cheapest provider that will answer it (the fastest failure when none will).
+pub fn run_oracle(w: &World) -> Stats {
+    run_oracle_capped(w, u64::MAX)
+}
+
+/// The oracle restricted to answers that start within `cap_ms` (when any will).
+pub fn run_oracle_capped(w: &World, cap_ms: u64) -> Stats {
+    let label = if cap_ms == u64::MAX {
+        "oracle (cheapest that succeeds)".to_string()
+    } else {
+        format!("oracle, answer within {cap_ms} ms")
+    };
+    let mut st = Stats::new(label, w.providers.len());
+    st.requests = w.requests.len();
+    for req in &w.requests {
+        let results: Vec<(usize, AttemptResult)> = w
+            .serving(req.model)
+            .into_iter()
+            .map(|p| (p, w.attempt(req, p, req.at_ms, ATTEMPT_TIMEOUT_MS)))
+            .collect();
+        st.attempts += 1;
+        let cheapest = |cap: u64| {
+            results
+                .iter()
+                .filter(|(_, a)| a.ok() && a.ms <= cap)
+                .min_by(|x, y| x.1.cost.total_cmp(&y.1.cost).then(x.1.ms.cmp(&y.1.ms)))
+        };
+        let best = cheapest(cap_ms).or_else(|| cheapest(u64::MAX));
+        match best {
+            Some((p, a)) => {
+                st.ok += 1;
+                st.cost += a.cost;
+                st.served[*p] += 1;
+                st.latencies.push(a.ms);
+            }
+            None => {
+                let fastest = results.iter().map(|(_, a)| a.ms).min().unwrap_or(0);
+                st.latencies.push(fastest);
+            }
+        }
+    }
+    st
+}
+
+/// The market-router variants compared: (label, strategy, extra routing fields).
+pub const VARIANTS: &[(&str, &str, &str)] = &[
+    ("market-router balanced", "balanced", ""),
+    ("market-router cheapest", "cheapest", ""),
+    (
+        "market-router cheapest+constraints",
+        "cheapest",
+        r#","constraints":{"min_uptime":0.95,"max_ttft_ms":1500}"#,
+    ),
+];
+
+/// Everything one run produced.
+pub struct Report {
+    /// Seed.
+    pub seed: u64,
+    /// Requests.
+    pub requests: usize,
+    /// Request rate.
+    pub rps: f64,
+    /// Rows: baselines, market-router variants, oracle.
+    pub rows: Vec<Stats>,
+    /// Market-router counters per variant: (label, refreshes ok, sidecar down, rejected,
+    /// stale ranks, no route, circuit openings).
+    pub router_counters: Vec<(String, u64, u64, u64, u64, u64, u32)>,
+    /// World facts: per provider (name, share of time down, share of time impaired, mean
+    /// llama-70b price in, out).
+    pub world_facts: Vec<(String, f64, f64, f64, f64)>,
+}
+
+/// A goal check.
+#[derive(Debug, Clone)]
+pub struct Goal {
+    /// Variant judged.
+    pub variant: String,
+    /// What the goal says.
+    pub goal: &'static str,
+    /// Measured value.
+    pub value: f64,
+    /// Target.
+    pub target: f64,
+    /// Met.
+    pub pass: bool,
+}
+
+impl Report {
+    /// Row by label.
+    pub fn row(&self, label: &str) -> Option<&Stats> {
+        self.rows.iter().find(|r| r.label == label)
+    }
+
+    /// Goal checks of one market-router variant.
+    pub fn goals_of(&self, variant: &str) -> Vec<Goal> {
+        let (Some(mr), Some(rr), Some(or)) = (
+            self.row(variant),
+            self.row("round-robin"),
+            self.rows.iter().find(|r| r.label.starts_with("oracle")),
+        ) else {
+            return Vec::new();
+        };
+        let g = |goal, value: f64, target: f64, pass| Goal {
+            variant: variant.to_string(),
+            goal,
+            value,
+            target,
+            pass,
+        };
+        let vs_oracle = mr.cost_per_1k() / or.cost_per_1k();
+        let vs_rr = mr.cost_per_1k() / rr.cost_per_1k();
+        let p95 = mr.percentile(0.95) as f64 / rr.percentile(0.95).max(1) as f64;
+        vec![
+            g(
+                "success >= 99.9 %",
+                mr.success_pct(),
+                99.9,
+                mr.success_pct() >= 99.9,
+            ),
+            g(
+                "cost / oracle cost <= 1.10",
+                vs_oracle,
+                1.10,
+                vs_oracle <= 1.10,
+            ),
+            g(
+                "cost / round-robin cost <= 0.80",
+                vs_rr,
+                0.80,
+                vs_rr <= 0.80,
+            ),
+            g("p95 / round-robin p95 <= 1.00", p95, 1.0, p95 <= 1.0),
+        ]
+    }
+
+    /// Goal checks of every variant.
+    pub fn goals(&self) -> Vec<Goal> {
+        VARIANTS
+            .iter()
+            .flat_map(|(v, _, _)| self.goals_of(v))
+            .collect()
+    }
+
+    /// The results table, ratios and goal verdicts as text.
+    pub fn text(&self) -> String {
+        let mut s = format!(
+            "market simulation: seed {}, {} requests at {}/s ({:.1} h simulated), {} providers\n\n",
+            self.seed,
+            self.requests,
+            self.rps,
+            self.requests as f64 / self.rps / 3600.0,
+            self.world_facts.len()
+        );
+        s.push_str(
+            "world (llama-70b): provider | down % | impaired % | mean price in/out $/Mtok\n",
+        );
+        for (name, down, imp, pi, po) in &self.world_facts {
+            s.push_str(&format!(
+                "  {name:<7} {down:>6.2} {imp:>8.2}     {pi:.3} / {po:.3}\n"
+            ));
+        }
+        s.push('\n');
+        let w = self.rows.iter().map(|r| r.label.len()).max().unwrap_or(10);
+        s.push_str(&format!(
+            "{:<w$} | {:>9} | {:>12} | {:>8} | {:>8} | {:>8} | {:>6} | {}\n",
+            "strategy",
+            "success %",
+            "$/1k req",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "att/req",
+            "answers by provider %"
+        ));
+        s.push_str(&format!("{}\n", "-".repeat(w + 100)));
+        for r in &self.rows {
+            let shares: Vec<String> = r.served_pct().iter().map(|x| format!("{x:.0}")).collect();
+            s.push_str(&format!(
+                "{:<w$} | {:>9.3} | {:>12.4} | {:>8} | {:>8} | {:>8} | {:>6.3} | {}\n",
+                r.label,
+                r.success_pct(),
+                r.cost_per_1k(),
+                r.percentile(0.5),
+                r.percentile(0.95),
+                r.percentile(0.99),
+                r.mean_attempts(),
+                shares.join("/")
+            ));
+        }
+        s.push_str("\nmarket-router internals: refreshes ok / sidecar down / rejected, stale ranks, no route, circuit openings\n");
+        for (l, ok, down, rej, stale, nr, opens) in &self.router_counters {
+            s.push_str(&format!(
+                "  {l}: {ok} / {down} / {rej}, {stale}, {nr}, {opens}\n"
+            ));
+        }
+        s.push_str("\ngoals:\n");
+        for g in self.goals() {
+            s.push_str(&format!(
+                "  [{}] {:<36} {:<30} {:.4} (target {})\n",
+                if g.pass { "PASS" } else { "FAIL" },
+                g.variant,
+                g.goal,
+                g.value,
+                g.target
+            ));
+        }
+        s
+    }
+
+    /// The same as JSON.
+    pub fn json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "strategy": r.label,
+                    "success_pct": r.success_pct(),
+                    "cost_per_1k_requests_usd": r.cost_per_1k(),
+                    "p50_latency_ms": r.percentile(0.5),
+                    "p95_latency_ms": r.percentile(0.95),
+                    "p99_latency_ms": r.percentile(0.99),
+                    "mean_attempts": r.mean_attempts(),
+                    "timeouts": r.timeouts,
+                    "answers_by_provider_pct": r.served_pct(),
+                })
+            })
+            .collect();
+        let goals: Vec<Value> = self
+            .goals()
+            .iter()
+            .map(|g| json!({"variant": g.variant, "goal": g.goal, "value": g.value, "target": g.target, "pass": g.pass}))
+            .collect();
+        let world: Vec<Value> = self
+            .world_facts
+            .iter()
+            .map(|(n, d, i, pi, po)| json!({"provider": n, "down_pct": d, "impaired_pct": i, "mean_price_in": pi, "mean_price_out": po}))
+            .collect();
+        json!({
+            "seed": self.seed,
+            "requests": self.requests,
+            "rps": self.rps,
+            "max_attempts": MAX_ATTEMPTS,
+            "attempt_timeout_ms": ATTEMPT_TIMEOUT_MS,
+            "providers": world,
+            "strategies": rows,
+            "goals": goals,
+        })
+    }
+}
+
+/// Runs every strategy on the world of `seed`.
+pub fn simulate(seed: u64, requests: usize, rps: f64) -> Result<Report, String> {
+    let w = world(seed, requests, rps);
+    let mut rows = vec![
+        run(&w, &mut RoundRobin::default()),
+        run(&w, &mut StaticOrder),
+        run(&w, &mut LatencyLearner::new(seed)),
+    ];
+    let mut router_counters = Vec::new();
+    for (label, strategy, extra) in VARIANTS {
+        let mut mr = MarketRouter::new(&w, label, strategy, extra)?;
+        rows.push(run(&w, &mut mr));
+        let opens = mr.health.providers.values().map(|h| h.opens).sum();
+        router_counters.push((
+            label.to_string(),
+            mr.refreshes.0,
+            mr.refreshes.1,
+            mr.refreshes.2,
+            mr.stale_ranks,
+            mr.no_route,
+            opens,
+        ));
+    }
+    rows.push(run_oracle(&w));
+    let horizon = (w.requests.last().map_or(0, |r| r.at_ms) / SLOT_MS) as usize + 1;
+    let world_facts = w
+        .providers
+        .iter()
+        .enumerate()
+        .map(|(p, spec)| {
+            let tl = &w.slots[p][..horizon.min(w.slots[p].len())];
+            let n = tl.len().max(1) as f64;
+            (
+                spec.name.to_string(),
+                100.0 * tl.iter().filter(|s| s.down).count() as f64 / n,
+                100.0 * tl.iter().filter(|s| s.impaired).count() as f64 / n,
+                tl.iter().map(|s| s.price_in).sum::<f64>() / n,
+                tl.iter().map(|s| s.price_out).sum::<f64>() / n,
+            )
+        })
+        .collect();
+    Ok(Report {
+        seed,
+        requests,
+        rps,
+        rows,
+        router_counters,
+        world_facts,
+    })
+}
