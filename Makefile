@@ -77,7 +77,7 @@ wasm-test: toolchain ## the core's unit tests compiled to wasm32-wasip1, run und
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="node scripts/wasi-run.mjs" \
 		cargo test --lib --target $(TARGET) -- --nocapture --test-threads=1
 
-validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the .wasm too)
+validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the .wasm), then the JSON Schema checks
 	@shopt -s nullglob; files=(envoy/*.yaml); \
 	if [ $${#files[@]} -eq 0 ]; then echo "validate: no envoy/*.yaml to validate" >&2; exit 1; fi; \
 	$(find_envoy); \
@@ -89,6 +89,10 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	done; \
 	if [ $${#failed[@]} -gt 0 ]; then echo "validate: FAILED: $${failed[*]}" >&2; exit 1; fi; \
 	echo "validate: $${#files[@]} config(s) OK"
+	@.venv/bin/python -c "import jsonschema, yaml" 2>/dev/null || \
+		timeout 180 .venv/bin/pip install -q jsonschema pyyaml || timeout 180 .venv/bin/pip install -q jsonschema pyyaml
+	@.venv/bin/python scripts/gen-kong-meta.py --check
+	@set -o pipefail; .venv/bin/python scripts/check-schema.py | tail -1
 
 # The tests start the example binaries (mock providers, market sidecar) from target/debug/examples.
 integration: build envoy ## the tests/*.rs suites against a real Envoy

@@ -113,6 +113,11 @@ pub struct Provider {
     pub region: Option<String>,
     /// Offer used without fresh market data.
     pub static_offer: Option<StaticOffer>,
+    /// `:scheme` of dispatched attempts (`https` where the host reaches the provider itself, as on Kong).
+    pub scheme: String,
+    /// Headers added to every attempt sent to this provider (for hosts that cannot inject
+    /// per-provider credentials themselves). Values are never logged.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Provider {
@@ -359,11 +364,12 @@ impl<'a> Obj<'a> {
             Value::Object(map) => {
                 for k in map.keys() {
                     if !known.contains(&k.as_str()) {
-                        return Err(err(
-                            &join(path, k),
-                            map.get(k),
-                            format!("unknown field; allowed: {}", known.join(", ")),
-                        ));
+                        // The value of an unknown field is not shown: it may be a credential.
+                        return Err(ConfigError {
+                            field: join(path, k),
+                            value: "(not shown)".into(),
+                            expected: format!("unknown field; allowed: {}", known.join(", ")),
+                        });
                     }
                 }
                 Ok(Self {
@@ -530,6 +536,8 @@ const PROVIDER: &[&str] = &[
     "provider_type",
     "region",
     "static_offer",
+    "scheme",
+    "headers",
 ];
 const OFFER: &[&str] = &["price", "latency_ms", "uptime", "context_window"];
 const PRICE: &[&str] = &["input_per_mtok", "output_per_mtok"];
@@ -748,6 +756,51 @@ fn parse_providers(top: &Obj<'_>) -> Result<Vec<Provider>, ConfigError> {
             .obj("static_offer", OFFER)?
             .map(|o| parse_static_offer(&o))
             .transpose()?;
+        let scheme = match p.get("scheme") {
+            None => "http".to_string(),
+            Some(Value::String(s)) if s == "http" || s == "https" => s.clone(),
+            Some(v) => {
+                return Err(err(
+                    &p.field("scheme"),
+                    Some(v),
+                    "expected one of http, https",
+                ))
+            }
+        };
+        let headers = match p.get("headers") {
+            None => Vec::new(),
+            Some(Value::Object(m)) => {
+                let mut hs = Vec::with_capacity(m.len());
+                for (k, v) in m {
+                    let ok_name = is_header_name(k)
+                        && !matches!(k.as_str(), "host" | "content-length" | "transfer-encoding");
+                    match v.as_str() {
+                        // Values may be credentials: errors name the header, never the value.
+                        Some(val) if ok_name && !val.contains(['\r', '\n']) => {
+                            hs.push((k.clone(), val.to_string()))
+                        }
+                        _ => {
+                            return Err(ConfigError {
+                                field: format!("{path}.headers.{k}"),
+                                value: "(redacted)".into(),
+                                expected:
+                                    "expected a lowercase header name (not host, content-length, \
+                                           transfer-encoding) with a single-line string value"
+                                        .into(),
+                            })
+                        }
+                    }
+                }
+                hs
+            }
+            Some(v) => {
+                return Err(ConfigError {
+                    field: p.field("headers"),
+                    value: "(redacted)".into(),
+                    expected: "expected an object of header name to value".into(),
+                })
+            }
+        };
         out.push(Provider {
             name,
             cluster,
@@ -756,6 +809,8 @@ fn parse_providers(top: &Obj<'_>) -> Result<Vec<Provider>, ConfigError> {
             provider_type,
             region,
             static_offer,
+            scheme,
+            headers,
         });
     }
     Ok(out)
@@ -1098,7 +1153,7 @@ mod tests {
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":{"stratgy":"fastest"}}"#,
-                "field `routing.stratgy` = \"fastest\": unknown field; allowed: strategy,",
+                "field `routing.stratgy` = (not shown): unknown field; allowed: strategy,",
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"failover":{"max_attempts":0}}"#,
@@ -1165,6 +1220,24 @@ mod tests {
                 "doc {doc}\n got: {got}\nwant: {want}…"
             );
         }
+    }
+
+    #[test]
+    fn provider_headers_never_echo_their_values() {
+        let doc = r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"},"headers":{"Authorization":"Bearer sk-secret"}}]}"#;
+        let e = Config::parse(doc.as_bytes()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("field `providers[0].headers.Authorization` = (redacted)"),
+            "{e}"
+        );
+        assert!(!e.contains("sk-secret"));
+        let ok = r#"{"providers":[{"name":"a","cluster":"api.x:443","models":{"m":"m"},"scheme":"https","headers":{"authorization":"Bearer k"}}]}"#;
+        let c = Config::parse(ok.as_bytes()).unwrap();
+        assert_eq!(c.providers[0].scheme, "https");
+        assert_eq!(
+            c.providers[0].headers,
+            vec![("authorization".to_string(), "Bearer k".to_string())]
+        );
     }
 
     #[test]

@@ -495,6 +495,10 @@ impl Http {
                 Some(&timeout_ms.to_string()),
             );
         }
+
+        for (k, v) in &provider.headers {
+            host::set_request_header(k, Some(v));
+        }
         debug!(
             "#{} market-router: routing model {} to {}",
             self.id, info.model, provider.name
@@ -530,8 +534,19 @@ impl Http {
                 (":method", "POST"),
                 (":path", path),
                 (":authority", provider.authority.as_str()),
+                (":scheme", provider.scheme.as_str()),
             ];
-            hs.extend(fwd.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            hs.extend(
+                fwd.iter()
+                    .filter(|(k, _)| !provider.headers.iter().any(|(h, _)| h == k))
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            hs.extend(
+                provider
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
             let result = host::dispatch(&provider.cluster, &hs, &body, timeout_ms);
             let name = provider.name.clone();
             vm.metrics.add(provider_idx, PerProvider::Attempts, 1);
