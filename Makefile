@@ -92,6 +92,7 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	@.venv/bin/python -c "import jsonschema, yaml" 2>/dev/null || \
 		timeout 180 .venv/bin/pip install -q jsonschema pyyaml || timeout 180 .venv/bin/pip install -q jsonschema pyyaml
 	@.venv/bin/python scripts/gen-kong-meta.py --check
+	@.venv/bin/python scripts/gen-field-table.py --check
 	@set -o pipefail; .venv/bin/python scripts/check-schema.py | tail -1
 
 # The tests start the example binaries (mock providers, market sidecar) from target/debug/examples.
