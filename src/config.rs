@@ -793,7 +793,7 @@ fn parse_providers(top: &Obj<'_>) -> Result<Vec<Provider>, ConfigError> {
                 }
                 hs
             }
-            Some(v) => {
+            Some(_) => {
                 return Err(ConfigError {
                     field: p.field("headers"),
                     value: "(redacted)".into(),

@@ -173,16 +173,40 @@ impl Usage {
     }
 }
 
-/// `usage` of a non-streaming answer body.
-pub fn usage_of_answer(body: &[u8]) -> Option<Usage> {
+/// A 2xx answer whose body is not a JSON object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed;
+
+/// Checks a non-streaming answer in one parse: `Err(Malformed)` when it is not a JSON object,
+/// else its `usage` if it has a readable one.
+pub fn inspect_answer(body: &[u8]) -> Result<Option<Usage>, Malformed> {
     #[derive(serde::Deserialize)]
     struct Answer {
-        usage: Option<RawUsage>,
+        #[serde(default)]
+        usage: Option<serde_json::Value>,
     }
-    serde_json::from_slice::<Answer>(body)
-        .ok()?
-        .usage
-        .map(RawUsage::into_usage)
+    // A struct also deserializes from an array: insist on an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Malformed);
+    }
+    let answer: Answer = serde_json::from_slice(body).map_err(|_| Malformed)?;
+    Ok(answer.usage.as_ref().and_then(usage_from_value))
+}
+
+/// `usage` of a non-streaming answer body.
+pub fn usage_of_answer(body: &[u8]) -> Option<Usage> {
+    inspect_answer(body).ok().flatten()
+}
+
+fn usage_from_value(v: &serde_json::Value) -> Option<Usage> {
+    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+    if n("prompt_tokens").is_none() && n("completion_tokens").is_none() {
+        return None;
+    }
+    Some(Usage {
+        prompt_tokens: n("prompt_tokens").unwrap_or(0),
+        completion_tokens: n("completion_tokens").unwrap_or(0),
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -253,6 +277,12 @@ mod tests {
             })
         );
         assert_eq!(usage_of_answer(b"{}"), None);
+        assert_eq!(inspect_answer(b"{\"id\": ["), Err(Malformed));
+        assert_eq!(inspect_answer(b"[1]"), Err(Malformed));
+        assert_eq!(
+            inspect_answer(br#"{"usage":{"prompt_tokens":"x"}}"#),
+            Ok(None)
+        );
         let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n";
         assert_eq!(
             usage_in_sse(sse),

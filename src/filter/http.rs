@@ -64,10 +64,6 @@ pub(crate) struct Http {
     usage: Option<Usage>,
 }
 
-fn is_json(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
-}
-
 impl Http {
     pub(crate) fn new(id: u32, vm: Rc<Vm>) -> Self {
         Self {
@@ -713,7 +709,10 @@ impl Context for Http {
             .find(|(k, _)| k == "retry-after")
             .map(|(_, v)| v.as_str());
         let mut outcome = classify_dispatched(status, &body, retry_after);
-        if matches!(outcome, Outcome::Success(_)) && !self.stream() && !is_json(&body) {
+        if matches!(outcome, Outcome::Success(_))
+            && !self.stream()
+            && metrics::inspect_answer(&body).is_err()
+        {
             outcome = Outcome::Malformed;
         }
         match self.judge(outcome, now) {
@@ -829,8 +828,9 @@ impl HttpContext for Http {
                 let now = host::now_ms();
                 let body =
                     host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
-                let malformed = self.vm.config.failover.retry_on.malformed && !is_json(&body);
-                self.usage = metrics::usage_of_answer(&body);
+                let inspected = metrics::inspect_answer(&body);
+                let malformed = self.vm.config.failover.retry_on.malformed && inspected.is_err();
+                self.usage = inspected.ok().flatten();
                 let status = host::response_header(":status")
                     .and_then(|s| s.parse::<u32>().ok())
                     .unwrap_or(200);
