@@ -289,6 +289,9 @@ pub struct Config {
     pub failover: Failover,
     /// Max request body accepted, bytes.
     pub max_body_bytes: usize,
+    /// Largest encoded snapshot stored in shared data; bigger ones are refused (the last good
+    /// one stays), so a bounded store (Kong's shm_kv zone) is never overfilled by the market.
+    pub max_snapshot_bytes: usize,
     /// Whether `x-market-router-*` response headers are added.
     pub response_headers: bool,
     /// Prefix of shared-data keys (`<prefix>/market`, …); on Kong it names the shm_kv zone.
@@ -581,7 +584,7 @@ const FAILOVER: &[&str] = &[
     "forward_client_authorization",
 ];
 const CIRCUIT: &[&str] = &["failure_threshold", "cooldown_ms"];
-const LIMITS: &[&str] = &["max_body_bytes"];
+const LIMITS: &[&str] = &["max_body_bytes", "max_snapshot_bytes"];
 
 /// Allowed `failover.retry_on` values.
 pub const RETRY_ON_VALUES: &[&str] = &[
@@ -655,9 +658,14 @@ impl Config {
             }
         };
         let failover = parse_failover(top.obj("failover", FAILOVER)?)?;
-        let max_body_bytes = match top.obj("limits", LIMITS)? {
+        let limits = top.obj("limits", LIMITS)?;
+        let max_body_bytes = match &limits {
             Some(l) => l.int("max_body_bytes", 1, 64 << 20, 1 << 20)?,
             None => 1 << 20,
+        } as usize;
+        let max_snapshot_bytes = match &limits {
+            Some(l) => l.int("max_snapshot_bytes", 1024, 1 << 30, 4 << 20)?,
+            None => 4 << 20,
         } as usize;
         let prefix = top
             .string("shared_data_prefix")?
@@ -675,6 +683,7 @@ impl Config {
             routing,
             failover,
             max_body_bytes,
+            max_snapshot_bytes,
             response_headers: top.bool("response_headers", true)?,
             shared_data_prefix: prefix,
             explain_path_prefix,

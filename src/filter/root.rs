@@ -140,9 +140,10 @@ impl Root {
                                 v.unknown_providers
                             );
                         }
-                        self.store(vm, &v.stored);
-                        vm.metrics.inc(Global::RefreshOk);
-                        self.refresh_ok(vm);
+                        if self.store(vm, &v.stored) {
+                            vm.metrics.inc(Global::RefreshOk);
+                            self.refresh_ok(vm);
+                        }
                     }
                     Err(e) => self.refresh_failed(vm, &e.to_string()),
                 }
@@ -152,16 +153,30 @@ impl Root {
         }
     }
 
-    fn store(&self, vm: &Vm, stored: &market::Stored) {
-        if let Err(e) = host::shared_set(&vm.keys.market, &stored.encode(), None) {
+    /// Stores a validated snapshot and bumps the generation; false when it was not stored.
+    fn store(&self, vm: &Vm, stored: &market::Stored) -> bool {
+        let encoded = stored.encode();
+        if encoded.len() > vm.config.max_snapshot_bytes {
+            self.refresh_failed(
+                vm,
+                &format!(
+                    "snapshot of {} offers takes {} bytes, over limits.max_snapshot_bytes ({})",
+                    stored.offers.len(),
+                    encoded.len(),
+                    vm.config.max_snapshot_bytes
+                ),
+            );
+            return false;
+        }
+        if let Err(e) = host::shared_set(&vm.keys.market, &encoded, None) {
             warn!(
                 "market-router: cannot store the market snapshot ({e:?}); keeping the previous one"
             );
-            return;
+            return false;
         }
         for _ in 0..8 {
             let Some((g, cas)) = host::shared_get(&vm.keys.market_gen) else {
-                return;
+                break;
             };
             let next = read_u64(&g) + 1;
             if host::shared_set(&vm.keys.market_gen, &next.to_le_bytes(), Some(cas)).is_ok() {
@@ -170,9 +185,11 @@ impl Root {
                     stored.offers.len(),
                     stored.generated_at_ms
                 );
-                return;
+                return true;
             }
         }
+        warn!("market-router: stored a snapshot but could not bump its generation; workers pick it up after the next refresh");
+        true
     }
 }
 
