@@ -97,6 +97,14 @@ pub struct EnvoyConfig {
     pub log_level: String,
     /// `--component-log-level` value (empty = none).
     pub component_log_level: String,
+    /// Text format of the access log lines (Envoy's default format when `None`).
+    pub access_log_format: Option<String>,
+    /// Bootstrap `stats_flush_interval` (Envoy's default, 5 s, when `None`). Histograms show
+    /// new samples in admin `/stats` only after a flush.
+    pub stats_flush_interval: Option<Duration>,
+    /// `--file-flush-interval-msec`: how often buffered log files, the stdout access log
+    /// included, are written out (Envoy's default, 10 s, when `None`).
+    pub file_flush_interval: Option<Duration>,
 }
 
 impl Default for EnvoyConfig {
@@ -113,6 +121,9 @@ impl Default for EnvoyConfig {
             access_log: false,
             log_level: "warning".to_string(),
             component_log_level: "wasm:debug".to_string(),
+            access_log_format: None,
+            stats_flush_interval: None,
+            file_flush_interval: None,
         }
     }
 }
@@ -202,6 +213,27 @@ impl EnvoyConfig {
         self
     }
 
+    /// Sets the access log's text format (command operators such as `%RESPONSE_CODE%` or
+    /// `%FILTER_STATE(wasm.market_router.decision:PLAIN)%`; end it with `\n`). Only used with
+    /// [`EnvoyConfig::access_log`].
+    pub fn access_log_format(mut self, format: &str) -> Self {
+        self.access_log_format = Some(format.to_string());
+        self
+    }
+
+    /// Sets how often Envoy flushes stats (and merges histograms for admin `/stats`).
+    pub fn stats_flush_interval(mut self, interval: Duration) -> Self {
+        self.stats_flush_interval = Some(interval);
+        self
+    }
+
+    /// Sets how often Envoy writes out buffered log files (access log lines show up in
+    /// [`Envoy::log_contents`] only then).
+    pub fn file_flush_interval(mut self, interval: Duration) -> Self {
+        self.file_flush_interval = Some(interval);
+        self
+    }
+
     /// Sets `-l` (e.g. `warning`, `info`, `debug`).
     pub fn log_level(mut self, level: &str) -> Self {
         self.log_level = level.to_string();
@@ -216,7 +248,12 @@ impl EnvoyConfig {
 
     /// The bootstrap YAML.
     pub fn to_yaml(&self) -> String {
-        let mut y = format!(
+        let mut y = String::new();
+        if let Some(interval) = self.stats_flush_interval {
+            let _ = writeln!(y, "stats_flush_interval: {}", secs(interval));
+        }
+        let _ = write!(
+            y,
             r#"admin:
   address:
     socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
@@ -244,6 +281,16 @@ static_resources:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
 "#,
             );
+            if let Some(format) = &self.access_log_format {
+                let _ = write!(
+                    y,
+                    r#"              log_format:
+                text_format_source:
+                  inline_string: {}
+"#,
+                    q(format)
+                );
+            }
         }
         let timeout = secs(self.route_timeout);
         let action = match (&self.filter, self.providers.first()) {
@@ -253,7 +300,8 @@ static_resources:
             ),
             (Filter::None, None) => "direct_response: { status: 503 }".to_string(),
             _ => format!(
-                "route: {{ cluster_header: {}, timeout: {timeout} }}",
+                "route: {{ cluster_header: {}, timeout: {timeout} }}\n                request_headers_to_remove: [{}]",
+                q(&self.cluster_header),
                 q(&self.cluster_header)
             ),
         };
@@ -440,6 +488,10 @@ impl Envoy {
         if !cfg.component_log_level.is_empty() {
             cmd.arg("--component-log-level")
                 .arg(&cfg.component_log_level);
+        }
+        if let Some(interval) = cfg.file_flush_interval {
+            cmd.arg("--file-flush-interval-msec")
+                .arg(interval.as_millis().max(1).to_string());
         }
         let mut proc = Proc::spawn_in("envoy", &mut cmd, dir)?;
         // Errors about an exited process carry the log tail already.

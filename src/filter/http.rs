@@ -480,6 +480,7 @@ impl Http {
         }
         for (k, _) in &self.headers {
             if PREF_HEADERS.contains(&k.as_str())
+                || k == "proxy-authorization"
                 || (k == "authorization" && !config.failover.forward_client_authorization)
             {
                 host::set_request_header(k, None);
@@ -862,13 +863,41 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
-        // A stream that ended without its end-of-stream body callback (reset mid-response).
-        if self.state == State::Streaming {
-            self.vm.metrics.inc(Global::StreamFailedMidway);
-            if let Some(p) = self.served_by() {
-                self.vm.metrics.add(p, PerProvider::Failure, 1);
-                self.record_decision(Some(p), Some(200));
+        let now = host::now_ms();
+        let failure = crate::health::Observation::Failure {
+            retry_after_ms: None,
+        };
+        match self.state {
+            // A stream that ended without its end-of-stream body callback (reset mid-response):
+            // the client already has bytes, so nothing can be replayed; count it.
+            State::Streaming => {
+                self.vm.metrics.inc(Global::StreamFailedMidway);
+                if let Some(p) = self.served_by() {
+                    self.vm.metrics.add(p, PerProvider::Failure, 1);
+                    self.vm
+                        .observe(&self.vm.config.providers[p].name, failure, now);
+                    self.record_decision(Some(p), Some(200));
+                }
             }
+            // A held 2xx that broke off mid-body: Envoy answers the client itself (502) without
+            // passing the reply back through this filter, so it can only be counted.
+            State::Validating => {
+                let Some(p) = self.attempts.as_ref().and_then(|a| a.current) else {
+                    return;
+                };
+                if let Some(a) = self.attempts.as_mut() {
+                    a.finish(Outcome::Reset);
+                }
+                warn!(
+                    "#{} market-router: provider {} broke off its answer mid-body; the host answered 502",
+                    self.id, self.vm.config.providers[p].name
+                );
+                self.vm.metrics.add(p, PerProvider::Failure, 1);
+                self.vm
+                    .observe(&self.vm.config.providers[p].name, failure, now);
+                self.record_decision(Some(p), Some(502));
+            }
+            _ => {}
         }
     }
 }
