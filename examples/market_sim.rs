@@ -4,7 +4,8 @@
 //! checks the market-router goals.
 //!
 //! ```text
-//! cargo run --release --example market_sim -- [--seed N] [--requests N] [--rps X] [--json out.json]
+//! cargo run --release --example market_sim -- [--seed N] [--requests N] [--rps X]
+//!     [--informed-oracle true|false] [--sidecar-outages-per-hour X] [--json out.json]
 //! ```
 //!
 //! The world and the strategies are described at the top of `examples/sim/mod.rs`.
@@ -14,24 +15,30 @@ mod sim;
 use std::process::ExitCode;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: market_sim [--seed N] [--requests N] [--rps X] [--json out.json]");
+    eprintln!(
+        "usage: market_sim [--seed N] [--requests N] [--rps X] [--informed-oracle true|false] \
+         [--sidecar-outages-per-hour X] [--json out.json]"
+    );
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
-    let mut seed = 42u64;
-    let mut requests = 100_000usize;
-    let mut rps = 5.0f64;
+    let mut o = sim::Options::default();
     let mut json_out: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next();
         let ok = match (a.as_str(), v) {
-            ("--seed", Some(v)) => v.parse().map(|x| seed = x).is_ok(),
-            ("--requests", Some(v)) => v.parse().map(|x| requests = x).is_ok() && requests > 0,
+            ("--seed", Some(v)) => v.parse().map(|x| o.seed = x).is_ok(),
+            ("--requests", Some(v)) => v.parse().map(|x| o.requests = x).is_ok() && o.requests > 0,
             ("--rps", Some(v)) => {
-                v.parse().map(|x| rps = x).is_ok() && rps > 0.0 && rps.is_finite()
+                v.parse().map(|x| o.rps = x).is_ok() && o.rps > 0.0 && o.rps.is_finite()
             }
+            ("--informed-oracle", Some(v)) => v.parse().map(|x| o.informed_oracle = x).is_ok(),
+            ("--sidecar-outages-per-hour", Some(v)) => v
+                .parse()
+                .map(|x| o.sidecar_outages_h = x)
+                .is_ok_and(|_| o.sidecar_outages_h >= 0.0),
             ("--json", Some(v)) => {
                 json_out = Some(v);
                 true
@@ -43,7 +50,7 @@ fn main() -> ExitCode {
         }
     }
     let t = std::time::Instant::now();
-    let report = match sim::simulate(seed, requests, rps) {
+    let report = match sim::simulate(o) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("market_sim: {e}");

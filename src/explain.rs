@@ -226,6 +226,7 @@ pub fn route(
                 json!({
                     "model": model,
                     "strategy": r.strategy.as_str(),
+                    "last_resort": r.last_resort,
                     "assumed_tokens": {"input": input_tokens, "output": req.max_tokens},
                     "candidates": cands,
                     "excluded": excluded_json(&r.excluded),

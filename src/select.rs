@@ -194,6 +194,8 @@ pub struct Ranking {
     pub excluded: Vec<(usize, Reason)>,
     /// The market data was stale.
     pub stale: bool,
+    /// Every candidate was held back by health; these are tried anyway, soonest-free first.
+    pub last_resort: bool,
 }
 
 /// Why nothing can be ranked.
@@ -227,6 +229,7 @@ pub fn rank(
     let mut serving = 0;
     let mut candidates = Vec::new();
     let mut excluded = Vec::new();
+    let mut held_back: Vec<(u64, Candidate)> = Vec::new();
     for (idx, p) in config.providers.iter().enumerate() {
         let Some(configured_model) = p.model_id(&req.model) else {
             continue;
@@ -259,22 +262,17 @@ pub fn rank(
             excluded.push((idx, reason));
             continue;
         }
-        match health.providers.get(&p.name).map(|h| h.admission(now_ms)) {
-            None | Some(Admission::Open) => {}
-            Some(Admission::Probe) => cand.probe = true,
-            Some(Admission::CircuitOpen(until)) => {
-                excluded.push((idx, Reason::CircuitOpen { until }));
-                continue;
+        // Health holds a provider back until this time (not a policy: see the last resort below).
+        let held = match health.providers.get(&p.name).map(|h| h.admission(now_ms)) {
+            None | Some(Admission::Open) => None,
+            Some(Admission::Probe) => {
+                cand.probe = true;
+                None
             }
-            Some(Admission::ProbeInFlight) => {
-                excluded.push((idx, Reason::ProbeInFlight));
-                continue;
-            }
-            Some(Admission::RetryAfter(until)) => {
-                excluded.push((idx, Reason::RetryAfter { until }));
-                continue;
-            }
-        }
+            Some(Admission::CircuitOpen(until)) => Some((until, Reason::CircuitOpen { until })),
+            Some(Admission::ProbeInFlight) => Some((u64::MAX, Reason::ProbeInFlight)),
+            Some(Admission::RetryAfter(until)) => Some((until, Reason::RetryAfter { until })),
+        };
         if cand.source != Source::Unknown {
             let h = health.providers.get(&p.name);
             let err = h.map_or(0.0, |h| h.error_rate);
@@ -291,16 +289,31 @@ pub fn rank(
                 + out_tokens as f64 * cand.output_per_mtok)
                 / 1e6;
         }
-        candidates.push(cand);
+        match held {
+            Some((until, reason)) => {
+                excluded.push((idx, reason));
+                held_back.push((until, cand));
+            }
+            None => candidates.push(cand),
+        }
     }
     if serving == 0 {
         return Err(NoRoute::UnknownModel);
     }
-    if candidates.is_empty() {
+    // Health exclusions are not policy: when they would leave nothing to try, the providers
+    // they hold back are tried anyway, the one free soonest first, rather than failing a
+    // request that one of them may well answer.
+    let last_resort = candidates.is_empty() && !held_back.is_empty();
+    if last_resort {
+        held_back.sort_by_key(|(until, _)| *until);
+        candidates = held_back.into_iter().map(|(_, c)| c).collect();
+    } else if candidates.is_empty() {
         return Err(NoRoute::AllExcluded(excluded));
+    } else {
+        score(&mut candidates, strategy, config, rng);
     }
-    score(&mut candidates, strategy, config, rng);
     Ok(Ranking {
+        last_resort,
         strategy,
         candidates,
         excluded,
@@ -539,6 +552,7 @@ pub fn pinned(
         candidates: vec![cand],
         excluded: Vec::new(),
         stale: false,
+        last_resort: false,
     })
 }
 
@@ -882,6 +896,63 @@ mod tests {
         .unwrap();
         assert_eq!(names(&c, &after), ["cheap", "fast", "solid"]);
         assert!(after.candidates[0].probe);
+    }
+
+    #[test]
+    fn when_health_holds_back_everyone_the_soonest_free_is_tried() {
+        let c = config("cheapest", "");
+        let m = market(&c, 1000);
+        let circuit = c.failover.circuit;
+        let mut h = HealthTable::default();
+        for _ in 0..3 {
+            h.entry("cheap").observe(
+                Observation::Failure {
+                    retry_after_ms: None,
+                },
+                1000,
+                &circuit,
+            );
+        }
+        h.entry("fast").observe(
+            Observation::Failure {
+                retry_after_ms: Some(5000),
+            },
+            1000,
+            &circuit,
+        );
+        h.entry("solid").observe(
+            Observation::Failure {
+                retry_after_ms: Some(9000),
+            },
+            1000,
+            &circuit,
+        );
+        let r = rank(
+            &c,
+            Some(&m),
+            &h,
+            &req(),
+            &Prefs::default(),
+            1001,
+            &mut Rng::new(1),
+        )
+        .unwrap();
+        assert!(r.last_resort);
+        // fast free at 6000, solid at 10000, cheap's circuit at 31000.
+        assert_eq!(names(&c, &r), ["fast", "solid", "cheap"]);
+        assert_eq!(r.excluded.len(), 3);
+        // Policy still excludes: a constraint that removes everyone is a 503.
+        let strict = config("cheapest", r#","constraints":{"max_ttft_ms":100}"#);
+        let e = rank(
+            &strict,
+            Some(&m),
+            &h,
+            &req(),
+            &Prefs::default(),
+            1001,
+            &mut Rng::new(1),
+        );
+        assert!(matches!(e, Err(NoRoute::AllExcluded(_))));
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //!   - rate limiting (mean 2 min): 30–90 % of requests get 429 with `Retry-After` 2–30 s; it is
 //!     per account, so the market does not see it;
 //!   - degraded periods (mean 10 min): latency ×2–4 and 2–8 % errors.
-//!   Outside episodes every provider fails a small base share of requests (503, 500 or reset).
+//! * Outside episodes every provider fails a small base share of requests (503, 500 or reset).
 //!   On top, regional incidents (0.1 per hour per region, mean 3 min) take down every provider
 //!   of a region at once with 503s, refused connections or hanging requests; three of the six
 //!   providers, including the two cheapest of `llama-70b`'s list prices after `ember`, share
@@ -26,7 +26,7 @@
 //!   exact prices, the median TTFT with ±8 % measurement noise, uptime as the true success
 //!   share of the last 30 min, and availability (offline during hard outages; degraded during
 //!   partial outages — detected in 80 % of snapshots — and degraded periods; 0.5 % of offers
-//!   are flagged degraded by mistake). The sidecar itself is down now and then (mean 5 min),
+//!   are flagged degraded by mistake). The sidecar itself is down 0.25 times an hour (mean 5 min),
 //!   and the filter then keeps its last snapshot until it is stale (60 s) and falls back to the
 //!   static offers of its configuration (list prices).
 //! * Requests arrive at a fixed rate (5/s by default), 70 % `llama-70b`, with log-normal input
@@ -44,11 +44,21 @@
 //!   A request that fails counts the time of all its attempts. p95 is over all requests.
 //!
 //! Strategies: round-robin over the providers serving the model; static ordered fallback
-//! (configuration order); latency-only learning (EWMA of its own observed latencies, failures
-//! counted as +5 s, 2 % exploration); market-router (the crate's own `select::rank`,
-//! `attempt::Attempts`, `health::HealthTable` and `market::validate` / `MarketView`, driven the
-//! way the filter drives them); and an oracle that knows every attempt's outcome in advance
-//! and sends each request to the cheapest provider that will answer it.
+//! (configuration order, `acme` first); latency-only learning (EWMA of its own observed
+//! latencies, failures counted as +5 s, 2 % exploration); market-router (the crate's own
+//! `market::validate` / `MarketView`, `select::rank`, `attempt::Attempts` and
+//! `health::HealthTable`, driven the way the filter drives them: one ranking per request,
+//! half-open probes claimed before use, every outcome observed at the time it ends; the
+//! configuration is the plugin's JSON with each provider's list price as its static offer and
+//! the default circuit, 3 failures / 30 s) in the configurations of [`VARIANTS`]; and the
+//! oracle, which knows every attempt's outcome in advance and sends each request, once, to the
+//! cheapest provider that will answer it.
+//!
+//! For reference, not judged: the informed oracle knows each provider's true state at every
+//! moment (not the requests' own luck) and trades cost against the chance of answering later
+//! than round-robin's p95 — what perfect, instant market data would allow at that p95.
+
+#![allow(dead_code)]
 
 use market_router::attempt::{Attempts, Next, Outcome};
 use market_router::config::Config;
@@ -59,7 +69,7 @@ use market_router::rng::Rng;
 use market_router::select::{self, Prefs, Ranking};
 use serde_json::{json, Value};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 /// Core clock at simulated time 0 (ms since the epoch).
 pub const T0: u64 = 1_700_000_000_000;
@@ -128,7 +138,7 @@ pub struct ProviderSpec {
     pub tps: f64,
     /// Share of requests failing outside episodes.
     pub base_err: f64,
-    /// Episodes per hour: outages, rate limiting, degraded periods, price changes.
+    /// Outages per hour.
     pub outages_h: f64,
     /// Rate-limit episodes per hour.
     pub rate_limits_h: f64,
@@ -379,7 +389,8 @@ impl AttemptResult {
 }
 
 /// Builds the world of `seed` for `n` requests at `rps` requests per second.
-pub fn world(seed: u64, n: usize, rps: f64) -> World {
+pub fn world(o: &Options) -> World {
+    let (seed, n, rps) = (o.seed, o.requests, o.rps);
     let providers = providers();
     let models = models();
     let interval_ms = 1000.0 / rps;
@@ -438,7 +449,7 @@ pub fn world(seed: u64, n: usize, rps: f64) -> World {
     let mut market_down = vec![false; n_slots];
     let mut i = 0;
     while i < n_slots {
-        if r.next_f64() < 0.25 / 3600.0 {
+        if r.next_f64() < o.sidecar_outages_h / 3600.0 {
             let len = exponential(&mut r, 300.0).max(30.0) as usize;
             for s in market_down.iter_mut().skip(i).take(len) {
                 *s = true;
@@ -803,7 +814,7 @@ pub struct RoundRobin {
 impl Router for RoundRobin {
     type Flight = Walk;
     fn label(&self) -> String {
-        "round-robin".into()
+        ROUND_ROBIN.into()
     }
     fn begin(&mut self, w: &World, req: &Request, _now: u64) -> Option<Walk> {
         let serving = w.serving(req.model);
@@ -933,14 +944,19 @@ pub struct MarketRouter {
     pub refreshes: (u64, u64, u64),
     /// Requests refused because every provider was excluded.
     pub no_route: u64,
+    /// Why providers were excluded when nothing was left: reason code → count.
+    pub no_route_reasons: BTreeMap<&'static str, u64>,
     /// Ranks that used stale market data.
     pub stale_ranks: u64,
     /// Failover attempts (second and later) sent to a provider that health was keeping out
     /// at that moment (circuit open, probe in flight or `Retry-After`): the ranking is made
     /// once per request, when it arrives, and the walk does not look at health again.
     pub kept_out_failovers: u64,
-    /// What-if experiment, not the core's behaviour: skip such candidates at failover time.
-    pub recheck_on_failover: bool,
+    /// What-if hook, off by default: rewrites each ranking after `select::rank`, to try out a
+    /// change of the core before making it.
+    pub post_rank: Option<fn(&mut Ranking, &Config)>,
+    /// What-if hook, off by default: edits a copy of the health table that ranking sees.
+    pub health_view: Option<fn(&mut HealthTable)>,
 }
 
 /// A market-router request in flight.
@@ -968,9 +984,11 @@ impl MarketRouter {
             next_refresh_ms: 0,
             refreshes: (0, 0, 0),
             no_route: 0,
+            no_route_reasons: BTreeMap::new(),
             stale_ranks: 0,
             kept_out_failovers: 0,
-            recheck_on_failover: false,
+            post_rank: None,
+            health_view: None,
         })
     }
 
@@ -1014,24 +1032,42 @@ impl Router for MarketRouter {
             body_len: (req.in_tok * 4) as usize,
         };
         let now = T0 + now_ms;
+        let edited;
+        let health = match self.health_view {
+            None => &self.health,
+            Some(f) => {
+                let mut t = self.health.clone();
+                f(&mut t);
+                edited = t;
+                &edited
+            }
+        };
         match select::rank(
             &self.config,
             self.view.as_ref(),
-            &self.health,
+            health,
             &info,
             &Prefs::default(),
             now,
             &mut self.rng,
         ) {
-            Ok(ranking) => {
+            Ok(mut ranking) => {
                 self.stale_ranks += u64::from(ranking.stale);
+                if let Some(f) = self.post_rank {
+                    f(&mut ranking, &self.config);
+                }
                 Some(MrFlight {
                     ranking,
                     attempts: Attempts::new(&self.config, now),
                 })
             }
-            Err(_) => {
+            Err(e) => {
                 self.no_route += 1;
+                if let select::NoRoute::AllExcluded(why) = e {
+                    for (_, reason) in why {
+                        *self.no_route_reasons.entry(reason.code()).or_default() += 1;
+                    }
+                }
                 None
             }
         }
@@ -1051,10 +1087,6 @@ impl Router for MarketRouter {
                     let admission = self.health.get(name).admission(now);
                     let kept_out = !matches!(admission, Admission::Open | Admission::Probe);
                     if f.attempts.count() > 0 && kept_out {
-                        if self.recheck_on_failover {
-                            f.ranking.candidates.remove(candidate);
-                            continue;
-                        }
                         self.kept_out_failovers += 1;
                     }
                     if c.probe {
@@ -1116,6 +1148,8 @@ pub struct Stats {
     pub timeouts: usize,
     /// Answers per provider.
     pub served: Vec<usize>,
+    /// Per request: answered.
+    pub answered: Vec<bool>,
 }
 
 impl Stats {
@@ -1148,6 +1182,21 @@ impl Stats {
         v[i]
     }
 
+    /// An answered request (oracles, in request order).
+    fn record(&mut self, p: usize, a: &AttemptResult, latency_ms: u64) {
+        self.ok += 1;
+        self.cost += a.cost;
+        self.served[p] += 1;
+        self.latencies.push(latency_ms);
+        self.answered.push(true);
+    }
+
+    /// A failed request (oracles, in request order).
+    fn record_failure(&mut self, latency_ms: u64) {
+        self.latencies.push(latency_ms);
+        self.answered.push(false);
+    }
+
     /// Mean attempts per request.
     pub fn mean_attempts(&self) -> f64 {
         self.attempts as f64 / self.requests.max(1) as f64
@@ -1175,6 +1224,7 @@ pub fn run<R: Router>(w: &World, router: &mut R) -> Stats {
     let mut st = Stats::new(router.label(), w.providers.len());
     st.requests = w.requests.len();
     st.latencies = vec![0; w.requests.len()];
+    st.answered = vec![false; w.requests.len()];
     let mut flights: HashMap<usize, (InFlight<R::Flight>, usize, AttemptResult)> = HashMap::new();
     // (end time, request): attempts in flight.
     let mut events: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
@@ -1207,6 +1257,7 @@ pub fn run<R: Router>(w: &World, router: &mut R) -> Stats {
                 st.cost += a.cost;
                 st.served[p] += 1;
                 st.latencies[id] = fl.spent_ms;
+                st.answered[id] = true;
                 continue;
             }
             if again {
@@ -1253,17 +1304,7 @@ pub fn run<R: Router>(w: &World, router: &mut R) -> Stats {
 /// The oracle: knows every attempt's outcome in advance and sends each request, once, to the
 /// cheapest provider that will answer it (the fastest failure when none will).
 pub fn run_oracle(w: &World) -> Stats {
-    run_oracle_capped(w, u64::MAX)
-}
-
-/// The oracle restricted to answers that start within `cap_ms` (when any will).
-pub fn run_oracle_capped(w: &World, cap_ms: u64) -> Stats {
-    let label = if cap_ms == u64::MAX {
-        "oracle (cheapest that succeeds)".to_string()
-    } else {
-        format!("oracle, answer within {cap_ms} ms")
-    };
-    let mut st = Stats::new(label, w.providers.len());
+    let mut st = Stats::new(ORACLE.into(), w.providers.len());
     st.requests = w.requests.len();
     for req in &w.requests {
         let results: Vec<(usize, AttemptResult)> = w
@@ -1272,56 +1313,213 @@ pub fn run_oracle_capped(w: &World, cap_ms: u64) -> Stats {
             .map(|p| (p, w.attempt(req, p, req.at_ms, ATTEMPT_TIMEOUT_MS)))
             .collect();
         st.attempts += 1;
-        let cheapest = |cap: u64| {
-            results
-                .iter()
-                .filter(|(_, a)| a.ok() && a.ms <= cap)
-                .min_by(|x, y| x.1.cost.total_cmp(&y.1.cost).then(x.1.ms.cmp(&y.1.ms)))
-        };
-        let best = cheapest(cap_ms).or_else(|| cheapest(u64::MAX));
+        let best = results
+            .iter()
+            .filter(|(_, a)| a.ok())
+            .min_by(|x, y| x.1.cost.total_cmp(&y.1.cost).then(x.1.ms.cmp(&y.1.ms)));
         match best {
-            Some((p, a)) => {
-                st.ok += 1;
-                st.cost += a.cost;
-                st.served[*p] += 1;
-                st.latencies.push(a.ms);
-            }
-            None => {
-                let fastest = results.iter().map(|(_, a)| a.ms).min().unwrap_or(0);
-                st.latencies.push(fastest);
-            }
+            Some((p, a)) => st.record(*p, a, a.ms),
+            None => st.record_failure(results.iter().map(|(_, a)| a.ms).min().unwrap_or(0)),
         }
     }
     st
 }
 
-/// The market-router variants compared: (label, strategy, extra routing fields).
+/// Upper tail of the standard normal, P(Z > x).
+fn normal_tail(x: f64) -> f64 {
+    // Abramowitz & Stegun 7.1.26 on erfc, |error| < 1.5e-7.
+    let z = x.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erfc = poly * (-z * z).exp();
+    if x >= 0.0 {
+        0.5 * erfc
+    } else {
+        1.0 - 0.5 * erfc
+    }
+}
+
+impl World {
+    /// Probability that an attempt of `req` on `p` at `t_ms` fails or answers later than
+    /// `cap_ms`, from the provider's true state (not the request's own draws).
+    fn p_late(&self, req: &Request, p: usize, t_ms: u64, cap_ms: u64) -> f64 {
+        let s = self.slot(p, t_ms);
+        let m = self.providers[p].ttft_ms * self.models[req.model].ttft_factor * s.ttft_mult;
+        let room = cap_ms as f64 - 0.1 * req.in_tok as f64;
+        let slow = if room <= 0.0 {
+            1.0
+        } else {
+            0.98 * normal_tail((room / m).ln() / 0.35)
+                + 0.02 * normal_tail((room / (3.0 * m)).ln() / 0.35)
+        };
+        s.fail + (1.0 - s.fail) * slow
+    }
+}
+
+/// The informed oracle: knows every provider's true state at each moment (prices, latency
+/// level, error share, outages) but not how each request will fare. It orders providers by
+/// cost + λ × P(fail or answer later than `cap_ms`) and walks that order with the same failover
+/// budget; λ is the smallest that keeps p95 ≤ `cap_ms` (bisection). It bounds what a router with
+/// perfect, instant market data can reach on cost and p95 together.
+pub fn run_informed_oracle(w: &World, cap_ms: u64) -> Stats {
+    let pass = |lambda: f64| {
+        let mut st = Stats::new(
+            format!("informed oracle (p95 <= {cap_ms} ms)"),
+            w.providers.len(),
+        );
+        st.requests = w.requests.len();
+        for req in &w.requests {
+            let (pi_out, t0) = (req.out_tok as f64, req.at_ms);
+            let mut order: Vec<(f64, usize)> = w
+                .serving(req.model)
+                .into_iter()
+                .map(|p| {
+                    let (pi, po) = w.price(p, req.model, t0);
+                    let cost = (req.in_tok as f64 * pi + pi_out * po) / 1e6;
+                    (cost + lambda * w.p_late(req, p, t0, cap_ms), p)
+                })
+                .collect();
+            order.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut spent = 0;
+            let mut answer = None;
+            for (_, p) in order.iter().take(MAX_ATTEMPTS) {
+                let a = w.attempt(req, *p, t0 + spent, ATTEMPT_TIMEOUT_MS);
+                st.attempts += 1;
+                spent += a.ms;
+                if a.ok() {
+                    answer = Some((*p, a));
+                    break;
+                }
+            }
+            match answer {
+                Some((p, a)) => st.record(p, &a, spent),
+                None => st.record_failure(spent),
+            }
+        }
+        st
+    };
+    let mut best = pass(0.0);
+    if best.percentile(0.95) <= cap_ms {
+        return best;
+    }
+    // λ in USD per unit of lateness probability, bisected in log space.
+    let (mut lo, mut hi) = (-9.0f64, 0.0f64);
+    let top = pass(10f64.powf(hi));
+    if top.percentile(0.95) > cap_ms {
+        return top;
+    }
+    best = top;
+    for _ in 0..14 {
+        let mid = 0.5 * (lo + hi);
+        let st = pass(10f64.powf(mid));
+        if st.percentile(0.95) <= cap_ms {
+            hi = mid;
+            best = st;
+        } else {
+            lo = mid;
+        }
+    }
+    best
+}
+
+/// Row label of the oracle.
+pub const ORACLE: &str = "oracle (cheapest that will answer)";
+/// Row label of round-robin.
+pub const ROUND_ROBIN: &str = "round-robin";
+
+/// The market-router variants compared: (label, strategy, extra `routing` fields). The first
+/// is the plugin's default strategy; the last adds a latency objective an operator would set
+/// (a 1 s median TTFT ceiling) to the cheapest strategy.
 pub const VARIANTS: &[(&str, &str, &str)] = &[
     ("market-router balanced", "balanced", ""),
     ("market-router cheapest", "cheapest", ""),
     (
-        "market-router cheapest+constraints",
+        "market-router cheapest, max_ttft_ms 1000",
         "cheapest",
-        r#","constraints":{"min_uptime":0.95,"max_ttft_ms":1500}"#,
+        r#","constraints":{"max_ttft_ms":1000}"#,
     ),
 ];
 
-/// Everything one run produced.
-pub struct Report {
-    /// Seed.
+/// What a run includes.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Seed of the world, the requests and the routers.
     pub seed: u64,
     /// Requests.
     pub requests: usize,
-    /// Request rate.
+    /// Requests per second.
     pub rps: f64,
-    /// Rows: baselines, market-router variants, oracle.
+    /// Also run the informed oracle (15 passes over the requests).
+    pub informed_oracle: bool,
+    /// Market sidecar outages per hour (mean 5 min each).
+    pub sidecar_outages_h: f64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            requests: 100_000,
+            rps: 5.0,
+            informed_oracle: true,
+            sidecar_outages_h: 0.25,
+        }
+    }
+}
+
+/// Market-router internals of one variant.
+#[derive(Debug, Clone)]
+pub struct Internals {
+    /// Variant.
+    pub label: String,
+    /// Snapshots accepted.
+    pub refreshes: u64,
+    /// Refreshes that found the sidecar down.
+    pub sidecar_down: u64,
+    /// Requests ranked on stale market data.
+    pub stale_ranks: u64,
+    /// Requests with no candidate at all.
+    pub no_route: u64,
+    /// Why providers were excluded in those: reason code → count.
+    pub no_route_reasons: BTreeMap<&'static str, u64>,
+    /// Circuit openings.
+    pub circuit_opens: u32,
+    /// Failover attempts sent to a provider health was keeping out at that moment.
+    pub kept_out_failovers: u64,
+    /// Failed requests that the oracle could have answered.
+    pub avoidable_failures: usize,
+}
+
+/// Per provider facts of the simulated world (over the request horizon, `llama-70b`).
+#[derive(Debug, Clone)]
+pub struct ProviderFacts {
+    /// Provider.
+    pub name: String,
+    /// Share of time in a hard outage, %.
+    pub down_pct: f64,
+    /// Share of time partially out or degraded, %.
+    pub impaired_pct: f64,
+    /// Mean input price, USD per Mtok.
+    pub mean_in: f64,
+    /// Mean output price, USD per Mtok.
+    pub mean_out: f64,
+    /// Mean median TTFT, ms.
+    pub mean_ttft: f64,
+}
+
+/// Everything one run produced.
+pub struct Report {
+    /// What ran.
+    pub options: Options,
+    /// Rows: baselines, market-router variants, oracle, then the informed oracle if run.
     pub rows: Vec<Stats>,
-    /// Market-router counters per variant: (label, refreshes ok, sidecar down, rejected,
-    /// stale ranks, no route, circuit openings).
-    pub router_counters: Vec<(String, u64, u64, u64, u64, u64, u32)>,
-    /// World facts: per provider (name, share of time down, share of time impaired, mean
-    /// llama-70b price in, out).
-    pub world_facts: Vec<(String, f64, f64, f64, f64)>,
+    /// Market-router internals per variant.
+    pub internals: Vec<Internals>,
+    /// The world.
+    pub providers: Vec<ProviderFacts>,
 }
 
 /// A goal check.
@@ -1345,13 +1543,11 @@ impl Report {
         self.rows.iter().find(|r| r.label == label)
     }
 
-    /// Goal checks of one market-router variant.
+    /// Goal checks of one market-router variant (or any row).
     pub fn goals_of(&self, variant: &str) -> Vec<Goal> {
-        let (Some(mr), Some(rr), Some(or)) = (
-            self.row(variant),
-            self.row("round-robin"),
-            self.rows.iter().find(|r| r.label.starts_with("oracle")),
-        ) else {
+        let (Some(mr), Some(rr), Some(or)) =
+            (self.row(variant), self.row(ROUND_ROBIN), self.row(ORACLE))
+        else {
             return Vec::new();
         };
         let g = |goal, value: f64, target: f64, pass| Goal {
@@ -1387,7 +1583,7 @@ impl Report {
         ]
     }
 
-    /// Goal checks of every variant.
+    /// Goal checks of every market-router variant.
     pub fn goals(&self) -> Vec<Goal> {
         VARIANTS
             .iter()
@@ -1395,42 +1591,44 @@ impl Report {
             .collect()
     }
 
+    /// Whether a variant meets every goal.
+    pub fn meets_all(&self, variant: &str) -> bool {
+        let g = self.goals_of(variant);
+        !g.is_empty() && g.iter().all(|g| g.pass)
+    }
+
     /// The results table, ratios and goal verdicts as text.
     pub fn text(&self) -> String {
+        let o = &self.options;
         let mut s = format!(
-            "market simulation: seed {}, {} requests at {}/s ({:.1} h simulated), {} providers\n\n",
-            self.seed,
-            self.requests,
-            self.rps,
-            self.requests as f64 / self.rps / 3600.0,
-            self.world_facts.len()
+            "market simulation: seed {}, {} requests at {}/s ({:.1} h simulated), {} providers, \
+             max {} attempts, {} ms attempt timeout\n\n",
+            o.seed,
+            o.requests,
+            o.rps,
+            o.requests as f64 / o.rps / 3600.0,
+            self.providers.len(),
+            MAX_ATTEMPTS,
+            ATTEMPT_TIMEOUT_MS
         );
-        s.push_str(
-            "world (llama-70b): provider | down % | impaired % | mean price in/out $/Mtok\n",
-        );
-        for (name, down, imp, pi, po) in &self.world_facts {
+        s.push_str("world, llama-70b: provider | down % | impaired % | mean $/Mtok in / out | mean median TTFT ms\n");
+        for f in &self.providers {
             s.push_str(&format!(
-                "  {name:<7} {down:>6.2} {imp:>8.2}     {pi:.3} / {po:.3}\n"
+                "  {:<7} {:>6.2} {:>8.2}     {:.3} / {:.3}     {:>5.0}\n",
+                f.name, f.down_pct, f.impaired_pct, f.mean_in, f.mean_out, f.mean_ttft
             ));
         }
         s.push('\n');
         let w = self.rows.iter().map(|r| r.label.len()).max().unwrap_or(10);
         s.push_str(&format!(
-            "{:<w$} | {:>9} | {:>12} | {:>8} | {:>8} | {:>8} | {:>6} | {}\n",
-            "strategy",
-            "success %",
-            "$/1k req",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "att/req",
-            "answers by provider %"
+            "{:<w$} | {:>9} | {:>8} | {:>6} | {:>6} | {:>6} | {:>7} | answers by provider %\n",
+            "strategy", "success %", "$/1k req", "p50 ms", "p95 ms", "p99 ms", "att/req"
         ));
-        s.push_str(&format!("{}\n", "-".repeat(w + 100)));
+        s.push_str(&format!("{}\n", "-".repeat(w + 90)));
         for r in &self.rows {
             let shares: Vec<String> = r.served_pct().iter().map(|x| format!("{x:.0}")).collect();
             s.push_str(&format!(
-                "{:<w$} | {:>9.3} | {:>12.4} | {:>8} | {:>8} | {:>8} | {:>6.3} | {}\n",
+                "{:<w$} | {:>9.3} | {:>8.4} | {:>6} | {:>6} | {:>6} | {:>7.3} | {}\n",
                 r.label,
                 r.success_pct(),
                 r.cost_per_1k(),
@@ -1441,22 +1639,59 @@ impl Report {
                 shares.join("/")
             ));
         }
-        s.push_str("\nmarket-router internals: refreshes ok / sidecar down / rejected, stale ranks, no route, circuit openings\n");
-        for (l, ok, down, rej, stale, nr, opens) in &self.router_counters {
+        let names: Vec<&str> = self.providers.iter().map(|f| f.name.as_str()).collect();
+        s.push_str(&format!("(answers by provider: {})\n", names.join("/")));
+        s.push_str(
+            "\nmarket-router internals: snapshots ok | sidecar down | stale ranks | no route | \
+             circuit opens | failovers to kept-out providers | failures the oracle answered \
+             | exclusions behind no-route answers\n",
+        );
+        for i in &self.internals {
+            let reasons: Vec<String> = i
+                .no_route_reasons
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
             s.push_str(&format!(
-                "  {l}: {ok} / {down} / {rej}, {stale}, {nr}, {opens}\n"
+                "  {:<w$} {} | {} | {} | {} | {} | {} | {} | {}\n",
+                i.label,
+                i.refreshes,
+                i.sidecar_down,
+                i.stale_ranks,
+                i.no_route,
+                i.circuit_opens,
+                i.kept_out_failovers,
+                i.avoidable_failures,
+                if reasons.is_empty() {
+                    "-".to_string()
+                } else {
+                    reasons.join(", ")
+                }
             ));
         }
-        s.push_str("\ngoals:\n");
+        s.push_str("\ngoals (vs round-robin and the oracle):\n");
         for g in self.goals() {
             s.push_str(&format!(
-                "  [{}] {:<36} {:<30} {:.4} (target {})\n",
+                "  [{}] {:<w$} {:<32} {:>8.4}  (target {})\n",
                 if g.pass { "PASS" } else { "FAIL" },
                 g.variant,
                 g.goal,
                 g.value,
                 g.target
             ));
+        }
+        if let Some(io) = self
+            .rows
+            .iter()
+            .find(|r| r.label.starts_with("informed oracle"))
+        {
+            s.push_str(&format!("\nreference, not a goal: {}\n", io.label));
+            for g in self.goals_of(&io.label) {
+                s.push_str(&format!(
+                    "  {:<32} {:>8.4}  (target {})\n",
+                    g.goal, g.value, g.target
+                ));
+            }
         }
         s
     }
@@ -1476,80 +1711,125 @@ impl Report {
                     "p99_latency_ms": r.percentile(0.99),
                     "mean_attempts": r.mean_attempts(),
                     "timeouts": r.timeouts,
-                    "answers_by_provider_pct": r.served_pct(),
+                    "answers_by_provider_pct": self.providers.iter().zip(r.served_pct())
+                        .map(|(f, x)| (f.name.clone(), Value::from(x)))
+                        .collect::<serde_json::Map<String, Value>>(),
                 })
             })
             .collect();
-        let goals: Vec<Value> = self
-            .goals()
+        let goal = |g: &Goal| json!({"variant": g.variant, "goal": g.goal, "value": g.value, "target": g.target, "pass": g.pass});
+        let reference: Vec<Value> = self
+            .rows
             .iter()
-            .map(|g| json!({"variant": g.variant, "goal": g.goal, "value": g.value, "target": g.target, "pass": g.pass}))
+            .filter(|r| r.label.starts_with("informed oracle"))
+            .flat_map(|r| self.goals_of(&r.label))
+            .map(|g| goal(&g))
             .collect();
-        let world: Vec<Value> = self
-            .world_facts
+        let internals: Vec<Value> = self
+            .internals
             .iter()
-            .map(|(n, d, i, pi, po)| json!({"provider": n, "down_pct": d, "impaired_pct": i, "mean_price_in": pi, "mean_price_out": po}))
+            .map(|i| {
+                json!({
+                    "variant": i.label,
+                    "snapshots_ok": i.refreshes,
+                    "sidecar_down": i.sidecar_down,
+                    "stale_ranks": i.stale_ranks,
+                    "no_route": i.no_route,
+                    "circuit_opens": i.circuit_opens,
+                    "failovers_to_kept_out_providers": i.kept_out_failovers,
+                    "failures_the_oracle_answered": i.avoidable_failures,
+                    "no_route_exclusions": i.no_route_reasons,
+                })
+            })
+            .collect();
+        let providers: Vec<Value> = self
+            .providers
+            .iter()
+            .map(|f| {
+                json!({
+                    "provider": f.name,
+                    "down_pct": f.down_pct,
+                    "impaired_pct": f.impaired_pct,
+                    "mean_input_per_mtok": f.mean_in,
+                    "mean_output_per_mtok": f.mean_out,
+                    "mean_ttft_p50_ms": f.mean_ttft,
+                })
+            })
             .collect();
         json!({
-            "seed": self.seed,
-            "requests": self.requests,
-            "rps": self.rps,
+            "seed": self.options.seed,
+            "requests": self.options.requests,
+            "rps": self.options.rps,
             "max_attempts": MAX_ATTEMPTS,
             "attempt_timeout_ms": ATTEMPT_TIMEOUT_MS,
-            "providers": world,
+            "providers": providers,
             "strategies": rows,
-            "goals": goals,
+            "market_router_internals": internals,
+            "goals": self.goals().iter().map(goal).collect::<Vec<_>>(),
+            "reference_informed_oracle": reference,
         })
     }
 }
 
-/// Runs every strategy on the world of `seed`.
-pub fn simulate(seed: u64, requests: usize, rps: f64) -> Result<Report, String> {
-    let w = world(seed, requests, rps);
+/// Runs every strategy on the world of `o.seed`.
+pub fn simulate(o: Options) -> Result<Report, String> {
+    let w = world(&o);
+    let oracle = run_oracle(&w);
     let mut rows = vec![
         run(&w, &mut RoundRobin::default()),
         run(&w, &mut StaticOrder),
-        run(&w, &mut LatencyLearner::new(seed)),
+        run(&w, &mut LatencyLearner::new(o.seed)),
     ];
-    let mut router_counters = Vec::new();
+    let mut internals = Vec::new();
     for (label, strategy, extra) in VARIANTS {
         let mut mr = MarketRouter::new(&w, label, strategy, extra)?;
-        rows.push(run(&w, &mut mr));
-        let opens = mr.health.providers.values().map(|h| h.opens).sum();
-        router_counters.push((
-            label.to_string(),
-            mr.refreshes.0,
-            mr.refreshes.1,
-            mr.refreshes.2,
-            mr.stale_ranks,
-            mr.no_route,
-            opens,
-        ));
+        let st = run(&w, &mut mr);
+        internals.push(Internals {
+            label: label.to_string(),
+            refreshes: mr.refreshes.0,
+            sidecar_down: mr.refreshes.1,
+            stale_ranks: mr.stale_ranks,
+            no_route: mr.no_route,
+            no_route_reasons: mr.no_route_reasons.clone(),
+            circuit_opens: mr.health.providers.values().map(|h| h.opens).sum(),
+            kept_out_failovers: mr.kept_out_failovers,
+            avoidable_failures: st
+                .answered
+                .iter()
+                .zip(&oracle.answered)
+                .filter(|(mine, its)| !**mine && **its)
+                .count(),
+        });
+        rows.push(st);
     }
-    rows.push(run_oracle(&w));
+    let rr_p95 = rows[0].percentile(0.95);
+    rows.push(oracle);
+    if o.informed_oracle {
+        rows.push(run_informed_oracle(&w, rr_p95));
+    }
     let horizon = (w.requests.last().map_or(0, |r| r.at_ms) / SLOT_MS) as usize + 1;
-    let world_facts = w
+    let providers = w
         .providers
         .iter()
         .enumerate()
         .map(|(p, spec)| {
             let tl = &w.slots[p][..horizon.min(w.slots[p].len())];
             let n = tl.len().max(1) as f64;
-            (
-                spec.name.to_string(),
-                100.0 * tl.iter().filter(|s| s.down).count() as f64 / n,
-                100.0 * tl.iter().filter(|s| s.impaired).count() as f64 / n,
-                tl.iter().map(|s| s.price_in).sum::<f64>() / n,
-                tl.iter().map(|s| s.price_out).sum::<f64>() / n,
-            )
+            let mean = |f: &dyn Fn(&Slot) -> f64| tl.iter().map(f).sum::<f64>() / n;
+            ProviderFacts {
+                name: spec.name.to_string(),
+                down_pct: 100.0 * mean(&|s| f64::from(u8::from(s.down))),
+                impaired_pct: 100.0 * mean(&|s| f64::from(u8::from(s.impaired))),
+                mean_in: mean(&|s| s.price_in),
+                mean_out: mean(&|s| s.price_out),
+                mean_ttft: mean(&|s| spec.ttft_ms * s.ttft_mult + 60.0),
+            }
         })
         .collect();
     Ok(Report {
-        seed,
-        requests,
-        rps,
+        options: o,
         rows,
-        router_counters,
-        world_facts,
+        internals,
+        providers,
     })
 }

@@ -371,6 +371,12 @@ impl Http {
                 return self.reply_error(&ApiError::no_provider(msg));
             }
         };
+        if ranking.last_resort {
+            warn!(
+                "#{} market-router: every provider is held back by health; trying them anyway, soonest free first",
+                self.id
+            );
+        }
         if ranking.stale {
             vm.metrics.inc(Global::StaleDecisions);
             debug!("#{} market-router: market data is stale; ranking with static offers where configured", self.id);
