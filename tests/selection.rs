@@ -885,6 +885,23 @@ fn stale_snapshot_uses_static_offers() {
         bed.stat("wasmcustom.market_router.snapshot.stale_decisions"),
         4
     );
+    // Said once per streak, by the process, not once per period or per worker: wait until
+    // several refresh periods (200 ms) have passed since the stale snapshot arrived.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stale_lines = || {
+        bed.envoy
+            .log_contents()
+            .lines()
+            .filter(|l| {
+                l.contains("market data is") && l.contains("routing on the last good snapshot")
+            })
+            .count()
+    };
+    while stale_lines() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(stale_lines(), 1, "one stale warning per streak");
 }
 
 // ---------------------------------------------------------------------------------------------

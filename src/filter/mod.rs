@@ -38,6 +38,8 @@ pub(crate) struct Keys {
     market_due: String,
     /// Last refresh outcome, for once-per-streak logging.
     market_status: String,
+    /// Whether the market data was last seen stale, for once-per-streak logging.
+    market_stale: String,
     /// Health table.
     health: String,
     /// Prefix of affinity slots.
@@ -51,6 +53,7 @@ impl Keys {
             market_gen: format!("{prefix}/market_gen"),
             market_due: format!("{prefix}/market_due"),
             market_status: format!("{prefix}/market_status"),
+            market_stale: format!("{prefix}/market_stale"),
             health: format!("{prefix}/health"),
             affinity: format!("{prefix}/aff/"),
         }

@@ -53,6 +53,35 @@ impl Root {
         host::shared_set(&vm.keys.market_due, &next.to_le_bytes(), Some(cas)).is_ok()
     }
 
+    /// Says once per streak (per process: only the VM holding the refresh slot checks) that
+    /// the market data has gone stale and routing leans on static offers, and when it is fresh
+    /// again.
+    fn check_staleness(vm: &Vm, now: u64) {
+        let Some(m) = &vm.config.market else { return };
+        let age = match vm.inner.try_borrow() {
+            Ok(inner) => match &inner.market {
+                Some(view) => view.age_ms(now),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        let stale = age > m.max_age_ms;
+        let flag = host::shared_get(&vm.keys.market_stale)
+            .map(|(b, _)| b)
+            .unwrap_or_default();
+        let was_stale = flag == b"1";
+        if stale && !was_stale {
+            warn!(
+                "market-router: market data is {age} ms old (market.max_age_ms {}); routing on the last good snapshot blended with static offers",
+                m.max_age_ms
+            );
+            let _ = host::shared_set(&vm.keys.market_stale, b"1", None);
+        } else if !stale && was_stale {
+            info!("market-router: market data is fresh again ({age} ms old)");
+            let _ = host::shared_set(&vm.keys.market_stale, b"0", None);
+        }
+    }
+
     fn start_fetch(&mut self, vm: &Vm) {
         let Some(m) = &vm.config.market else { return };
         let etag = vm
@@ -266,6 +295,7 @@ impl RootContext for Root {
             }
         }
         if self.fetch.is_none() && Self::claim_refresh(&vm, now) {
+            Self::check_staleness(&vm, now);
             self.start_fetch(&vm);
         }
     }
