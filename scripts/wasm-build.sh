@@ -36,7 +36,7 @@ die() {
 
 rustup_ready() {
     command -v rustup >/dev/null 2>&1 &&
-        rustup target list --installed 2>/dev/null | grep -qx "$TARGET"
+        rustup target list --installed 2>/dev/null | grep -x "$TARGET" >/dev/null
 }
 
 debian_ready() {
