@@ -457,7 +457,7 @@ fn nines(r: f64) -> f64 {
     -(1.0 - r.clamp(0.0, 0.99999)).log10()
 }
 
-fn score(cands: &mut [Candidate], strategy: Strategy, config: &Config, rng: &mut Rng) {
+fn score(cands: &mut Vec<Candidate>, strategy: Strategy, config: &Config, rng: &mut Rng) {
     let known = |c: &Candidate| c.source != Source::Unknown;
     let min_cost = cands
         .iter()
@@ -500,7 +500,7 @@ fn score(cands: &mut [Candidate], strategy: Strategy, config: &Config, rng: &mut
         };
     }
     // One random key per candidate: the tie-break, or (weighted) the sampling key.
-    let mut keyed: Vec<(f64, f64, Candidate)> = cands
+    let keys: Vec<(f64, f64)> = cands
         .iter()
         .map(|c| {
             let u = rng.next_f64().max(f64::MIN_POSITIVE);
@@ -511,10 +511,12 @@ fn score(cands: &mut [Candidate], strategy: Strategy, config: &Config, rng: &mut
                 Strategy::Weighted => 0.0,
                 _ => c.score,
             };
-            (key, u, c.clone())
+            (key, u)
         })
         .collect();
-    keyed.sort_by(|a, b| {
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|&x, &y| {
+        let (a, b) = (keys[x], keys[y]);
         let primary = if (a.0 - b.0).abs() <= 1e-9 * a.0.abs().max(b.0.abs()).max(1.0) {
             std::cmp::Ordering::Equal
         } else {
@@ -522,9 +524,9 @@ fn score(cands: &mut [Candidate], strategy: Strategy, config: &Config, rng: &mut
         };
         primary.then_with(|| b.1.total_cmp(&a.1))
     });
-    for (slot, (_, _, c)) in cands.iter_mut().zip(keyed) {
-        *slot = c;
-    }
+    // Apply the permutation without cloning candidates.
+    let mut taken: Vec<Option<Candidate>> = std::mem::take(cands).into_iter().map(Some).collect();
+    cands.extend(order.into_iter().filter_map(|i| taken[i].take()));
 }
 
 /// A ranking holding only provider `idx` (requests outside `rollout_percent` go to the

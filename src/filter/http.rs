@@ -62,6 +62,8 @@ pub(crate) struct Http {
     snapshot_age_ms: Option<u64>,
     /// Usage of the delivered answer, when known.
     usage: Option<Usage>,
+    /// Route mode: status and time (ms) of the 2xx held while its body arrives.
+    held: Option<(u32, u64)>,
 }
 
 impl Http {
@@ -80,6 +82,7 @@ impl Http {
             affinity: None,
             snapshot_age_ms: None,
             usage: None,
+            held: None,
         }
     }
 
@@ -203,17 +206,28 @@ impl Http {
 
     /// Writes the decision record (Envoy filter state `wasm.market_router.decision`).
     fn record_decision(&self, provider: Option<usize>, status: Option<u32>) {
+        /// The record, serialized straight from borrowed fields.
+        #[derive(serde::Serialize)]
+        struct Decision<'a> {
+            model: Option<&'a str>,
+            provider: Option<&'a str>,
+            status: Option<u32>,
+            attempts: usize,
+            tried: Vec<(&'a str, &'static str)>,
+            strategy: Option<&'static str>,
+            score: Option<f64>,
+            cost_usd: Option<f64>,
+            cost_estimated: Option<bool>,
+            prompt_tokens: Option<u64>,
+            completion_tokens: Option<u64>,
+            snapshot_age_ms: Option<u64>,
+        }
         let config = &self.vm.config;
         let name = |i: usize| config.providers.get(i).map_or("?", |p| p.name.as_str());
-        let tried: Vec<serde_json::Value> = self
+        let tried: Vec<(&str, &'static str)> = self
             .attempts
             .as_ref()
-            .map(|a| {
-                a.tried
-                    .iter()
-                    .map(|(p, o)| json!([name(*p), o.label()]))
-                    .collect()
-            })
+            .map(|a| a.tried.iter().map(|(p, o)| (name(*p), o.label())).collect())
             .unwrap_or_default();
         let score = provider.and_then(|p| {
             self.ranking
@@ -224,21 +238,23 @@ impl Http {
                 .map(|c| (c.score * 1e4).round() / 1e4)
         });
         let cost = provider.and_then(|p| self.cost(p));
-        let record = json!({
-            "model": self.info.as_ref().map(|i| i.model.as_str()),
-            "provider": provider.map(name),
-            "status": status,
-            "attempts": tried.len(),
-            "tried": tried,
-            "strategy": self.ranking.as_ref().map(|r| r.strategy.as_str()),
-            "score": score,
-            "cost_usd": cost.map(|c| c.0),
-            "cost_estimated": cost.map(|c| c.1),
-            "prompt_tokens": self.usage.map(|u| u.prompt_tokens),
-            "completion_tokens": self.usage.map(|u| u.completion_tokens),
-            "snapshot_age_ms": self.snapshot_age_ms,
-        });
-        host::set_property("market_router.decision", record.to_string().as_bytes());
+        let record = Decision {
+            model: self.info.as_ref().map(|i| i.model.as_str()),
+            provider: provider.map(name),
+            status,
+            attempts: tried.len(),
+            tried,
+            strategy: self.ranking.as_ref().map(|r| r.strategy.as_str()),
+            score,
+            cost_usd: cost.map(|c| c.0),
+            cost_estimated: cost.map(|c| c.1),
+            prompt_tokens: self.usage.map(|u| u.prompt_tokens),
+            completion_tokens: self.usage.map(|u| u.completion_tokens),
+            snapshot_age_ms: self.snapshot_age_ms,
+        };
+        if let Ok(bytes) = serde_json::to_vec(&record) {
+            host::set_property("market_router.decision", &bytes);
+        }
     }
 
     /// Counts the delivered answer's tokens and cost.
@@ -293,7 +309,7 @@ impl Http {
 
     fn on_body_complete(&mut self, body: Vec<u8>) -> Action {
         let t0 = host::now_ns();
-        let now = host::now_ms();
+        let now = (t0 / 1_000_000) as u64;
         let info = match request::parse(&body) {
             Ok(i) => i,
             Err(e) => return self.reply_error(&ApiError::bad_request(e.code(), e.message())),
@@ -815,6 +831,7 @@ impl HttpContext for Http {
                     return self.after_routed(Outcome::Malformed, status, now);
                 }
                 self.state = State::Validating;
+                self.held = Some((status, now));
                 return Action::Pause;
             }
             return self.after_routed(Outcome::Success(status), status, now);
@@ -832,15 +849,13 @@ impl HttpContext for Http {
                 if !end_of_stream {
                     return Action::Pause;
                 }
-                let now = host::now_ms();
+                // Status and time as seen at the held headers: the body follows at once.
+                let (status, now) = self.held.unwrap_or((200, host::now_ms()));
                 let body =
                     host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
                 let inspected = metrics::inspect_answer(&body);
                 let malformed = self.vm.config.failover.retry_on.malformed && inspected.is_err();
                 self.usage = inspected.ok().flatten();
-                let status = host::response_header(":status")
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .unwrap_or(200);
                 let outcome = if malformed {
                     Outcome::Malformed
                 } else {
@@ -869,6 +884,9 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        if !matches!(self.state, State::Streaming | State::Validating) {
+            return;
+        }
         let now = host::now_ms();
         let failure = crate::health::Observation::Failure {
             retry_after_ms: None,
