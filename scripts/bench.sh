@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# make bench: installs and builds what the benchmark needs, then runs examples/bench.rs, which
+# writes bench/results/latest.json and bench/results/latest.md.
+#
+# usage: scripts/bench.sh [driver arguments]     (make bench ARGS='...')
+#   --quick                about a minute: one round, short runs, fewer snapshot sizes
+#   --rounds N             alternating rounds of the overhead runs (default 3)
+#   --sections LIST        overhead,failover,memory (default: all three)
+#   --sat-secs S / --lat-secs S / --failover-secs S, --no-knobs, --perf / --no-perf,
+#   --out DIR              see examples/bench.rs
+#
+# Needs (installed here when missing, from Debian): wrk (load generator) and nginx (the fast
+# upstream; without it the mock provider stands in). Envoy comes from `make envoy`.
+# Everything runs on 127.0.0.1; the driver kills every process it starts.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+log() { echo "bench: $*" >&2; }
+
+apt_ready=
+# apt_install PKG...: installs Debian packages without starting any service they ship.
+apt_install() {
+    local sudo=() policy=/usr/sbin/policy-rc.d made_policy= status=0
+    command -v apt-get >/dev/null 2>&1 || return 1
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null 2>&1 || return 1
+        sudo=(sudo)
+    fi
+    if [ -z "$apt_ready" ]; then
+        timeout 300 "${sudo[@]}" apt-get update -q >&2 || log "apt-get update failed; trying the install anyway"
+        apt_ready=1
+    fi
+    # A package such as nginx starts its system service on install unless policy-rc.d says no.
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null && "${sudo[@]}" chmod 755 "$policy" && made_policy=1
+    fi
+    timeout 600 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "$@" >&2 || status=$?
+    if [ -n "$made_policy" ]; then "${sudo[@]}" rm -f "$policy"; fi
+    return "$status"
+}
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+if ! have wrk; then
+    log "installing wrk"
+    apt_install wrk || { log "error: wrk is needed and could not be installed"; exit 1; }
+fi
+if ! have nginx; then
+    log "installing nginx"
+    apt_install nginx-light || apt_install nginx || log "no nginx: the mock provider stands in as the fast upstream"
+fi
+
+# The filter, Envoy, the empty comparison filter, the driver and the processes it starts.
+BUILD=release scripts/wasm-build.sh build
+make --no-print-directory envoy
+empty=(cargo build --release --target wasm32-wasip1 --manifest-path bench/empty-filter/Cargo.toml)
+case "$(scripts/wasm-build.sh route)" in
+rustup) "${empty[@]}" ;;
+debian)
+    # The same toolchain switch scripts/wasm-build.sh makes for its debian route.
+    RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
+        RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-L native=/usr/lib/wasm32-wasi" \
+        CARGO_TARGET_WASM32_WASIP1_LINKER=wasm-ld-22 \
+        /usr/bin/"${empty[@]}" -Zbuild-std=std,panic_abort
+    ;;
+*) log "error: no wasm32-wasip1 toolchain"; exit 1 ;;
+esac
+cargo build --release --example mock_provider --example market_sidecar
+
+MR_WASM="${MR_WASM:-$PWD/target/wasm32-wasip1/release/market_router.wasm}" \
+    exec cargo run --release --example bench -- "$@"
