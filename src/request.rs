@@ -205,6 +205,27 @@ fn decode_string(lit: &[u8]) -> Option<String> {
     serde_json::from_slice::<String>(lit).ok()
 }
 
+/// Skips, eight bytes at a time, string content that needs no attention: no quote, no backslash,
+/// no control byte. Returns the index of the first 8-byte word that has one (or the tail).
+fn plain_run(b: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Non-zero iff some byte of `x` is below `n` (exact for n <= 128).
+    let has_less = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
+    while i + 8 <= b.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&b[i..i + 8]);
+        let w = u64::from_le_bytes(word);
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let backslash = w ^ (ONES * u64::from(b'\\'));
+        if has_less(quote, 1) | has_less(backslash, 1) | has_less(w, 0x20) != 0 {
+            break;
+        }
+        i += 8;
+    }
+    i
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
@@ -240,6 +261,7 @@ impl Scanner<'_> {
         let start = self.i;
         self.expect(b'"')?;
         loop {
+            self.i = plain_run(self.b, self.i);
             match self.next() {
                 Some(b'"') => return Ok(start..self.i),
                 Some(b'\\') => match self.next() {
@@ -406,6 +428,22 @@ mod tests {
         assert_eq!(parse(br#"{"model":7}"#), Err(BodyError::BadModel));
         assert_eq!(parse(br#"{"model":""}"#), Err(BodyError::BadModel));
         assert!(matches!(parse(&[b'['; 500]), Err(BodyError::NotJson(_))));
+    }
+
+    #[test]
+    fn long_strings_are_skipped_word_by_word_without_missing_anything() {
+        let filler = "x".repeat(1000) + "é漢字";
+        let ok = format!(r#"{{"messages":[{{"content":"{filler}\\\"{filler}"}}],"model":"m"}}"#);
+        assert_eq!(parse(ok.as_bytes()).unwrap().model, "m");
+        // A control byte or an unterminated string deep in a long run is still caught.
+        let bad = format!("{{\"messages\":\"{filler}\u{1}{filler}\",\"model\":\"m\"}}");
+        assert!(matches!(parse(bad.as_bytes()), Err(BodyError::NotJson(_))));
+        let cut = format!(r#"{{"model":"m","content":"{filler}"#);
+        assert!(matches!(parse(cut.as_bytes()), Err(BodyError::NotJson(_))));
+        for k in 0..16 {
+            let s = format!(r#"{{"model":"m","c":"{}"}}"#, "y".repeat(k));
+            assert!(parse(s.as_bytes()).is_ok(), "{k}");
+        }
     }
 
     #[test]

@@ -751,20 +751,25 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // The path alone first: requests the filter does not handle cost one host call.
+        let path = host::request_header(":path").unwrap_or_default();
+        let explain = self
+            .vm
+            .config
+            .explain_path_prefix
+            .as_deref()
+            .filter(|prefix| path.starts_with(prefix));
+        if !headers::is_llm_path("POST", &path) && explain.is_none() {
+            return Action::Continue;
+        }
         let hs = host::request_headers();
         let method = hs
             .iter()
             .find(|(k, _)| k == ":method")
             .map_or("", |(_, v)| v.as_str());
-        let path = hs
-            .iter()
-            .find(|(k, _)| k == ":path")
-            .map_or("", |(_, v)| v.as_str());
-        if !headers::is_llm_path(method, path) {
-            if let Some(prefix) = self.vm.config.explain_path_prefix.as_deref() {
-                if let Some(q) = explain::parse(prefix, method, path) {
-                    return self.answer_explain(q);
-                }
+        if !headers::is_llm_path(method, &path) {
+            if let Some(q) = explain.and_then(|prefix| explain::parse(prefix, method, &path)) {
+                return self.answer_explain(q);
             }
             return Action::Continue;
         }
