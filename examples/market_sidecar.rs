@@ -13,12 +13,10 @@
 
 mod common;
 
-use common::{fnv1a64, lock, serve, Args, Reply, Request};
+use common::{fnv1a64, lock, Args, Reply, Request};
 use serde_json::{json, Value};
 use std::fs;
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -232,14 +230,8 @@ fn run() -> Result<(), String> {
         behavior: Mutex::new(Behavior::default()),
         stats: Mutex::new(Stats::default()),
     });
-    let listener = TcpListener::bind((bind.as_str(), port))
-        .map_err(|e| format!("cannot bind {bind}:{port}: {e}"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read bound address: {e}"))?;
-    println!("market_sidecar listening on {addr}");
     let h = common::handler(move |req| sidecar.handle(req));
-    serve(listener, h, Arc::new(AtomicBool::new(false))).map_err(|e| format!("server failed: {e}"))
+    common::bind_and_serve(&bind, port, "market_sidecar", h)
 }
 
 fn main() {

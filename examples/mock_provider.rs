@@ -16,11 +16,10 @@
 
 mod common;
 
-use common::{lock, serve, unix_now, Args, Reply, Request};
+use common::{lock, unix_now, Args, Reply, Request};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -595,14 +594,8 @@ fn run() -> Result<(), String> {
         models_seen: Mutex::new(BTreeSet::new()),
         seq: AtomicU64::new(0),
     });
-    let listener = TcpListener::bind((bind.as_str(), port))
-        .map_err(|e| format!("cannot bind {bind}:{port}: {e}"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read bound address: {e}"))?;
-    println!("mock_provider {name} listening on {addr}");
     let h = common::handler(move |req| mock.handle(req));
-    serve(listener, h, Arc::new(AtomicBool::new(false))).map_err(|e| format!("server failed: {e}"))
+    common::bind_and_serve(&bind, port, &format!("mock_provider {name}"), h)
 }
 
 fn main() {

@@ -648,6 +648,30 @@ mod tests {
         .unwrap()
     }
 
+    fn rank_at(c: &Config, m: &MarketView, h: &HealthTable, now: u64) -> Ranking {
+        rank(
+            c,
+            Some(m),
+            h,
+            &req(),
+            &Prefs::default(),
+            now,
+            &mut Rng::new(1),
+        )
+        .unwrap()
+    }
+
+    /// One failure of `name` at t = 1000 ms.
+    fn fail(
+        h: &mut HealthTable,
+        name: &str,
+        retry_after_ms: Option<u64>,
+        circuit: &crate::config::Circuit,
+    ) {
+        h.entry(name)
+            .observe(Observation::Failure { retry_after_ms }, 1000, circuit);
+    }
+
     fn names(c: &Config, r: &Ranking) -> Vec<String> {
         r.candidates
             .iter()
@@ -687,16 +711,7 @@ mod tests {
             r#","weights":{"price":0.1,"latency":0.8,"reliability":0.1}"#,
         );
         let m = market(&c, 1000);
-        let r = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        let r = rank_at(&c, &m, &HealthTable::default(), 1000);
         assert_eq!(names(&c, &r)[0], "fast");
     }
 
@@ -704,16 +719,7 @@ mod tests {
     fn model_is_rewritten_per_provider_and_cost_is_estimated() {
         let c = config("cheapest", "");
         let m = market(&c, 1000);
-        let r = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        let r = rank_at(&c, &m, &HealthTable::default(), 1000);
         let first = &r.candidates[0];
         assert_eq!(first.provider_model, "llama-cheap");
         let want = (req().estimated_input_tokens() as f64 * 0.1 + 100.0 * 0.2) / 1e6;
@@ -727,16 +733,7 @@ mod tests {
             r#","constraints":{"max_price_per_mtok":1.0,"min_uptime":0.98,"provider_types":["company"]}"#,
         );
         let m = market(&c, 1000);
-        let r = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        let r = rank_at(&c, &m, &HealthTable::default(), 1000);
         assert_eq!(names(&c, &r), ["fast"]);
         let codes: Vec<&str> = r.excluded.iter().map(|(_, why)| why.code()).collect();
         assert_eq!(codes, ["provider_types", "max_price_per_mtok"]);
@@ -793,16 +790,7 @@ mod tests {
             {"provider":"solid","model":"llama","price":{"input_per_mtok":0.8,"output_per_mtok":1.2},
              "latency_ms":{"ttft_p50":500},"uptime":0.999,"availability":"online","provider_type":"company"}]}"#;
         let m = MarketView::new(validate(doc.as_bytes(), &c, 0, None).unwrap().stored, &c);
-        let r = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        let r = rank_at(&c, &m, &HealthTable::default(), 1000);
         // cheap has no market offer and no static offer: it ranks last, as unknown.
         assert_eq!(names(&c, &r), ["solid", "cheap"]);
         assert_eq!(r.candidates[1].source, Source::Unknown);
@@ -860,42 +848,12 @@ mod tests {
         let mut h = HealthTable::default();
         let circuit = c.failover.circuit;
         for _ in 0..3 {
-            h.entry("cheap").observe(
-                Observation::Failure {
-                    retry_after_ms: None,
-                },
-                1000,
-                &circuit,
-            );
+            fail(&mut h, "cheap", None, &circuit);
         }
-        h.entry("fast").observe(
-            Observation::Failure {
-                retry_after_ms: Some(5000),
-            },
-            1000,
-            &circuit,
-        );
-        let r = rank(
-            &c,
-            Some(&m),
-            &h,
-            &req(),
-            &Prefs::default(),
-            1001,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        fail(&mut h, "fast", Some(5000), &circuit);
+        let r = rank_at(&c, &m, &h, 1001);
         assert_eq!(names(&c, &r), ["solid"]);
-        let after = rank(
-            &c,
-            Some(&m),
-            &h,
-            &req(),
-            &Prefs::default(),
-            1000 + 30_000,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        let after = rank_at(&c, &m, &h, 1000 + 30_000);
         assert_eq!(names(&c, &after), ["cheap", "fast", "solid"]);
         assert!(after.candidates[0].probe);
     }
@@ -907,38 +865,11 @@ mod tests {
         let circuit = c.failover.circuit;
         let mut h = HealthTable::default();
         for _ in 0..3 {
-            h.entry("cheap").observe(
-                Observation::Failure {
-                    retry_after_ms: None,
-                },
-                1000,
-                &circuit,
-            );
+            fail(&mut h, "cheap", None, &circuit);
         }
-        h.entry("fast").observe(
-            Observation::Failure {
-                retry_after_ms: Some(5000),
-            },
-            1000,
-            &circuit,
-        );
-        h.entry("solid").observe(
-            Observation::Failure {
-                retry_after_ms: Some(9000),
-            },
-            1000,
-            &circuit,
-        );
-        let r = rank(
-            &c,
-            Some(&m),
-            &h,
-            &req(),
-            &Prefs::default(),
-            1001,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        fail(&mut h, "fast", Some(5000), &circuit);
+        fail(&mut h, "solid", Some(9000), &circuit);
+        let r = rank_at(&c, &m, &h, 1001);
         assert!(r.last_resort);
         // fast free at 6000, solid at 10000, cheap's circuit at 31000.
         assert_eq!(names(&c, &r), ["fast", "solid", "cheap"]);
@@ -969,16 +900,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let r = rank(
-            &c,
-            Some(&m),
-            &h,
-            &req(),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        let r = rank_at(&c, &m, &h, 1000);
         assert_eq!(names(&c, &r)[0], "fast");
     }
 
@@ -1110,16 +1032,7 @@ mod tests {
     fn affinity_moves_a_candidate_first() {
         let c = config("cheapest", "");
         let m = market(&c, 1000);
-        let mut r = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(1),
-        )
-        .unwrap();
+        let mut r = rank_at(&c, &m, &HealthTable::default(), 1000);
         assert!(prefer(&mut r, 2));
         assert_eq!(names(&c, &r), ["solid", "cheap", "fast"]);
         assert!(!prefer(&mut r, 3));

@@ -361,6 +361,19 @@ where
     Arc::new(f)
 }
 
+/// Binds `bind:port` (0 = any free port), prints `<label> listening on <addr>` (the line the
+/// test bed reads the port from) and serves `handler` until the process ends. Blocks.
+pub fn bind_and_serve(bind: &str, port: u16, label: &str, handler: Handler) -> Result<(), String> {
+    let listener =
+        TcpListener::bind((bind, port)).map_err(|e| format!("cannot bind {bind}:{port}: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read bound address: {e}"))?;
+    println!("{label} listening on {addr}");
+    serve(listener, handler, Arc::new(AtomicBool::new(false)))
+        .map_err(|e| format!("server failed: {e}"))
+}
+
 /// Accepts connections until `stop` is set, one thread per connection. Blocks.
 pub fn serve(listener: TcpListener, handler: Handler, stop: Arc<AtomicBool>) -> io::Result<()> {
     for conn in listener.incoming() {

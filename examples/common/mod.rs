@@ -14,8 +14,8 @@ pub mod testbed;
 
 pub use envoy::{Envoy, EnvoyConfig, Filter, ProviderCluster, SidecarCluster};
 pub use http::{
-    free_port, get, handler, post_json, request, serve, split_url, wait_ready, wait_ready_while,
-    Conn, Handler, Reply, Request, Response, Server,
+    bind_and_serve, free_port, get, handler, post_json, request, serve, split_url, wait_ready,
+    wait_ready_while, Conn, Handler, Reply, Request, Response, Server,
 };
 pub use procs::{crate_root, envoy_bin, example_bin, wasm_path, Proc, TempDir};
 pub use testbed::{MockOpts, MockProvider, Sidecar};
