@@ -9,6 +9,7 @@
 use crate::config::{Config, ProviderType};
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Availability of an offer right now.
@@ -143,9 +144,28 @@ pub fn validate(
     fetched_at_ms: u64,
     etag: Option<String>,
 ) -> Result<Validated, SnapshotError> {
-    let v: Value = serde_json::from_slice(body).map_err(|_| SnapshotError::NotJson)?;
-    let obj = v.as_object().ok_or(SnapshotError::Field("(root)"))?;
-    match obj.get("version") {
+    // Offers are parsed one at a time from borrowed raw text, so validating a large snapshot
+    // never holds a JSON tree of the whole document.
+    #[derive(serde::Deserialize)]
+    struct Top<'a> {
+        #[serde(default)]
+        version: Option<Value>,
+        #[serde(default)]
+        generated_at_ms: Option<Value>,
+        #[serde(borrow, default)]
+        offers: Option<&'a RawValue>,
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+                SnapshotError::Field("(root)")
+            } else {
+                SnapshotError::NotJson
+            },
+        );
+    }
+    let top: Top<'_> = serde_json::from_slice(body).map_err(|_| SnapshotError::NotJson)?;
+    match &top.version {
         Some(Value::Number(n)) if n.as_u64() == Some(1) => {}
         Some(other) => {
             return Err(SnapshotError::Version(
@@ -154,19 +174,21 @@ pub fn validate(
         }
         None => return Err(SnapshotError::Version("missing".into())),
     }
-    let generated_at_ms = obj
-        .get("generated_at_ms")
+    let generated_at_ms = top
+        .generated_at_ms
+        .as_ref()
         .and_then(Value::as_u64)
         .ok_or(SnapshotError::Field("generated_at_ms"))?;
-    let items = obj
-        .get("offers")
-        .and_then(Value::as_array)
+    let items: Vec<&RawValue> = top
+        .offers
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
         .ok_or(SnapshotError::Field("offers"))?;
     let mut offers = Vec::with_capacity(items.len());
     let mut invalid = Vec::new();
     let mut unknown_providers = 0;
-    for (i, item) in items.iter().enumerate() {
-        match offer(item) {
+    for (i, raw) in items.iter().enumerate() {
+        let parsed = serde_json::from_str::<Value>(raw.get()).map_err(|e| e.to_string());
+        match parsed.and_then(|item| offer(&item)) {
             Ok(o) => {
                 if config.provider_index(&o.provider).is_some() {
                     offers.push(o);
@@ -387,6 +409,28 @@ mod tests {
     fn whole_snapshot_rejections() {
         let c = config();
         assert_eq!(validate(b"nope", &c, 0, None), Err(SnapshotError::NotJson));
+        assert_eq!(
+            validate(b"[1]", &c, 0, None),
+            Err(SnapshotError::Field("(root)"))
+        );
+        assert_eq!(
+            validate(
+                br#"{"version":1,"generated_at_ms":1,"offers":{}}"#,
+                &c,
+                0,
+                None
+            ),
+            Err(SnapshotError::Field("offers"))
+        );
+        assert_eq!(
+            validate(
+                br#"{"version":1,"generated_at_ms":1,"offers":[1,"#,
+                &c,
+                0,
+                None
+            ),
+            Err(SnapshotError::NotJson)
+        );
         assert_eq!(
             validate(
                 br#"{"version":2,"generated_at_ms":1,"offers":[]}"#,
