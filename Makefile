@@ -102,7 +102,7 @@ integration: build envoy ## the tests/*.rs suites against a real Envoy
 	cargo build --examples
 	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo test --test '*' -- --test-threads=$(TEST_THREADS)
 
-test: toolchain build envoy unit wasm-test validate integration ## unit, wasm-test, validate, integration (what CI runs)
+test: toolchain build envoy lint unit wasm-test validate integration ## lint, unit, wasm-test, validate, integration (what CI runs)
 
 demo: build envoy ## run examples/demo.rs (Envoy, mock providers, traffic)
 	cargo build --release --examples
