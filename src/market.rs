@@ -391,6 +391,25 @@ mod tests {
     }
 
     #[test]
+    fn shipped_sample_snapshot_is_valid() {
+        let c = Config::parse(
+            br#"{"providers":[{"name":"acme","cluster":"a","models":{"llama-3.1-70b-instruct":"x","gpt-4o-mini":"y"}},
+                              {"name":"bolt","cluster":"b","models":{"llama-3.1-70b-instruct":"x"}},
+                              {"name":"cirrus","cluster":"c","models":{"llama-3.1-70b-instruct":"x","gpt-4o-mini":"y"}}]}"#,
+        )
+        .unwrap();
+        let v = validate(
+            include_bytes!("../examples/snapshots/demo.json"),
+            &c,
+            0,
+            None,
+        )
+        .unwrap();
+        assert!(v.invalid.is_empty() && v.unknown_providers == 0);
+        assert_eq!(v.stored.offers.len(), 5);
+    }
+
+    #[test]
     fn invalid_offers_are_dropped_and_counted() {
         let doc = format!(
             r#"{{"version":1,"generated_at_ms":1,"offers":[{},{},{},{}]}}"#,
