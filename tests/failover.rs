@@ -51,6 +51,8 @@ impl Mode {
 struct Knobs {
     max_attempts: u32,
     failure_threshold: u32,
+    /// The route's `idle_timeout` (what bounds a streaming first attempt in route mode).
+    route_idle_timeout: Option<Duration>,
 }
 
 impl Default for Knobs {
@@ -58,6 +60,7 @@ impl Default for Knobs {
         Knobs {
             max_attempts: 3,
             failure_threshold: 3,
+            route_idle_timeout: None,
         }
     }
 }
@@ -160,6 +163,9 @@ impl Bed {
                 cluster = cluster.with_key(key);
             }
             cfg = cfg.provider(cluster);
+        }
+        if let Some(idle) = k.route_idle_timeout {
+            cfg = cfg.route_idle_timeout(idle);
         }
         let cfg = cfg.market_router(&config(mode, k));
         let envoy = Envoy::start(&cfg, 1).unwrap();
@@ -676,6 +682,28 @@ fn stream_with_primary_down_gets_complete_sse(mode: Mode) {
     let r = bed.chat_with(&[], &stream_body(MODEL));
     assert_sse_from_b(&bed, &r);
     assert_eq!(bed.all_hits(), [None, Some(1), Some(0)]);
+}
+
+/// A streaming first attempt in route mode has no per-attempt timeout (a long answer may
+/// outlast it); the route's `idle_timeout` bounds a provider that never sends a byte, and the
+/// request fails over.
+#[test]
+fn stream_with_hanging_primary_fails_over_at_the_route_idle_timeout_route() {
+    let knobs = Knobs {
+        route_idle_timeout: Some(Duration::from_millis(1000)),
+        ..Knobs::default()
+    };
+    let bed = Bed::start(Mode::Route, knobs, [hanging(), ok(), ok()]);
+    let start = Instant::now();
+    let r = bed.chat_with(&[], &stream_body(MODEL));
+    let elapsed = start.elapsed();
+    assert_sse_from_b(&bed, &r);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+    assert!(
+        elapsed >= Duration::from_millis(950) && elapsed < Duration::from_millis(2500),
+        "answered after {} ms with a 1000 ms idle timeout",
+        elapsed.as_millis()
+    );
 }
 
 #[test]

@@ -89,6 +89,8 @@ pub struct EnvoyConfig {
     pub cluster_header: String,
     /// Route timeout.
     pub route_timeout: Duration,
+    /// Route `idle_timeout` (none when `None`): bounds a stream that sends nothing.
+    pub route_idle_timeout: Option<Duration>,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
     /// Write an access log line per request to stdout (the Envoy log).
@@ -117,6 +119,7 @@ impl Default for EnvoyConfig {
             filter: Filter::None,
             cluster_header: "x-market-router-cluster".to_string(),
             route_timeout: Duration::from_secs(120),
+            route_idle_timeout: None,
             connect_timeout: Duration::from_secs(1),
             access_log: false,
             log_level: "warning".to_string(),
@@ -198,6 +201,12 @@ impl EnvoyConfig {
     /// Sets the route timeout.
     pub fn route_timeout(mut self, timeout: Duration) -> Self {
         self.route_timeout = timeout;
+        self
+    }
+
+    /// Sets the route's `idle_timeout`.
+    pub fn route_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.route_idle_timeout = Some(timeout);
         self
     }
 
@@ -292,7 +301,10 @@ static_resources:
                 );
             }
         }
-        let timeout = secs(self.route_timeout);
+        let timeout = match self.route_idle_timeout {
+            Some(idle) => format!("{}, idle_timeout: {}", secs(self.route_timeout), secs(idle)),
+            None => secs(self.route_timeout),
+        };
         let action = match (&self.filter, self.providers.first()) {
             (Filter::None, Some(first)) => format!(
                 "route: {{ cluster: {}, timeout: {timeout} }}",
