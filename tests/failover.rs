@@ -340,7 +340,7 @@ fn primary_503_fails_over(mode: Mode) {
     );
     assert_eq!(
         bed.envoy
-            .stat("wasmcustom.market_router.provider.a.failover")
+            .stat_settled("wasmcustom.market_router.provider.a.failover")
             .unwrap(),
         Some(1)
     );
@@ -425,7 +425,7 @@ fn primary_refused_fails_over(mode: Mode) {
     assert_eq!(bed.all_hits(), [None, Some(1), Some(0)]);
     assert_eq!(
         bed.envoy
-            .stat("wasmcustom.market_router.provider.a.failure")
+            .stat_settled("wasmcustom.market_router.provider.a.failure")
             .unwrap(),
         Some(1)
     );
@@ -743,7 +743,7 @@ fn client_error_is_not_retried(mode: Mode) {
     // A client error says nothing about the provider.
     assert_eq!(
         bed.envoy
-            .stat("wasmcustom.market_router.provider.a.failure")
+            .stat_settled("wasmcustom.market_router.provider.a.failure")
             .unwrap(),
         Some(0)
     );
@@ -1047,7 +1047,7 @@ fn stream_broken_after_first_bytes_fails_over_dispatch() {
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
     assert_eq!(
         bed.envoy
-            .stat("wasmcustom.market_router.stream_failed_midway")
+            .stat_settled("wasmcustom.market_router.stream_failed_midway")
             .unwrap(),
         Some(0)
     );

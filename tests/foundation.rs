@@ -125,7 +125,7 @@ fn big_chat(model: &str, size: usize) -> Vec<u8> {
 
 fn stat(envoy: &Envoy, name: &str) -> u64 {
     envoy
-        .stat(&format!("wasmcustom.{name}"))
+        .stat_settled(&format!("wasmcustom.{name}"))
         .unwrap()
         .unwrap_or_else(|| panic!("no stat wasmcustom.{name}"))
 }

@@ -100,7 +100,29 @@ fn micro_usd(usage: (u64, u64), input: f64, output: f64) -> u64 {
 
 /// Admin `/stats/prometheus` as `series → value`; a series is the metric name plus its labels
 /// as printed (`name` alone when there are none).
+/// Envoy's Prometheus page once the filter's batched counters (written at least every
+/// 250 ms) have settled: scrapes until two scrapes 300 ms apart agree on every
+/// `market_router_` series, for at most 5 s.
 fn prom(envoy: &Envoy) -> BTreeMap<String, f64> {
+    let ours = |m: &BTreeMap<String, f64>| -> Vec<(String, f64)> {
+        m.iter()
+            .filter(|(k, _)| k.starts_with("market_router_"))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = scrape(envoy);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = scrape(envoy);
+        if ours(&now) == ours(&last) || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn scrape(envoy: &Envoy) -> BTreeMap<String, f64> {
     let r = get(&envoy.admin_url("/stats/prometheus"), T).unwrap();
     assert_eq!(r.status, 200, "admin /stats/prometheus");
     r.text()

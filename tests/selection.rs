@@ -226,7 +226,7 @@ impl Bed {
     }
 
     fn stat(&self, name: &str) -> u64 {
-        self.envoy.stat(name).unwrap().unwrap_or(0)
+        self.envoy.stat_settled(name).unwrap().unwrap_or(0)
     }
 
     /// Sends the test chat request.

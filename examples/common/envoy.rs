@@ -590,6 +590,20 @@ impl Envoy {
     pub fn check_running(&mut self) -> Result<(), String> {
         self.proc.check_running()
     }
+    /// A counter the filter writes in batches (at least every 250 ms), once it has settled:
+    /// reads until two reads 300 ms apart agree, for at most 5 s.
+    pub fn stat_settled(&self, name: &str) -> Result<Option<u64>, String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut last = self.stat(name)?;
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.stat(name)?;
+            if now == last || std::time::Instant::now() >= deadline {
+                return Ok(now);
+            }
+            last = now;
+        }
+    }
 
     /// Value of one counter or gauge from admin `/stats` (`None` if Envoy has no such stat).
     pub fn stat(&self, name: &str) -> Result<Option<u64>, String> {

@@ -437,6 +437,7 @@ impl Http {
         };
         let elapsed_us = host::now_ns().saturating_sub(t0) / 1000;
         vm.metrics.decision_time(elapsed_us as u64);
+        vm.metrics.flush_if_due(now);
         action
     }
 

@@ -12,7 +12,7 @@ use crate::metrics::{self, Global, PerProvider};
 use crate::rng::Rng;
 use log::{debug, info, warn};
 use proxy_wasm::types::MetricType;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 /// Bounded CAS retries on shared data; on give-up the update is skipped (the request never fails for it).
@@ -61,9 +61,19 @@ impl Keys {
 }
 
 /// Metric ids of this VM (`None` where the host refused a definition).
+/// How often counters kept in VM memory are written to the host from the request path, ms
+/// (the root context's tick writes them too).
+const METRICS_FLUSH_MS: u64 = 100;
+
+/// Metric ids of this VM (`None` where the host refused a definition). Counters are kept in
+/// VM memory and written to the host in batches (on tick, and from the request path at most
+/// every `METRICS_FLUSH_MS`): one host call per counter per flush instead of one per event.
 pub(crate) struct Metrics {
-    global: Vec<Option<u32>>,
-    per_provider: Vec<Vec<Option<u32>>>,
+    /// Counter ids: the global ones (`Global` order), then per provider (`PerProvider` order).
+    counters: Vec<Option<u32>>,
+    /// Increments not written yet, same order.
+    pending: Vec<Cell<u64>>,
+    last_flush_ms: Cell<u64>,
     snapshot_age: Option<u32>,
     snapshot_offers: Option<u32>,
     decision_us: Option<u32>,
@@ -71,24 +81,30 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     fn define(config: &Config) -> Self {
+        let mut counters: Vec<Option<u32>> = Global::ALL
+            .iter()
+            .map(|g| host::define_metric(MetricType::Counter, g.name()))
+            .collect();
+        for p in &config.providers {
+            counters.extend(
+                PerProvider::ALL
+                    .iter()
+                    .map(|m| host::define_metric(MetricType::Counter, &m.name(&p.name))),
+            );
+        }
         Self {
-            global: Global::ALL
-                .iter()
-                .map(|g| host::define_metric(MetricType::Counter, g.name()))
-                .collect(),
-            per_provider: config
-                .providers
-                .iter()
-                .map(|p| {
-                    PerProvider::ALL
-                        .iter()
-                        .map(|m| host::define_metric(MetricType::Counter, &m.name(&p.name)))
-                        .collect()
-                })
-                .collect(),
+            pending: counters.iter().map(|_| Cell::new(0)).collect(),
+            counters,
+            last_flush_ms: Cell::new(0),
             snapshot_age: host::define_metric(MetricType::Gauge, metrics::SNAPSHOT_AGE_MS),
             snapshot_offers: host::define_metric(MetricType::Gauge, metrics::SNAPSHOT_OFFERS),
             decision_us: host::define_metric(MetricType::Histogram, metrics::DECISION_US),
+        }
+    }
+
+    fn bump(&self, slot: usize, by: u64) {
+        if let Some(p) = self.pending.get(slot) {
+            p.set(p.get().saturating_add(by));
         }
     }
 
@@ -97,18 +113,31 @@ impl Metrics {
     }
 
     pub(crate) fn inc_by(&self, g: Global, by: u64) {
-        if let Some(Some(id)) = self.global.get(g as usize) {
-            host::increment_metric(*id, by.min(i64::MAX as u64) as i64);
-        }
+        self.bump(g as usize, by);
     }
 
     pub(crate) fn add(&self, provider: usize, m: PerProvider, by: u64) {
-        if let Some(Some(id)) = self
-            .per_provider
-            .get(provider)
-            .and_then(|v| v.get(m as usize))
-        {
-            host::increment_metric(*id, by.min(i64::MAX as u64) as i64);
+        self.bump(
+            Global::ALL.len() + provider * PerProvider::ALL.len() + m as usize,
+            by,
+        );
+    }
+
+    /// Writes the pending increments to the host.
+    pub(crate) fn flush(&self, now: u64) {
+        self.last_flush_ms.set(now);
+        for (id, pending) in self.counters.iter().zip(&self.pending) {
+            let n = pending.replace(0);
+            if let (Some(id), true) = (id, n > 0) {
+                host::increment_metric(*id, n.min(i64::MAX as u64) as i64);
+            }
+        }
+    }
+
+    /// Flushes when the last flush is at least `METRICS_FLUSH_MS` old.
+    pub(crate) fn flush_if_due(&self, now: u64) {
+        if now >= self.last_flush_ms.get() + METRICS_FLUSH_MS {
+            self.flush(now);
         }
     }
 

@@ -31,11 +31,13 @@ impl Root {
         }
     }
 
+    /// Ticks drive the market refresh and write batched counters, so they run with or without
+    /// a market, at most 250 ms apart.
     fn tick_period_ms(config: &Config) -> u64 {
         config
             .market
             .as_ref()
-            .map_or(1000, |m| (m.refresh_ms / 4).clamp(50, 1000))
+            .map_or(250, |m| (m.refresh_ms / 4).clamp(50, 250))
     }
 
     /// Tries to take this period's refresh slot; true when this VM should fetch now.
@@ -267,8 +269,8 @@ impl RootContext for Root {
             if host::shared_get(&vm.keys.market_due).is_none_or(|(v, _)| v.is_empty()) {
                 let _ = host::shared_set(&vm.keys.market_due, &0u64.to_le_bytes(), None);
             }
-            host::set_tick_period_ms(Self::tick_period_ms(&vm.config));
         }
+        host::set_tick_period_ms(Self::tick_period_ms(&vm.config));
         vm.sync_market(host::now_ms(), true);
         info!(
             "market-router configured: {} provider(s), strategy {}, failover {}, market {}",
@@ -288,6 +290,7 @@ impl RootContext for Root {
         let Some(vm) = self.vm.clone() else { return };
         let now = host::now_ms();
         host::follow_host_log_level();
+        vm.metrics.flush(now);
         vm.sync_market(now, true);
         if let Ok(inner) = vm.inner.try_borrow() {
             if let Some(m) = &inner.market {
