@@ -136,11 +136,7 @@ impl Sidecar {
                     )
                 }
                 ("POST", "/__sidecar/behavior") => {
-                    let parsed = if req.body.iter().all(u8::is_ascii_whitespace) {
-                        Ok(Value::Null)
-                    } else {
-                        req.json()
-                    };
+                    let parsed = req.json_or_null();
                     match parsed.and_then(|v| Behavior::from_json(&v)) {
                         Ok(b) => {
                             let j = b.to_json();

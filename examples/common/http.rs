@@ -240,6 +240,15 @@ impl Request {
         serde_json::from_slice(&self.body).map_err(|e| format!("invalid JSON body: {e}"))
     }
 
+    /// The body as JSON, with an empty (or blank) body read as `null`.
+    pub fn json_or_null(&self) -> Result<Value, String> {
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            Ok(Value::Null)
+        } else {
+            self.json()
+        }
+    }
+
     /// Whether the connection stays open after this request.
     pub fn keep_alive(&self) -> bool {
         let conn = self.header("connection");
