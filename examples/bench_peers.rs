@@ -525,18 +525,7 @@ fn portkey_config(first: &MockProvider, second: &MockProvider) -> String {
 }
 
 fn portkey(m: &Mocks, server_js: &Path, version: &str, preload: &Path) -> Result<Gateway, String> {
-    let dir = TempDir::new("portkey")?;
-    let port = common::free_port();
-    let mut cmd = Command::new("node");
-    cmd.arg("--import")
-        .arg(preload)
-        .arg(server_js)
-        .arg(format!("--port={port}"))
-        .arg("--headless")
-        .current_dir(dir.path());
-    let mut proc = Proc::spawn_in("portkey", &mut cmd, dir)?;
-    wait_http(&format!("http://127.0.0.1:{port}/"), &mut proc)
-        .map_err(|e| format!("Portkey gateway did not start: {e}\n{}", proc.log_tail(15)))?;
+    let (proc, port) = common::start_portkey(server_js, preload, START_TIMEOUT)?;
     let ep = |model, cfg: String| Endpoint {
         authority: format!("127.0.0.1:{port}"),
         headers: vec![("x-portkey-config".into(), cfg)],

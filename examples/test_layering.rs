@@ -22,13 +22,13 @@
 mod common;
 
 use common::{
-    crate_root, request, wait_ready_while, Args, Envoy, EnvoyConfig, MockOpts, MockProvider, Proc,
-    ProviderCluster, Response, TempDir,
+    crate_root, request, Args, Envoy, EnvoyConfig, MockOpts, MockProvider, ProviderCluster,
+    Response,
 };
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -51,27 +51,6 @@ fn read_json(path: &Path) -> Result<Value, String> {
         fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))
 }
-
-fn start_portkey(server_js: &Path, preload: &Path) -> Result<(Proc, u16), String> {
-    let dir = TempDir::new("portkey")?;
-    let port = common::free_port();
-    let mut cmd = Command::new("node");
-    cmd.arg("--import")
-        .arg(preload)
-        .arg(server_js)
-        .arg(format!("--port={port}"))
-        .arg("--headless")
-        .current_dir(dir.path());
-    let mut proc = Proc::spawn_in("portkey", &mut cmd, dir)?;
-    wait_ready_while(
-        &format!("http://127.0.0.1:{port}/"),
-        Duration::from_secs(30),
-        || proc.check_running(),
-    )
-    .map_err(|e| format!("Portkey gateway did not start: {e}\n{}", proc.log_tail(15)))?;
-    Ok((proc, port))
-}
-
 /// Envoy's `ACCESS` lines so far.
 fn access_lines(envoy: &Envoy) -> Vec<String> {
     envoy
@@ -169,7 +148,7 @@ fn run(server_js: &Path, preload: &Path) -> Result<(), String> {
             .component_log_level(""),
         1,
     )?;
-    let (portkey, pk_port) = start_portkey(server_js, preload)?;
+    let (portkey, pk_port) = common::start_portkey(server_js, preload, Duration::from_secs(30))?;
     pk_config["custom_host"] = json!(format!("http://127.0.0.1:{}/v1", envoy.port()));
     let pk_header = pk_config.to_string();
 

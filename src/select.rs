@@ -648,7 +648,13 @@ mod tests {
         .unwrap()
     }
 
-    fn rank_at(c: &Config, m: &MarketView, h: &HealthTable, now: u64) -> Ranking {
+    fn try_rank(
+        c: &Config,
+        m: &MarketView,
+        h: &HealthTable,
+        now: u64,
+        seed: u64,
+    ) -> Result<Ranking, NoRoute> {
         rank(
             c,
             Some(m),
@@ -656,9 +662,12 @@ mod tests {
             &req(),
             &Prefs::default(),
             now,
-            &mut Rng::new(1),
+            &mut Rng::new(seed),
         )
-        .unwrap()
+    }
+
+    fn rank_at(c: &Config, m: &MarketView, h: &HealthTable, now: u64) -> Ranking {
+        try_rank(c, m, h, now, 1).unwrap()
     }
 
     /// One failure of `name` at t = 1000 ms.
@@ -682,16 +691,7 @@ mod tests {
     fn ranked(strategy: &str) -> Vec<String> {
         let c = config(strategy, "");
         let m = market(&c, 1000);
-        let r = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(7),
-        )
-        .unwrap();
+        let r = try_rank(&c, &m, &HealthTable::default(), 1000, 7).unwrap();
         names(&c, &r)
     }
 
@@ -743,16 +743,7 @@ mod tests {
     fn all_excluded_explains_each_provider() {
         let c = config("cheapest", r#","constraints":{"max_ttft_ms":100}"#);
         let m = market(&c, 1000);
-        let e = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(1),
-        )
-        .unwrap_err();
+        let e = try_rank(&c, &m, &HealthTable::default(), 1000, 1).unwrap_err();
         let NoRoute::AllExcluded(ex) = e else {
             panic!("expected AllExcluded")
         };
@@ -876,15 +867,7 @@ mod tests {
         assert_eq!(r.excluded.len(), 3);
         // Policy still excludes: a constraint that removes everyone is a 503.
         let strict = config("cheapest", r#","constraints":{"max_ttft_ms":100}"#);
-        let e = rank(
-            &strict,
-            Some(&m),
-            &h,
-            &req(),
-            &Prefs::default(),
-            1001,
-            &mut Rng::new(1),
-        );
+        let e = try_rank(&strict, &m, &h, 1001, 1);
         assert!(matches!(e, Err(NoRoute::AllExcluded(_))));
     }
 

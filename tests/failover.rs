@@ -297,20 +297,6 @@ fn assert_all_failed(r: &Response, status: u16, attempts: &[(&str, &str)]) {
     assert_eq!(msg, want);
 }
 
-/// Concatenated delta contents of a chat SSE body.
-fn streamed_text(r: &Response) -> String {
-    r.sse_data()
-        .iter()
-        .filter(|d| d.as_str() != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect()
-}
-
 /// Polls until `cond` holds or `within` passes; returns whether it held.
 fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
@@ -662,7 +648,7 @@ fn assert_sse_from_b(bed: &Bed, r: &Response) {
         "{}",
         r.text()
     );
-    assert_eq!(streamed_text(r), format!("Hello from b (model {MODEL})"));
+    assert_eq!(r.sse_content(), format!("Hello from b (model {MODEL})"));
     let first: Value = serde_json::from_str(&data[0]).unwrap();
     assert_eq!(first["provider"], "b");
     let last = bed.mock("b").last_request().unwrap();

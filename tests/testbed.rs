@@ -21,20 +21,6 @@ fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
 }
 
-/// Concatenated delta contents of a chat SSE body.
-fn streamed_text(r: &Response) -> String {
-    r.sse_data()
-        .iter()
-        .filter(|d| d.as_str() != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect()
-}
-
 #[test]
 fn http_toolkit_round_trips() {
     let server = Server::spawn(
@@ -214,7 +200,7 @@ fn mock_streams_sse() {
     let data = r.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     assert!(r.text().contains("data: [DONE]"));
-    assert_eq!(streamed_text(&r), "Hello from beta (model llama)");
+    assert_eq!(r.sse_content(), "Hello from beta (model llama)");
     let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 8);
@@ -388,7 +374,7 @@ fn envoy_alone_proxies_to_provider_with_key() {
     .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
-    assert_eq!(streamed_text(&r), "Hello from alpha (model m)");
+    assert_eq!(r.sse_content(), "Hello from alpha (model m)");
     assert_eq!(mock.hits().unwrap(), 2);
     assert_eq!(
         envoy

@@ -858,6 +858,20 @@ impl Response {
             .map(|d| d.trim_start().to_string())
             .collect()
     }
+
+    /// The concatenated `choices[0].delta.content` of a chat completion's SSE body.
+    pub fn sse_content(&self) -> String {
+        self.sse_data()
+            .iter()
+            .filter(|d| d.as_str() != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    }
 }
 
 /// Splits `http://host:port/path`, `host:port/path` or `host:port` into `(host:port, /path)`.

@@ -17,7 +17,7 @@ pub use http::{
     bind_and_serve, free_port, get, handler, post_json, request, serve, split_url, wait_ready,
     wait_ready_while, Conn, Handler, Reply, Request, Response, Server,
 };
-pub use procs::{crate_root, envoy_bin, example_bin, wasm_path, Proc, TempDir};
+pub use procs::{crate_root, envoy_bin, example_bin, start_portkey, wasm_path, Proc, TempDir};
 pub use testbed::{MockOpts, MockProvider, Sidecar};
 
 /// 64-bit FNV-1a hash.

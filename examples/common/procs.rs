@@ -305,3 +305,27 @@ pub fn wasm_path() -> PathBuf {
             .join("market_router.wasm"),
     }
 }
+
+/// Starts Portkey's open-source gateway (`node <preload> <server_js> --headless`) on a free
+/// loopback port (the preload keeps it on 127.0.0.1) and waits until it answers.
+pub fn start_portkey(
+    server_js: &Path,
+    preload: &Path,
+    timeout: Duration,
+) -> Result<(Proc, u16), String> {
+    let dir = TempDir::new("portkey")?;
+    let port = super::http::free_port();
+    let mut cmd = Command::new("node");
+    cmd.arg("--import")
+        .arg(preload)
+        .arg(server_js)
+        .arg(format!("--port={port}"))
+        .arg("--headless")
+        .current_dir(dir.path());
+    let mut proc = Proc::spawn_in("portkey", &mut cmd, dir)?;
+    super::http::wait_ready_while(&format!("http://127.0.0.1:{port}/"), timeout, || {
+        proc.check_running()
+    })
+    .map_err(|e| format!("Portkey gateway did not start: {e}\n{}", proc.log_tail(15)))?;
+    Ok((proc, port))
+}
