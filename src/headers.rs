@@ -109,6 +109,42 @@ pub fn answer_headers(headers: &[(String, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Decimal digits of `n`, written into `buf` (no allocation: response headers are set on every
+/// request).
+pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+/// `usd` with eight decimals (`0.00001230`), written into `buf`; `None` unless it is a finite
+/// amount from 0 to 10^10.
+pub fn usd8(usd: f64, buf: &mut [u8; 32]) -> Option<&str> {
+    if !(0.0..=1e10).contains(&usd) {
+        return None;
+    }
+    let units = (usd * 1e8).round() as u64;
+    let mut int = [0u8; 20];
+    let whole = decimal(units / 100_000_000, &mut int);
+    let mut frac = units % 100_000_000;
+    let len = whole.len() + 9;
+    buf[..whole.len()].copy_from_slice(whole.as_bytes());
+    buf[whole.len()] = b'.';
+    for slot in buf[whole.len() + 1..len].iter_mut().rev() {
+        *slot = b'0' + (frac % 10) as u8;
+        frac /= 10;
+    }
+    std::str::from_utf8(&buf[..len]).ok()
+}
+
 /// 64-bit FNV-1a, used to place affinity values into slots.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -219,5 +255,28 @@ mod tests {
         assert_eq!(affinity_decode(&v, &tag), Some("acme"));
         let (_, other) = affinity_slot("conversation-2");
         assert_eq!(affinity_decode(&v, &other), None);
+    }
+
+    #[test]
+    fn numbers_are_written_without_allocating() {
+        let mut b = [0u8; 20];
+        assert_eq!(decimal(0, &mut b), "0");
+        assert_eq!(decimal(1234, &mut b), "1234");
+        assert_eq!(decimal(u64::MAX, &mut b), u64::MAX.to_string());
+        let mut b = [0u8; 32];
+        assert_eq!(usd8(0.0000123, &mut b), Some("0.00001230"));
+        assert_eq!(usd8(0.0, &mut b), Some("0.00000000"));
+        assert_eq!(usd8(12.5, &mut b), Some("12.50000000"));
+        assert_eq!(usd8(0.123456789, &mut b), Some("0.12345679"));
+        for usd in [0.000_000_015, 0.3, 1.0 / 3.0, 999.999_999_99] {
+            assert_eq!(
+                usd8(usd, &mut b),
+                Some(format!("{usd:.8}").as_str()),
+                "{usd}"
+            );
+        }
+        assert_eq!(usd8(-1.0, &mut b), None);
+        assert_eq!(usd8(f64::NAN, &mut b), None);
+        assert_eq!(usd8(f64::INFINITY, &mut b), None);
     }
 }

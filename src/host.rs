@@ -19,13 +19,6 @@ pub(crate) fn request_headers() -> Vec<(String, String)> {
     hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
 }
 
-/// One request header.
-pub(crate) fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
-
 /// Sets (or with `None` removes) a request header; false when the host refused.
 pub(crate) fn set_request_header(name: &str, value: Option<&str>) -> bool {
     hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).is_ok()

@@ -8,10 +8,12 @@
 
 pub mod attempt;
 pub mod config;
+pub mod decision;
 pub mod errors;
 pub mod explain;
 pub mod headers;
 pub mod health;
+pub mod json;
 pub mod market;
 pub mod metrics;
 pub mod request;

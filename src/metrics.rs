@@ -1,6 +1,8 @@
 //! Metric names and the cost arithmetic behind them. The glue defines each name once per VM
 //! and keeps the ids; Envoy shows them under `wasmcustom.` in `/stats` and `/stats/prometheus`.
 
+use crate::json;
+
 /// Counters not tied to a provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Global {
@@ -177,20 +179,17 @@ impl Usage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Malformed;
 
-/// Checks a non-streaming answer in one parse: `Err(Malformed)` when it is not a JSON object,
+/// Checks a non-streaming answer in one pass: `Err(Malformed)` when it is not a JSON object,
 /// else its `usage` if it has a readable one.
 pub fn inspect_answer(body: &[u8]) -> Result<Option<Usage>, Malformed> {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        #[serde(default)]
-        usage: Option<serde_json::Value>,
-    }
-    // A struct also deserializes from an array: insist on an object.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Malformed);
-    }
-    let answer: Answer = serde_json::from_slice(body).map_err(|_| Malformed)?;
-    Ok(answer.usage.as_ref().and_then(usage_from_value))
+    let mut usage = None;
+    json::object_fields(body, |k, v| {
+        if k == b"usage" {
+            usage = Some(v);
+        }
+    })
+    .map_err(|_| Malformed)?;
+    Ok(usage.and_then(|v| usage_of_object(&body[v])))
 }
 
 /// `usage` of a non-streaming answer body.
@@ -198,41 +197,30 @@ pub fn usage_of_answer(body: &[u8]) -> Option<Usage> {
     inspect_answer(body).ok().flatten()
 }
 
-fn usage_from_value(v: &serde_json::Value) -> Option<Usage> {
-    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
-    if n("prompt_tokens").is_none() && n("completion_tokens").is_none() {
+/// Token counts of a `usage` object; `None` when it has neither.
+fn usage_of_object(usage: &[u8]) -> Option<Usage> {
+    let (mut prompt, mut completion) = (None, None);
+    json::object_fields(usage, |k, v| {
+        let n = || std::str::from_utf8(&usage[v]).ok()?.parse::<u64>().ok();
+        match k {
+            b"prompt_tokens" => prompt = n(),
+            b"completion_tokens" => completion = n(),
+            _ => {}
+        }
+    })
+    .ok()?;
+    if prompt.is_none() && completion.is_none() {
         return None;
     }
     Some(Usage {
-        prompt_tokens: n("prompt_tokens").unwrap_or(0),
-        completion_tokens: n("completion_tokens").unwrap_or(0),
+        prompt_tokens: prompt.unwrap_or(0),
+        completion_tokens: completion.unwrap_or(0),
     })
-}
-
-#[derive(serde::Deserialize)]
-struct RawUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-}
-
-impl RawUsage {
-    fn into_usage(self) -> Usage {
-        Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-        }
-    }
 }
 
 /// The last `usage` carried by server-sent events in `chunk` (the final usage chunk of an
 /// OpenAI stream with `stream_options.include_usage`). Scans only lines that mention usage.
 pub fn usage_in_sse(chunk: &[u8]) -> Option<Usage> {
-    #[derive(serde::Deserialize)]
-    struct Event {
-        usage: Option<RawUsage>,
-    }
     let mut found = None;
     for line in chunk.split(|b| *b == b'\n') {
         let Some(data) = line.strip_prefix(b"data:") else {
@@ -241,9 +229,8 @@ pub fn usage_in_sse(chunk: &[u8]) -> Option<Usage> {
         if !data.windows(7).any(|w| w == b"\"usage\"") {
             continue;
         }
-        let data = data.trim_ascii();
-        if let Ok(Event { usage: Some(u) }) = serde_json::from_slice::<Event>(data) {
-            found = Some(u.into_usage());
+        if let Ok(Some(u)) = inspect_answer(data.trim_ascii()) {
+            found = Some(u);
         }
     }
     found

@@ -5,10 +5,8 @@
 //! 400 here instead of an error from the provider) but only decodes the few top-level fields
 //! it needs; everything else is skipped byte by byte.
 
+use crate::json;
 use std::ops::Range;
-
-/// Max nesting accepted in a request body.
-const MAX_DEPTH: usize = 128;
 
 /// Facts about one request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,83 +79,36 @@ impl BodyError {
 
 /// Scans a request body.
 pub fn parse(body: &[u8]) -> Result<RequestInfo, BodyError> {
-    let mut s = Scanner { b: body, i: 0 };
-    s.ws();
-    if s.i >= body.len() {
-        return Err(BodyError::Empty);
-    }
-    if s.peek() != Some(b'{') {
-        // Still tell "not JSON" from "JSON but not an object".
-        s.value(0)?;
-        s.ws();
-        return Err(if s.i == body.len() {
-            BodyError::NotObject
-        } else {
-            BodyError::NotJson(s.i)
-        });
-    }
-    s.i += 1;
     let mut model: Option<(String, Range<usize>)> = None;
     let mut model_bad = false;
     let mut stream = false;
     let mut include_usage = false;
     let mut max_tokens = None;
-    s.ws();
-    if s.peek() == Some(b'}') {
-        s.i += 1;
-    } else {
-        loop {
-            s.ws();
-            let key = s.string_range()?;
-            s.ws();
-            s.expect(b':')?;
-            s.ws();
-            let start = s.i;
-            let key = &body[key.start + 1..key.end - 1];
-            match key {
-                b"model" => {
-                    if s.peek() == Some(b'"') {
-                        let r = s.string_range()?;
-                        match decode_string(&body[r.clone()]) {
-                            Some(m) if !m.is_empty() => model = Some((m, r)),
-                            _ => model_bad = true,
-                        }
-                    } else {
-                        s.value(1)?;
-                        model_bad = true;
-                    }
+    json::object_fields(body, |key, value| {
+        let v = &body[value.clone()];
+        match key {
+            b"model" => match v.first() {
+                Some(b'"') => match json::decode_string(v) {
+                    Some(m) if !m.is_empty() => model = Some((m, value)),
+                    _ => model_bad = true,
+                },
+                _ => model_bad = true,
+            },
+            b"stream" => stream = v == b"true",
+            b"max_tokens" | b"max_completion_tokens" => {
+                if let Ok(n) = std::str::from_utf8(v).unwrap_or("").parse::<u64>() {
+                    max_tokens = Some(n);
                 }
-                b"stream" => {
-                    s.value(1)?;
-                    stream = &body[start..s.i] == b"true";
-                }
-                b"max_tokens" | b"max_completion_tokens" => {
-                    s.value(1)?;
-                    if let Ok(n) = std::str::from_utf8(&body[start..s.i])
-                        .unwrap_or("")
-                        .parse::<u64>()
-                    {
-                        max_tokens = Some(n);
-                    }
-                }
-                b"stream_options" => {
-                    s.value(1)?;
-                    include_usage = stream_options_include_usage(&body[start..s.i]);
-                }
-                _ => s.value(1)?,
             }
-            s.ws();
-            match s.next() {
-                Some(b',') => continue,
-                Some(b'}') => break,
-                _ => return Err(BodyError::NotJson(s.i.saturating_sub(1))),
-            }
+            b"stream_options" => include_usage = stream_options_include_usage(v),
+            _ => {}
         }
-    }
-    s.ws();
-    if s.i != body.len() {
-        return Err(BodyError::NotJson(s.i));
-    }
+    })
+    .map_err(|e| match e {
+        json::ObjectError::Empty => BodyError::Empty,
+        json::ObjectError::NotJson(at) => BodyError::NotJson(at),
+        json::ObjectError::NotObject => BodyError::NotObject,
+    })?;
     match model {
         Some((model, model_span)) if !model_bad => Ok(RequestInfo {
             model,
@@ -186,198 +137,13 @@ pub fn rewrite_model(body: &[u8], info: &RequestInfo, new_model: &str) -> Option
 }
 
 fn stream_options_include_usage(v: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Opts {
-        #[serde(default)]
-        include_usage: bool,
-    }
-    serde_json::from_slice::<Opts>(v)
-        .map(|o| o.include_usage)
-        .unwrap_or(false)
-}
-
-/// Decodes a JSON string literal (quotes included).
-fn decode_string(lit: &[u8]) -> Option<String> {
-    let inner = &lit[1..lit.len() - 1];
-    if !inner.contains(&b'\\') {
-        return std::str::from_utf8(inner).ok().map(str::to_string);
-    }
-    serde_json::from_slice::<String>(lit).ok()
-}
-
-/// Skips, eight bytes at a time, string content that needs no attention: no quote, no backslash,
-/// no control byte. Returns the index of the first 8-byte word that has one (or the tail).
-fn plain_run(b: &[u8], mut i: usize) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    // Non-zero iff some byte of `x` is below `n` (exact for n <= 128).
-    let has_less = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
-    while i + 8 <= b.len() {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&b[i..i + 8]);
-        let w = u64::from_le_bytes(word);
-        let quote = w ^ (ONES * u64::from(b'"'));
-        let backslash = w ^ (ONES * u64::from(b'\\'));
-        if has_less(quote, 1) | has_less(backslash, 1) | has_less(w, 0x20) != 0 {
-            break;
+    let mut on = false;
+    let _ = json::object_fields(v, |k, r| {
+        if k == b"include_usage" {
+            on = &v[r] == b"true";
         }
-        i += 8;
-    }
-    i
-}
-
-struct Scanner<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl Scanner<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-
-    fn next(&mut self) -> Option<u8> {
-        let c = self.peek();
-        self.i += 1;
-        c
-    }
-
-    fn ws(&mut self) {
-        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
-            self.i += 1;
-        }
-    }
-
-    fn expect(&mut self, c: u8) -> Result<(), BodyError> {
-        if self.peek() == Some(c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(BodyError::NotJson(self.i))
-        }
-    }
-
-    fn string_range(&mut self) -> Result<Range<usize>, BodyError> {
-        let start = self.i;
-        self.expect(b'"')?;
-        loop {
-            self.i = plain_run(self.b, self.i);
-            match self.next() {
-                Some(b'"') => return Ok(start..self.i),
-                Some(b'\\') => match self.next() {
-                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {}
-                    Some(b'u') => {
-                        for _ in 0..4 {
-                            match self.next() {
-                                Some(c) if c.is_ascii_hexdigit() => {}
-                                _ => return Err(BodyError::NotJson(self.i.saturating_sub(1))),
-                            }
-                        }
-                    }
-                    _ => return Err(BodyError::NotJson(self.i.saturating_sub(1))),
-                },
-                Some(c) if c < 0x20 => return Err(BodyError::NotJson(self.i - 1)),
-                Some(_) => {}
-                None => return Err(BodyError::NotJson(self.b.len())),
-            }
-        }
-    }
-
-    fn value(&mut self, depth: usize) -> Result<(), BodyError> {
-        if depth > MAX_DEPTH {
-            return Err(BodyError::NotJson(self.i));
-        }
-        match self.peek() {
-            Some(b'"') => self.string_range().map(|_| ()),
-            Some(b'{') => {
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.ws();
-                    self.string_range()?;
-                    self.ws();
-                    self.expect(b':')?;
-                    self.ws();
-                    self.value(depth + 1)?;
-                    self.ws();
-                    match self.next() {
-                        Some(b',') => continue,
-                        Some(b'}') => return Ok(()),
-                        _ => return Err(BodyError::NotJson(self.i.saturating_sub(1))),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.ws();
-                    self.value(depth + 1)?;
-                    self.ws();
-                    match self.next() {
-                        Some(b',') => continue,
-                        Some(b']') => return Ok(()),
-                        _ => return Err(BodyError::NotJson(self.i.saturating_sub(1))),
-                    }
-                }
-            }
-            Some(b't') => self.literal(b"true"),
-            Some(b'f') => self.literal(b"false"),
-            Some(b'n') => self.literal(b"null"),
-            Some(b'-' | b'0'..=b'9') => self.number(),
-            _ => Err(BodyError::NotJson(self.i)),
-        }
-    }
-
-    fn literal(&mut self, lit: &[u8]) -> Result<(), BodyError> {
-        if self.b[self.i..].starts_with(lit) {
-            self.i += lit.len();
-            Ok(())
-        } else {
-            Err(BodyError::NotJson(self.i))
-        }
-    }
-
-    fn digits(&mut self) -> usize {
-        let start = self.i;
-        while let Some(b'0'..=b'9') = self.peek() {
-            self.i += 1;
-        }
-        self.i - start
-    }
-
-    fn number(&mut self) -> Result<(), BodyError> {
-        if self.peek() == Some(b'-') {
-            self.i += 1;
-        }
-        if self.digits() == 0 {
-            return Err(BodyError::NotJson(self.i));
-        }
-        if self.peek() == Some(b'.') {
-            self.i += 1;
-            if self.digits() == 0 {
-                return Err(BodyError::NotJson(self.i));
-            }
-        }
-        if let Some(b'e' | b'E') = self.peek() {
-            self.i += 1;
-            if let Some(b'+' | b'-') = self.peek() {
-                self.i += 1;
-            }
-            if self.digits() == 0 {
-                return Err(BodyError::NotJson(self.i));
-            }
-        }
-        Ok(())
-    }
+    });
+    on
 }
 
 #[cfg(test)]

@@ -164,10 +164,10 @@ impl Http {
         }
     }
 
-    /// Our response headers for an answer from `provider`.
-    fn our_headers(&self, provider: usize) -> Vec<(String, String)> {
+    /// Our response headers for an answer from `provider`, handed to `emit` one by one.
+    fn our_headers(&self, provider: usize, mut emit: impl FnMut(&'static str, &str)) {
         if !self.vm.config.response_headers {
-            return Vec::new();
+            return;
         }
         let name = self
             .vm
@@ -175,53 +175,35 @@ impl Http {
             .providers
             .get(provider)
             .map_or("", |p| p.name.as_str());
+        let mut num = [0u8; 20];
         let attempts = self.attempts.as_ref().map_or(1, |a| a.tried.len().max(1));
-        let mut hs = vec![
-            ("x-market-router-provider".to_string(), name.to_string()),
-            ("x-market-router-attempts".to_string(), attempts.to_string()),
-        ];
+        emit("x-market-router-provider", name);
+        emit(
+            "x-market-router-attempts",
+            headers::decimal(attempts as u64, &mut num),
+        );
         if let Some(r) = &self.ranking {
-            hs.push((
-                "x-market-router-strategy".to_string(),
-                r.strategy.as_str().to_string(),
-            ));
+            emit("x-market-router-strategy", r.strategy.as_str());
         }
         if let Some(age) = self.snapshot_age_ms {
-            hs.push((
-                "x-market-router-snapshot-age-ms".to_string(),
-                age.to_string(),
-            ));
+            emit(
+                "x-market-router-snapshot-age-ms",
+                headers::decimal(age, &mut num),
+            );
         }
         if let Some((usd, estimated)) = self.cost(provider) {
-            hs.push(("x-market-router-cost-usd".to_string(), format!("{usd:.8}")));
-            if estimated {
-                hs.push((
-                    "x-market-router-cost-estimated".to_string(),
-                    "true".to_string(),
-                ));
+            let mut buf = [0u8; 32];
+            if let Some(v) = headers::usd8(usd, &mut buf) {
+                emit("x-market-router-cost-usd", v);
+                if estimated {
+                    emit("x-market-router-cost-estimated", "true");
+                }
             }
         }
-        hs
     }
 
     /// Writes the decision record (Envoy filter state `wasm.market_router.decision`).
     fn record_decision(&self, provider: Option<usize>, status: Option<u32>) {
-        /// The record, serialized straight from borrowed fields.
-        #[derive(serde::Serialize)]
-        struct Decision<'a> {
-            model: Option<&'a str>,
-            provider: Option<&'a str>,
-            status: Option<u32>,
-            attempts: usize,
-            tried: Vec<(&'a str, &'static str)>,
-            strategy: Option<&'static str>,
-            score: Option<f64>,
-            cost_usd: Option<f64>,
-            cost_estimated: Option<bool>,
-            prompt_tokens: Option<u64>,
-            completion_tokens: Option<u64>,
-            snapshot_age_ms: Option<u64>,
-        }
         let config = &self.vm.config;
         let name = |i: usize| config.providers.get(i).map_or("?", |p| p.name.as_str());
         let tried: Vec<(&str, &'static str)> = self
@@ -238,11 +220,10 @@ impl Http {
                 .map(|c| (c.score * 1e4).round() / 1e4)
         });
         let cost = provider.and_then(|p| self.cost(p));
-        let record = Decision {
+        let record = crate::decision::Decision {
             model: self.info.as_ref().map(|i| i.model.as_str()),
             provider: provider.map(name),
             status,
-            attempts: tried.len(),
             tried,
             strategy: self.ranking.as_ref().map(|r| r.strategy.as_str()),
             score,
@@ -252,9 +233,7 @@ impl Http {
             completion_tokens: self.usage.map(|u| u.completion_tokens),
             snapshot_age_ms: self.snapshot_age_ms,
         };
-        if let Ok(bytes) = serde_json::to_vec(&record) {
-            host::set_property("market_router.decision", &bytes);
-        }
+        host::set_property("market_router.decision", &record.to_json());
     }
 
     /// Counts the delivered answer's tokens and cost.
@@ -276,7 +255,7 @@ impl Http {
         let vm = Rc::clone(&self.vm);
         let now = host::now_ms();
         vm.sync_market(now, false);
-        vm.sync_health();
+        vm.sync_health(now, true);
         let Ok(inner) = vm.inner.try_borrow() else {
             return self.reply_error(&ApiError::internal("market-router state busy"));
         };
@@ -317,7 +296,7 @@ impl Http {
         let vm = Rc::clone(&self.vm);
         let config = &vm.config;
         vm.sync_market(now, false);
-        vm.sync_health();
+        vm.sync_health(now, false);
         let prefs = if config.routing.client_overrides {
             headers::prefs_from_headers(&self.headers)
         } else {
@@ -664,9 +643,9 @@ impl Http {
     /// Route mode: the routed answer goes to the client, with our headers added in place.
     fn deliver_routed(&mut self, status: u32) {
         let Some(p) = self.served_by() else { return };
-        for (k, v) in self.our_headers(p) {
-            host::set_response_header(&k, &v);
-        }
+        self.our_headers(p, |k, v| {
+            host::set_response_header(k, v);
+        });
         self.account(p);
         self.record_decision(Some(p), Some(status));
     }
@@ -678,7 +657,7 @@ impl Http {
             self.usage = metrics::usage_of_answer(body).or_else(|| metrics::usage_in_sse(body));
         }
         let mut hs = headers::answer_headers(answer);
-        hs.extend(self.our_headers(provider));
+        self.our_headers(provider, |k, v| hs.push((k.to_string(), v.to_string())));
         self.account(provider);
         self.record_decision(Some(provider), Some(status));
         self.send(status, &hs, body);
@@ -752,27 +731,26 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        // The path alone first: requests the filter does not handle cost one host call.
-        let path = host::request_header(":path").unwrap_or_default();
-        let explain = self
-            .vm
-            .config
-            .explain_path_prefix
-            .as_deref()
-            .filter(|prefix| path.starts_with(prefix));
-        if !headers::is_llm_path("POST", &path) && explain.is_none() {
-            return Action::Continue;
-        }
+        // One host call for all headers: cheaper than reading the path alone and then the rest.
         let hs = host::request_headers();
-        let method = hs
-            .iter()
-            .find(|(k, _)| k == ":method")
-            .map_or("", |(_, v)| v.as_str());
-        if !headers::is_llm_path(method, &path) {
-            if let Some(q) = explain.and_then(|prefix| explain::parse(prefix, method, &path)) {
-                return self.answer_explain(q);
-            }
-            return Action::Continue;
+        let value = |name: &str| {
+            hs.iter()
+                .find(|(k, _)| k == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        let (method, path) = (value(":method"), value(":path"));
+        if !headers::is_llm_path(method, path) {
+            let explain = self
+                .vm
+                .config
+                .explain_path_prefix
+                .as_deref()
+                .filter(|prefix| path.starts_with(prefix))
+                .and_then(|prefix| explain::parse(prefix, method, path));
+            return match explain {
+                Some(q) => self.answer_explain(q),
+                None => Action::Continue,
+            };
         }
         self.vm.metrics.inc(Global::Requests);
         self.headers = hs;

@@ -19,6 +19,9 @@ use std::rc::Rc;
 const CAS_RETRIES: usize = 8;
 /// How often a VM looks for a newer market generation from the request path, ms.
 const MARKET_CHECK_MS: u64 = 250;
+/// How often a VM re-reads the shared health table from the request path, ms: what other
+/// workers observed reaches this one within this time (its own observations at once).
+const HEALTH_CHECK_MS: u64 = 20;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
@@ -171,6 +174,7 @@ pub(crate) struct VmInner {
     market_checked_ms: u64,
     pub(crate) health: HealthTable,
     health_cas: u32,
+    health_checked_ms: u64,
     pub(crate) rng: Rng,
 }
 
@@ -196,6 +200,7 @@ impl Vm {
                 market_checked_ms: 0,
                 health: HealthTable::default(),
                 health_cas: 0,
+                health_checked_ms: 0,
                 rng: Rng::new(seed),
             }),
         }
@@ -234,12 +239,17 @@ impl Vm {
         }
     }
 
-    /// Refreshes the cached health table when the shared copy changed.
-    pub(crate) fn sync_health(&self) {
-        let Some((bytes, cas)) = host::shared_get(&self.keys.health) else {
+    /// Refreshes the cached health table when the shared copy changed (at most every
+    /// `HEALTH_CHECK_MS` unless `force`).
+    pub(crate) fn sync_health(&self, now: u64, force: bool) {
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
             return;
         };
-        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+        if !force && now < inner.health_checked_ms + HEALTH_CHECK_MS {
+            return;
+        }
+        inner.health_checked_ms = now;
+        let Some((bytes, cas)) = host::shared_get(&self.keys.health) else {
             return;
         };
         if cas != inner.health_cas {
