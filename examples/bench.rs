@@ -914,7 +914,7 @@ fn static_offer(input: f64, output: f64, ttft: u64, uptime: f64) -> Value {
 }
 
 /// The overhead runs' filter configuration: two providers (both reach the fast upstream).
-fn overhead_config(mode: &str, hold: bool, market: bool) -> String {
+fn overhead_config(mode: &str, full: bool, market: bool) -> String {
     let mut c = json!({
         "providers": [
             {"name": "alpha", "cluster": "provider_a", "models": {MODEL: MODEL},
@@ -928,8 +928,9 @@ fn overhead_config(mode: &str, hold: bool, market: bool) -> String {
     if market {
         c["market"] = json!({"cluster": "market_sidecar", "refresh_ms": 5000});
     }
-    if !hold {
+    if !full {
         c["response_headers"] = json!(false);
+        c["decision_record"] = json!(false);
         c["failover"]["retry_on"] = json!(["connect-failure", "reset", "timeout", "5xx", "429"]);
     }
     c.to_string()
@@ -986,6 +987,8 @@ struct Variant {
     offers: Option<usize>,
     /// Knob variants run on the small body only.
     knob: bool,
+    /// A knob variant that also runs at one connection (latency).
+    knob_latency: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1034,6 +1037,7 @@ fn start_variant(
         provider_header: market_router,
         offers: market_router.then_some(2),
         knob: false,
+        knob_latency: false,
     })
 }
 
@@ -1118,7 +1122,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
     if opts.knobs {
         let mut e = start_variant(
             "e",
-            "knob: (c) without holding the response (response_headers off, no malformed check)",
+            "knob: (c) lean: response_headers and decision_record off, no malformed check (so the response is not held)",
             up_port,
             sc,
             Filter::MarketRouter {
@@ -1127,6 +1131,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
         )?;
         e.provider_header = false;
         e.knob = true;
+        e.knob_latency = true;
         let mut f = start_variant(
             "f",
             "knob: (c) without a market sidecar (static offers)",
@@ -1152,7 +1157,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
         h.knob = true;
         let mut i = start_variant(
             "i",
-            "knob: the empty filter pausing like (h) and making the host calls (c) makes on such a request (headers and bodies read, cluster, timeout and 5 response headers set, clock, shared data, 6 counters, 1 histogram, the decision property), with fixed values and none of (c)'s logic",
+            "knob: the empty filter pausing like (h) and making the host calls (c) makes on such a request (headers and bodies read, cluster, timeout and 5 response headers set, status read, clock, 1 histogram, the decision property), with fixed values and none of (c)'s logic",
             up_port,
             sc,
             Filter::Wasm {
@@ -1163,6 +1168,31 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
         )?;
         i.knob = true;
         i.provider_header = true;
+        let mut j = start_variant(
+            "j",
+            "knob: the empty filter doing the least body-based routing with response-phase failover needs: request headers held until the body is complete, body read, cluster header set, response status read",
+            up_port,
+            sc,
+            Filter::Wasm {
+                path: opts.empty_wasm.clone(),
+                config_json: "floor".into(),
+                root_id: "empty".into(),
+            },
+        )?;
+        j.knob = true;
+        j.knob_latency = true;
+        let mut k = start_variant(
+            "k",
+            "knob: the empty filter pausing like (h) and reading one request header once the body is complete, nothing else",
+            up_port,
+            sc,
+            Filter::Wasm {
+                path: opts.empty_wasm.clone(),
+                config_json: "pause_request,hold_response,read_one".into(),
+                root_id: "empty".into(),
+            },
+        )?;
+        k.knob = true;
         let g = Variant {
             key: "g",
             about: "knob: (c)'s Envoy, POST to a path the filter passes through (reads the headers, routes nothing)",
@@ -1172,8 +1202,9 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
             provider_header: false,
             offers: None,
             knob: true,
+            knob_latency: false,
         };
-        variants.extend([e, f, g, h, i]);
+        variants.extend([e, f, g, h, i, j, k]);
     }
 
     // Pre-flight: every variant answers the chat request as expected.
@@ -1265,9 +1296,8 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
                     opts.lat_secs
                 };
                 for v in &variants {
-                    // The knob variants only run on the small body.
-                    // Knob variants: small body, throughput and CPU only.
-                    if v.knob && (*body == "large" || kind == "lat") {
+                    // Knob variants: small body, throughput and CPU (some also latency).
+                    if v.knob && (*body == "large" || (kind == "lat" && !v.knob_latency)) {
                         continue;
                     }
                     let (out, cpu) = run_one(v, script, kind, secs)?;
@@ -1418,6 +1448,12 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
                 ("h", "b"),
                 ("i", "h"),
                 ("c", "i"),
+                ("j", "b"),
+                ("j", "a"),
+                ("c", "j"),
+                ("e", "j"),
+                ("e", "a"),
+                ("k", "h"),
             ]
         } else {
             &[("c", "a"), ("c", "b"), ("d", "a"), ("b", "a")]
@@ -1438,12 +1474,19 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
 
     let c_b = paired("small", "sat", "c", "b", &ratio);
     let c_a_p50 = paired("small", "lat", "c", "a", &d50);
+    let floor_b = paired("small", "sat", "j", "b", &ratio);
+    let floor_a_p50 = paired("small", "lat", "j", "a", &d50);
     let goals = json!([
         {"goal": "route-mode throughput ≥ 0.95× the empty wasm filter's (c/b, 200-byte body, 16 connections)",
          "value": round_to(c_b, 3), "target": 0.95, "pass": c_b >= 0.95},
         {"goal": "route mode adds ≤ 20 µs p50 over Envoy without a filter (c−a, 200-byte body, 1 connection)",
          "value": round_to(c_a_p50, 1), "target": 20, "pass": c_a_p50 <= 20.0},
     ]);
+    // What the least body-routing filter (knob j) measures against the same goals.
+    let floor = (opts.knobs).then(|| json!({
+        "rps_ratio_vs_b": round_to(floor_b, 3),
+        "added_p50_us_vs_a": round_to(floor_a_p50, 1),
+    }));
 
     let runs_json: Vec<Value> = runs
         .iter()
@@ -1477,6 +1520,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
         "table": table,
         "comparisons": comparisons,
         "goals": goals,
+        "floor": floor,
         "decision_us": decision,
         "decision_us_by_body": decision_by_body,
         "cpu_split": cpu_split,
@@ -2270,6 +2314,14 @@ fn markdown(meta: &Value, overhead: &Value, failover: &Value, memory: &Value) ->
                 g["value"],
                 g["target"],
                 pass(g["pass"] == true)
+            );
+        }
+        if let Some(fl) = overhead["floor"].as_object() {
+            let _ = writeln!(
+                md,
+                "\nThe same two measures for knob (j), the least a body-routing filter with response-phase failover does (hold the request until its body is complete, read the body, set the cluster header, read the response status) and no logic at all: {}× the empty filter's throughput, {} µs p50 over Envoy alone. Knob (k) against (h) is what reading a single value from the host costs.",
+                fmt_num(f(&fl["rps_ratio_vs_b"]), 3),
+                fmt_signed(f(&fl["added_p50_us_vs_a"]), 0),
             );
         }
         let _ = writeln!(

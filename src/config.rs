@@ -294,6 +294,9 @@ pub struct Config {
     pub max_snapshot_bytes: usize,
     /// Whether `x-market-router-*` response headers are added.
     pub response_headers: bool,
+    /// Whether the per-request decision record is written (Envoy filter state
+    /// `wasm.market_router.decision`).
+    pub decision_record: bool,
     /// Prefix of shared-data keys (`<prefix>/market`, …); on Kong it names the shm_kv zone.
     pub shared_data_prefix: String,
     /// Path prefix of the transparency endpoints (`<prefix>/models`, `<prefix>/route`); none = off.
@@ -527,6 +530,7 @@ const TOP: &[&str] = &[
     "failover",
     "limits",
     "response_headers",
+    "decision_record",
     "shared_data_prefix",
     "explain",
 ];
@@ -685,6 +689,7 @@ impl Config {
             max_body_bytes,
             max_snapshot_bytes,
             response_headers: top.bool("response_headers", true)?,
+            decision_record: top.bool("decision_record", true)?,
             shared_data_prefix: prefix,
             explain_path_prefix,
         })
@@ -1107,6 +1112,7 @@ mod tests {
         assert!(c.failover.retry_on.status_5xx && !c.failover.retry_on.status_4xx);
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert!(c.response_headers);
+        assert!(c.decision_record);
         assert!(c.market.is_none());
         assert_eq!(c.shared_data_prefix, "mr");
     }
@@ -1129,7 +1135,8 @@ mod tests {
             "retry_on": ["connect-failure", "reset", "timeout", "5xx", "429"],
             "circuit": {"failure_threshold": 3, "cooldown_ms": 30000}},
           "limits": {"max_body_bytes": 1048576},
-          "response_headers": true
+          "response_headers": true,
+          "decision_record": false
         }"#;
         let c = Config::parse(doc.as_bytes()).unwrap();
         let p = &c.providers[0];
@@ -1138,6 +1145,7 @@ mod tests {
         assert_eq!(c.routing.constraints.provider_types.len(), 2);
         assert_eq!(c.routing.affinity_header.as_deref(), Some("x-session-id"));
         assert!(!c.failover.retry_on.malformed);
+        assert!(!c.decision_record);
         assert_eq!(c.market.unwrap().refresh_ms, 5000);
     }
 

@@ -543,6 +543,34 @@ fn decision_record_reaches_the_access_log() {
 }
 
 #[test]
+fn decision_record_can_be_turned_off() {
+    let format = format!(
+        "{DECISION_PREFIX}%RESPONSE_CODE% %FILTER_STATE(wasm.market_router.decision:PLAIN)%\n"
+    );
+    let mut config = base_config();
+    config["decision_record"] = json!(false);
+    let Bed {
+        a: _a,
+        b: _b,
+        envoy,
+    } = bed(&config, |c| {
+        c.access_log(true)
+            .access_log_format(&format)
+            .file_flush_interval(Duration::from_millis(100))
+    });
+    let r = post(&envoy, &chat("m", "no record", Some(2)), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header(&r, "x-market-router-provider"), "a");
+    let mut lines = Vec::new();
+    wait_for("one access log line", Duration::from_secs(10), || {
+        lines = decision_lines(&envoy);
+        !lines.is_empty()
+    });
+    // Envoy prints `-` for filter state that was never set.
+    assert_eq!(lines, vec![(200, "-".to_string())]);
+}
+
+#[test]
 fn logs_tell_the_story_without_prompts_or_keys() {
     const PROMPT: &str = "PROMPT-CANARY-7f3a";
     const CLIENT_KEY: &str = "sk-CANARY-client";

@@ -204,6 +204,9 @@ impl Http {
 
     /// Writes the decision record (Envoy filter state `wasm.market_router.decision`).
     fn record_decision(&self, provider: Option<usize>, status: Option<u32>) {
+        if !self.vm.config.decision_record {
+            return;
+        }
         let config = &self.vm.config;
         let name = |i: usize| config.providers.get(i).map_or("?", |p| p.name.as_str());
         let tried: Vec<(&str, &'static str)> = self

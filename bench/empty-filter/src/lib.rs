@@ -8,8 +8,12 @@
 //! - `hold_response`: hold the response until its body is complete, reading nothing.
 //! - `replay`: both of the above, plus the host calls market-router makes on a routed,
 //!   non-streaming request (read the headers and both bodies, set the cluster, timeout and five
-//!   response headers, clock reads, shared-data read, metrics, the decision property), with fixed
-//!   values and none of its logic: what those host calls cost in Envoy by themselves.
+//!   response headers, clock reads, the decision-time histogram, the decision property), with
+//!   fixed values and none of its logic: what those host calls cost in Envoy by themselves.
+//! - `read_one`: read one request header (`:path`) once the body is complete, nothing else.
+//! - `floor`: the least a body-routing filter with response-phase failover does: hold the
+//!   request headers until the body is complete, read the body, set the cluster header, read
+//!   the response status.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -28,11 +32,12 @@ struct Knobs {
     pause_request: bool,
     hold_response: bool,
     replay: bool,
+    floor: bool,
+    read_one: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Metrics {
-    counter: Option<u32>,
     histogram: Option<u32>,
 }
 
@@ -58,16 +63,20 @@ impl RootContext for EmptyRoot {
                         "pause_request" => self.knobs.pause_request = true,
                         "hold_response" => self.knobs.hold_response = true,
                         "replay" => self.knobs.replay = true,
+                        "floor" => self.knobs.floor = true,
+                        "read_one" => self.knobs.read_one = true,
                         _ => {}
                     }
                 }
             }
         }
+        if self.knobs.floor {
+            self.knobs.pause_request = true;
+        }
         if self.knobs.replay {
             self.knobs.pause_request = true;
             self.knobs.hold_response = true;
             self.metrics = Metrics {
-                counter: hostcalls::define_metric(MetricType::Counter, "empty_filter.replay").ok(),
                 histogram: hostcalls::define_metric(
                     MetricType::Histogram,
                     "empty_filter.replay_us",
@@ -96,14 +105,6 @@ struct EmptyHttp {
 }
 
 impl EmptyHttp {
-    fn count(&self, times: usize) {
-        if let Some(id) = self.metrics.counter {
-            for _ in 0..times {
-                let _ = hostcalls::increment_metric(id, 1);
-            }
-        }
-    }
-
     fn clock(times: usize) {
         for _ in 0..times {
             let _ = hostcalls::get_current_time();
@@ -117,7 +118,6 @@ impl HttpContext for EmptyHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         if self.knobs.replay {
             let _ = hostcalls::get_map(MapType::HttpRequestHeaders);
-            self.count(1);
         }
         if self.knobs.pause_request && !end_of_stream {
             return Action::Pause;
@@ -129,10 +129,20 @@ impl HttpContext for EmptyHttp {
         if self.knobs.pause_request && !end_of_stream {
             return Action::Pause;
         }
+        if self.knobs.read_one {
+            let _ = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":path");
+        }
+        if self.knobs.floor {
+            let _ = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size);
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "x-market-router-cluster",
+                Some("provider_a"),
+            );
+        }
         if self.knobs.replay {
             let _ = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size);
-            Self::clock(2);
-            let _ = hostcalls::get_shared_data("empty_filter/health");
+            Self::clock(1);
             let _ = hostcalls::set_map_value(
                 MapType::HttpRequestHeaders,
                 "x-market-router-cluster",
@@ -143,7 +153,6 @@ impl HttpContext for EmptyHttp {
                 "x-envoy-upstream-rq-timeout-ms",
                 Some("30000"),
             );
-            self.count(1);
             Self::clock(1);
             if let Some(id) = self.metrics.histogram {
                 let _ = hostcalls::record_metric(id, 5);
@@ -153,6 +162,9 @@ impl HttpContext for EmptyHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.knobs.floor {
+            let _ = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status");
+        }
         if self.knobs.replay {
             Self::clock(1);
             let _ = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status");
@@ -170,8 +182,6 @@ impl HttpContext for EmptyHttp {
         if self.knobs.replay {
             Self::clock(1);
             let _ = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size);
-            let _ = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status");
-            self.count(1);
             for (k, v) in [
                 ("x-market-router-provider", "alpha"),
                 ("x-market-router-attempts", "1"),
@@ -181,7 +191,6 @@ impl HttpContext for EmptyHttp {
             ] {
                 let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, k, Some(v));
             }
-            self.count(3);
             let _ =
                 hostcalls::set_property(vec!["market_router.decision"], Some(DECISION.as_bytes()));
         }
