@@ -2243,7 +2243,7 @@ fn markdown(meta: &Value, overhead: &Value, failover: &Value, memory: &Value) ->
         let _ = writeln!(md, "## 1. Overhead\n");
         let _ = writeln!(
             md,
-            "Upstream: {}. Load: {}, req/s at {} connections ({} threads, {} s runs), latency at 1 connection ({} s runs). Envoy `--concurrency 1`, wasm log level warning. {} rounds of alternating runs ({}); the table shows medians, the comparisons the median over rounds of each round's paired ratio or difference. Envoy CPU µs/req: Envoy's user+system CPU time during a saturation run over its requests. Knob variants run on the 200-byte body at saturation only.\n",
+            "Upstream: {}. Load: {}, req/s at {} connections ({} threads, {} s runs), latency at 1 connection ({} s runs). Envoy `--concurrency 1`, wasm log level warning. {} rounds of alternating runs ({}); the table shows medians, the comparisons the median over rounds of each round's paired ratio or difference. Envoy CPU µs/req: Envoy's user+system CPU time during a saturation run over its requests. Knob variants run on the 200-byte body, at saturation only except (e) and (j), which also run at one connection.\n",
             overhead["upstream"].as_str().unwrap_or(""),
             overhead["load_generator"].as_str().unwrap_or(""),
             overhead["saturation"]["connections"],
