@@ -1483,10 +1483,12 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
          "value": round_to(c_a_p50, 1), "target": 20, "pass": c_a_p50 <= 20.0},
     ]);
     // What the least body-routing filter (knob j) measures against the same goals.
-    let floor = (opts.knobs).then(|| json!({
-        "rps_ratio_vs_b": round_to(floor_b, 3),
-        "added_p50_us_vs_a": round_to(floor_a_p50, 1),
-    }));
+    let floor = (opts.knobs).then(|| {
+        json!({
+            "rps_ratio_vs_b": round_to(floor_b, 3),
+            "added_p50_us_vs_a": round_to(floor_a_p50, 1),
+        })
+    });
 
     let runs_json: Vec<Value> = runs
         .iter()

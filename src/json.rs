@@ -44,7 +44,7 @@ pub fn object_fields(
             ObjectError::NotJson(s.i)
         });
     }
-    s.members(&mut field)
+    s.members(0, &mut field)
         .map_err(|e| ObjectError::NotJson(e.0))?;
     s.ws();
     if s.i != doc.len() {
@@ -121,8 +121,12 @@ struct Scanner<'a> {
 }
 
 impl Scanner<'_> {
-    /// The members of an object whose `{` is at the cursor, through its `}`.
-    fn members(&mut self, field: &mut impl FnMut(&[u8], Range<usize>)) -> Result<(), SyntaxError> {
+    /// The members of an object whose `{` is at the cursor, through its `}`, at nesting `depth`.
+    fn members(
+        &mut self,
+        depth: usize,
+        field: &mut impl FnMut(&[u8], Range<usize>),
+    ) -> Result<(), SyntaxError> {
         self.expect(b'{')?;
         self.ws();
         if self.peek() == Some(b'}') {
@@ -136,7 +140,7 @@ impl Scanner<'_> {
             self.expect(b':')?;
             self.ws();
             let start = self.i;
-            self.value(1)?;
+            self.value(depth + 1)?;
             field(&self.b[key.start + 1..key.end - 1], start..self.i);
             self.ws();
             match self.next() {
@@ -204,28 +208,7 @@ impl Scanner<'_> {
         }
         match self.peek() {
             Some(b'"') => self.string_range().map(|_| ()),
-            Some(b'{') => {
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.ws();
-                    self.string_range()?;
-                    self.ws();
-                    self.expect(b':')?;
-                    self.ws();
-                    self.value(depth + 1)?;
-                    self.ws();
-                    match self.next() {
-                        Some(b',') => continue,
-                        Some(b'}') => return Ok(()),
-                        _ => return Err(SyntaxError(self.i.saturating_sub(1))),
-                    }
-                }
-            }
+            Some(b'{') => self.members(depth, &mut |_, _| {}),
             Some(b'[') => {
                 self.i += 1;
                 self.ws();
