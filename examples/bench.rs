@@ -1193,6 +1193,18 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
             },
         )?;
         k.knob = true;
+        let mut l = start_variant(
+            "l",
+            "knob: a second Envoy identical to (b): how far two processes of the same build differ, the resolution of these comparisons",
+            up_port,
+            sc,
+            Filter::Wasm {
+                path: opts.empty_wasm.clone(),
+                config_json: "{}".into(),
+                root_id: "empty".into(),
+            },
+        )?;
+        l.knob = true;
         let g = Variant {
             key: "g",
             about: "knob: (c)'s Envoy, POST to a path the filter passes through (reads the headers, routes nothing)",
@@ -1204,7 +1216,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
             knob: true,
             knob_latency: false,
         };
-        variants.extend([e, f, g, h, i, j, k]);
+        variants.extend([e, f, g, h, i, j, k, l]);
     }
 
     // Pre-flight: every variant answers the chat request as expected.
@@ -1454,6 +1466,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
                 ("e", "j"),
                 ("e", "a"),
                 ("k", "h"),
+                ("l", "b"),
             ]
         } else {
             &[("c", "a"), ("c", "b"), ("d", "a"), ("b", "a")]

@@ -592,7 +592,7 @@ impl Http {
     fn judge(&mut self, outcome: Outcome, now: u64) -> Option<bool> {
         let vm = Rc::clone(&self.vm);
         let provider = self.attempts.as_ref().and_then(|a| a.current)?;
-        let name = vm.config.providers[provider].name.clone();
+        let name = vm.config.providers[provider].name.as_str();
         let ttfb = self
             .stream()
             .then(|| now.saturating_sub(self.attempt_started_ms) as f64);
@@ -601,14 +601,14 @@ impl Http {
         }
         let observation = outcome.observation(ttfb);
         if let Some(obs) = observation {
-            vm.observe(&name, obs, now);
+            vm.observe(name, obs, now);
         }
         if let Outcome::Success(_) = outcome {
             vm.metrics.add(provider, PerProvider::Success, 1);
             if self.attempts.as_ref().is_some_and(|a| a.tried.len() > 1) {
                 vm.metrics.inc(Global::RecoveredByFailover);
             }
-            self.remember_affinity(&name);
+            self.remember_affinity(name);
             return Some(true);
         }
         if matches!(
