@@ -616,73 +616,6 @@ http {{
     Err(format!("nginx did not start: {last_err}"))
 }
 
-/// An Envoy started from a hand-written bootstrap (for the Envoy-native failover baseline).
-struct RawEnvoy {
-    /// Killed on drop.
-    _proc: Proc,
-    port: u16,
-    admin_port: u16,
-}
-
-impl RawEnvoy {
-    /// `yaml` must name its admin and `ingress` listener addresses with port 0.
-    fn start(yaml: &str, concurrency: u32) -> Result<RawEnvoy, String> {
-        let bin = envoy_bin()?;
-        let dir = TempDir::new("envoy-raw")?;
-        let yaml_path = dir.join("envoy.yaml");
-        let admin_file = dir.join("admin-address");
-        fs::write(&yaml_path, yaml).map_err(|e| format!("cannot write envoy.yaml: {e}"))?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("-c")
-            .arg(&yaml_path)
-            .arg("--concurrency")
-            .arg(concurrency.to_string())
-            .arg("--disable-hot-restart")
-            .arg("--admin-address-path")
-            .arg(&admin_file)
-            .arg("-l")
-            .arg("warning");
-        let mut proc = Proc::spawn_in("envoy-raw", &mut cmd, dir)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let admin_port = loop {
-            if let Some(p) = fs::read_to_string(&admin_file).ok().and_then(|s| {
-                s.trim()
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.parse::<u16>().ok())
-            }) {
-                break p;
-            }
-            proc.check_running()?;
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "Envoy wrote no admin address; log tail:\n{}",
-                    proc.log_tail(30)
-                ));
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        wait_ready_while(
-            &format!("http://127.0.0.1:{admin_port}/ready"),
-            Duration::from_secs(30),
-            || proc.check_running(),
-        )
-        .map_err(|e| format!("{e}; log tail:\n{}", proc.log_tail(30)))?;
-        let v = admin_json(admin_port, "/listeners?format=json")?;
-        let port = v["listener_statuses"]
-            .as_array()
-            .and_then(|ls| ls.iter().find(|l| l["name"] == "ingress"))
-            .and_then(|l| l["local_address"]["socket_address"]["port_value"].as_u64())
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or("no ingress listener in admin /listeners")?;
-        Ok(RawEnvoy {
-            _proc: proc,
-            port,
-            admin_port,
-        })
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // wrk
 // ---------------------------------------------------------------------------------------------
@@ -1804,8 +1737,8 @@ fn failover_scenario(name: &str, opts: &Opts, body: &[u8], rtt_us: u64) -> Resul
         let (p, ap) = (e.port(), e.admin_port());
         (Some(e), None, p, ap)
     } else {
-        let e = RawEnvoy::start(&failover_envoy_yaml(a.port(), b.port()), concurrency)?;
-        let (p, ap) = (e.port, e.admin_port);
+        let e = Envoy::start_bootstrap(&failover_envoy_yaml(a.port(), b.port()), concurrency)?;
+        let (p, ap) = (e.port(), e.admin_port());
         (None, Some(e), p, ap)
     };
     let authority = format!("127.0.0.1:{port}");

@@ -468,6 +468,18 @@ static_resources:
     }
 }
 
+/// How to run one Envoy process.
+struct Launch<'a> {
+    concurrency: u32,
+    log_level: &'a str,
+    component_log_level: &'a str,
+    file_flush_interval: Option<Duration>,
+    /// 0: discover.
+    admin_port: u16,
+    /// 0: discover the `ingress` listener's.
+    port: u16,
+}
+
 /// A running Envoy, killed on drop.
 pub struct Envoy {
     proc: Proc,
@@ -481,27 +493,56 @@ impl Envoy {
     /// --disable-hot-restart` (no shared memory, so any number of Envoys can run side by side),
     /// then waits for admin `/ready` and discovers ports that were left at 0.
     pub fn start(cfg: &EnvoyConfig, concurrency: u32) -> Result<Envoy, String> {
+        Self::launch(
+            &cfg.to_yaml(),
+            &Launch {
+                concurrency,
+                log_level: &cfg.log_level,
+                component_log_level: &cfg.component_log_level,
+                file_flush_interval: cfg.file_flush_interval,
+                admin_port: cfg.admin_port,
+                port: cfg.port,
+            },
+        )
+    }
+
+    /// Runs a hand-written bootstrap the same way. `yaml` binds its admin address and a listener
+    /// named `ingress` to port 0 (both are discovered).
+    pub fn start_bootstrap(yaml: &str, concurrency: u32) -> Result<Envoy, String> {
+        Self::launch(
+            yaml,
+            &Launch {
+                concurrency,
+                log_level: "warning",
+                component_log_level: "",
+                file_flush_interval: None,
+                admin_port: 0,
+                port: 0,
+            },
+        )
+    }
+
+    fn launch(yaml: &str, l: &Launch<'_>) -> Result<Envoy, String> {
         let envoy = envoy_bin()?;
         let dir = TempDir::new("envoy")?;
         let yaml_path = dir.join("envoy.yaml");
         let admin_file = dir.join("admin-address");
-        fs::write(&yaml_path, cfg.to_yaml())
+        fs::write(&yaml_path, yaml)
             .map_err(|e| format!("cannot write {}: {e}", yaml_path.display()))?;
         let mut cmd = Command::new(&envoy);
         cmd.arg("-c")
             .arg(&yaml_path)
             .arg("--concurrency")
-            .arg(concurrency.max(1).to_string())
+            .arg(l.concurrency.max(1).to_string())
             .arg("--disable-hot-restart")
             .arg("--admin-address-path")
             .arg(&admin_file)
             .arg("-l")
-            .arg(&cfg.log_level);
-        if !cfg.component_log_level.is_empty() {
-            cmd.arg("--component-log-level")
-                .arg(&cfg.component_log_level);
+            .arg(l.log_level);
+        if !l.component_log_level.is_empty() {
+            cmd.arg("--component-log-level").arg(l.component_log_level);
         }
-        if let Some(interval) = cfg.file_flush_interval {
+        if let Some(interval) = l.file_flush_interval {
             cmd.arg("--file-flush-interval-msec")
                 .arg(interval.as_millis().max(1).to_string());
         }
@@ -518,8 +559,8 @@ impl Envoy {
             }
         };
 
-        let admin_port = if cfg.admin_port != 0 {
-            cfg.admin_port
+        let admin_port = if l.admin_port != 0 {
+            l.admin_port
         } else {
             match read_admin_address(&mut proc, &admin_file, READY_TIMEOUT) {
                 Ok(p) => p,
@@ -530,8 +571,8 @@ impl Envoy {
         if let Err(e) = wait_ready_while(&ready, READY_TIMEOUT, || proc.check_running()) {
             return Err(fail(&proc, e));
         }
-        let port = if cfg.port != 0 {
-            cfg.port
+        let port = if l.port != 0 {
+            l.port
         } else {
             match listener_port(admin_port) {
                 Ok(p) => p,
