@@ -203,6 +203,20 @@ impl Bed {
     }
 
     /// Polls a counter until it equals `want` (on_log may run just after the client's answer).
+    /// Makes provider `name` behave as `behavior` says (see the mock provider).
+    fn behave(&self, name: &str, behavior: Value) {
+        self.mock(name).set_behavior(&behavior).unwrap();
+    }
+
+    /// Asserts that the filter's counter `market_router.<counter>` reaches `want`.
+    fn assert_counter(&self, counter: &str, want: u64) {
+        assert_eq!(
+            self.wait_stat(&format!("wasmcustom.market_router.{counter}"), want),
+            Some(want),
+            "counter {counter}"
+        );
+    }
+
     fn wait_stat(&self, name: &str, want: u64) -> Option<u64> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -320,10 +334,7 @@ fn primary_503_fails_over(mode: Mode) {
     let r = bed.chat();
     assert_answer_from(&r, "b", 2);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
-    assert_eq!(
-        bed.wait_stat("wasmcustom.market_router.recovered_by_failover", 1),
-        Some(1)
-    );
+    bed.assert_counter("recovered_by_failover", 1);
     assert_eq!(
         bed.envoy
             .stat_settled("wasmcustom.market_router.provider.a.failover")
@@ -344,16 +355,14 @@ fn primary_503_fails_over_dispatch() {
 
 fn primary_429_retry_after_keeps_it_out(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
-    bed.mock("a")
-        .set_behavior(&json!({"status": 429, "retry_after": 2}))
-        .unwrap();
+    bed.behave("a", json!({"status": 429, "retry_after": 2}));
     let sent = Instant::now();
     let r = bed.chat();
     assert_answer_from(&r, "b", 2);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
 
     // `a` is healthy again, but asked for 2 s: every request within the window skips it.
-    bed.mock("a").set_behavior(&json!({})).unwrap();
+    bed.behave("a", json!({}));
     let window = Duration::from_millis(2000);
     let mut inside = 0;
     while sent.elapsed() < window - Duration::from_millis(300) {
@@ -460,17 +469,12 @@ fn primary_hang_times_out_and_fails_over_dispatch() {
 
 fn primary_reset_mid_response_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
-    bed.mock("a")
-        .set_behavior(&json!({"reset_mid": true}))
-        .unwrap();
+    bed.behave("a", json!({"reset_mid": true}));
     let r = bed.chat();
     assert_answer_from(&r, "b", 2);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
     // The cut answer counts against `a`.
-    assert_eq!(
-        bed.wait_stat("wasmcustom.market_router.provider.a.failure", 1),
-        Some(1)
-    );
+    bed.assert_counter("provider.a.failure", 1);
 }
 
 /// Route mode limit: once the provider's 2xx headers are in Envoy's encoder chain, a cut body
@@ -480,16 +484,11 @@ fn primary_reset_mid_response_fails_over(mode: Mode) {
 #[test]
 fn primary_reset_mid_response_is_counted_route() {
     let bed = Bed::start(Mode::Route, Knobs::default(), [ok(), ok(), ok()]);
-    bed.mock("a")
-        .set_behavior(&json!({"reset_mid": true}))
-        .unwrap();
+    bed.behave("a", json!({"reset_mid": true}));
     let r = bed.chat();
     assert_eq!(r.status, 502);
     assert_eq!(bed.all_hits(), [Some(1), Some(0), Some(0)]);
-    assert_eq!(
-        bed.wait_stat("wasmcustom.market_router.provider.a.failure", 1),
-        Some(1)
-    );
+    bed.assert_counter("provider.a.failure", 1);
 }
 
 #[test]
@@ -499,9 +498,7 @@ fn primary_reset_mid_response_fails_over_dispatch() {
 
 fn primary_malformed_200_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
-    bed.mock("a")
-        .set_behavior(&json!({"malformed": true}))
-        .unwrap();
+    bed.behave("a", json!({"malformed": true}));
     let r = bed.chat();
     assert_answer_from(&r, "b", 2);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
@@ -538,10 +535,7 @@ fn all_503_is_a_503_listing_each_attempt(mode: Mode) {
         ],
     );
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(1)]);
-    assert_eq!(
-        bed.wait_stat("wasmcustom.market_router.all_failed", 1),
-        Some(1)
-    );
+    bed.assert_counter("all_failed", 1);
 }
 
 #[test]
@@ -759,13 +753,10 @@ fn circuit_opens_then_recovers(mode: Mode) {
     let opened = Instant::now();
     assert_answer_from(&bed.chat(), "b", 2);
     assert_eq!(bed.hits("a"), 2);
-    assert_eq!(
-        bed.wait_stat("wasmcustom.market_router.provider.a.circuit_open", 1),
-        Some(1)
-    );
+    bed.assert_counter("provider.a.circuit_open", 1);
 
     // Open: new requests skip `a` entirely, even once it is healthy again.
-    bed.mock("a").set_behavior(&json!({})).unwrap();
+    bed.behave("a", json!({}));
     let mut skipped = 0;
     while opened.elapsed() < Duration::from_millis(COOLDOWN_MS - 300) {
         assert_answer_from(&bed.chat(), "b", 1);
@@ -834,7 +825,7 @@ fn auth_and_headers_follow_the_fallback(mode: Mode) {
         [keyed(KEY_A), keyed(KEY_B), keyed(KEY_C)],
         [Some(KEY_A), Some(KEY_B), Some(KEY_C)],
     );
-    bed.mock("a").set_behavior(&json!({"status": 503})).unwrap();
+    bed.behave("a", json!({"status": 503}));
     let sent: [(&str, &str); 9] = [
         ("authorization", "Bearer client-key"),
         ("x-request-id", "rid-failover-11"),
@@ -986,9 +977,7 @@ fn raw_exchange(port: u16, path: &str, body: &[u8], timeout: Duration) -> Vec<u8
 #[test]
 fn stream_broken_after_first_bytes_is_passed_through_route() {
     let bed = Bed::start(Mode::Route, Knobs::default(), [ok(), ok(), ok()]);
-    bed.mock("a")
-        .set_behavior(&json!({"reset_mid": true}))
-        .unwrap();
+    bed.behave("a", json!({"reset_mid": true}));
     let body = stream_body(MODEL).to_string();
     let raw = raw_exchange(
         bed.envoy.port(),
@@ -1010,14 +999,8 @@ fn stream_broken_after_first_bytes_is_passed_through_route() {
     assert!(!rest.ends_with("0\r\n\r\n"), "{text}");
     assert!(!rest.contains("\"provider\":\"b\""), "{text}");
     assert_eq!(bed.all_hits(), [Some(1), Some(0), Some(0)]);
-    assert_eq!(
-        bed.wait_stat("wasmcustom.market_router.stream_failed_midway", 1),
-        Some(1)
-    );
-    assert_eq!(
-        bed.wait_stat("wasmcustom.market_router.provider.a.failure", 1),
-        Some(1)
-    );
+    bed.assert_counter("stream_failed_midway", 1);
+    bed.assert_counter("provider.a.failure", 1);
 }
 
 /// In dispatch mode a stream is buffered whole, so the same break is an ordinary reset and
@@ -1025,9 +1008,7 @@ fn stream_broken_after_first_bytes_is_passed_through_route() {
 #[test]
 fn stream_broken_after_first_bytes_fails_over_dispatch() {
     let bed = Bed::start(Mode::Dispatch, Knobs::default(), [ok(), ok(), ok()]);
-    bed.mock("a")
-        .set_behavior(&json!({"reset_mid": true}))
-        .unwrap();
+    bed.behave("a", json!({"reset_mid": true}));
     let r = bed.chat_with(&[], &stream_body(MODEL));
     assert_sse_from_b(&bed, &r);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
