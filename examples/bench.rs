@@ -29,8 +29,8 @@
 mod common;
 
 use common::{
-    crate_root, envoy_bin, get, request, wait_ready_while, wasm_path, Args, Conn, Envoy,
-    EnvoyConfig, Filter, MockOpts, MockProvider, Proc, ProviderCluster, Sidecar, TempDir,
+    crate_root, envoy_bin, get, listener_head, request, wait_ready_while, wasm_path, Args, Conn,
+    Envoy, EnvoyConfig, Filter, MockOpts, MockProvider, Proc, ProviderCluster, Sidecar, TempDir,
 };
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -1076,68 +1076,45 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
         )?;
         f.offers = None;
         f.knob = true;
-        let mut h = start_variant(
-            "h",
-            "knob: the empty filter pausing like (c) does (request headers until the body is complete, response until its body is complete), reading nothing",
-            up_port,
-            sc,
-            Filter::Wasm {
-                path: opts.empty_wasm.clone(),
-                config_json: "pause_request,hold_response".into(),
-                root_id: "empty".into(),
-            },
-        )?;
-        h.knob = true;
-        let mut i = start_variant(
-            "i",
-            "knob: the empty filter pausing like (h) and making the host calls (c) makes on such a request (headers and bodies read, cluster, timeout and 5 response headers set, status read, clock, 1 histogram, the decision property), with fixed values and none of (c)'s logic",
-            up_port,
-            sc,
-            Filter::Wasm {
-                path: opts.empty_wasm.clone(),
-                config_json: "replay".into(),
-                root_id: "empty".into(),
-            },
-        )?;
-        i.knob = true;
-        i.provider_header = true;
-        let mut j = start_variant(
-            "j",
-            "knob: the empty filter doing the least body-based routing with response-phase failover needs: request headers held until the body is complete, body read, cluster header set, response status read",
-            up_port,
-            sc,
-            Filter::Wasm {
-                path: opts.empty_wasm.clone(),
-                config_json: "floor".into(),
-                root_id: "empty".into(),
-            },
-        )?;
-        j.knob = true;
-        j.knob_latency = true;
-        let mut k = start_variant(
-            "k",
-            "knob: the empty filter pausing like (h) and reading one request header once the body is complete, nothing else",
-            up_port,
-            sc,
-            Filter::Wasm {
-                path: opts.empty_wasm.clone(),
-                config_json: "pause_request,hold_response,read_one".into(),
-                root_id: "empty".into(),
-            },
-        )?;
-        k.knob = true;
-        let mut l = start_variant(
-            "l",
-            "knob: a second Envoy identical to (b): how far two processes of the same build differ, the resolution of these comparisons",
-            up_port,
-            sc,
-            Filter::Wasm {
-                path: opts.empty_wasm.clone(),
-                config_json: "{}".into(),
-                root_id: "empty".into(),
-            },
-        )?;
-        l.knob = true;
+        // Empty-filter knobs: (key, about, the empty filter's knobs, also run at one
+        // connection, answers carry x-market-router-provider).
+        let empty_knobs: [(&str, &str, &str, bool, bool); 5] = [
+            (
+                "h",
+                "knob: the empty filter pausing like (c) does (request headers until the body is complete, response until its body is complete), reading nothing",
+                "pause_request,hold_response",
+                false,
+                false,
+            ),
+            (
+                "i",
+                "knob: the empty filter pausing like (h) and making the host calls (c) makes on such a request (headers and bodies read, cluster, timeout and 5 response headers set, status read, clock, 1 histogram, the decision property), with fixed values and none of (c)'s logic",
+                "replay",
+                false,
+                true,
+            ),
+            (
+                "j",
+                "knob: the empty filter doing the least body-based routing with response-phase failover needs: request headers held until the body is complete, body read, cluster header set, response status read",
+                "floor",
+                true,
+                false,
+            ),
+            (
+                "k",
+                "knob: the empty filter pausing like (h) and reading one request header once the body is complete, nothing else",
+                "pause_request,hold_response,read_one",
+                false,
+                false,
+            ),
+            (
+                "l",
+                "knob: a second Envoy identical to (b): how far two processes of the same build differ, the resolution of these comparisons",
+                "{}",
+                false,
+                false,
+            ),
+        ];
         let g = Variant {
             key: "g",
             about: "knob: (c)'s Envoy, POST to a path the filter passes through (reads the headers, routes nothing)",
@@ -1149,7 +1126,24 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
             knob: true,
             knob_latency: false,
         };
-        variants.extend([e, f, g, h, i, j, k, l]);
+        variants.extend([e, f, g]);
+        for (key, about, knobs, latency, provider_header) in empty_knobs {
+            let mut v = start_variant(
+                key,
+                about,
+                up_port,
+                sc,
+                Filter::Wasm {
+                    path: opts.empty_wasm.clone(),
+                    config_json: knobs.into(),
+                    root_id: "empty".into(),
+                },
+            )?;
+            v.knob = true;
+            v.knob_latency = latency;
+            v.provider_header = provider_header;
+            variants.push(v);
+        }
     }
 
     // Pre-flight: every variant answers the chat request as expected.
@@ -1613,23 +1607,9 @@ fn failover_mr_config() -> String {
 /// priority 1, outlier detection on consecutive 5xx, and route retries on 5xx to another host
 /// and priority.
 fn failover_envoy_yaml(a: u16, b: u16) -> String {
-    format!(
-        r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-static_resources:
-  listeners:
-  - name: ingress
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          codec_type: AUTO
-          route_config:
+    listener_head(0, 0)
+        + &format!(
+            r#"          route_config:
             name: local_route
             virtual_hosts:
             - name: all
@@ -1685,7 +1665,7 @@ static_resources:
         explicit_http_config:
           http_protocol_options: {{}}
 "#
-    )
+        )
 }
 
 struct Window {

@@ -261,27 +261,7 @@ impl EnvoyConfig {
         if let Some(interval) = self.stats_flush_interval {
             let _ = writeln!(y, "stats_flush_interval: {}", secs(interval));
         }
-        let _ = write!(
-            y,
-            r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
-static_resources:
-  listeners:
-  - name: ingress
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          codec_type: AUTO
-"#,
-            admin_port = self.admin_port,
-            port = self.port,
-        );
+        y.push_str(&listener_head(self.admin_port, self.port));
         if self.access_log {
             y.push_str(
                 r#"          access_log:
@@ -667,6 +647,30 @@ impl Envoy {
 }
 
 /// Waits for Envoy to write its admin address (`127.0.0.1:<port>`) to `file`.
+/// The start of a bootstrap: the admin address and the `ingress` listener down to its HTTP
+/// connection manager's `codec_type` (ports at 0 are picked by Envoy and discovered by
+/// [`Envoy::start`] and [`Envoy::start_bootstrap`]).
+pub fn listener_head(admin_port: u16, port: u16) -> String {
+    format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
+static_resources:
+  listeners:
+  - name: ingress
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          codec_type: AUTO
+"#
+    )
+}
+
 fn read_admin_address(proc: &mut Proc, file: &Path, timeout: Duration) -> Result<u16, String> {
     let deadline = Instant::now() + timeout;
     loop {

@@ -12,7 +12,7 @@ pub mod http;
 pub mod procs;
 pub mod testbed;
 
-pub use envoy::{Envoy, EnvoyConfig, Filter, ProviderCluster, SidecarCluster};
+pub use envoy::{listener_head, Envoy, EnvoyConfig, Filter, ProviderCluster, SidecarCluster};
 pub use http::{
     bind_and_serve, free_port, get, handler, post_json, request, serve, split_url, wait_ready,
     wait_ready_while, Conn, Handler, Reply, Request, Response, Server,
