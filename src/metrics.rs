@@ -182,6 +182,10 @@ pub struct Malformed;
 /// Checks a non-streaming answer in one pass: `Err(Malformed)` when it is not a JSON object,
 /// else its `usage` if it has a readable one.
 pub fn inspect_answer(body: &[u8]) -> Result<Option<Usage>, Malformed> {
+    // JSON text is UTF-8; the walker checks the syntax only.
+    if std::str::from_utf8(body).is_err() {
+        return Err(Malformed);
+    }
     let mut usage = None;
     json::object_fields(body, |k, v| {
         if k == b"usage" {
@@ -266,6 +270,7 @@ mod tests {
         assert_eq!(usage_of_answer(b"{}"), None);
         assert_eq!(inspect_answer(b"{\"id\": ["), Err(Malformed));
         assert_eq!(inspect_answer(b"[1]"), Err(Malformed));
+        assert_eq!(inspect_answer(b"{\"id\":\"\xff\"}"), Err(Malformed));
         assert_eq!(
             inspect_answer(br#"{"usage":{"prompt_tokens":"x"}}"#),
             Ok(None)
