@@ -94,22 +94,39 @@ pub(crate) fn decode_string(lit: &[u8]) -> Option<String> {
     serde_json::from_slice::<String>(lit).ok()
 }
 
-/// Skips, eight bytes at a time, string content that needs no attention: no quote, no backslash,
-/// no control byte. Returns the index of the first 8-byte word that has one (or the tail).
-fn plain_run(b: &[u8], mut i: usize) -> usize {
+/// Non-zero iff the 8-byte word `w` holds a byte string scanning must look at: a quote, a
+/// backslash or a control byte.
+fn special(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     // Non-zero iff some byte of `x` is below `n` (exact for n <= 128).
     let has_less = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
-    while i + 8 <= b.len() {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&b[i..i + 8]);
-        let w = u64::from_le_bytes(word);
-        let quote = w ^ (ONES * u64::from(b'"'));
-        let backslash = w ^ (ONES * u64::from(b'\\'));
-        if has_less(quote, 1) | has_less(backslash, 1) | has_less(w, 0x20) != 0 {
-            break;
-        }
+    let quote = w ^ (ONES * u64::from(b'"'));
+    let backslash = w ^ (ONES * u64::from(b'\\'));
+    has_less(quote, 1) | has_less(backslash, 1) | has_less(w, 0x20)
+}
+
+/// The little-endian word at `b[i..i + 8]` (the caller checks the bounds).
+fn word(b: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[i..i + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Skips string content that needs no attention (no quote, no backslash, no control byte), 32
+/// bytes at a time while it can, then eight. Returns the index of the first 8-byte word that
+/// has such a byte (or of the tail shorter than a word).
+fn plain_run(b: &[u8], mut i: usize) -> usize {
+    while i + 32 <= b.len()
+        && special(word(b, i))
+            | special(word(b, i + 8))
+            | special(word(b, i + 16))
+            | special(word(b, i + 24))
+            == 0
+    {
+        i += 32;
+    }
+    while i + 8 <= b.len() && special(word(b, i)) == 0 {
         i += 8;
     }
     i
@@ -331,5 +348,29 @@ mod tests {
             assert_eq!(back, s);
             assert_eq!(out, serde_json::to_vec(s).unwrap());
         }
+    }
+
+    #[test]
+    fn plain_runs_stop_at_the_word_holding_the_first_special_byte() {
+        for start in [0, 3] {
+            for len in start..90 {
+                let clean = vec![b'x'; len];
+                assert_eq!(
+                    plain_run(&clean, start),
+                    start + (len - start) / 8 * 8,
+                    "{start} {len}"
+                );
+                for at in start..len {
+                    for special in [b'"', b'\\', 0x1f, 0x00] {
+                        let mut b = clean.clone();
+                        b[at] = special;
+                        let r = plain_run(&b, start);
+                        assert!(r <= at && at < r + 8, "{start} {len} {at} {special}: {r}");
+                    }
+                }
+            }
+        }
+        // Bytes above ASCII are content, not special.
+        assert_eq!(plain_run("ééééééééééééééééé".as_bytes(), 0), 32);
     }
 }
