@@ -237,6 +237,8 @@ mod tests {
             br#"{"model":"m","a":"\x"}"#,
             br#"{"model":"m",}"#,
             br#"{"model":"m","a":[]}"#,
+            br#"{"model":"m","a":01}"#,
+            br#"{"model":"m","a":-0}"#,
             "{\"model\":\"m\",\"a\":\"tab\there\"}".as_bytes(),
         ];
         for d in docs {
