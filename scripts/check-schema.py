@@ -230,6 +230,7 @@ MUST_REJECT = [
     ("limits.max_body_bytes 64 MiB + 1", with_(limits={"max_body_bytes": (64 << 20) + 1})),
     ("response_headers not a boolean", with_(response_headers="yes")),
     ("decision_record not a boolean", with_(decision_record=1)),
+    ("routing.ttft_target_ms 0", with_(routing={"ttft_target_ms": 0})),
     ("shared_data_prefix with /", with_(shared_data_prefix="a/b")),
     ("explain.path_prefix without leading /", with_(explain={"path_prefix": "mr/"})),
     ("explain.path_prefix with trailing /", with_(explain={"path_prefix": "/mr/"})),

@@ -342,6 +342,7 @@ mod tests {
             expected_cost_usd: 0.0,
             score: 1.0,
             probe: false,
+            beyond_ttft_target: false,
         }
     }
 

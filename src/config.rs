@@ -192,6 +192,9 @@ pub struct Routing {
     pub weights: Weights,
     /// Hard constraints.
     pub constraints: Constraints,
+    /// Soft latency target: candidates whose median time to first token is within it are tried
+    /// before the others (each group in strategy order); nobody is excluded for it.
+    pub ttft_target_ms: Option<f64>,
     /// Request header the route's `cluster_header` reads.
     pub cluster_header: String,
     /// Request header carrying a session id for provider affinity.
@@ -561,6 +564,7 @@ const ROUTING: &[&str] = &[
     "strategy",
     "weights",
     "constraints",
+    "ttft_target_ms",
     "cluster_header",
     "affinity_header",
     "client_overrides",
@@ -893,6 +897,7 @@ fn parse_routing(r: Option<Obj<'_>>) -> Result<Routing, ConfigError> {
             strategy: Strategy::Balanced,
             weights: Weights::default(),
             constraints: Constraints::default(),
+            ttft_target_ms: None,
             cluster_header: "x-market-router-cluster".into(),
             affinity_header: None,
             client_overrides: false,
@@ -974,6 +979,7 @@ fn parse_routing(r: Option<Obj<'_>>) -> Result<Routing, ConfigError> {
         strategy,
         weights,
         constraints,
+        ttft_target_ms: r.num("ttft_target_ms", 0.001, 3.6e6)?,
         cluster_header,
         affinity_header,
         client_overrides: r.bool("client_overrides", false)?,

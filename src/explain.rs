@@ -218,6 +218,7 @@ pub fn route(
                         "expected_cost_usd": num(c.expected_cost_usd),
                         "score": num(c.score),
                         "probe": c.probe,
+                        "beyond_ttft_target": c.beyond_ttft_target,
                     })
                 })
                 .collect();
@@ -226,6 +227,7 @@ pub fn route(
                 json!({
                     "model": model,
                     "strategy": r.strategy.as_str(),
+                    "ttft_target_ms": config.routing.ttft_target_ms,
                     "last_resort": r.last_resort,
                     "assumed_tokens": {"input": input_tokens, "output": req.max_tokens},
                     "candidates": cands,

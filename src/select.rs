@@ -64,6 +64,10 @@ pub struct Candidate {
     pub score: f64,
     /// This attempt would be the half-open probe of an open circuit.
     pub probe: bool,
+    /// Its median time to first token (market or static, as `constraints.max_ttft_ms` reads
+    /// it) is over `routing.ttft_target_ms`, or unknown while a target is set: ranked after
+    /// the candidates within the target.
+    pub beyond_ttft_target: bool,
 }
 
 /// Why a provider that serves the model is not a candidate.
@@ -262,6 +266,10 @@ pub fn rank(
             excluded.push((idx, reason));
             continue;
         }
+        // The soft target reads the same median as the constraint, before observed latency.
+        cand.beyond_ttft_target = config.routing.ttft_target_ms.is_some_and(|t| {
+            cand.source == Source::Unknown || cand.ttft_ms.is_nan() || cand.ttft_ms > t
+        });
         // Health holds a provider back until this time (not a policy: see the last resort below).
         let held = match health.providers.get(&p.name).map(|h| h.admission(now_ms)) {
             None | Some(Admission::Open) => None,
@@ -353,6 +361,7 @@ fn candidate(
             expected_cost_usd: 0.0,
             score: 0.0,
             probe: false,
+            beyond_ttft_target: false,
         },
         (_, Some(so)) => Candidate {
             provider: idx,
@@ -368,6 +377,7 @@ fn candidate(
             expected_cost_usd: 0.0,
             score: 0.0,
             probe: false,
+            beyond_ttft_target: false,
         },
         (_, None) => Candidate {
             provider: idx,
@@ -383,6 +393,7 @@ fn candidate(
             expected_cost_usd: f64::NAN,
             score: 0.0,
             probe: false,
+            beyond_ttft_target: false,
         },
     }
 }
@@ -514,9 +525,15 @@ fn score(cands: &mut Vec<Candidate>, strategy: Strategy, config: &Config, rng: &
             (key, u)
         })
         .collect();
+    // The soft latency target splits the order in two: within it first, then the rest.
+    let slow: Vec<bool> = cands.iter().map(|c| c.beyond_ttft_target).collect();
     let mut order: Vec<usize> = (0..cands.len()).collect();
     order.sort_by(|&x, &y| {
         let (a, b) = (keys[x], keys[y]);
+        let group = slow[x].cmp(&slow[y]);
+        if group.is_ne() {
+            return group;
+        }
         let primary = if (a.0 - b.0).abs() <= 1e-9 * a.0.abs().max(b.0.abs()).max(1.0) {
             std::cmp::Ordering::Equal
         } else {
@@ -702,6 +719,24 @@ mod tests {
         assert_eq!(ranked("most_reliable"), ["solid", "fast", "cheap"]);
         // balanced (0.5 price, 0.3 latency, 0.2 reliability): cheap wins on price.
         assert_eq!(ranked("balanced")[0], "cheap");
+    }
+
+    #[test]
+    fn the_soft_latency_target_orders_but_never_excludes() {
+        // cheap 900 ms, fast 150 ms, solid 500 ms: within 600 ms go first, cheapest first.
+        let c = config("cheapest", r#","ttft_target_ms":600"#);
+        let m = market(&c, 1000);
+        let r = rank_at(&c, &m, &HealthTable::default(), 1000);
+        assert_eq!(names(&c, &r), ["fast", "solid", "cheap"]);
+        assert!(r.excluded.is_empty());
+        // Nobody within the target: the strategy's order stands.
+        let c = config("cheapest", r#","ttft_target_ms":100"#);
+        let r = rank_at(&c, &market(&c, 1000), &HealthTable::default(), 1000);
+        assert_eq!(names(&c, &r), ["cheap", "fast", "solid"]);
+        // Everyone within it: the same.
+        let c = config("cheapest", r#","ttft_target_ms":1000"#);
+        let r = rank_at(&c, &market(&c, 1000), &HealthTable::default(), 1000);
+        assert_eq!(names(&c, &r), ["cheap", "fast", "solid"]);
     }
 
     #[test]

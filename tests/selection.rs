@@ -426,6 +426,36 @@ fn balanced_with_latency_heavy_weights_picks_the_fastest() {
 }
 
 #[test]
+fn a_ttft_target_puts_the_cheapest_fast_enough_provider_first() {
+    // Within 300 ms: fast (150) and mid (200); mid is the cheaper of the two.
+    let routing = json!({"strategy": "cheapest", "ttft_target_ms": 300});
+    strategy_picks(routing.clone(), "mid", "cheapest");
+    let config = plugin_config(providers(&CATALOG_NAMES), 300, routing);
+    let bed = Bed::start(&CATALOG_NAMES, &snapshot(&catalog()), &config, 1);
+    let v = bed.wait_snapshot();
+    assert_eq!(ranked(&v), ["mid", "fast", "cheap", "solid"], "{v}");
+    assert_eq!(v["ttft_target_ms"], 300.0, "{v}");
+    for (name, beyond) in [
+        ("mid", false),
+        ("fast", false),
+        ("cheap", true),
+        ("solid", true),
+    ] {
+        assert_eq!(candidate(&v, name)["beyond_ttft_target"], beyond, "{v}");
+    }
+}
+
+#[test]
+fn a_ttft_target_nobody_meets_still_routes() {
+    // The same 100 ms as the constraint that answers 503 below: as a target it excludes no one.
+    strategy_picks(
+        json!({"strategy": "cheapest", "ttft_target_ms": 100}),
+        "cheap",
+        "cheapest",
+    );
+}
+
+#[test]
 fn weighted_spreads_traffic_by_balanced_score() {
     let routing = json!({
         "strategy": "weighted",

@@ -1431,8 +1431,9 @@ pub const ORACLE: &str = "oracle (cheapest that will answer)";
 pub const ROUND_ROBIN: &str = "round-robin";
 
 /// The market-router variants compared: (label, strategy, extra `routing` fields). The first
-/// is the plugin's default strategy; the last adds a latency objective an operator would set
-/// (a 1 s median TTFT ceiling) to the cheapest strategy.
+/// is the plugin's default strategy; the last two add a latency objective an operator would
+/// set to the cheapest strategy: a 1 s median TTFT ceiling (a constraint: slower providers are
+/// excluded) or a 1 s soft target (slower providers go after the others).
 pub const VARIANTS: &[(&str, &str, &str)] = &[
     ("market-router balanced", "balanced", ""),
     ("market-router cheapest", "cheapest", ""),
@@ -1440,6 +1441,11 @@ pub const VARIANTS: &[(&str, &str, &str)] = &[
         "market-router cheapest, max_ttft_ms 1000",
         "cheapest",
         r#","constraints":{"max_ttft_ms":1000}"#,
+    ),
+    (
+        "market-router cheapest, ttft_target_ms 1000",
+        "cheapest",
+        r#","ttft_target_ms":1000"#,
     ),
 ];
 
