@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 /// Smoothing factor of the EWMAs.
 const ALPHA: f64 = 0.2;
+/// Moves of the time-to-first-byte average smaller than this (or than 10 % of it) are noise,
+/// not worth a shared write, ms.
+const TTFB_NOISE_MS: f64 = 10.0;
 /// Longest `Retry-After` honoured, ms.
 pub const MAX_RETRY_AFTER_MS: u64 = 600_000;
 
@@ -126,13 +129,15 @@ impl ProviderHealth {
                 let mut drift = false;
                 if let Some(t) = ttfb_ms {
                     let before = self.ttfb_ms;
-                    self.ttfb_ms = if self.samples == 0 {
+                    let first = self.samples == 0;
+                    self.ttfb_ms = if first {
                         t
                     } else {
                         before + ALPHA * (t - before)
                     };
                     self.samples = self.samples.saturating_add(1);
-                    drift = before == 0.0 || ((self.ttfb_ms - before) / before).abs() > 0.1;
+                    drift =
+                        first || (self.ttfb_ms - before).abs() > (0.1 * before).max(TTFB_NOISE_MS);
                 }
                 !was_clean || drift
             }
@@ -274,6 +279,18 @@ mod tests {
         assert!(!h.observe(
             Observation::Success {
                 ttfb_ms: Some(102.0)
+            },
+            0,
+            &C
+        ));
+        // Sub-millisecond answers: the average barely moves in absolute terms.
+        let mut quick = ProviderHealth::default();
+        assert!(quick.observe(Observation::Success { ttfb_ms: Some(0.0) }, 0, &C));
+        assert!(!quick.observe(Observation::Success { ttfb_ms: Some(1.0) }, 0, &C));
+        // A real shift is shared.
+        assert!(h.observe(
+            Observation::Success {
+                ttfb_ms: Some(400.0)
             },
             0,
             &C

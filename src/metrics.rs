@@ -222,15 +222,37 @@ fn usage_of_object(usage: &[u8]) -> Option<Usage> {
     })
 }
 
+/// Whether `hay` contains `"usage"`. Keys of streamed chunks have no `g`, so this looks for
+/// that byte first and compares around it: one quick pass over most chunks.
+fn mentions_usage(hay: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"\"usage\"";
+    let mut from = 4;
+    while let Some(at) = hay
+        .get(from..)
+        .and_then(|h| h.iter().position(|&c| c == b'g'))
+    {
+        let g = from + at;
+        if hay.get(g - 4..g + 3) == Some(NEEDLE) {
+            return true;
+        }
+        from = g + 1;
+    }
+    false
+}
+
 /// The last `usage` carried by server-sent events in `chunk` (the final usage chunk of an
-/// OpenAI stream with `stream_options.include_usage`). Scans only lines that mention usage.
+/// OpenAI stream with `stream_options.include_usage`). Only chunks, and then lines, that
+/// mention usage are parsed.
 pub fn usage_in_sse(chunk: &[u8]) -> Option<Usage> {
+    if !mentions_usage(chunk) {
+        return None;
+    }
     let mut found = None;
     for line in chunk.split(|b| *b == b'\n') {
         let Some(data) = line.strip_prefix(b"data:") else {
             continue;
         };
-        if !data.windows(7).any(|w| w == b"\"usage\"") {
+        if !mentions_usage(data) {
             continue;
         }
         if let Ok(Some(u)) = inspect_answer(data.trim_ascii()) {
@@ -290,5 +312,17 @@ mod tests {
         }
         .cost_usd(0.5, 1.5);
         assert!((cost - 1.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn usage_is_found_wherever_it_sits() {
+        assert!(mentions_usage(br#""usage""#));
+        assert!(mentions_usage(br#"{"a":1,"usage":{}}"#));
+        assert!(!mentions_usage(br#"{"a":"usag","b":"sage","usage_x":1}"#));
+        assert!(!mentions_usage(b"usage"));
+        assert!(!mentions_usage(b"gggg\"usag"));
+        assert!(!mentions_usage(b""));
+        let event = br#"data: {"choices":[{"delta":{"content":"go go"}}],"model":"m"}"#;
+        assert_eq!(usage_in_sse(event), None);
     }
 }

@@ -650,7 +650,10 @@ impl Http {
             host::set_response_header(k, v);
         });
         self.account(p);
-        self.record_decision(Some(p), Some(status));
+        // A streamed answer's record is written once it ends (or breaks), with its usage.
+        if !(self.stream() && (200..300).contains(&status)) {
+            self.record_decision(Some(p), Some(status));
+        }
     }
 
     /// Replaces the response with a dispatched attempt's answer.
@@ -851,10 +854,16 @@ impl HttpContext for Http {
                 self.after_routed(outcome, status, now)
             }
             State::Streaming => {
-                // Look for the final usage chunk; only chunks that can hold it are read.
-                if let Some(chunk) = host::buffer(BufferType::HttpResponseBody, body_size) {
-                    if let Some(u) = metrics::usage_in_sse(&chunk) {
-                        self.usage = Some(u);
+                // Look for the final usage chunk, which OpenAI-compatible providers send when
+                // the request asks for it (`stream_options.include_usage`); otherwise no chunk
+                // is read (one host read per chunk adds up over a long stream) and the cost
+                // stays the pre-route estimate. Only a chunk that mentions usage is parsed.
+                let wants_usage = self.info.as_ref().is_some_and(|i| i.include_usage);
+                if wants_usage && body_size > 0 {
+                    if let Some(chunk) = host::buffer(BufferType::HttpResponseBody, body_size) {
+                        if let Some(u) = metrics::usage_in_sse(&chunk) {
+                            self.usage = Some(u);
+                        }
                     }
                 }
                 if end_of_stream {

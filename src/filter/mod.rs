@@ -289,19 +289,24 @@ impl Vm {
 
     /// Records what an attempt said about a provider.
     pub(crate) fn observe(&self, provider: &str, obs: Observation, now: u64) {
-        // A routine success on a clean record changes nothing others need: no shared write.
-        if let (Observation::Success { ttfb_ms: None }, Ok(inner)) = (obs, self.inner.try_borrow())
+        let circuit = self.config.failover.circuit;
+        // Most successes change nothing other workers need (a clean record, a time to first
+        // byte within 10 % of its average): judged on this VM's copy of the table, kept there,
+        // and the shared table is neither read nor written.
+        if let (Observation::Success { ttfb_ms }, Ok(mut inner)) =
+            (obs, self.inner.try_borrow_mut())
         {
-            let rec = inner.health.providers.get(provider);
-            if rec.is_none_or(|r| {
-                r.consecutive_failures == 0
-                    && r.error_rate == 0.0
-                    && r.admission(now) == Admission::Open
-            }) {
-                return;
+            let current = inner.health.providers.get(provider);
+            if current.is_none_or(|r| r.admission(now) == Admission::Open) {
+                let mut rec = current.cloned().unwrap_or_default();
+                if !rec.observe(obs, now, &circuit) {
+                    if ttfb_ms.is_some() {
+                        inner.health.providers.insert(provider.to_string(), rec);
+                    }
+                    return;
+                }
             }
         }
-        let circuit = self.config.failover.circuit;
         let opened = std::cell::Cell::new(false);
         self.update_health(|t| {
             let rec = t.entry(provider);
