@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--quick] [--rounds N] [--sat-secs S] [--lat-secs S]
-//!     [--failover-secs S] [--sections overhead,failover,memory] [--no-knobs] [--perf|--no-perf] [--out DIR]
+//!     [--failover-secs S] [--sections overhead,streaming,failover,memory] [--no-knobs] [--perf|--no-perf] [--out DIR]
 //!     [--wrk PATH] [--nginx PATH] [--empty-wasm PATH]
 //! ```
 //!
@@ -44,7 +44,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const USAGE: &str = "usage: bench [--quick] [--rounds N] [--sat-secs S] [--lat-secs S] \
-[--failover-secs S] [--sections overhead,failover,memory] [--no-knobs] [--perf|--no-perf] \
+[--failover-secs S] [--sections overhead,streaming,failover,memory] [--no-knobs] [--perf|--no-perf] \
 [--out DIR] [--wrk PATH] [--nginx PATH] [--empty-wasm PATH]";
 
 /// Model every benchmark request asks for.
@@ -140,15 +140,15 @@ fn parse_opts() -> Result<Opts, String> {
     }
     let sections: Vec<String> = args
         .value("--sections")?
-        .unwrap_or_else(|| "overhead,failover,memory".into())
+        .unwrap_or_else(|| "overhead,streaming,failover,memory".into())
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
     for s in &sections {
-        if !["overhead", "failover", "memory"].contains(&s.as_str()) {
+        if !["overhead", "streaming", "failover", "memory"].contains(&s.as_str()) {
             return Err(format!(
-                "--sections: unknown section {s:?} (overhead, failover, memory)"
+                "--sections: unknown section {s:?} (overhead, streaming, failover, memory)"
             ));
         }
     }
@@ -1586,6 +1586,225 @@ fn perf_profile(
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4. Streaming
+// ---------------------------------------------------------------------------------------------
+
+/// SSE events of the mock's streamed answer arrive this far apart, ms: one body chunk each.
+const STREAM_CHUNK_MS: u64 = 1;
+
+/// A streamed chat request, asking for the final usage chunk or not.
+fn stream_body(include_usage: bool) -> Vec<u8> {
+    json!({"model": MODEL, "stream": true, "stream_options": {"include_usage": include_usage},
+           "max_tokens": 64, "messages": [{"role": "user", "content": "a short streamed answer"}]})
+    .to_string()
+    .into_bytes()
+}
+
+/// What a streamed answer costs: Envoy alone, the empty filter and route mode in front of the
+/// mock provider streaming its answer one event per body chunk.
+fn streaming(opts: &Opts) -> Result<Value, String> {
+    let wrk_bin = opts
+        .wrk
+        .clone()
+        .ok_or("wrk not found (bench.sh installs it; or pass --wrk PATH)")?;
+    let wrk = Wrk::new(wrk_bin)?;
+    let mock = MockProvider::start(
+        "alpha",
+        &MockOpts {
+            quiet: true,
+            chunk_ms: STREAM_CHUNK_MS,
+            ..MockOpts::default()
+        },
+    )?;
+    let port = mock.port();
+    log("streaming: starting Envoy variants");
+    let variants = [
+        start_variant("a", "Envoy, no filter", port, port, Filter::None)?,
+        start_variant(
+            "b",
+            "Envoy + empty proxy-wasm filter",
+            port,
+            port,
+            Filter::Wasm {
+                path: opts.empty_wasm.clone(),
+                config_json: "{}".into(),
+                root_id: "empty".into(),
+            },
+        )?,
+        start_variant(
+            "c",
+            "market-router, route mode (static offers)",
+            port,
+            port,
+            Filter::MarketRouter {
+                config_json: overhead_config("route", true, false),
+            },
+        )?,
+    ];
+    let kinds = [("usage", true), ("plain", false)];
+    // Pre-flight: a real stream, through the filter, with the usage chunk when asked.
+    let mut events = 0;
+    for (_, usage) in kinds {
+        let r = request(
+            "POST",
+            &variants[2].envoy.url(CHAT_PATH),
+            &[
+                ("content-type", "application/json"),
+                (CLUSTER_HEADER, "provider_a"),
+            ],
+            &stream_body(usage),
+            REQ_TIMEOUT,
+        )?;
+        let text = r.text();
+        if r.status != 200 || r.header("x-market-router-provider") != Some("alpha") {
+            return Err(format!("streaming pre-flight: {} {text}", r.status));
+        }
+        events = text.matches("data: ").count();
+        if events < 5 || text.contains("\"usage\"") != usage {
+            return Err(format!("streaming pre-flight: unexpected stream: {text}"));
+        }
+    }
+    let scripts = kinds
+        .iter()
+        .map(|(k, usage)| {
+            Ok((
+                *k,
+                wrk.script(&format!("stream-{k}"), &stream_body(*usage))?,
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let ticks = clock_ticks_per_sec();
+    let run_one = |v: &Variant, script: &Path, secs: u64| -> Result<(WrkOut, f64), String> {
+        let c0 = cpu_ticks(v.envoy.pid());
+        let out = wrk.run(script, &v.envoy.url(CHAT_PATH), 2, 16, secs)?;
+        let c1 = cpu_ticks(v.envoy.pid());
+        let cpu = match (c0, c1) {
+            (Some(a), Some(b)) if out.requests > 0 => {
+                (b - a) as f64 / ticks * 1e6 / out.requests as f64
+            }
+            _ => f64::NAN,
+        };
+        if out.non2xx > 0 || out.errors > 0 || out.requests == 0 {
+            return Err(format!(
+                "streaming {}: {} requests, {} non-2xx, {} socket errors",
+                v.key, out.requests, out.non2xx, out.errors
+            ));
+        }
+        Ok((out, cpu))
+    };
+    for v in &variants {
+        run_one(v, &scripts[0].1, opts.warmup_secs)?;
+    }
+    // (kind, variant) → per-round (req/s, CPU µs per request).
+    let mut runs: BTreeMap<(&str, &str), Vec<(f64, f64)>> = BTreeMap::new();
+    for round in 0..opts.rounds {
+        for (kind, script) in &scripts {
+            for v in &variants {
+                let (out, cpu) = run_one(v, script, opts.sat_secs)?;
+                let rps = out.requests as f64 / out.secs.max(1e-9);
+                log(&format!(
+                    "streaming: round {} {kind:5} {}: {rps:>8.0} req/s  envoy cpu {cpu:>6.1} µs/req",
+                    round + 1,
+                    v.key
+                ));
+                runs.entry((kind, v.key)).or_default().push((rps, cpu));
+            }
+        }
+    }
+    let mut table = Vec::new();
+    let mut comparisons = serde_json::Map::new();
+    for (kind, _) in &scripts {
+        let series = |v: &str| runs.get(&(*kind, v)).cloned().unwrap_or_default();
+        for v in &variants {
+            let r = series(v.key);
+            table.push(json!({
+                "kind": kind, "variant": v.key,
+                "rps": round_to(median(&r.iter().map(|x| x.0).collect::<Vec<_>>()), 0),
+                "cpu_us_per_req": round_to(median(&r.iter().map(|x| x.1).collect::<Vec<_>>()), 1),
+            }));
+        }
+        let mut cmp = serde_json::Map::new();
+        for (x, y) in [("b", "a"), ("c", "a"), ("c", "b")] {
+            let (sx, sy) = (series(x), series(y));
+            let added: Vec<f64> = sx.iter().zip(&sy).map(|(p, q)| p.1 - q.1).collect();
+            let cpu_ratio: Vec<f64> = sx.iter().zip(&sy).map(|(p, q)| q.1 / p.1).collect();
+            cmp.insert(
+                format!("{x}/{y}"),
+                json!({"added_cpu_us_per_req": round_to(median(&added), 1),
+                       "cpu_capacity_ratio": round_to(median(&cpu_ratio), 3)}),
+            );
+        }
+        comparisons.insert((*kind).into(), Value::Object(cmp));
+    }
+    Ok(json!({
+        "upstream": format!("mock provider (examples/mock_provider.rs), {events} SSE events per answer (one more with the usage chunk), {STREAM_CHUNK_MS} ms apart"),
+        "events_per_answer": events,
+        "connections": 16,
+        "secs": opts.sat_secs,
+        "rounds": opts.rounds,
+        "variants": variants.iter().map(|v| json!({"key": v.key, "about": v.about})).collect::<Vec<_>>(),
+        "table": table,
+        "comparisons": comparisons,
+    }))
+}
+
+fn streaming_markdown(st: &Value) -> String {
+    let mut md = String::new();
+    if st.is_null() {
+        return md;
+    }
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(md, "\n## 4. Streaming\n");
+    let _ = writeln!(
+        md,
+        "Upstream: {}. Load: wrk, 16 connections, {} s runs, variants alternating, rounds: {}; medians (comparisons: the median of each round's paired difference or ratio). Requests stream (`stream: true`) with `stream_options.include_usage` true (usage: the filter reads the chunks to find the final usage chunk and prices the answer from it) or false (plain: no chunk is read and the cost stays the estimate). The mock paces the events, so req/s is the same for every variant; what differs is Envoy's CPU per streamed request.\n",
+        st["upstream"].as_str().unwrap_or(""),
+        st["secs"],
+        st["rounds"],
+    );
+    for v in st["variants"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "- **{}**: {}",
+            v["key"].as_str().unwrap_or(""),
+            v["about"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n| request | variant | req/s | Envoy CPU µs/req |\n|---|---|---:|---:|"
+    );
+    for r in st["table"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            r["kind"].as_str().unwrap_or(""),
+            r["variant"].as_str().unwrap_or(""),
+            fmt_num(f(&r["rps"]), 0),
+            fmt_num(f(&r["cpu_us_per_req"]), 1),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n| request | pair | added Envoy CPU µs/req | CPU capacity ratio (requests per CPU second, x over y) |\n|---|---|---:|---:|"
+    );
+    if let Some(m) = st["comparisons"].as_object() {
+        for (kind, c) in m {
+            for (pair, v) in c.as_object().into_iter().flatten() {
+                let (x, y) = pair.split_once('/').unwrap_or((pair, ""));
+                let _ = writeln!(
+                    md,
+                    "| {kind} | {x} vs {y} | {} | {} |",
+                    fmt_signed(f(&v["added_cpu_us_per_req"]), 1),
+                    fmt_num(f(&v["cpu_capacity_ratio"]), 3),
+                );
+            }
+        }
+    }
+    md
+}
+
+// ---------------------------------------------------------------------------------------------
 // 2. Failover under load
 // ---------------------------------------------------------------------------------------------
 
@@ -2559,6 +2778,11 @@ fn run() -> Result<(), String> {
     } else {
         Value::Null
     };
+    let streaming = if want("streaming") {
+        streaming(&opts)?
+    } else {
+        Value::Null
+    };
     let failover = if want("failover") {
         failover(&opts)?
     } else {
@@ -2572,13 +2796,14 @@ fn run() -> Result<(), String> {
     let mut meta = meta;
     meta["runtime_s"] = round_to(started.elapsed().as_secs_f64(), 1);
     meta["loadavg_end"] = json!(loadavg());
-    let all = json!({"meta": meta, "overhead": overhead, "failover": failover, "memory": memory});
+    let all = json!({"meta": meta, "overhead": overhead, "streaming": streaming, "failover": failover, "memory": memory});
     let json_path = opts.out.join("latest.json");
     let md_path = opts.out.join("latest.md");
     let text = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;
     fs::write(&json_path, text + "\n")
         .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
-    let md = markdown(&meta, &overhead, &failover, &memory);
+    let mut md = markdown(&meta, &overhead, &failover, &memory);
+    md.push_str(&streaming_markdown(&streaming));
     fs::write(&md_path, &md).map_err(|e| format!("cannot write {}: {e}", md_path.display()))?;
     println!("{md}");
     log(&format!(

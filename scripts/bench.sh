@@ -5,7 +5,7 @@
 # usage: scripts/bench.sh [driver arguments]     (make bench ARGS='...')
 #   --quick                about a minute: one round, short runs, fewer snapshot sizes
 #   --rounds N             alternating rounds of the overhead runs (default 3)
-#   --sections LIST        overhead,failover,memory (default: all three)
+#   --sections LIST        overhead,streaming,failover,memory (default: all four)
 #   --sat-secs S / --lat-secs S / --failover-secs S, --no-knobs, --perf / --no-perf,
 #   --out DIR              see examples/bench.rs
 #
