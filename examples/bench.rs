@@ -974,6 +974,27 @@ fn start_variant(
     })
 }
 
+/// One wrk run against a variant, with Envoy's CPU time per request (µs) over the run.
+fn timed_run(
+    wrk: &Wrk,
+    v: &Variant,
+    script: &Path,
+    (threads, conns): (u32, u32),
+    secs: u64,
+    ticks: f64,
+) -> Result<(WrkOut, f64), String> {
+    let c0 = cpu_ticks(v.envoy.pid());
+    let out = wrk.run(script, &v.envoy.url(v.path), threads, conns, secs)?;
+    let c1 = cpu_ticks(v.envoy.pid());
+    let cpu = match (c0, c1) {
+        (Some(a), Some(b)) if out.requests > 0 => {
+            (b - a) as f64 / ticks * 1e6 / out.requests as f64
+        }
+        _ => f64::NAN,
+    };
+    Ok((out, cpu))
+}
+
 fn overhead(opts: &Opts) -> Result<Value, String> {
     let wrk_bin = opts
         .wrk
@@ -1202,16 +1223,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
                    secs: u64|
      -> Result<(WrkOut, f64), String> {
         let (threads, conns) = if kind == "sat" { (2, 16) } else { (1, 1) };
-        let c0 = cpu_ticks(v.envoy.pid());
-        let out = wrk.run(script, &v.envoy.url(v.path), threads, conns, secs)?;
-        let c1 = cpu_ticks(v.envoy.pid());
-        let cpu = match (c0, c1) {
-            (Some(a), Some(b)) if out.requests > 0 => {
-                (b - a) as f64 / ticks * 1e6 / out.requests as f64
-            }
-            _ => f64::NAN,
-        };
-        Ok((out, cpu))
+        timed_run(&wrk, v, script, (threads, conns), secs, ticks)
     };
 
     log("overhead: warm-up");
@@ -1675,15 +1687,7 @@ fn streaming(opts: &Opts) -> Result<Value, String> {
         .collect::<Result<Vec<_>, String>>()?;
     let ticks = clock_ticks_per_sec();
     let run_one = |v: &Variant, script: &Path, secs: u64| -> Result<(WrkOut, f64), String> {
-        let c0 = cpu_ticks(v.envoy.pid());
-        let out = wrk.run(script, &v.envoy.url(CHAT_PATH), 2, 16, secs)?;
-        let c1 = cpu_ticks(v.envoy.pid());
-        let cpu = match (c0, c1) {
-            (Some(a), Some(b)) if out.requests > 0 => {
-                (b - a) as f64 / ticks * 1e6 / out.requests as f64
-            }
-            _ => f64::NAN,
-        };
+        let (out, cpu) = timed_run(&wrk, v, script, (2, 16), secs, ticks)?;
         if out.non2xx > 0 || out.errors > 0 || out.requests == 0 {
             return Err(format!(
                 "streaming {}: {} requests, {} non-2xx, {} socket errors",
@@ -1748,6 +1752,18 @@ fn streaming(opts: &Opts) -> Result<Value, String> {
     }))
 }
 
+/// `- **key**: about` for each variant.
+fn variant_list(md: &mut String, variants: &Value) {
+    for v in variants.as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "- **{}**: {}",
+            v["key"].as_str().unwrap_or(""),
+            v["about"].as_str().unwrap_or("")
+        );
+    }
+}
+
 fn streaming_markdown(st: &Value) -> String {
     let mut md = String::new();
     if st.is_null() {
@@ -1762,14 +1778,7 @@ fn streaming_markdown(st: &Value) -> String {
         st["secs"],
         st["rounds"],
     );
-    for v in st["variants"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            md,
-            "- **{}**: {}",
-            v["key"].as_str().unwrap_or(""),
-            v["about"].as_str().unwrap_or("")
-        );
-    }
+    variant_list(&mut md, &st["variants"]);
     let _ = writeln!(
         md,
         "\n| request | variant | req/s | Envoy CPU µs/req |\n|---|---|---:|---:|"
@@ -2404,14 +2413,7 @@ fn markdown(meta: &Value, overhead: &Value, failover: &Value, memory: &Value) ->
                 .unwrap_or_default(),
         );
         let _ = writeln!(md, "Variants:\n");
-        for v in overhead["variants"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                md,
-                "- **{}**: {}",
-                v["key"].as_str().unwrap_or(""),
-                v["about"].as_str().unwrap_or("")
-            );
-        }
+        variant_list(&mut md, &overhead["variants"]);
         let _ = writeln!(
             md,
             "\n| body | variant | req/s (16 conn) | Envoy CPU µs/req | p50 µs (1 conn) | p99 µs (1 conn) |\n|---|---|---:|---:|---:|---:|"

@@ -525,12 +525,13 @@ fn score(cands: &mut Vec<Candidate>, strategy: Strategy, config: &Config, rng: &
             (key, u)
         })
         .collect();
-    // The soft latency target splits the order in two: within it first, then the rest.
-    let slow: Vec<bool> = cands.iter().map(|c| c.beyond_ttft_target).collect();
     let mut order: Vec<usize> = (0..cands.len()).collect();
     order.sort_by(|&x, &y| {
         let (a, b) = (keys[x], keys[y]);
-        let group = slow[x].cmp(&slow[y]);
+        // The soft latency target splits the order in two: within it first, then the rest.
+        let group = cands[x]
+            .beyond_ttft_target
+            .cmp(&cands[y].beyond_ttft_target);
         if group.is_ne() {
             return group;
         }
