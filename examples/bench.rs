@@ -974,6 +974,15 @@ fn start_variant(
     })
 }
 
+/// The empty comparison filter with `knobs` as its configuration.
+fn empty_filter(opts: &Opts, knobs: &str) -> Filter {
+    Filter::Wasm {
+        path: opts.empty_wasm.clone(),
+        config_json: knobs.into(),
+        root_id: "empty".into(),
+    }
+}
+
 /// One wrk run against a variant, with Envoy's CPU time per request (µs) over the run.
 fn timed_run(
     wrk: &Wrk,
@@ -1048,11 +1057,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
             "Envoy + empty proxy-wasm filter",
             up_port,
             sc,
-            Filter::Wasm {
-                path: opts.empty_wasm.clone(),
-                config_json: "{}".into(),
-                root_id: "empty".into(),
-            },
+            empty_filter(opts, "{}"),
         )?,
         start_variant(
             "c",
@@ -1149,17 +1154,7 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
         };
         variants.extend([e, f, g]);
         for (key, about, knobs, latency, provider_header) in empty_knobs {
-            let mut v = start_variant(
-                key,
-                about,
-                up_port,
-                sc,
-                Filter::Wasm {
-                    path: opts.empty_wasm.clone(),
-                    config_json: knobs.into(),
-                    root_id: "empty".into(),
-                },
-            )?;
+            let mut v = start_variant(key, about, up_port, sc, empty_filter(opts, knobs))?;
             v.knob = true;
             v.knob_latency = latency;
             v.provider_header = provider_header;
@@ -1637,11 +1632,7 @@ fn streaming(opts: &Opts) -> Result<Value, String> {
             "Envoy + empty proxy-wasm filter",
             port,
             port,
-            Filter::Wasm {
-                path: opts.empty_wasm.clone(),
-                config_json: "{}".into(),
-                root_id: "empty".into(),
-            },
+            empty_filter(opts, "{}"),
         )?,
         start_variant(
             "c",
