@@ -2765,27 +2765,18 @@ fn run() -> Result<(), String> {
         "wasm_bytes": fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0),
         "loadavg_start": loadavg(),
     });
-    let want = |s: &str| opts.sections.iter().any(|x| x == s);
-    let overhead = if want("overhead") {
-        overhead(&opts)?
-    } else {
-        Value::Null
+    // A section runs when asked for; otherwise its results are null.
+    let section = |name: &str, run: fn(&Opts) -> Result<Value, String>| {
+        if opts.sections.iter().any(|x| x == name) {
+            run(&opts)
+        } else {
+            Ok(Value::Null)
+        }
     };
-    let streaming = if want("streaming") {
-        streaming(&opts)?
-    } else {
-        Value::Null
-    };
-    let failover = if want("failover") {
-        failover(&opts)?
-    } else {
-        Value::Null
-    };
-    let memory = if want("memory") {
-        memory(&opts)?
-    } else {
-        Value::Null
-    };
+    let overhead = section("overhead", overhead)?;
+    let streaming = section("streaming", streaming)?;
+    let failover = section("failover", failover)?;
+    let memory = section("memory", memory)?;
     let mut meta = meta;
     meta["runtime_s"] = round_to(started.elapsed().as_secs_f64(), 1);
     meta["loadavg_end"] = json!(loadavg());
