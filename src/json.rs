@@ -53,6 +53,11 @@ pub fn object_fields(
     Ok(())
 }
 
+/// A JSON value that is an unsigned integer (`None` for anything else: a float, a string…).
+pub fn unsigned(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
 /// Appends `s` as a JSON string literal, quotes included.
 pub fn push_string(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -204,13 +204,10 @@ pub fn usage_of_answer(body: &[u8]) -> Option<Usage> {
 /// Token counts of a `usage` object; `None` when it has neither.
 fn usage_of_object(usage: &[u8]) -> Option<Usage> {
     let (mut prompt, mut completion) = (None, None);
-    json::object_fields(usage, |k, v| {
-        let n = || std::str::from_utf8(&usage[v]).ok()?.parse::<u64>().ok();
-        match k {
-            b"prompt_tokens" => prompt = n(),
-            b"completion_tokens" => completion = n(),
-            _ => {}
-        }
+    json::object_fields(usage, |k, v| match k {
+        b"prompt_tokens" => prompt = json::unsigned(&usage[v]),
+        b"completion_tokens" => completion = json::unsigned(&usage[v]),
+        _ => {}
     })
     .ok()?;
     if prompt.is_none() && completion.is_none() {

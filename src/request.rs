@@ -96,7 +96,7 @@ pub fn parse(body: &[u8]) -> Result<RequestInfo, BodyError> {
             },
             b"stream" => stream = v == b"true",
             b"max_tokens" | b"max_completion_tokens" => {
-                if let Ok(n) = std::str::from_utf8(v).unwrap_or("").parse::<u64>() {
+                if let Some(n) = json::unsigned(v) {
                     max_tokens = Some(n);
                 }
             }
