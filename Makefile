@@ -36,7 +36,7 @@ define run_script
 endef
 
 .PHONY: help toolchain build envoy unit wasm-test validate integration test demo lint \
-	bench bench-peers report package test-layering clean
+	bench bench-peers report package test-layering schema clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [BUILD=release|debug] [ENVOY_BIN=path] [ARGS='...']"
@@ -91,6 +91,7 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	echo "validate: $${#files[@]} config(s) OK"
 	@.venv/bin/python -c "import jsonschema, yaml" 2>/dev/null || \
 		timeout 180 .venv/bin/pip install -q jsonschema pyyaml || timeout 180 .venv/bin/pip install -q jsonschema pyyaml
+	cargo run -q --features schema --example gen_schema -- --check
 	@.venv/bin/python scripts/gen-kong-meta.py --check
 	@.venv/bin/python scripts/gen-field-table.py --check
 	@set -o pipefail; .venv/bin/python scripts/check-schema.py | tail -1
@@ -122,6 +123,11 @@ lint: toolchain ## cargo fmt --check, clippy on all targets and on the wasm buil
 		else echo "lint: no rustup $(TARGET) target, wasm clippy skipped"; fi; \
 	else echo "lint: clippy is not installed, clippy skipped"; fi; \
 	exit $$status
+
+schema: ## regenerate schema/market-router.schema.json from src/config/raw.rs, then Kong's meta.json and the README field table
+	cargo run -q --features schema --example gen_schema
+	python3 scripts/gen-kong-meta.py
+	python3 scripts/gen-field-table.py
 
 bench: ## scripts/bench.sh
 	$(call run_script,bench.sh)

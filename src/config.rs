@@ -1,11 +1,23 @@
-//! Plugin configuration v1: JSON → validated [`Config`].
+//! Plugin configuration v1: JSON → validated [`Config`], in two steps.
 //!
-//! Validation walks the JSON by hand so that every error names the field path, the bad value
-//! and what is allowed, e.g. ``field `routing.strategy` = "fastes": expected one of cheapest,
-//! fastest, most_reliable, balanced, weighted``. Unknown fields are refused the same way, so a
-//! typo never silently falls back to a default.
+//! 1. [`raw`]: serde types of the document (`deny_unknown_fields`), whose leaf types
+//!    ([`leaf`]) refuse a bad value with what is allowed; the JSON Schema is generated from
+//!    them (`schema` feature, see [`json_schema`]).
+//! 2. The validation pass ([`RawConfig::validate`]): defaults ([`defaults`]) and the rules
+//!    that span fields (unique provider names, `routing.default_provider`, deadlines).
+//!
+//! Either step's error names the field path, the bad value and what is allowed, e.g.
+//! ``field `routing.strategy` = "fastes": expected one of cheapest, fastest, most_reliable,
+//! balanced, weighted``. Unknown fields are refused the same way (their value not shown, it
+//! may be a credential), so a typo never silently falls back to a default.
 
-use serde_json::{Map, Value};
+pub mod leaf;
+pub mod raw;
+
+use leaf::Wire;
+use raw::RawConfig;
+use serde_json::Value;
+use serde_path_to_error::Segment;
 use std::fmt;
 
 /// Provider categories, as in the market snapshot.
@@ -32,12 +44,14 @@ impl ProviderType {
 
     /// Parses a wire name.
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "company" => Some(Self::Company),
-            "community" => Some(Self::Community),
-            "self_hosted" => Some(Self::SelfHosted),
-            _ => None,
-        }
+        <Self as Wire>::parse(s)
+    }
+}
+
+impl Wire for ProviderType {
+    const ALL: &'static [Self] = &[Self::Company, Self::Community, Self::SelfHosted];
+    fn as_str(self) -> &'static str {
+        ProviderType::as_str(self)
     }
 }
 
@@ -70,14 +84,20 @@ impl Strategy {
 
     /// Parses a wire name.
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "cheapest" => Some(Self::Cheapest),
-            "fastest" => Some(Self::Fastest),
-            "most_reliable" => Some(Self::MostReliable),
-            "balanced" => Some(Self::Balanced),
-            "weighted" => Some(Self::Weighted),
-            _ => None,
-        }
+        <Self as Wire>::parse(s)
+    }
+}
+
+impl Wire for Strategy {
+    const ALL: &'static [Self] = &[
+        Self::Cheapest,
+        Self::Fastest,
+        Self::MostReliable,
+        Self::Balanced,
+        Self::Weighted,
+    ];
+    fn as_str(self) -> &'static str {
+        Strategy::as_str(self)
     }
 }
 
@@ -160,11 +180,7 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
-        Self {
-            price: 0.5,
-            latency: 0.3,
-            reliability: 0.2,
-        }
+        defaults::WEIGHTS
     }
 }
 
@@ -226,6 +242,74 @@ impl FailoverMode {
         match self {
             Self::Route => "route",
             Self::Dispatch => "dispatch",
+        }
+    }
+}
+
+impl Wire for FailoverMode {
+    const ALL: &'static [Self] = &[Self::Route, Self::Dispatch];
+    fn as_str(self) -> &'static str {
+        FailoverMode::as_str(self)
+    }
+}
+
+/// `:scheme` of dispatched attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP (the host adds TLS where its cluster says so).
+    Http,
+    /// HTTPS.
+    Https,
+}
+
+impl Wire for Scheme {
+    const ALL: &'static [Self] = &[Self::Http, Self::Https];
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
+/// One `failover.retry_on` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryKind {
+    /// `connect-failure`
+    ConnectFailure,
+    /// `reset`
+    Reset,
+    /// `timeout`
+    Timeout,
+    /// `5xx`
+    Status5xx,
+    /// `429`
+    Status429,
+    /// `4xx`
+    Status4xx,
+    /// `malformed`
+    Malformed,
+}
+
+impl Wire for RetryKind {
+    const ALL: &'static [Self] = &[
+        Self::ConnectFailure,
+        Self::Reset,
+        Self::Timeout,
+        Self::Status5xx,
+        Self::Status429,
+        Self::Status4xx,
+        Self::Malformed,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::ConnectFailure => "connect-failure",
+            Self::Reset => "reset",
+            Self::Timeout => "timeout",
+            Self::Status5xx => "5xx",
+            Self::Status429 => "429",
+            Self::Status4xx => "4xx",
+            Self::Malformed => "malformed",
         }
     }
 }
@@ -341,8 +425,104 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err(field: &str, value: Option<&Value>, expected: impl Into<String>) -> ConfigError {
-    let value = match value {
+impl RetryOn {
+    /// The set named by a `failover.retry_on` list.
+    pub fn from_kinds(kinds: &[RetryKind]) -> Self {
+        let has = |k| kinds.contains(&k);
+        Self {
+            connect_failure: has(RetryKind::ConnectFailure),
+            reset: has(RetryKind::Reset),
+            timeout: has(RetryKind::Timeout),
+            status_5xx: has(RetryKind::Status5xx),
+            status_429: has(RetryKind::Status429),
+            status_4xx: has(RetryKind::Status4xx),
+            malformed: has(RetryKind::Malformed),
+        }
+    }
+}
+
+/// Defaults of the optional fields: the validation pass applies them and the schema shows
+/// them (each is written once, here).
+pub mod defaults {
+    use super::{Circuit, FailoverMode, ProviderType, RetryKind, Scheme, Strategy, Weights};
+
+    /// `providers[].provider_type`
+    pub const PROVIDER_TYPE: ProviderType = ProviderType::Company;
+    /// `providers[].scheme`
+    pub const SCHEME: Scheme = Scheme::Http;
+    /// `providers[].static_offer.uptime`
+    pub const OFFER_UPTIME: f64 = 0.99;
+    /// `providers[].static_offer.latency_ms.ttft_p50`
+    pub const OFFER_TTFT_P50_MS: f64 = 1000.0;
+    /// `market.authority`
+    pub const MARKET_AUTHORITY: &str = "market";
+    /// `market.path`
+    pub const MARKET_PATH: &str = "/v1/market/snapshot";
+    /// `market.refresh_ms`
+    pub const MARKET_REFRESH_MS: u64 = 5000;
+    /// `market.max_age_ms`, when twice `refresh_ms` is not more.
+    pub const MARKET_MAX_AGE_MS: u64 = 60_000;
+    /// `market.timeout_ms`
+    pub const MARKET_TIMEOUT_MS: u64 = 1000;
+    /// `routing.strategy`
+    pub const STRATEGY: Strategy = Strategy::Balanced;
+    /// `routing.weights`
+    pub const WEIGHTS: Weights = Weights {
+        price: 0.5,
+        latency: 0.3,
+        reliability: 0.2,
+    };
+    /// `routing.cluster_header`
+    pub const CLUSTER_HEADER: &str = "x-market-router-cluster";
+    /// `routing.client_overrides`
+    pub const CLIENT_OVERRIDES: bool = false;
+    /// `routing.default_output_tokens`
+    pub const DEFAULT_OUTPUT_TOKENS: u64 = 256;
+    /// `routing.rollout_percent`
+    pub const ROLLOUT_PERCENT: u64 = 100;
+    /// `failover.mode`
+    pub const FAILOVER_MODE: FailoverMode = FailoverMode::Route;
+    /// `failover.max_attempts`
+    pub const MAX_ATTEMPTS: u64 = 3;
+    /// `failover.attempt_timeout_ms`
+    pub const ATTEMPT_TIMEOUT_MS: u64 = 30_000;
+    /// `failover.deadline_ms`, when `attempt_timeout_ms` is not more.
+    pub const DEADLINE_MS: u64 = 90_000;
+    /// `failover.retry_on`
+    pub const RETRY_ON: &[RetryKind] = &[
+        RetryKind::ConnectFailure,
+        RetryKind::Reset,
+        RetryKind::Timeout,
+        RetryKind::Status5xx,
+        RetryKind::Status429,
+        RetryKind::Malformed,
+    ];
+    /// `failover.circuit`
+    pub const CIRCUIT: Circuit = Circuit {
+        failure_threshold: 3,
+        cooldown_ms: 30_000,
+    };
+    /// `failover.forward_client_authorization`
+    pub const FORWARD_CLIENT_AUTHORIZATION: bool = false;
+    /// `limits.max_body_bytes`
+    pub const MAX_BODY_BYTES: u64 = 1 << 20;
+    /// `limits.max_snapshot_bytes`
+    pub const MAX_SNAPSHOT_BYTES: u64 = 4 << 20;
+    /// `response_headers`
+    pub const RESPONSE_HEADERS: bool = true;
+    /// `decision_record`
+    pub const DECISION_RECORD: bool = true;
+    /// `shared_data_prefix`
+    pub const SHARED_DATA_PREFIX: &str = "mr";
+    /// `explain.enabled`
+    pub const EXPLAIN_ENABLED: bool = true;
+    /// `explain.path_prefix`
+    pub const EXPLAIN_PATH_PREFIX: &str = "/market-router/v1";
+}
+
+/// `value` as the refusal line shows it: JSON, clipped; absent is `(missing)`.
+fn shown(value: Option<&Value>) -> String {
+    match value {
         None => "(missing)".to_string(),
         Some(v) => {
             let s = v.to_string();
@@ -352,258 +532,83 @@ fn err(field: &str, value: Option<&Value>, expected: impl Into<String>) -> Confi
                 s
             }
         }
-    };
+    }
+}
+
+fn err(field: &str, value: Option<&Value>, expected: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.to_string(),
-        value,
+        value: shown(value),
         expected: expected.into(),
     }
 }
 
-/// A JSON object being read field by field; `finish` refuses fields nobody read.
-struct Obj<'a> {
-    map: &'a Map<String, Value>,
-    path: String,
-    known: &'static [&'static str],
+/// The value at a dotted field path (`providers[1].name`) of the document.
+fn at<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut v = doc;
+    for part in path.split('.') {
+        let (key, mut rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        if !key.is_empty() {
+            v = v.get(key)?;
+        }
+        while let Some((index, tail)) = rest.split_once(']') {
+            v = v.get(index.parse::<usize>().ok()?)?;
+            rest = tail.strip_prefix('[').unwrap_or(tail);
+        }
+    }
+    Some(v)
 }
 
-impl<'a> Obj<'a> {
-    fn new(v: &'a Value, path: &str, known: &'static [&'static str]) -> Result<Self, ConfigError> {
-        match v {
-            Value::Object(map) => {
-                for k in map.keys() {
-                    if !known.contains(&k.as_str()) {
-                        // The value of an unknown field is not shown: it may be a credential.
-                        return Err(ConfigError {
-                            field: join(path, k),
-                            value: "(not shown)".into(),
-                            expected: format!("unknown field; allowed: {}", known.join(", ")),
-                        });
-                    }
-                }
-                Ok(Self {
-                    map,
-                    path: path.to_string(),
-                    known,
-                })
-            }
-            other => Err(err(display_path(path), Some(other), "expected an object")),
-        }
-    }
+/// The names between backticks in a serde message, after the first `skip` of them.
+fn quoted(msg: &str, skip: usize) -> Vec<&str> {
+    msg.split('`').skip(1).step_by(2).skip(skip).collect()
+}
 
-    fn field(&self, k: &str) -> String {
-        debug_assert!(self.known.contains(&k));
-        join(&self.path, k)
-    }
-
-    fn get(&self, k: &str) -> Option<&'a Value> {
-        self.map.get(k).filter(|v| !v.is_null())
-    }
-
-    fn req(&self, k: &str) -> Result<&'a Value, ConfigError> {
-        self.get(k)
-            .ok_or_else(|| err(&self.field(k), None, "required"))
-    }
-
-    fn string(&self, k: &str) -> Result<Option<String>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-            Some(v) => Err(err(&self.field(k), Some(v), "expected a non-empty string")),
-        }
-    }
-
-    fn req_string(&self, k: &str) -> Result<String, ConfigError> {
-        self.req(k)?;
-        self.string(k)
-            .and_then(|s| s.ok_or_else(|| err(&self.field(k), None, "required")))
-    }
-
-    fn bool(&self, k: &str, default: bool) -> Result<bool, ConfigError> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(err(&self.field(k), Some(v), "expected true or false")),
-        }
-    }
-
-    fn num(&self, k: &str, min: f64, max: f64) -> Result<Option<f64>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(x) if x.is_finite() && x >= min && x <= max => Ok(Some(x)),
-                _ => Err(err(
-                    &self.field(k),
-                    Some(v),
-                    format!("expected a number in {min}..={max}"),
-                )),
-            },
-        }
-    }
-
-    fn int(&self, k: &str, min: u64, max: u64, default: u64) -> Result<u64, ConfigError> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(v) => match v.as_u64() {
-                Some(x) if x >= min && x <= max => Ok(x),
-                _ => Err(err(
-                    &self.field(k),
-                    Some(v),
-                    format!("expected an integer in {min}..={max}"),
-                )),
-            },
-        }
-    }
-
-    fn obj(&self, k: &str, known: &'static [&'static str]) -> Result<Option<Obj<'a>>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => Obj::new(v, &self.field(k), known).map(Some),
-        }
-    }
-
-    fn array(&self, k: &str) -> Result<Option<&'a Vec<Value>>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(Value::Array(a)) => Ok(Some(a)),
-            Some(v) => Err(err(&self.field(k), Some(v), "expected an array")),
-        }
-    }
-
-    /// An array of strings, each accepted by `parse`.
-    fn strings<T>(
-        &self,
-        k: &str,
-        allowed: &str,
-        parse: impl Fn(&str) -> Option<T>,
-    ) -> Result<Vec<T>, ConfigError> {
-        let Some(items) = self.array(k)? else {
-            return Ok(Vec::new());
+/// A serde error at `path` of `doc`, in the refusal line's terms.
+fn refusal(doc: &Value, e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let path = match e.path().to_string() {
+        p if p == "." => String::new(),
+        p => p,
+    };
+    // A field set to null counts as left out, as for the optional ones (`Option` reads null
+    // as `None`): only a required field can fail on it.
+    let null_field = matches!(e.path().iter().next_back(), Some(Segment::Map { .. }))
+        && matches!(at(doc, &path), Some(Value::Null));
+    let msg = e.into_inner().to_string();
+    let field = if path.is_empty() { "(root)" } else { &path };
+    if msg.starts_with("unknown field `") {
+        // The value of an unknown field is not shown: it may be a credential.
+        return ConfigError {
+            field: field.to_string(),
+            value: "(not shown)".into(),
+            expected: format!("unknown field; allowed: {}", quoted(&msg, 1).join(", ")),
         };
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            match item.as_str().and_then(&parse) {
-                Some(t) => out.push(t),
-                None => {
-                    return Err(err(
-                        &format!("{}[{i}]", self.field(k)),
-                        Some(item),
-                        allowed.to_string(),
-                    ))
-                }
-            }
+    }
+    if null_field {
+        return err(field, None, "required");
+    }
+    if msg.starts_with("missing field `") {
+        let key = quoted(&msg, 0).first().copied().unwrap_or_default();
+        let field = if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        };
+        return err(&field, None, "required");
+    }
+    let expected = if msg.starts_with("invalid type:") {
+        if msg.ends_with("expected an object") || msg.ends_with("expected a map") {
+            "expected an object".to_string()
+        } else if msg.ends_with("expected a sequence") {
+            "expected an array".to_string()
+        } else {
+            msg
         }
-        Ok(out)
-    }
-}
-
-fn join(path: &str, k: &str) -> String {
-    if path.is_empty() {
-        k.to_string()
     } else {
-        format!("{path}.{k}")
-    }
+        msg
+    };
+    err(field, at(doc, &path), expected)
 }
-
-fn display_path(path: &str) -> &str {
-    if path.is_empty() {
-        "(root)"
-    } else {
-        path
-    }
-}
-
-fn is_header_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-const TOP: &[&str] = &[
-    "providers",
-    "market",
-    "routing",
-    "failover",
-    "limits",
-    "response_headers",
-    "decision_record",
-    "shared_data_prefix",
-    "explain",
-];
-const EXPLAIN: &[&str] = &["enabled", "path_prefix"];
-const PROVIDER: &[&str] = &[
-    "name",
-    "cluster",
-    "authority",
-    "models",
-    "provider_type",
-    "region",
-    "static_offer",
-    "scheme",
-    "headers",
-];
-const OFFER: &[&str] = &["price", "latency_ms", "uptime", "context_window"];
-const PRICE: &[&str] = &["input_per_mtok", "output_per_mtok"];
-const LATENCY: &[&str] = &["ttft_p50"];
-const MARKET: &[&str] = &[
-    "cluster",
-    "authority",
-    "path",
-    "refresh_ms",
-    "max_age_ms",
-    "timeout_ms",
-];
-const ROUTING: &[&str] = &[
-    "strategy",
-    "weights",
-    "constraints",
-    "ttft_target_ms",
-    "cluster_header",
-    "affinity_header",
-    "client_overrides",
-    "default_output_tokens",
-    "seed",
-    "rollout_percent",
-    "default_provider",
-];
-const WEIGHTS: &[&str] = &["price", "latency", "reliability"];
-const CONSTRAINTS: &[&str] = &[
-    "max_price_per_mtok",
-    "min_uptime",
-    "max_ttft_ms",
-    "provider_types",
-    "regions",
-];
-const FAILOVER: &[&str] = &[
-    "mode",
-    "max_attempts",
-    "attempt_timeout_ms",
-    "deadline_ms",
-    "retry_on",
-    "retry_on_status",
-    "circuit",
-    "forward_client_authorization",
-];
-const CIRCUIT: &[&str] = &["failure_threshold", "cooldown_ms"];
-const LIMITS: &[&str] = &["max_body_bytes", "max_snapshot_bytes"];
-
-/// Allowed `failover.retry_on` values.
-pub const RETRY_ON_VALUES: &[&str] = &[
-    "connect-failure",
-    "reset",
-    "timeout",
-    "5xx",
-    "429",
-    "4xx",
-    "malformed",
-];
 
 impl Config {
     /// Parses and validates a configuration document.
@@ -618,123 +623,271 @@ impl Config {
 
     /// Validates an already parsed document.
     pub fn from_value(v: &Value) -> Result<Config, ConfigError> {
-        let top = Obj::new(v, "", TOP)?;
-        let providers = parse_providers(&top)?;
-        let market = top
-            .obj("market", MARKET)?
-            .map(|m| parse_market(&m))
-            .transpose()?;
-        let mut routing = parse_routing(top.obj("routing", ROUTING)?)?;
-        if let Some(r) = top.obj("routing", ROUTING)? {
-            let rollout = r.int("rollout_percent", 0, 100, 100)? as u8;
-            let default = r.string("default_provider")?;
-            routing.rollout_percent = rollout;
-            routing.default_provider = match default {
-                None if rollout < 100 => {
-                    return Err(err(
-                        "routing.default_provider",
-                        None,
-                        "required when routing.rollout_percent is below 100",
-                    ))
-                }
-                None => None,
-                Some(name) => Some(providers.iter().position(|p| p.name == name).ok_or_else(
-                    || {
-                        err(
-                            "routing.default_provider",
-                            r.get("default_provider"),
-                            "expected the name of a configured provider",
-                        )
-                    },
-                )?),
-            };
-        }
-        let explain_path_prefix = match top.obj("explain", EXPLAIN)? {
-            None => Some("/market-router/v1".to_string()),
-            Some(e) => {
-                let prefix = e
-                    .string("path_prefix")?
-                    .unwrap_or_else(|| "/market-router/v1".to_string());
-                if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains('?') {
-                    return Err(err(
-                        "explain.path_prefix",
-                        e.get("path_prefix"),
-                        "expected a path starting with / and not ending with /",
+        let raw: leaf::Obj<RawConfig> =
+            serde_path_to_error::deserialize(v).map_err(|e| refusal(v, e))?;
+        raw.0.validate(v)
+    }
+}
+
+impl RawConfig {
+    /// The validation pass: defaults, and the rules that span fields. `doc` is the document
+    /// `self` was read from (errors show its values).
+    pub fn validate(self, doc: &Value) -> Result<Config, ConfigError> {
+        let refuse = |field: &str, expected: String| err(field, at(doc, field), expected);
+        let providers = validate_providers(self.providers.into_iter().map(|p| p.0), doc)?;
+
+        let market = match self.market {
+            None => None,
+            Some(leaf::Obj(m)) => {
+                let refresh_ms = m.refresh_ms.map_or(defaults::MARKET_REFRESH_MS, |x| x.0);
+                let max_age_ms = m
+                    .max_age_ms
+                    .map_or(defaults::MARKET_MAX_AGE_MS.max(refresh_ms * 2), |x| x.0);
+                if max_age_ms < refresh_ms {
+                    return Err(refuse(
+                        "market.max_age_ms",
+                        format!("expected at least market.refresh_ms ({refresh_ms})"),
                     ));
                 }
-                e.bool("enabled", true)?.then_some(prefix)
+                Some(Market {
+                    cluster: m.cluster.0,
+                    authority: m
+                        .authority
+                        .map_or_else(|| defaults::MARKET_AUTHORITY.to_string(), |s| s.0),
+                    path: m
+                        .path
+                        .map_or_else(|| defaults::MARKET_PATH.to_string(), |s| s.0),
+                    refresh_ms,
+                    max_age_ms,
+                    timeout_ms: m.timeout_ms.map_or(defaults::MARKET_TIMEOUT_MS, |x| x.0),
+                })
             }
         };
-        let failover = parse_failover(top.obj("failover", FAILOVER)?)?;
-        let limits = top.obj("limits", LIMITS)?;
-        let max_body_bytes = match &limits {
-            Some(l) => l.int("max_body_bytes", 1, 64 << 20, 1 << 20)?,
-            None => 1 << 20,
-        } as usize;
-        let max_snapshot_bytes = match &limits {
-            Some(l) => l.int("max_snapshot_bytes", 1024, 1 << 30, 4 << 20)?,
-            None => 4 << 20,
-        } as usize;
-        let prefix = top
-            .string("shared_data_prefix")?
-            .unwrap_or_else(|| "mr".to_string());
-        if !is_name(&prefix) {
-            return Err(err(
-                "shared_data_prefix",
-                top.get("shared_data_prefix"),
-                "expected 1-64 characters of A-Z a-z 0-9 - _ .",
-            ));
-        }
+
+        let r = self.routing.map_or(
+            raw::RawRouting {
+                strategy: None,
+                weights: None,
+                constraints: None,
+                cluster_header: None,
+                affinity_header: None,
+                client_overrides: None,
+                ttft_target_ms: None,
+                default_output_tokens: None,
+                seed: None,
+                rollout_percent: None,
+                default_provider: None,
+            },
+            |r| r.0,
+        );
+        let weights = match r.weights.map(|w| w.0) {
+            None => defaults::WEIGHTS,
+            Some(w) => {
+                let d = defaults::WEIGHTS;
+                let price = w.price.map_or(d.price, |x| x.0);
+                let latency = w.latency.map_or(d.latency, |x| x.0);
+                let reliability = w.reliability.map_or(d.reliability, |x| x.0);
+                let sum = price + latency + reliability;
+                if sum <= 0.0 {
+                    return Err(refuse(
+                        "routing.weights",
+                        "expected weights whose sum is > 0".into(),
+                    ));
+                }
+                Weights {
+                    price: price / sum,
+                    latency: latency / sum,
+                    reliability: reliability / sum,
+                }
+            }
+        };
+        let constraints = match r.constraints.map(|c| c.0) {
+            None => Constraints::default(),
+            Some(c) => Constraints {
+                max_price_per_mtok: c.max_price_per_mtok.map(|x| x.0),
+                min_uptime: c.min_uptime.map(|x| x.0),
+                max_ttft_ms: c.max_ttft_ms.map(|x| x.0),
+                provider_types: c
+                    .provider_types
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|t| t.0)
+                    .collect(),
+                regions: c
+                    .regions
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|s| s.0)
+                    .collect(),
+            },
+        };
+        let rollout_percent = r.rollout_percent.map_or(defaults::ROLLOUT_PERCENT, |x| x.0) as u8;
+        let default_provider = match r.default_provider {
+            None if rollout_percent < 100 => {
+                return Err(err(
+                    "routing.default_provider",
+                    None,
+                    "required when routing.rollout_percent is below 100",
+                ))
+            }
+            None => None,
+            Some(name) => Some(providers.iter().position(|p| p.name == name.0).ok_or_else(
+                || {
+                    refuse(
+                        "routing.default_provider",
+                        "expected the name of a configured provider".into(),
+                    )
+                },
+            )?),
+        };
+        let routing = Routing {
+            strategy: r.strategy.map_or(defaults::STRATEGY, |s| s.0),
+            weights,
+            constraints,
+            ttft_target_ms: r.ttft_target_ms.map(|x| x.0),
+            cluster_header: r
+                .cluster_header
+                .map_or_else(|| defaults::CLUSTER_HEADER.to_string(), |s| s.0),
+            affinity_header: r.affinity_header.map(|s| s.0),
+            client_overrides: r
+                .client_overrides
+                .map_or(defaults::CLIENT_OVERRIDES, |b| b.0),
+            default_output_tokens: r
+                .default_output_tokens
+                .map_or(defaults::DEFAULT_OUTPUT_TOKENS, |x| x.0),
+            seed: r.seed.map(|x| x.0),
+            rollout_percent,
+            default_provider,
+        };
+
+        let explain_path_prefix = match self.explain.map(|e| e.0) {
+            None => Some(defaults::EXPLAIN_PATH_PREFIX.to_string()),
+            Some(e) => e
+                .enabled
+                .map_or(defaults::EXPLAIN_ENABLED, |b| b.0)
+                .then(|| {
+                    e.path_prefix
+                        .map_or_else(|| defaults::EXPLAIN_PATH_PREFIX.to_string(), |s| s.0)
+                }),
+        };
+
+        let failover = match self.failover.map(|f| f.0) {
+            None => Failover {
+                mode: defaults::FAILOVER_MODE,
+                max_attempts: defaults::MAX_ATTEMPTS as u32,
+                attempt_timeout_ms: defaults::ATTEMPT_TIMEOUT_MS,
+                deadline_ms: defaults::DEADLINE_MS.max(defaults::ATTEMPT_TIMEOUT_MS),
+                retry_on: RetryOn::from_kinds(defaults::RETRY_ON),
+                retry_on_status: Vec::new(),
+                circuit: defaults::CIRCUIT,
+                forward_client_authorization: defaults::FORWARD_CLIENT_AUTHORIZATION,
+            },
+            Some(f) => {
+                let attempt_timeout_ms = f
+                    .attempt_timeout_ms
+                    .map_or(defaults::ATTEMPT_TIMEOUT_MS, |x| x.0);
+                let deadline_ms = f
+                    .deadline_ms
+                    .map_or(defaults::DEADLINE_MS.max(attempt_timeout_ms), |x| x.0);
+                if deadline_ms < attempt_timeout_ms {
+                    return Err(refuse(
+                        "failover.deadline_ms",
+                        format!(
+                            "expected at least failover.attempt_timeout_ms ({attempt_timeout_ms})"
+                        ),
+                    ));
+                }
+                Failover {
+                    mode: f.mode.map_or(defaults::FAILOVER_MODE, |m| m.0),
+                    max_attempts: f.max_attempts.map_or(defaults::MAX_ATTEMPTS, |x| x.0) as u32,
+                    attempt_timeout_ms,
+                    deadline_ms,
+                    retry_on: match f.retry_on {
+                        None => RetryOn::from_kinds(defaults::RETRY_ON),
+                        Some(kinds) => {
+                            let kinds: Vec<RetryKind> = kinds.into_iter().map(|k| k.0).collect();
+                            RetryOn::from_kinds(&kinds)
+                        }
+                    },
+                    retry_on_status: f
+                        .retry_on_status
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|s| s.0)
+                        .collect(),
+                    circuit: match f.circuit.map(|c| c.0) {
+                        None => defaults::CIRCUIT,
+                        Some(c) => Circuit {
+                            failure_threshold: c
+                                .failure_threshold
+                                .map_or(defaults::CIRCUIT.failure_threshold, |x| x.0 as u32),
+                            cooldown_ms: c
+                                .cooldown_ms
+                                .map_or(defaults::CIRCUIT.cooldown_ms, |x| x.0),
+                        },
+                    },
+                    forward_client_authorization: f
+                        .forward_client_authorization
+                        .map_or(defaults::FORWARD_CLIENT_AUTHORIZATION, |b| b.0),
+                }
+            }
+        };
+
+        let (max_body_bytes, max_snapshot_bytes) = match self.limits.map(|l| l.0) {
+            None => (defaults::MAX_BODY_BYTES, defaults::MAX_SNAPSHOT_BYTES),
+            Some(l) => (
+                l.max_body_bytes.map_or(defaults::MAX_BODY_BYTES, |x| x.0),
+                l.max_snapshot_bytes
+                    .map_or(defaults::MAX_SNAPSHOT_BYTES, |x| x.0),
+            ),
+        };
+
         Ok(Config {
             providers,
             market,
             routing,
             failover,
-            max_body_bytes,
-            max_snapshot_bytes,
-            response_headers: top.bool("response_headers", true)?,
-            decision_record: top.bool("decision_record", true)?,
-            shared_data_prefix: prefix,
+            max_body_bytes: max_body_bytes as usize,
+            max_snapshot_bytes: max_snapshot_bytes as usize,
+            response_headers: self
+                .response_headers
+                .map_or(defaults::RESPONSE_HEADERS, |b| b.0),
+            decision_record: self
+                .decision_record
+                .map_or(defaults::DECISION_RECORD, |b| b.0),
+            shared_data_prefix: self
+                .shared_data_prefix
+                .map_or_else(|| defaults::SHARED_DATA_PREFIX.to_string(), |s| s.0),
             explain_path_prefix,
         })
     }
 }
 
-fn parse_providers(top: &Obj<'_>) -> Result<Vec<Provider>, ConfigError> {
-    let items = top
-        .array("providers")?
-        .ok_or_else(|| err("providers", None, "required"))?;
-    if items.is_empty() {
+fn validate_providers(
+    items: impl ExactSizeIterator<Item = raw::RawProvider>,
+    doc: &Value,
+) -> Result<Vec<Provider>, ConfigError> {
+    if items.len() == 0 {
         return Err(err(
             "providers",
-            top.get("providers"),
+            at(doc, "providers"),
             "expected at least one provider",
         ));
     }
     let mut out: Vec<Provider> = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
+    for (i, p) in items.enumerate() {
         let path = format!("providers[{i}]");
-        let p = Obj::new(item, &path, PROVIDER)?;
-        let name = p.req_string("name")?;
-        if !is_name(&name) {
-            return Err(err(
-                &p.field("name"),
-                p.get("name"),
-                "expected 1-64 characters of A-Z a-z 0-9 - _ .",
-            ));
-        }
+        let name = p.name.0;
         if out.iter().any(|q| q.name == name) {
+            let field = format!("{path}.name");
             return Err(err(
-                &p.field("name"),
-                p.get("name"),
+                &field,
+                at(doc, &field),
                 "expected a name no other provider uses",
             ));
         }
-        let cluster = p.req_string("cluster")?;
-        let authority = p.string("authority")?.unwrap_or_else(|| cluster.clone());
-        let models_v = p.req("models")?;
         let models =
-            match models_v {
+            match &p.models.0 {
                 Value::Object(m) if !m.is_empty() => {
                     let mut models = Vec::with_capacity(m.len());
                     for (k, v) in m {
@@ -753,49 +906,24 @@ fn parse_providers(top: &Obj<'_>) -> Result<Vec<Provider>, ConfigError> {
                     }
                     models
                 }
+                Value::Null => return Err(err(&format!("{path}.models"), None, "required")),
                 other => return Err(err(
-                    &p.field("models"),
+                    &format!("{path}.models"),
                     Some(other),
                     "expected a non-empty object mapping client model names to provider model ids",
                 )),
             };
-        let provider_type = match p.get("provider_type") {
-            None => ProviderType::Company,
-            Some(v) => v.as_str().and_then(ProviderType::parse).ok_or_else(|| {
-                err(
-                    &p.field("provider_type"),
-                    Some(v),
-                    "expected one of company, community, self_hosted",
-                )
-            })?,
-        };
-        let region = p.string("region")?;
-        let static_offer = p
-            .obj("static_offer", OFFER)?
-            .map(|o| parse_static_offer(&o))
-            .transpose()?;
-        let scheme = match p.get("scheme") {
-            None => "http".to_string(),
-            Some(Value::String(s)) if s == "http" || s == "https" => s.clone(),
-            Some(v) => {
-                return Err(err(
-                    &p.field("scheme"),
-                    Some(v),
-                    "expected one of http, https",
-                ))
-            }
-        };
-        let headers = match p.get("headers") {
-            None => Vec::new(),
+        let headers = match p.headers.map(|h| h.0) {
+            None | Some(Value::Null) => Vec::new(),
             Some(Value::Object(m)) => {
                 let mut hs = Vec::with_capacity(m.len());
                 for (k, v) in m {
-                    let ok_name = is_header_name(k)
+                    let ok_name = leaf::is_header_name(&k)
                         && !matches!(k.as_str(), "host" | "content-length" | "transfer-encoding");
                     match v.as_str() {
                         // Values may be credentials: errors name the header, never the value.
                         Some(val) if ok_name && !val.contains(['\r', '\n']) => {
-                            hs.push((k.clone(), val.to_string()))
+                            hs.push((k, val.to_string()))
                         }
                         _ => {
                             return Err(ConfigError {
@@ -813,291 +941,113 @@ fn parse_providers(top: &Obj<'_>) -> Result<Vec<Provider>, ConfigError> {
             }
             Some(_) => {
                 return Err(ConfigError {
-                    field: p.field("headers"),
+                    field: format!("{path}.headers"),
                     value: "(redacted)".into(),
                     expected: "expected an object of header name to value".into(),
                 })
             }
         };
+        let cluster = p.cluster.0;
         out.push(Provider {
             name,
+            authority: p.authority.map_or_else(|| cluster.clone(), |s| s.0),
             cluster,
-            authority,
             models,
-            provider_type,
-            region,
-            static_offer,
-            scheme,
+            provider_type: p.provider_type.map_or(defaults::PROVIDER_TYPE, |t| t.0),
+            region: p.region.map(|s| s.0),
+            static_offer: p.static_offer.map(|leaf::Obj(o)| StaticOffer {
+                input_per_mtok: o.price.0.input_per_mtok.0,
+                output_per_mtok: o.price.0.output_per_mtok.0,
+                ttft_p50_ms: o
+                    .latency_ms
+                    .and_then(|l| l.0.ttft_p50)
+                    .map_or(defaults::OFFER_TTFT_P50_MS, |x| x.0),
+                uptime: o.uptime.map_or(defaults::OFFER_UPTIME, |x| x.0),
+                context_window: o.context_window.map(|x| x.0),
+            }),
+            scheme: p
+                .scheme
+                .map_or(defaults::SCHEME, |s| s.0)
+                .as_str()
+                .to_string(),
             headers,
         });
     }
     Ok(out)
 }
 
-fn parse_static_offer(o: &Obj<'_>) -> Result<StaticOffer, ConfigError> {
-    let price = o
-        .obj("price", PRICE)?
-        .ok_or_else(|| err(&o.field("price"), None, "required"))?;
-    let input = price.num("input_per_mtok", 0.0, 1e6)?;
-    let output = price.num("output_per_mtok", 0.0, 1e6)?;
-    let input = input.ok_or_else(|| err(&price.field("input_per_mtok"), None, "required"))?;
-    let output = output.ok_or_else(|| err(&price.field("output_per_mtok"), None, "required"))?;
-    let ttft = match o.obj("latency_ms", LATENCY)? {
-        Some(l) => l.num("ttft_p50", 0.001, 3.6e6)?,
-        None => None,
-    };
-    Ok(StaticOffer {
-        input_per_mtok: input,
-        output_per_mtok: output,
-        ttft_p50_ms: ttft.unwrap_or(1000.0),
-        uptime: o.num("uptime", 0.0, 1.0)?.unwrap_or(0.99),
-        context_window: match o.get("context_window") {
-            None => None,
-            Some(_) => Some(o.int("context_window", 1, u64::MAX, 0)?),
-        },
-    })
-}
-
-fn parse_market(m: &Obj<'_>) -> Result<Market, ConfigError> {
-    let cluster = m.req_string("cluster")?;
-    let path = m
-        .string("path")?
-        .unwrap_or_else(|| "/v1/market/snapshot".to_string());
-    if !path.starts_with('/') {
-        return Err(err(
-            &m.field("path"),
-            m.get("path"),
-            "expected a path starting with /",
-        ));
-    }
-    let refresh_ms = m.int("refresh_ms", 100, 86_400_000, 5000)?;
-    let max_age_ms = m.int("max_age_ms", 1, u64::MAX / 4, 60_000.max(refresh_ms * 2))?;
-    if max_age_ms < refresh_ms {
-        return Err(err(
-            &m.field("max_age_ms"),
-            m.get("max_age_ms"),
-            format!("expected at least market.refresh_ms ({refresh_ms})"),
-        ));
-    }
-    Ok(Market {
-        cluster,
-        authority: m
-            .string("authority")?
-            .unwrap_or_else(|| "market".to_string()),
-        path,
-        refresh_ms,
-        max_age_ms,
-        timeout_ms: m.int("timeout_ms", 1, 60_000, 1000)?,
-    })
-}
-
-fn parse_routing(r: Option<Obj<'_>>) -> Result<Routing, ConfigError> {
-    let Some(r) = r else {
-        return Ok(Routing {
-            strategy: Strategy::Balanced,
-            weights: Weights::default(),
-            constraints: Constraints::default(),
-            ttft_target_ms: None,
-            cluster_header: "x-market-router-cluster".into(),
-            affinity_header: None,
-            client_overrides: false,
-            default_output_tokens: 256,
-            seed: None,
-            rollout_percent: 100,
-            default_provider: None,
-        });
-    };
-    let strategy = match r.get("strategy") {
-        None => Strategy::Balanced,
-        Some(v) => v.as_str().and_then(Strategy::parse).ok_or_else(|| {
-            err(
-                &r.field("strategy"),
-                Some(v),
-                "expected one of cheapest, fastest, most_reliable, balanced, weighted",
-            )
-        })?,
-    };
-    let weights = match r.obj("weights", WEIGHTS)? {
-        None => Weights::default(),
-        Some(w) => {
-            let d = Weights::default();
-            let price = w.num("price", 0.0, 1e6)?.unwrap_or(d.price);
-            let latency = w.num("latency", 0.0, 1e6)?.unwrap_or(d.latency);
-            let reliability = w.num("reliability", 0.0, 1e6)?.unwrap_or(d.reliability);
-            let sum = price + latency + reliability;
-            if sum <= 0.0 {
-                return Err(err(
-                    &r.field("weights"),
-                    r.get("weights"),
-                    "expected weights whose sum is > 0",
-                ));
-            }
-            Weights {
-                price: price / sum,
-                latency: latency / sum,
-                reliability: reliability / sum,
+/// The JSON Schema of the configuration, generated from [`raw`]'s types (`schema` feature;
+/// `cargo run --features schema --example gen_schema` writes it to
+/// `schema/market-router.schema.json`).
+#[cfg(feature = "schema")]
+pub fn json_schema() -> Value {
+    let mut settings = schemars::generate::SchemaSettings::draft2020_12();
+    settings.inline_subschemas = true;
+    let schema = settings
+        .into_generator()
+        .into_root_schema_for::<RawConfig>();
+    let mut v = schema.to_value();
+    tidy(&mut v);
+    // The keywords that say what the document is come first.
+    let mut out = serde_json::Map::new();
+    if let Value::Object(mut m) = v {
+        for k in ["$schema", "$id", "title", "description"] {
+            if let Some(x) = m.remove(k) {
+                out.insert(k.to_string(), x);
             }
         }
-    };
-    let constraints = match r.obj("constraints", CONSTRAINTS)? {
-        None => Constraints::default(),
-        Some(c) => Constraints {
-            max_price_per_mtok: c.num("max_price_per_mtok", 0.0, 1e6)?,
-            min_uptime: c.num("min_uptime", 0.0, 1.0)?,
-            max_ttft_ms: c.num("max_ttft_ms", 0.001, 3.6e6)?,
-            provider_types: c.strings(
-                "provider_types",
-                "expected one of company, community, self_hosted",
-                ProviderType::parse,
-            )?,
-            regions: c.strings("regions", "expected a non-empty string", |s| {
-                (!s.is_empty()).then(|| s.to_string())
-            })?,
-        },
-    };
-    let cluster_header = r
-        .string("cluster_header")?
-        .unwrap_or_else(|| "x-market-router-cluster".to_string());
-    if !is_header_name(&cluster_header) {
-        return Err(err(
-            &r.field("cluster_header"),
-            r.get("cluster_header"),
-            "expected a lowercase header name (a-z 0-9 - _)",
-        ));
+        out.extend(m);
     }
-    let affinity_header = r.string("affinity_header")?;
-    if let Some(h) = &affinity_header {
-        if !is_header_name(h) {
-            return Err(err(
-                &r.field("affinity_header"),
-                r.get("affinity_header"),
-                "expected a lowercase header name (a-z 0-9 - _)",
-            ));
-        }
-    }
-    Ok(Routing {
-        strategy,
-        weights,
-        constraints,
-        ttft_target_ms: r.num("ttft_target_ms", 0.001, 3.6e6)?,
-        cluster_header,
-        affinity_header,
-        client_overrides: r.bool("client_overrides", false)?,
-        default_output_tokens: r.int("default_output_tokens", 1, 10_000_000, 256)?,
-        seed: match r.get("seed") {
-            None => None,
-            Some(_) => Some(r.int("seed", 0, u64::MAX, 0)?),
-        },
-        rollout_percent: 100,
-        default_provider: None,
-    })
+    Value::Object(out)
 }
 
-fn parse_failover(f: Option<Obj<'_>>) -> Result<Failover, ConfigError> {
-    let default_retry = RetryOn {
-        connect_failure: true,
-        reset: true,
-        timeout: true,
-        status_5xx: true,
-        status_429: true,
-        status_4xx: false,
-        malformed: true,
-    };
-    let default_circuit = Circuit {
-        failure_threshold: 3,
-        cooldown_ms: 30_000,
-    };
-    let Some(f) = f else {
-        return Ok(Failover {
-            mode: FailoverMode::Route,
-            max_attempts: 3,
-            attempt_timeout_ms: 30_000,
-            deadline_ms: 90_000,
-            retry_on: default_retry,
-            retry_on_status: Vec::new(),
-            circuit: default_circuit,
-            forward_client_authorization: false,
-        });
-    };
-    let mode = match f.get("mode") {
-        None => FailoverMode::Route,
-        Some(v) => match v.as_str() {
-            Some("route") => FailoverMode::Route,
-            Some("dispatch") => FailoverMode::Dispatch,
-            _ => {
-                return Err(err(
-                    &f.field("mode"),
-                    Some(v),
-                    "expected one of route, dispatch",
-                ))
-            }
-        },
-    };
-    let retry_on = match f.array("retry_on")? {
-        None => default_retry,
-        Some(_) => {
-            let names = f.strings(
-                "retry_on",
-                &format!("expected one of {}", RETRY_ON_VALUES.join(", ")),
-                |s| RETRY_ON_VALUES.contains(&s).then(|| s.to_string()),
-            )?;
-            let has = |n: &str| names.iter().any(|x| x == n);
-            RetryOn {
-                connect_failure: has("connect-failure"),
-                reset: has("reset"),
-                timeout: has("timeout"),
-                status_5xx: has("5xx"),
-                status_429: has("429"),
-                status_4xx: has("4xx"),
-                malformed: has("malformed"),
-            }
-        }
-    };
-    let retry_on_status = match f.array("retry_on_status")? {
-        None => Vec::new(),
-        Some(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (i, it) in items.iter().enumerate() {
-                match it.as_u64() {
-                    Some(s) if (400..=599).contains(&s) => out.push(s as u32),
-                    _ => {
-                        return Err(err(
-                            &format!("{}[{i}]", f.field("retry_on_status")),
-                            Some(it),
-                            "expected an HTTP status in 400..=599",
-                        ))
+/// What the generated schema says beyond the document: optional fields are also allowed to
+/// be null there (the filter treats null as absent, but the documented way is to leave a
+/// field out), doc comments keep their line breaks, and bounds are floats.
+#[cfg(feature = "schema")]
+fn tidy(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            // `{anyOf: [X, {"type": "null"}], ...}` → X with the rest (description) added.
+            let null = serde_json::json!({"type": "null"});
+            if let Some(Value::Array(any)) = m.get("anyOf") {
+                if let [Value::Object(inner), second] = any.as_slice() {
+                    if *second == null {
+                        let mut merged = inner.clone();
+                        m.remove("anyOf");
+                        merged.extend(std::mem::take(m));
+                        *v = Value::Object(merged);
+                        return tidy(v);
                     }
                 }
             }
-            out
+            if let Some(Value::Array(names)) = m.get_mut("enum") {
+                names.retain(|n| !n.is_null());
+            }
+            if let Some(Value::Array(types)) = m.get_mut("type") {
+                types.retain(|t| t != "null");
+                if types.len() == 1 {
+                    let t = types.remove(0);
+                    m.insert("type".into(), t);
+                }
+            }
+            if let Some(Value::String(d)) = m.get_mut("description") {
+                *d = d.split('\n').map(str::trim).collect::<Vec<_>>().join(" ");
+            }
+            for x in m.values_mut() {
+                tidy(x);
+            }
         }
-    };
-    let circuit = match f.obj("circuit", CIRCUIT)? {
-        None => default_circuit,
-        Some(c) => Circuit {
-            failure_threshold: c.int("failure_threshold", 1, 1_000_000, 3)? as u32,
-            cooldown_ms: c.int("cooldown_ms", 1, 86_400_000, 30_000)?,
-        },
-    };
-    let attempt_timeout_ms = f.int("attempt_timeout_ms", 1, 3_600_000, 30_000)?;
-    let deadline_ms = f.int("deadline_ms", 1, 3_600_000, 90_000.max(attempt_timeout_ms))?;
-    if deadline_ms < attempt_timeout_ms {
-        return Err(err(
-            &f.field("deadline_ms"),
-            f.get("deadline_ms"),
-            format!("expected at least failover.attempt_timeout_ms ({attempt_timeout_ms})"),
-        ));
+        Value::Array(a) => a.iter_mut().for_each(tidy),
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64()) {
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    *v = Value::from(f as i64);
+                }
+            }
+        }
+        _ => {}
     }
-    Ok(Failover {
-        mode,
-        max_attempts: f.int("max_attempts", 1, 10, 3)? as u32,
-        attempt_timeout_ms,
-        deadline_ms,
-        retry_on,
-        retry_on_status,
-        circuit,
-        forward_client_authorization: f.bool("forward_client_authorization", false)?,
-    })
 }
 
 #[cfg(test)]
@@ -1261,6 +1211,46 @@ mod tests {
             c.providers[0].headers,
             vec![("authorization".to_string(), "Bearer k".to_string())]
         );
+    }
+
+    /// serde's derived structs read an array as fields by position; the document's objects
+    /// must be objects. Null is "left out" for fields, a value for array items.
+    #[test]
+    fn objects_are_objects_and_null_is_left_out() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":["fastest"]}"#,
+                "field `routing` = [\"fastest\"]: expected an object",
+            ),
+            (
+                r#"{"providers":[["a","c",{"m":"m"}]]}"#,
+                "field `providers[0]` = [\"a\",\"c\",{\"m\":\"m\"}]: expected an object",
+            ),
+            (
+                r#"{"providers":[{"name":null,"cluster":"c","models":{"m":"m"}}]}"#,
+                "field `providers[0].name` = (missing): required",
+            ),
+            (
+                r#"{"providers":[null]}"#,
+                "field `providers[0]` = null: expected an object",
+            ),
+            (
+                r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"nope":null}"#,
+                "field `nope` = (not shown): unknown field; allowed: providers, market,",
+            ),
+        ];
+        for (doc, want) in cases {
+            let got = Config::parse(doc.as_bytes()).unwrap_err().to_string();
+            assert!(
+                got.starts_with(want),
+                "doc {doc}\n got: {got}\nwant: {want}…"
+            );
+        }
+        let doc = r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],
+                      "routing":{"strategy":null},"failover":{"max_attempts":null}}"#;
+        let c = Config::parse(doc.as_bytes()).unwrap();
+        assert_eq!(c.routing.strategy, defaults::STRATEGY);
+        assert_eq!(c.failover.max_attempts, 3);
     }
 
     #[test]
