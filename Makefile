@@ -36,7 +36,7 @@ define run_script
 endef
 
 .PHONY: help toolchain build envoy unit wasm-test validate integration test demo lint \
-	bench bench-peers report package test-layering schema clean
+	bench bench-peers report package test-layering schema bench-json clean
 
 help: ## list the targets
 	@echo "usage: make TARGET [BUILD=release|debug] [ENVOY_BIN=path] [ARGS='...']"
@@ -131,6 +131,11 @@ schema: ## regenerate schema/market-router.schema.json from src/config/raw.rs, t
 
 bench: ## scripts/bench.sh
 	$(call run_script,bench.sh)
+
+# The walker in src/json.rs against typed serde, timed where the filter runs: compiled to wasm.
+bench-json: toolchain ## JSON micro-benchmark (json.rs vs typed serde) as wasm under Node's WASI; writes bench/results/json.{md,json}
+	cargo build --release --target $(TARGET) --example json_bench
+	node scripts/wasi-run.mjs target/$(TARGET)/release/examples/json_bench.wasm --out bench/results $(ARGS)
 
 bench-peers: ## scripts/bench-peers.sh
 	$(call run_script,bench-peers.sh)
