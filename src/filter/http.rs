@@ -236,7 +236,7 @@ impl Http {
             completion_tokens: self.usage.map(|u| u.completion_tokens),
             snapshot_age_ms: self.snapshot_age_ms,
         };
-        host::set_property("market_router.decision", &record.to_json());
+        host::set_decision_property(&record.to_json());
     }
 
     /// Counts the delivered answer's tokens and cost.
@@ -407,8 +407,9 @@ impl Http {
         self.ranking = Some(ranking);
         self.body = body;
         let action = match config.failover.mode {
-            FailoverMode::Route => self.route_first(now),
-            FailoverMode::Dispatch => {
+            // Without route failover in the host (Kong), route mode's attempts are dispatched.
+            FailoverMode::Route if host::caps().route_failover => self.route_first(now),
+            FailoverMode::Route | FailoverMode::Dispatch => {
                 if self.dispatch_next(now) {
                     Action::Pause
                 } else {
@@ -772,7 +773,12 @@ impl HttpContext for Http {
             return self.on_body_complete(Vec::new());
         }
         self.state = State::Reading;
-        Action::Pause
+        // Kong never resumes a pause from here; its body callback comes anyway.
+        if host::caps().pause_request_headers {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

@@ -24,7 +24,8 @@ const MARKET_CHECK_MS: u64 = 250;
 const HEALTH_CHECK_MS: u64 = 20;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    // Up to debug: the host filters by its own level (its level cannot be asked: see host::HostCaps).
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Debug);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
         Box::new(root::Root::new(context_id))
     });

@@ -20,6 +20,8 @@ pub(crate) struct Root {
     vm: Option<Rc<Vm>>,
     /// Token of the snapshot fetch in flight.
     fetch: Option<u32>,
+    /// Whether the tick period is set: once per root context (Kong traps on a second call).
+    ticking: bool,
 }
 
 impl Root {
@@ -28,6 +30,7 @@ impl Root {
             id,
             vm: None,
             fetch: None,
+            ticking: false,
         }
     }
 
@@ -253,7 +256,6 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        host::follow_host_log_level();
         let bytes = host::plugin_configuration().unwrap_or_default();
         let config = match Config::parse(&bytes) {
             Ok(c) => c,
@@ -270,7 +272,9 @@ impl RootContext for Root {
                 let _ = host::shared_set(&vm.keys.market_due, &0u64.to_le_bytes(), None);
             }
         }
-        host::set_tick_period_ms(Self::tick_period_ms(&vm.config));
+        if !self.ticking {
+            self.ticking = host::set_tick_period_ms(Self::tick_period_ms(&vm.config));
+        }
         vm.sync_market(host::now_ms(), true);
         info!(
             "market-router configured: {} provider(s), strategy {}, failover {}, market {}",
@@ -289,7 +293,6 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(vm) = self.vm.clone() else { return };
         let now = host::now_ms();
-        host::follow_host_log_level();
         vm.metrics.flush(now);
         vm.sync_market(now, true);
         if let Ok(inner) = vm.inner.try_borrow() {
