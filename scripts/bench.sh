@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make bench: installs and builds what the benchmark needs, then runs examples/bench.rs, which
-# writes bench/results/latest.json and bench/results/latest.md.
+# writes bench/results/latest.json and bench/results/latest.md, then examples/bench_kong.rs
+# (Kong's wasm host; bench/results/kong.json and kong.md).
 #
 # usage: scripts/bench.sh [driver arguments]     (make bench ARGS='...')
 #   --quick                about a minute: one round, short runs, fewer snapshot sizes
@@ -69,5 +70,12 @@ debian)
 esac
 cargo build --release --example mock_provider --example market_sidecar
 
-MR_WASM="${MR_WASM:-$PWD/target/wasm32-wasip1/release/market_router.wasm}" \
-    exec cargo run --release --example bench -- "$@"
+export MR_WASM="${MR_WASM:-$PWD/target/wasm32-wasip1/release/market_router.wasm}"
+cargo run --release --example bench -- "$@"
+
+# Kong's wasm host: nginx proxy_pass alone vs market-router in dispatch mode
+# (examples/bench_kong.rs, bench/results/kong.md); --quick carries over.
+kong_args=()
+for a in "$@"; do [ "$a" = --quick ] && kong_args+=(--quick); done
+make --no-print-directory kong-host
+exec cargo run --release --example bench_kong -- "${kong_args[@]}"

@@ -147,10 +147,11 @@ EOF
     cp "$dir/crate/target/release/libwasmtime_capi_static.a" "$dir/lib/libwasmtime.a"
     # 26.0.1's build script leaves WASMTIME_FEATURE_WAT out of conf.h; the module builds with
     # -Werror and needs it.
-    grep -q 'define WASMTIME_FEATURE_WAT' "$dir/include/wasmtime/conf.h" ||
-        sed -i 's/^#define WASMTIME_CONF_H$/&\n#define WASMTIME_FEATURE_WAT/' \
+    # (The header has CRLF line ends.)
+    grep -q '^#define WASMTIME_FEATURE_WAT' "$dir/include/wasmtime/conf.h" ||
+        sed -i 's/^#define WASMTIME_CONF_H\r\?$/&\n#define WASMTIME_FEATURE_WAT/' \
             "$dir/include/wasmtime/conf.h"
-    grep -q 'define WASMTIME_FEATURE_WAT' "$dir/include/wasmtime/conf.h" ||
+    grep -q '^#define WASMTIME_FEATURE_WAT' "$dir/include/wasmtime/conf.h" ||
         die "could not add WASMTIME_FEATURE_WAT to conf.h"
     touch "$dir/done"
     echo "$dir"

@@ -332,7 +332,12 @@ fn loads_and_routes_each_model_to_its_provider() {
 
     // Both serve `shared`: the cheaper one.
     let r = post("shared");
-    assert_eq!(r.header("x-market-router-provider"), Some("a"), "{}", show(&r));
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some("a"),
+        "{}",
+        show(&r)
+    );
     assert_eq!((a.hits().unwrap(), b.hits().unwrap()), (2, 1));
 
     // The filter found out which host it is in (one probe per worker).
@@ -343,7 +348,10 @@ fn loads_and_routes_each_model_to_its_provider() {
     );
     // Paths that are not LLM calls go to the location's proxy_pass untouched.
     let r = get(&kong.url("/health"), T).unwrap();
-    assert_eq!((r.status, r.text()), (404, r#"{"error":"fallthrough"}"#.to_string()));
+    assert_eq!(
+        (r.status, r.text()),
+        (404, r#"{"error":"fallthrough"}"#.to_string())
+    );
     assert!(kong.crashes().is_empty(), "{:?}", kong.crashes());
 }
 
@@ -386,20 +394,24 @@ fn bad_requests_get_openai_errors_and_reach_no_provider() {
     assert_api_error(&r, 413, "request_too_large", "chunked body");
 
     // Every provider excluded by the client: 503 with the reasons.
-    let r = bed.post(
-        &[("x-market-router-exclude", "a,b")],
-        &chat_body(MODEL),
-    );
+    let r = bed.post(&[("x-market-router-exclude", "a,b")], &chat_body(MODEL));
     let msg = assert_api_error(&r, 503, "no_provider_available", "all excluded");
     assert!(msg.contains('a') && msg.contains('b'), "{msg}");
 
-    assert_eq!(bed.hits(), vec![Some(0), Some(0)], "no provider saw a bad request");
+    assert_eq!(
+        bed.hits(),
+        vec![Some(0), Some(0)],
+        "no provider saw a bad request"
+    );
 
     // Control: a chunked body under the limit is routed.
     let small = chat_body(MODEL).to_string().into_bytes();
     let r = request("POST", &url, &hs, &chunked(&small, 16), T).unwrap();
     assert_answer_from(&r, "a", 1);
-    assert_eq!(bed.mock("a").last_request().unwrap()["body_bytes"], small.len());
+    assert_eq!(
+        bed.mock("a").last_request().unwrap()["body_bytes"],
+        small.len()
+    );
 }
 
 /// Bodies up to `limits.max_body_bytes` (1 MiB by default) reach the provider whole when
@@ -443,7 +455,11 @@ fn bodies_up_to_the_limit_reach_the_provider_whole() {
 
 #[test]
 fn primary_503_fails_over() {
-    let bed = Bed::start(vec![Up::Mock(MockOpts::default().status(503)), ok(), ok()], json!({}), 1);
+    let bed = Bed::start(
+        vec![Up::Mock(MockOpts::default().status(503)), ok(), ok()],
+        json!({}),
+        1,
+    );
     assert_answer_from(&bed.chat(), "b", 2);
     assert_eq!(bed.hits(), vec![Some(1), Some(1), Some(0)]);
 }
@@ -465,7 +481,11 @@ fn primary_429_retry_after_keeps_it_out() {
         thread::sleep(Duration::from_millis(100));
     }
     assert!(inside >= 3, "only {inside} requests inside the window");
-    assert_eq!(bed.mock("a").hits().unwrap(), 1, "a tried inside its window");
+    assert_eq!(
+        bed.mock("a").hits().unwrap(),
+        1,
+        "a tried inside its window"
+    );
     // And back after it (bounded wait).
     let deadline = Instant::now() + WAIT;
     loop {
@@ -509,7 +529,9 @@ fn primary_hang_times_out_and_fails_over() {
 #[test]
 fn primary_reset_mid_response_fails_over() {
     let bed = Bed::start(vec![ok(), ok(), ok()], json!({}), 1);
-    bed.mock("a").set_behavior(&json!({"reset_mid": true})).unwrap();
+    bed.mock("a")
+        .set_behavior(&json!({"reset_mid": true}))
+        .unwrap();
     assert_answer_from(&bed.chat(), "b", 2);
     assert_eq!(bed.hits(), vec![Some(1), Some(1), Some(0)]);
 }
@@ -517,7 +539,9 @@ fn primary_reset_mid_response_fails_over() {
 #[test]
 fn primary_malformed_200_fails_over() {
     let bed = Bed::start(vec![ok(), ok(), ok()], json!({}), 1);
-    bed.mock("a").set_behavior(&json!({"malformed": true})).unwrap();
+    bed.mock("a")
+        .set_behavior(&json!({"malformed": true}))
+        .unwrap();
     assert_answer_from(&bed.chat(), "b", 2);
     assert_eq!(bed.hits(), vec![Some(1), Some(1), Some(0)]);
 }
@@ -529,7 +553,11 @@ fn all_failing_is_one_clear_error() {
     assert_all_failed(
         &bed.chat(),
         503,
-        &[("a", "status 503"), ("b", "status 503"), ("c", "status 503")],
+        &[
+            ("a", "status 503"),
+            ("b", "status 503"),
+            ("c", "status 503"),
+        ],
     );
     drop(bed);
 
@@ -560,7 +588,11 @@ fn all_failing_is_one_clear_error() {
 /// A streaming request whose primary fails gets the fallback's complete event stream.
 #[test]
 fn stream_is_answered_and_fails_over() {
-    let bed = Bed::start(vec![Up::Mock(MockOpts::default().status(503)), ok()], json!({}), 1);
+    let bed = Bed::start(
+        vec![Up::Mock(MockOpts::default().status(503)), ok()],
+        json!({}),
+        1,
+    );
     let r = bed.post(&[], &stream_body(MODEL));
     assert_eq!(r.status, 200, "{}", show(&r));
     assert_eq!(r.header("x-market-router-provider"), Some("b"));
@@ -571,7 +603,12 @@ fn stream_is_answered_and_fails_over() {
         r.headers
     );
     let data = r.sse_data();
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{}", r.text());
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text()
+    );
     assert_eq!(r.sse_content(), format!("Hello from b (model {MODEL})"));
     assert_eq!(bed.mock("b").last_request().unwrap()["stream"], true);
 }
@@ -585,7 +622,12 @@ fn a_circuit_is_shared_by_two_workers() {
         json!({"failover": {"circuit": {"failure_threshold": 3, "cooldown_ms": 30000}}}),
         2,
     );
-    assert_eq!(bed.kong.worker_pids().len(), 2, "{:?}", bed.kong.worker_pids());
+    assert_eq!(
+        bed.kong.worker_pids().len(),
+        2,
+        "{:?}",
+        bed.kong.worker_pids()
+    );
     let mut served_by = BTreeMap::<String, u64>::new();
     let mut after_open = BTreeSet::new();
     for i in 0..40 {
@@ -609,7 +651,10 @@ fn a_circuit_is_shared_by_two_workers() {
         3,
         "a was tried after its circuit opened (served by {served_by:?})"
     );
-    assert!(bed.kong.error_log().contains("circuit opened for provider a"));
+    assert!(bed
+        .kong
+        .error_log()
+        .contains("circuit opened for provider a"));
 }
 
 /// A session sticks to its provider across both workers (the affinity slot is overwritten
@@ -644,7 +689,11 @@ fn session_affinity_sticks_across_workers() {
         used.insert(first);
     }
     assert!(used.len() >= 2, "all sessions went to {used:?}");
-    assert_eq!(workers.len(), 2, "one worker served everything: {workers:?}");
+    assert_eq!(
+        workers.len(),
+        2,
+        "one worker served everything: {workers:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -736,7 +785,9 @@ impl MarketBed {
 
     fn explain(&self) -> Value {
         let r = get(
-            &self.kong.url(&format!("/market-router/v1/route?model={MODEL}&input_tokens=20&output_tokens=100")),
+            &self.kong.url(&format!(
+                "/market-router/v1/route?model={MODEL}&input_tokens=20&output_tokens=100"
+            )),
             T,
         )
         .unwrap();
@@ -784,14 +835,22 @@ fn ranked(v: &Value) -> Vec<String> {
 #[test]
 fn market_refresh_follows_the_snapshot_across_periods() {
     const REFRESH_MS: u64 = 400;
-    let bed = MarketBed::start(REFRESH_MS, &snapshot(&[offer("cheap", 0.1), offer("fast", 1.0)]), 2);
+    let bed = MarketBed::start(
+        REFRESH_MS,
+        &snapshot(&[offer("cheap", 0.1), offer("fast", 1.0)]),
+        2,
+    );
     bed.wait_until("a loaded snapshot", |b| {
         b.explain()["snapshot"]["offers"].as_u64().unwrap_or(0) > 0
     });
     assert_eq!(bed.routed(), "cheap");
     let started = Instant::now();
     let h0 = bed.sidecar().hits().unwrap();
-    for (to, prices) in [("fast", (1.0, 0.1)), ("cheap", (0.1, 1.0)), ("fast", (1.0, 0.1))] {
+    for (to, prices) in [
+        ("fast", (1.0, 0.1)),
+        ("cheap", (0.1, 1.0)),
+        ("fast", (1.0, 0.1)),
+    ] {
         write_snapshot(
             &bed.snapshot,
             &snapshot(&[offer("cheap", prices.0), offer("fast", prices.1)]),
@@ -825,11 +884,18 @@ fn market_refresh_follows_the_snapshot_across_periods() {
 /// use and routing goes on.
 #[test]
 fn broken_sidecar_keeps_the_last_good_snapshot() {
-    let mut bed = MarketBed::start(200, &snapshot(&[offer("cheap", 0.1), offer("fast", 1.0)]), 1);
+    let mut bed = MarketBed::start(
+        200,
+        &snapshot(&[offer("cheap", 0.1), offer("fast", 1.0)]),
+        1,
+    );
     bed.wait_until("a loaded snapshot", |b| {
         b.explain()["snapshot"]["offers"].as_u64() == Some(2)
     });
-    for behavior in [json!({"status": 500}), json!({"body": "this is not json {"})] {
+    for behavior in [
+        json!({"status": 500}),
+        json!({"body": "this is not json {"}),
+    ] {
         let sc = bed.sidecar();
         sc.set_behavior(&behavior).unwrap();
         let h0 = sc.hits().unwrap();
@@ -857,7 +923,11 @@ fn broken_sidecar_keeps_the_last_good_snapshot() {
 /// `/models` and `/route` answer from the filter.
 #[test]
 fn explain_endpoints_answer() {
-    let bed = MarketBed::start(300, &snapshot(&[offer("cheap", 0.1), offer("fast", 1.0)]), 1);
+    let bed = MarketBed::start(
+        300,
+        &snapshot(&[offer("cheap", 0.1), offer("fast", 1.0)]),
+        1,
+    );
     bed.wait_until("a loaded snapshot", |b| {
         b.explain()["snapshot"]["offers"].as_u64() == Some(2)
     });
@@ -895,8 +965,9 @@ fn tls_provider_with_the_key_from_headers() {
     let (cert, key) = self_signed_cert(dir.path()).unwrap();
     let mock = MockProvider::start("secure", &MockOpts::default().api_key(KEY)).unwrap();
     let tls_port = free_port();
-    let _front = Kong::start(&KongConfig::new().server(&tls_front(tls_port, &cert, &key, mock.port())))
-        .unwrap();
+    let _front =
+        Kong::start(&KongConfig::new().server(&tls_front(tls_port, &cert, &key, mock.port())))
+            .unwrap();
     let config = json!({
         "providers": [{
             "name": "secure", "cluster": format!("127.0.0.1:{tls_port}"), "authority": "localhost",
@@ -934,22 +1005,43 @@ fn tls_provider_with_the_key_from_headers() {
 /// lost.
 #[test]
 fn no_trap_or_panic_over_a_bounded_loop() {
-    let bed = Bed::start(vec![ok(), ok()], json!({"limits": {"max_body_bytes": 4096}}), 2);
+    let bed = Bed::start(
+        vec![ok(), ok()],
+        json!({"limits": {"max_body_bytes": 4096}}),
+        2,
+    );
     let workers: BTreeSet<u32> = bed.kong.worker_pids().iter().copied().collect();
     let url = bed.kong.url(CHAT);
     let mut statuses = BTreeMap::<u16, u32>::new();
     for i in 0..300u32 {
         if i % 50 == 0 {
-            let flap = if (i / 50) % 2 == 0 { json!({"status": 503}) } else { json!({}) };
+            let flap = if (i / 50) % 2 == 0 {
+                json!({"status": 503})
+            } else {
+                json!({})
+            };
             bed.mock("a").set_behavior(&flap).unwrap();
         }
         let r = match i % 6 {
             0 | 1 => bed.chat(),
             2 => bed.post(&[("x-session-id", "s")], &stream_body(MODEL)),
-            3 => request("POST", &url, &[("content-type", "application/json")], b"{nope", T).unwrap(),
+            3 => request(
+                "POST",
+                &url,
+                &[("content-type", "application/json")],
+                b"{nope",
+                T,
+            )
+            .unwrap(),
             4 => get(&bed.kong.url("/market-router/v1/models"), T).unwrap(),
-            _ => request("POST", &url, &[("content-type", "application/json")], &big_chat(5000), T)
-                .unwrap(),
+            _ => request(
+                "POST",
+                &url,
+                &[("content-type", "application/json")],
+                &big_chat(5000),
+                T,
+            )
+            .unwrap(),
         };
         *statuses.entry(r.status).or_default() += 1;
         let want = match i % 6 {
@@ -961,6 +1053,10 @@ fn no_trap_or_panic_over_a_bounded_loop() {
     }
     eprintln!("statuses: {statuses:?}");
     bed.assert_no_crash();
-    let now: BTreeSet<u32> = workers.iter().copied().filter(|p| Path::new(&format!("/proc/{p}")).exists()).collect();
+    let now: BTreeSet<u32> = workers
+        .iter()
+        .copied()
+        .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+        .collect();
     assert_eq!(now, workers, "a worker died");
 }

@@ -43,7 +43,10 @@ pub fn kong_nginx_bin() -> Result<PathBuf, String> {
     if p.is_file() {
         Ok(p)
     } else {
-        Err(format!("kong-host.sh path gave {}, not a file", p.display()))
+        Err(format!(
+            "kong-host.sh path gave {}, not a file",
+            p.display()
+        ))
     }
 }
 
@@ -61,7 +64,8 @@ pub enum KongFilter {
 
 /// A generated nginx.conf: one listener whose `/` location runs the filter and then
 /// `proxy_pass`es to `upstream` (a port on 127.0.0.1; by default a server of this nginx that
-/// answers 404 `{"error":"fallthrough"}`, so a request the filter let through is visible).
+/// answers 404 `{"error":"fallthrough"}`, so a request the filter let through is visible, and
+/// 200 at `/__kong/ready`, which readiness asks through the filter's location).
 #[derive(Debug, Clone)]
 pub struct KongConfig {
     /// nginx worker processes.
@@ -198,24 +202,47 @@ impl KongConfig {
             "    client_body_buffer_size {};\n    client_max_body_size {};",
             self.client_body_buffer_size, self.client_max_body_size
         );
-        let _ = writeln!(s, "    upstream fallthrough {{ server 127.0.0.1:{upstream}; keepalive 64; }}");
+        let _ = writeln!(
+            s,
+            "    upstream fallthrough {{ server 127.0.0.1:{upstream}; keepalive 64; }}"
+        );
         let _ = writeln!(s, "    server {{");
         let _ = writeln!(s, "        listen 127.0.0.1:{port} reuseport;");
         let _ = writeln!(s, "        location / {{");
         if let KongFilter::MarketRouter { config_json } = &self.filter {
-            let _ = writeln!(s, "            proxy_wasm market_router {};", quoted(config_json));
+            let _ = writeln!(
+                s,
+                "            proxy_wasm market_router {};",
+                quoted(config_json)
+            );
         }
         // Which worker answered (the circuit and affinity tests need both to take part).
         let _ = writeln!(s, "            add_header x-kong-worker $pid always;");
         let _ = writeln!(s, "            proxy_http_version 1.1;");
         let _ = writeln!(s, "            proxy_set_header Connection \"\";");
         let _ = writeln!(s, "            proxy_pass http://fallthrough;");
+        let _ = writeln!(s, "        }}");
+        // Readiness: through the filter, to the fallthrough server's 200 (whatever `upstream`).
+        let _ = writeln!(s, "        location = /__kong/ready {{");
+        if let KongFilter::MarketRouter { config_json } = &self.filter {
+            let _ = writeln!(
+                s,
+                "            proxy_wasm market_router {};",
+                quoted(config_json)
+            );
+        }
+        let _ = writeln!(s, "            proxy_pass http://127.0.0.1:{fallthrough};");
         let _ = writeln!(s, "        }}\n    }}");
         let _ = writeln!(s, "    server {{");
         let _ = writeln!(s, "        listen 127.0.0.1:{fallthrough};");
         let _ = writeln!(
             s,
             "        location / {{ default_type application/json; return 404 '{{\"error\":\"fallthrough\"}}'; }}"
+        );
+        // Readiness: a GET through the filter's location lands here.
+        let _ = writeln!(
+            s,
+            "        location = /__kong/ready {{ return 200 'ready'; }}"
         );
         let _ = writeln!(s, "    }}");
         for block in &self.extra_servers {
@@ -294,7 +321,10 @@ impl Kong {
         if let KongFilter::MarketRouter { .. } = cfg.filter {
             let wasm = wasm_path();
             if !wasm.is_file() {
-                return Err(format!("no filter at {} (run `make build`)", wasm.display()));
+                return Err(format!(
+                    "no filter at {} (run `make build`)",
+                    wasm.display()
+                ));
             }
         }
         let dir = TempDir::new("kong")?;
@@ -408,7 +438,12 @@ impl Kong {
     }
 
     /// Waits until a log line containing `needle` appears `count` times.
-    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> Result<(), String> {
+    pub fn wait_for_log(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.error_log().matches(needle).count() >= count {
@@ -464,7 +499,9 @@ impl Drop for Kong {
 pub fn self_signed_cert(dir: &Path) -> Result<(PathBuf, PathBuf), String> {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
         .args(["-subj", "/CN=localhost"])
         .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
         .arg("-keyout")
