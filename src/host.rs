@@ -14,9 +14,19 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// All request headers (empty when unavailable).
+/// Header names as the filter compares them: lowercase. Envoy hands them over lowercase
+/// already; Kong keeps the case they arrived in (e.g. `Transfer-Encoding` of a dispatched
+/// call's answer), so they are lowercased here, in place, for every host.
+fn lowercase_names(mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    for (k, _) in &mut headers {
+        k.make_ascii_lowercase();
+    }
+    headers
+}
+
+/// All request headers (empty when unavailable), names lowercase.
 pub(crate) fn request_headers() -> Vec<(String, String)> {
-    hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+    lowercase_names(hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default())
 }
 
 /// Sets (or with `None` removes) a request header; false when the host refused.
@@ -128,9 +138,28 @@ pub(crate) fn dispatch(
     )
 }
 
-/// Headers of the call response being delivered.
+/// Headers of the call response being delivered, names lowercase.
 pub(crate) fn call_response_headers() -> Vec<(String, String)> {
-    hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
+    lowercase_names(hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default())
+}
+
+/// The host's word that the call being delivered failed at the transport level after its
+/// answer began: Kong's `:dispatch_status` (e.g. `broken connection` for an answer cut
+/// mid-body, `timeout`). `None` when the call completed, and on hosts that do not say
+/// (Envoy answers NotFound). Asked only when the call has headers (Envoy refuses the lookup
+/// otherwise, which the SDK turns into a panic). The body of a failed call must not be read:
+/// Kong refuses it (BadArgument), another panic in the SDK.
+pub(crate) fn call_failure(num_headers: usize) -> Option<String> {
+    // Without headers only where the host is known to answer (Kong; never probed from here,
+    // as this also runs in the root context).
+    let says = CAPS.with(|c| c.get()).is_some_and(|c| c.dispatch_status);
+    if num_headers == 0 && !says {
+        return None;
+    }
+    match hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":dispatch_status") {
+        Ok(Some(s)) if !s.is_empty() && s != "ok" => Some(s),
+        _ => None,
+    }
 }
 
 /// Sends a local reply; false when the host refused.
@@ -220,6 +249,17 @@ pub(crate) struct HostCaps {
     /// has no value for it, nor for `request.id` without the header, `plugin_vm_id`, `node`,
     /// `cluster_name`, `route_name`, `response.flags` or upstream TLS details.
     pub(crate) decision_property: Option<&'static [&'static str]>,
+    /// The callback of an attempt that timed out can dispatch the next one. Not on Kong
+    /// (ngx_wasm_module 3bed278): there a buffer the filter fills in that callback comes out
+    /// empty (measured: a call dispatched there sends an empty buffer forever, "send()
+    /// returned zero" in a loop, and the client hangs; a local reply there is an empty
+    /// buffer, and nginx closes the client's connection). So on Kong a timed-out attempt
+    /// ends the request (no spin, the client's connection closes at the attempt timeout).
+    /// Failover after an HTTP error status or a refused connection works there.
+    pub(crate) redispatch_after_timeout: bool,
+    /// The host tells why a dispatched call failed (`:dispatch_status` among the call's
+    /// headers, even when it has no others): Kong. See [`call_failure`].
+    pub(crate) dispatch_status: bool,
 }
 
 impl HostCaps {
@@ -229,6 +269,8 @@ impl HostCaps {
         pause_request_headers: true,
         route_failover: true,
         decision_property: Some(&["market_router.decision"]),
+        redispatch_after_timeout: true,
+        dispatch_status: false,
     };
 
     /// Kong's ngx_wasm_module (nginx on wasmtime). Other differences are settings of the
@@ -241,6 +283,8 @@ impl HostCaps {
         pause_request_headers: false,
         route_failover: false,
         decision_property: Some(&["wasmx", "market_router_decision"]),
+        redispatch_after_timeout: false,
+        dispatch_status: true,
     };
 
     /// Probes the host, from an HTTP context: nginx variables (`ngx.*` properties) exist only

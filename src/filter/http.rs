@@ -624,6 +624,13 @@ impl Http {
         ) {
             return Some(true);
         }
+        if matches!(outcome, Outcome::Timeout) && !host::caps().redispatch_after_timeout {
+            warn!(
+                "#{} market-router: provider {name} failed ({outcome}); this host cannot dispatch after a timed-out call",
+                self.id
+            );
+            return Some(false);
+        }
         vm.metrics.add(provider, PerProvider::Failover, 1);
         warn!(
             "#{} market-router: provider {name} failed ({outcome}); failing over",
@@ -713,12 +720,24 @@ impl Context for Http {
             .iter()
             .find(|(k, _)| k == ":status")
             .and_then(|(_, v)| v.parse::<u32>().ok());
-        let body = host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
+        // A call that broke off (Kong says so) has no body to read.
+        let failure = host::call_failure(num_headers);
+        let body = if num_headers == 0 || failure.is_some() {
+            Vec::new()
+        } else {
+            host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default()
+        };
         let retry_after = answer
             .iter()
             .find(|(k, _)| k == "retry-after")
             .map(|(_, v)| v.as_str());
-        let mut outcome = classify_dispatched(status, &body, retry_after);
+        let mut outcome = match failure.as_deref() {
+            Some("timeout") => Outcome::Timeout,
+            // No answer at all: the connection failed (Kong says `broken connection`).
+            Some(_) if status.is_none() => Outcome::ConnectFailure,
+            Some(_) => Outcome::Reset,
+            None => classify_dispatched(status, &body, retry_after),
+        };
         if matches!(outcome, Outcome::Success(_))
             && !self.stream()
             && metrics::inspect_answer(&body).is_err()
@@ -769,7 +788,8 @@ impl HttpContext for Http {
                 return self.reply_error(&ApiError::body_too_large(self.vm.config.max_body_bytes));
             }
         }
-        if end_of_stream {
+        // An empty body: Kong runs no body callback for it.
+        if end_of_stream || self.header("content-length") == Some("0") {
             return self.on_body_complete(Vec::new());
         }
         self.state = State::Reading;

@@ -138,8 +138,16 @@ impl Root {
         }
     }
 
-    fn on_snapshot(&mut self, vm: &Vm, body_size: usize) {
-        let headers = host::call_response_headers();
+    fn on_snapshot(&mut self, vm: &Vm, num_headers: usize, body_size: usize) {
+        if let Some(why) = host::call_failure(num_headers) {
+            self.refresh_failed(vm, &format!("the answer broke off ({why})"));
+            return;
+        }
+        let headers = if num_headers == 0 {
+            Vec::new()
+        } else {
+            host::call_response_headers()
+        };
         let status = headers
             .iter()
             .find(|(k, _)| k == ":status")
@@ -231,7 +239,7 @@ impl Context for Root {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
-        _num_headers: usize,
+        num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
@@ -240,7 +248,7 @@ impl Context for Root {
         }
         self.fetch = None;
         let Some(vm) = self.vm.clone() else { return };
-        self.on_snapshot(&vm, body_size);
+        self.on_snapshot(&vm, num_headers, body_size);
         vm.sync_market(host::now_ms(), true);
     }
 }
