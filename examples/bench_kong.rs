@@ -180,17 +180,25 @@ fn run() -> Result<(), String> {
                        "static_offer": {"price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}}],
         "failover": {"mode": "dispatch"}
     });
+    // Client keep-alive bounded as kong/kong.conf advises (the host's per-connection pool).
+    let keepalive: u32 = std::env::var("MR_KONG_KEEPALIVE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let variants = [
         (
             "k0",
             "nginx + ngx_wasm_module, proxy_pass alone",
-            KongConfig::new().upstream(up_port),
+            KongConfig::new()
+                .upstream(up_port)
+                .keepalive_requests(keepalive),
         ),
         (
             "k1",
             "the same + market-router, dispatch mode",
             KongConfig::new()
                 .upstream(up_port)
+                .keepalive_requests(keepalive)
                 .market_router(&config.to_string()),
         ),
     ];
@@ -263,7 +271,7 @@ fn run() -> Result<(), String> {
     );
     let _ = writeln!(
         md,
-        "{rounds} alternating round(s), 1 nginx worker each, wrk on loopback, 200-byte chat body, medians.\n"
+        "{rounds} alternating round(s), 1 nginx worker each, keepalive_requests {keepalive}, wrk on loopback, 200-byte chat body, medians.\n"
     );
     let _ = writeln!(
         md,

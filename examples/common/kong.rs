@@ -85,6 +85,10 @@ pub struct KongConfig {
     pub tls_trusted_certificate: Option<PathBuf>,
     /// `error_log` level.
     pub log_level: String,
+    /// `keepalive_requests` of client connections (nginx's default, 1000, when `None`).
+    /// ngx_wasm_module takes each dispatched call's buffers from the client connection's
+    /// pool, which grows until the connection closes; every free walks it.
+    pub keepalive_requests: Option<u32>,
     /// Raw `server { ... }` blocks added to `http {}` (e.g. a TLS front for a mock).
     pub extra_servers: Vec<String>,
     /// Wait for this many `market-router configured` lines before the first request (the
@@ -103,6 +107,7 @@ impl Default for KongConfig {
             shm_kv: vec![("mr".to_string(), "16m".to_string())],
             tls_trusted_certificate: None,
             log_level: "info".to_string(),
+            keepalive_requests: None,
             extra_servers: Vec::new(),
             expect_configured: None,
         }
@@ -152,6 +157,12 @@ impl KongConfig {
         self
     }
 
+    /// Sets `keepalive_requests` of client connections.
+    pub fn keepalive_requests(mut self, n: u32) -> Self {
+        self.keepalive_requests = Some(n);
+        self
+    }
+
     /// Adds a raw `server {}` block.
     pub fn server(mut self, block: &str) -> Self {
         self.extra_servers.push(block.to_string());
@@ -197,6 +208,9 @@ impl KongConfig {
         let upstream = self.upstream.unwrap_or(fallthrough);
         let _ = writeln!(s, "http {{");
         let _ = writeln!(s, "    access_log off;");
+        if let Some(n) = self.keepalive_requests {
+            let _ = writeln!(s, "    keepalive_requests {n};");
+        }
         let _ = writeln!(
             s,
             "    client_body_buffer_size {};\n    client_max_body_size {};",
