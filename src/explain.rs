@@ -138,6 +138,7 @@ pub fn models(config: &Config, market: Option<&MarketView>, now_ms: u64) -> Valu
                         "input_per_mtok": offer.map(|o| o.input_per_mtok).or(p.static_offer.as_ref().map(|s| s.input_per_mtok)),
                         "output_per_mtok": offer.map(|o| o.output_per_mtok).or(p.static_offer.as_ref().map(|s| s.output_per_mtok)),
                         "source": if offer.is_some() { "market" } else if p.static_offer.is_some() { "static" } else { "unknown" },
+                        "provenance": offer.map(|o| crate::market::provenance_json(o, now_ms)),
                     })
                 })
                 .collect();
@@ -219,6 +220,7 @@ pub fn route(
                         "score": num(c.score),
                         "probe": c.probe,
                         "beyond_ttft_target": c.beyond_ttft_target,
+                        "provenance": market.and_then(|m| m.offer(model, c.provider)).map(|o| crate::market::provenance_json(o, now_ms)),
                     })
                 })
                 .collect();

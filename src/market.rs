@@ -74,7 +74,31 @@ pub struct Offer {
     /// Output tokens per second.
     #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
     pub throughput_tps: Option<f64>,
+    /// Where the producer took each figure from, when it says (`offers[].provenance`).
+    #[serde(rename = "v", default, skip_serializing_if = "Vec::is_empty")]
+    pub provenance: Vec<Provenance>,
 }
+
+/// Where one figure of an offer came from: `offers[].provenance.<figure>` in snapshot v1.
+/// Routing ignores it; the transparency endpoints show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Figure name (`price`, `ttft`, `uptime`, `availability`, ...).
+    #[serde(rename = "f")]
+    pub figure: String,
+    /// Source name (a feed or catalog, `override`, `config`, `default`).
+    #[serde(rename = "s")]
+    pub source: String,
+    /// When the source last confirmed the figure, ms since the epoch.
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub as_of_ms: Option<u64>,
+    /// The source has not confirmed it within its maximum age.
+    #[serde(rename = "x", default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
+}
+
+/// At most this many provenance entries are kept per offer, names clipped to 40 bytes.
+const MAX_PROVENANCE: usize = 16;
 
 /// Why a snapshot was rejected whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +168,23 @@ pub fn validate(
     fetched_at_ms: u64,
     etag: Option<String>,
 ) -> Result<Validated, SnapshotError> {
+    validate_for(body, fetched_at_ms, etag, &|p| {
+        config.provider_index(p).is_some()
+    })
+}
+
+/// Validates a snapshot document by the same rules for any set of providers: the producer's
+/// check before it serves a document (every provider counts as configured).
+pub fn validate_any(body: &[u8], fetched_at_ms: u64) -> Result<Validated, SnapshotError> {
+    validate_for(body, fetched_at_ms, None, &|_| true)
+}
+
+fn validate_for(
+    body: &[u8],
+    fetched_at_ms: u64,
+    etag: Option<String>,
+    configured: &dyn Fn(&str) -> bool,
+) -> Result<Validated, SnapshotError> {
     // Offers are parsed one at a time from borrowed raw text, so validating a large snapshot
     // never holds a JSON tree of the whole document.
     #[derive(serde::Deserialize)]
@@ -188,9 +229,9 @@ pub fn validate(
     let mut unknown_providers = 0;
     for (i, raw) in items.iter().enumerate() {
         let parsed = serde_json::from_str::<Value>(raw.get()).map_err(|e| e.to_string());
-        match parsed.and_then(|item| offer(&item)) {
+        match parsed.and_then(|item| check_offer(&item)) {
             Ok(o) => {
-                if config.provider_index(&o.provider).is_some() {
+                if configured(&o.provider) {
                     offers.push(o);
                 } else {
                     unknown_providers += 1;
@@ -214,7 +255,8 @@ pub fn validate(
     })
 }
 
-fn offer(v: &Value) -> Result<Offer, String> {
+/// Checks one offer of a snapshot document against the rules of market-snapshot.md.
+pub fn check_offer(v: &Value) -> Result<Offer, String> {
     let o = v.as_object().ok_or("offer is not an object")?;
     let text = |k: &'static str| -> Result<String, String> {
         match o.get(k) {
@@ -289,7 +331,45 @@ fn offer(v: &Value) -> Result<Offer, String> {
         region: opt_text("region")?,
         context_window,
         throughput_tps,
+        provenance: o.get("provenance").map(provenance).unwrap_or_default(),
     })
+}
+
+/// Reads `offers[].provenance`: `{"<figure>": {"source": "...", "as_of_ms": N, "stale": bool}}`.
+/// Optional and informative only: entries that do not have this shape are skipped.
+fn provenance(v: &Value) -> Vec<Provenance> {
+    let Some(map) = v.as_object() else {
+        return Vec::new();
+    };
+    map.iter()
+        .filter_map(|(figure, p)| {
+            let source = p.get("source")?.as_str().filter(|s| !s.is_empty())?;
+            Some(Provenance {
+                figure: crate::errors::clip(figure, 40).into(),
+                source: crate::errors::clip(source, 40).into(),
+                as_of_ms: p.get("as_of_ms").and_then(Value::as_u64),
+                stale: p.get("stale").and_then(Value::as_bool).unwrap_or(false),
+            })
+        })
+        .take(MAX_PROVENANCE)
+        .collect()
+}
+
+/// The provenance of an offer as the transparency endpoints show it: figure → source, age.
+pub fn provenance_json(offer: &Offer, now_ms: u64) -> Value {
+    let mut out = serde_json::Map::new();
+    for p in &offer.provenance {
+        let mut e = serde_json::Map::new();
+        e.insert("source".into(), Value::String(p.source.clone()));
+        if let Some(t) = p.as_of_ms {
+            e.insert("age_ms".into(), Value::from(now_ms.saturating_sub(t)));
+        }
+        if p.stale {
+            e.insert("stale".into(), Value::Bool(true));
+        }
+        out.insert(p.figure.clone(), Value::Object(e));
+    }
+    Value::Object(out)
 }
 
 /// A VM's decoded, indexed view of the stored snapshot.
@@ -407,6 +487,32 @@ mod tests {
         .unwrap();
         assert!(v.invalid.is_empty() && v.unknown_providers == 0);
         assert_eq!(v.stored.offers.len(), 5);
+    }
+
+    #[test]
+    fn provenance_is_kept_and_shown_with_its_age() {
+        let doc = format!(
+            r#"{{"version":1,"generated_at_ms":1000,"offers":[{}]}}"#,
+            offer_json(
+                "acme",
+                r#","provenance":{"price":{"source":"litellm","as_of_ms":400},
+                    "uptime":{"source":"openrouter","as_of_ms":100,"stale":true},
+                    "ttft":{"source":"default"},"bogus":{"as_of_ms":3},"junk":7}"#
+            )
+        );
+        let v = validate(doc.as_bytes(), &config(), 2000, None).unwrap();
+        let o = &Stored::decode(&v.stored.encode()).unwrap().offers[0];
+        assert_eq!(o.provenance.len(), 3);
+        let shown = provenance_json(o, 1000);
+        assert_eq!(shown["price"]["source"], "litellm");
+        assert_eq!(shown["price"]["age_ms"], 600);
+        assert_eq!(shown["uptime"]["stale"], true);
+        assert!(shown["ttft"].get("age_ms").is_none());
+        assert!(shown.get("bogus").is_none());
+        // A producer's check: any provider counts, the same offer rules hold.
+        let any = validate_any(doc.replace("acme", "nobody-configured").as_bytes(), 0).unwrap();
+        assert_eq!(any.stored.offers.len(), 1);
+        assert_eq!(any.unknown_providers, 0);
     }
 
     #[test]
