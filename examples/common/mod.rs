@@ -10,6 +10,7 @@
 pub mod envoy;
 pub mod http;
 pub mod kong;
+pub mod market_service;
 pub mod procs;
 pub mod testbed;
 
@@ -19,6 +20,7 @@ pub use http::{
     wait_ready_while, Conn, Handler, Reply, Request, Response, Server,
 };
 pub use kong::{kong_nginx_bin, Kong, KongConfig, KongFilter};
+pub use market_service::{market_service_bin, venv_catalogs, MarketService};
 pub use procs::{crate_root, envoy_bin, example_bin, start_portkey, wasm_path, Proc, TempDir};
 pub use testbed::{MockOpts, MockProvider, Sidecar};
 
