@@ -1,13 +1,14 @@
-//! The demo behind `make demo`: three mock LLM providers, a market-stats sidecar and a real
-//! Envoy running the market-router filter, then a handful of requests with a table of who
-//! served each one and why.
+//! The demo behind `make demo`: three mock LLM providers, the market service
+//! (`market-sidecar`, fed by a snapshot file of the demo's market) and a real Envoy running the
+//! market-router filter, then a handful of requests with a table of who served each one and
+//! why.
 //!
 //! ```text
 //! cargo build --release --examples && cargo run --release --example demo
 //! ```
 //!
 //! Needs the filter (`make build`, or `$MR_WASM`), Envoy (`make envoy`, or `$ENVOY_BIN`) and
-//! the `mock_provider` and `market_sidecar` examples built with the same profile. Every
+//! the `mock_provider` example and `market-sidecar` built with the same profile. Every
 //! process it starts is stopped when it ends, on errors too; Ctrl-C in a terminal reaches the
 //! children as well (same process group).
 
@@ -15,7 +16,7 @@ mod common;
 
 use common::{
     envoy_bin, example_bin, get, post_json, wasm_path, Envoy, EnvoyConfig, MockOpts, MockProvider,
-    ProviderCluster, Response, Sidecar, TempDir,
+    market_service_bin, MarketService, ProviderCluster, Response, TempDir,
 };
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -299,6 +300,10 @@ fn print_ranking(model: &str, v: &Value) {
                     fmt_num(&c["input_per_mtok"], 2),
                     fmt_num(&c["output_per_mtok"], 2)
                 ),
+                c["provenance"]["price"]["source"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_string(),
                 fmt_num(&c["ttft_ms"], 0),
                 fmt_num(&c["uptime"], 3),
                 c["availability"].as_str().unwrap_or("?").to_string(),
@@ -314,6 +319,7 @@ fn print_ranking(model: &str, v: &Value) {
                 "rank",
                 "provider",
                 "$/Mtok in / out",
+                "price from",
                 "ttft ms",
                 "uptime",
                 "availability",
@@ -436,11 +442,10 @@ fn run() -> Result<(), String> {
         ));
     }
     envoy_bin().map_err(|e| format!("{e}; {hint}"))?;
-    for bin in ["mock_provider", "market_sidecar"] {
-        example_bin(bin).map_err(|e| format!("{e}; or {hint}"))?;
-    }
+    example_bin("mock_provider").map_err(|e| format!("{e}; or {hint}"))?;
+    market_service_bin().map_err(|e| format!("{e}; or {hint}"))?;
 
-    println!("market-router demo: three providers, a market sidecar, Envoy with the filter\n");
+    println!("market-router demo: three providers, the market service, Envoy with the filter\n");
     let mut mocks = Vec::new();
     for s in &SPECS {
         let opts = MockOpts::default()
@@ -458,9 +463,20 @@ fn run() -> Result<(), String> {
         serde_json::to_vec_pretty(&snap).unwrap_or_default(),
     )
     .map_err(|e| format!("cannot write {}: {e}", snapshot_file.display()))?;
-    let sidecar = Sidecar::start(&snapshot_file)?;
+    // The market service polls the demo's market file as a snapshot v1 source.
+    let service_config = dir.join("market-sidecar.json");
+    let providers: serde_json::Map<String, Value> =
+        SPECS.iter().map(|s| (s.name.to_string(), json!({}))).collect();
+    let service_doc = json!({
+        "sources": [{"name": "demo-feed", "kind": "snapshot", "file": "snapshot.json", "period_s": 1}],
+        "providers": providers,
+        "models": MODELS.iter().map(|m| (m.to_string(), json!({}))).collect::<serde_json::Map<_, _>>(),
+    });
+    std::fs::write(&service_config, service_doc.to_string())
+        .map_err(|e| format!("cannot write {}: {e}", service_config.display()))?;
+    let sidecar = MarketService::start(&service_config)?;
     println!(
-        "  market sidecar   on 127.0.0.1:{} serving {} offers",
+        "  market service   on 127.0.0.1:{} serving {} offers",
         sidecar.port(),
         snap["offers"].as_array().map_or(0, Vec::len)
     );
@@ -605,7 +621,7 @@ fn run() -> Result<(), String> {
         );
     }
     println!(
-        "\nDone in {:.1} s; stopping Envoy, the sidecar and the mocks.",
+        "\nDone in {:.1} s; stopping Envoy, the market service and the mocks.",
         t0.elapsed().as_secs_f64()
     );
     if bad.is_empty() {
