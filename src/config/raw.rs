@@ -398,7 +398,8 @@ pub struct RawLimits {
     pub max_body_bytes: Option<Int<1, { 64 << 20 }>>,
     /// Largest encoded market snapshot kept in shared data; a bigger one is refused and the
     /// last good one stays, so a bounded store (Kong's shm_kv zone: size it at least twice
-    /// this) never fills up from market data. About 150 bytes per offer.
+    /// this) never fills up from market data. About 120 bytes per offer, 400-500 with the
+    /// per-figure provenance the market service sends.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(extend("default" = d::MAX_SNAPSHOT_BYTES)))]
     pub max_snapshot_bytes: Option<Int<1024, { 1 << 30 }>>,
