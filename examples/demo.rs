@@ -15,8 +15,8 @@
 mod common;
 
 use common::{
-    envoy_bin, example_bin, get, post_json, wasm_path, Envoy, EnvoyConfig, MockOpts, MockProvider,
-    market_service_bin, MarketService, ProviderCluster, Response, TempDir,
+    envoy_bin, example_bin, get, market_service_bin, post_json, wasm_path, Envoy, EnvoyConfig,
+    MarketService, MockOpts, MockProvider, ProviderCluster, Response, TempDir,
 };
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -465,8 +465,10 @@ fn run() -> Result<(), String> {
     .map_err(|e| format!("cannot write {}: {e}", snapshot_file.display()))?;
     // The market service polls the demo's market file as a snapshot v1 source.
     let service_config = dir.join("market-sidecar.json");
-    let providers: serde_json::Map<String, Value> =
-        SPECS.iter().map(|s| (s.name.to_string(), json!({}))).collect();
+    let providers: serde_json::Map<String, Value> = SPECS
+        .iter()
+        .map(|s| (s.name.to_string(), json!({})))
+        .collect();
     let service_doc = json!({
         "sources": [{"name": "demo-feed", "kind": "snapshot", "file": "snapshot.json", "period_s": 1}],
         "providers": providers,
