@@ -1,4 +1,6 @@
-//! Market-stats sidecar: serves a snapshot file with an ETag, for the filter to poll.
+//! Scriptable market endpoint for the tests: serves a file with an ETag and can be told to
+//! fail, hang or answer garbage. The market service itself is `crates/market-sidecar`; the
+//! tests also use this program to serve recorded source documents (an OpenRouter feed) to it.
 //!
 //! ```text
 //! market_sidecar --port P --file snapshot.json [--path /v1/market/snapshot] [--bind ADDR]
