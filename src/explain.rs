@@ -99,6 +99,18 @@ fn num(x: f64) -> Value {
     }
 }
 
+/// Adds `provenance` (each figure's source and age) when the market offer has one.
+fn with_provenance(v: &mut Value, offer: Option<&crate::market::Offer>, now_ms: u64) {
+    if let (Some(o), Value::Object(map)) = (offer, v) {
+        if !o.provenance.is_empty() {
+            map.insert(
+                "provenance".into(),
+                crate::market::provenance_json(o, now_ms),
+            );
+        }
+    }
+}
+
 fn snapshot_json(config: &Config, market: Option<&MarketView>, now_ms: u64) -> Value {
     match (market, &config.market) {
         (Some(m), Some(mc)) => json!({
@@ -131,15 +143,16 @@ pub fn models(config: &Config, market: Option<&MarketView>, now_ms: u64) -> Valu
                 .filter(|(_, p)| p.model_id(m).is_some())
                 .map(|(i, p)| {
                     let offer = market.and_then(|mv| mv.offer(m, i));
-                    json!({
+                    let mut entry = json!({
                         "provider": p.name,
                         "provider_type": offer.map_or(p.provider_type, |o| o.provider_type).as_str(),
                         "availability": offer.map(|o| o.availability.as_str()),
                         "input_per_mtok": offer.map(|o| o.input_per_mtok).or(p.static_offer.as_ref().map(|s| s.input_per_mtok)),
                         "output_per_mtok": offer.map(|o| o.output_per_mtok).or(p.static_offer.as_ref().map(|s| s.output_per_mtok)),
                         "source": if offer.is_some() { "market" } else if p.static_offer.is_some() { "static" } else { "unknown" },
-                        "provenance": offer.map(|o| crate::market::provenance_json(o, now_ms)),
-                    })
+                    });
+                    with_provenance(&mut entry, offer, now_ms);
+                    entry
                 })
                 .collect();
             json!({"id": m, "object": "model", "owned_by": "market-router", "providers": providers})
@@ -203,7 +216,7 @@ pub fn route(
                 .enumerate()
                 .map(|(rank, c)| {
                     let p = &config.providers[c.provider];
-                    json!({
+                    let mut cand = json!({
                         "rank": rank + 1,
                         "provider": p.name,
                         "provider_model": c.provider_model,
@@ -220,8 +233,9 @@ pub fn route(
                         "score": num(c.score),
                         "probe": c.probe,
                         "beyond_ttft_target": c.beyond_ttft_target,
-                        "provenance": market.and_then(|m| m.offer(model, c.provider)).map(|o| crate::market::provenance_json(o, now_ms)),
-                    })
+                    });
+                    with_provenance(&mut cand, market.and_then(|m| m.offer(model, c.provider)), now_ms);
+                    cand
                 })
                 .collect();
             (

@@ -57,6 +57,20 @@ pub struct FeedKey {
     pub location: Location,
 }
 
+impl Source {
+    /// The keys of this source's feeds.
+    pub fn feed_keys(&self) -> Vec<FeedKey> {
+        self.feeds()
+            .into_iter()
+            .map(|(model, location)| FeedKey {
+                source: self.name.clone(),
+                model,
+                location,
+            })
+            .collect()
+    }
+}
+
 /// A feed's last good copy.
 #[derive(Debug, Default)]
 struct Feed {
@@ -198,13 +212,8 @@ impl App {
             .map(|s| {
                 let mut age: Option<u64> = None;
                 let (mut entries, mut loaded, mut total) = (0, 0, 0);
-                for (model, loc) in s.feeds() {
+                for key in s.feed_keys() {
                     total += 1;
-                    let key = FeedKey {
-                        source: s.name.clone(),
-                        model,
-                        location: loc,
-                    };
                     if let Some(f) = feeds.get(&key) {
                         if let Some(t) = f.last_ok_ms {
                             loaded += 1;
@@ -324,12 +333,7 @@ impl App {
         let feeds = lock(&self.feeds);
         let mut holders: Vec<(&Source, Arc<Vec<Entry>>, u64)> = Vec::new();
         for s in &cfg.sources {
-            for (model, loc) in s.feeds() {
-                let key = FeedKey {
-                    source: s.name.clone(),
-                    model,
-                    location: loc,
-                };
+            for key in s.feed_keys() {
                 if let Some(f) = feeds.get(&key) {
                     if let Some(t) = f.last_ok_ms {
                         holders.push((s, f.entries.clone(), t));
@@ -405,17 +409,7 @@ impl App {
     /// Replaces the configuration (sources are restarted by the caller). Feeds no longer
     /// configured are forgotten.
     pub fn set_config(&self, config: Config) {
-        let keep: Vec<FeedKey> = config
-            .sources
-            .iter()
-            .flat_map(|s| {
-                s.feeds().into_iter().map(|(model, location)| FeedKey {
-                    source: s.name.clone(),
-                    model,
-                    location,
-                })
-            })
-            .collect();
+        let keep: Vec<FeedKey> = config.sources.iter().flat_map(Source::feed_keys).collect();
         lock(&self.feeds).retain(|k, _| keep.contains(k));
         lock(&self.source_counters).retain(|k, _| config.sources.iter().any(|s| &s.name == k));
         *write(&self.config) = Arc::new(config);
@@ -427,12 +421,7 @@ impl App {
         let cfg = self.config();
         let mut tasks = Vec::new();
         for s in &cfg.sources {
-            for (model, location) in s.feeds() {
-                let key = FeedKey {
-                    source: s.name.clone(),
-                    model,
-                    location,
-                };
+            for key in s.feed_keys() {
                 let app = self.clone();
                 let source = s.clone();
                 tasks.push(tokio::spawn(async move {

@@ -57,12 +57,7 @@ async fn run(args: Args) -> Result<(), String> {
     if args.once {
         let cfg = app.config();
         for s in &cfg.sources {
-            for (model, location) in s.feeds() {
-                let key = market_sidecar::FeedKey {
-                    source: s.name.clone(),
-                    model,
-                    location,
-                };
+            for key in s.feed_keys() {
                 app.poll(s, &key).await;
             }
         }

@@ -70,6 +70,25 @@ impl Parsed {
             self.first_drop = Some(why);
         }
     }
+
+    /// Keeps an entry whose figures read well, else drops and counts it.
+    fn add(
+        &mut self,
+        provider: &str,
+        alt: Option<String>,
+        model: &str,
+        figures: Result<Figures, String>,
+    ) {
+        match figures {
+            Ok(figures) => self.entries.push(Entry {
+                provider: provider.to_string(),
+                provider_alt: alt,
+                model: model.to_string(),
+                figures,
+            }),
+            Err(why) => self.drop_entry(format!("{provider} {model}: {why}")),
+        }
+    }
 }
 
 /// Parses a document of `kind`.
@@ -222,15 +241,7 @@ fn openrouter(doc: &Value) -> Result<Parsed, String> {
                 ..Figures::default()
             })
         })();
-        match figures {
-            Ok(figures) => out.entries.push(Entry {
-                provider: provider.to_string(),
-                provider_alt: tag_prefix,
-                model: model.to_string(),
-                figures,
-            }),
-            Err(why) => out.drop_entry(format!("{provider} {model}: {why}")),
-        }
+        out.add(provider, tag_prefix, model, figures);
     }
     Ok(out)
 }
@@ -287,15 +298,7 @@ fn huggingface(doc: &Value) -> Result<Parsed, String> {
                     ..Figures::default()
                 })
             })();
-            match figures {
-                Ok(figures) => out.entries.push(Entry {
-                    provider: provider.to_string(),
-                    provider_alt: None,
-                    model: model.to_string(),
-                    figures,
-                }),
-                Err(why) => out.drop_entry(format!("{provider} {model}: {why}")),
-            }
+            out.add(provider, None, model, figures);
         }
     }
     Ok(out)
@@ -327,15 +330,7 @@ fn models_dev(doc: &Value) -> Result<Parsed, String> {
                     ..Figures::default()
                 })
             })();
-            match figures {
-                Ok(figures) => out.entries.push(Entry {
-                    provider: pid.clone(),
-                    provider_alt: None,
-                    model: mid.clone(),
-                    figures,
-                }),
-                Err(why) => out.drop_entry(format!("{pid} {mid}: {why}")),
-            }
+            out.add(pid, None, mid, figures);
         }
     }
     Ok(out)
@@ -374,15 +369,7 @@ fn litellm(doc: &Value) -> Result<Parsed, String> {
                 ..Figures::default()
             })
         })();
-        match figures {
-            Ok(figures) => out.entries.push(Entry {
-                provider: provider.to_string(),
-                provider_alt: None,
-                model: model.to_string(),
-                figures,
-            }),
-            Err(why) => out.drop_entry(format!("{key}: {why}")),
-        }
+        out.add(provider, None, model, figures);
     }
     Ok(out)
 }
