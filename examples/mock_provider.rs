@@ -4,8 +4,15 @@
 //! ```text
 //! mock_provider --port P --name NAME [--bind ADDR] [--status CODE] [--retry-after SECS]
 //!               [--latency-ms N] [--ttft-ms N] [--chunk-ms N] [--hang] [--reset-mid]
-//!               [--malformed] [--api-key KEY] [--quiet]
+//!               [--malformed] [--api-key KEY] [--quiet] [--no-compress]
+//!               [--compress-always CODING] [--answer-bytes N] [--chunked]
 //! ```
+//!
+//! Like hosted LLM APIs, answers are compressed when the request's `Accept-Encoding` allows it
+//! (br, gzip, zstd or deflate, highest q-value first; `--no-compress` turns that off), or with
+//! one coding whatever the request says (`--compress-always`). `--answer-bytes N` makes
+//! non-streaming answers at least N bytes long (a longer message, a longer embedding);
+//! `--chunked` sends them chunked, without `Content-Length`.
 //!
 //! LLM endpoints: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, and
 //! `GET /v1/models`. Admin endpoints (never counted): `GET /__mock/health`,
@@ -26,7 +33,8 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: mock_provider --port P --name NAME [--bind ADDR] [--status CODE] \
 [--retry-after SECS] [--latency-ms N] [--ttft-ms N] [--chunk-ms N] [--hang] [--reset-mid] \
-[--malformed] [--api-key KEY] [--quiet]";
+[--malformed] [--api-key KEY] [--quiet] [--no-compress] [--compress-always CODING] \
+[--answer-bytes N] [--chunked]";
 
 /// How long a hanging request holds its connection at most.
 const HANG_MAX: Duration = Duration::from_secs(120);
@@ -45,6 +53,14 @@ struct Behavior {
     hang: bool,
     reset_mid: bool,
     malformed: bool,
+    /// Compress when the request's Accept-Encoding allows it.
+    compress: bool,
+    /// Compress with this coding whatever the request says.
+    compress_always: Option<String>,
+    /// Least size of non-streaming answers, bytes (0: natural size).
+    answer_bytes: u64,
+    /// Non-streaming answers chunked, without Content-Length.
+    chunked: bool,
 }
 
 impl Default for Behavior {
@@ -58,6 +74,10 @@ impl Default for Behavior {
             hang: false,
             reset_mid: false,
             malformed: false,
+            compress: true,
+            compress_always: None,
+            answer_bytes: 0,
+            chunked: false,
         }
     }
 }
@@ -96,9 +116,22 @@ impl Behavior {
                 "hang" => b.hang = boolean()?,
                 "reset_mid" => b.reset_mid = boolean()?,
                 "malformed" => b.malformed = boolean()?,
+                "compress" => b.compress = boolean()?,
+                "compress_always" => {
+                    b.compress_always = match val {
+                        Value::Null => None,
+                        Value::String(c) => {
+                            common::encoding::Encoder::new(c)?;
+                            Some(c.clone())
+                        }
+                        _ => return Err(format!("`{k}`: expected a coding name or null")),
+                    }
+                }
+                "answer_bytes" => b.answer_bytes = uint()?,
+                "chunked" => b.chunked = boolean()?,
                 _ => {
                     return Err(format!(
-                        "unknown field `{k}`; allowed: status, retry_after, latency_ms, ttft_ms, chunk_ms, hang, reset_mid, malformed"
+                        "unknown field `{k}`; allowed: status, retry_after, latency_ms, ttft_ms, chunk_ms, hang, reset_mid, malformed, compress, compress_always, answer_bytes, chunked"
                     ))
                 }
             }
@@ -116,15 +149,23 @@ impl Behavior {
             "hang": self.hang,
             "reset_mid": self.reset_mid,
             "malformed": self.malformed,
+            "compress": self.compress,
+            "compress_always": self.compress_always,
+            "answer_bytes": self.answer_bytes,
+            "chunked": self.chunked,
         })
     }
 }
 
 #[derive(Debug, Default)]
 struct Stats {
+    /// Every request but the admin endpoints', whatever the path.
+    seen: u64,
     requests: u64,
     by_path: BTreeMap<String, u64>,
     by_status: BTreeMap<String, u64>,
+    /// Content coding of LLM answers ("identity" when none).
+    by_encoding: BTreeMap<String, u64>,
     last_request: Value,
 }
 
@@ -180,6 +221,9 @@ fn pieces(text: &str) -> Vec<String> {
 impl Mock {
     fn handle(&self, req: &Request) -> Reply {
         let path = req.path().to_string();
+        if !path.starts_with("/__mock/") {
+            lock(&self.stats).seen += 1;
+        }
         let (reply, model) = match (req.method.as_str(), path.as_str()) {
             (_, "/__mock/health") => (
                 Reply::json(200, &json!({"ok": true, "name": self.name})),
@@ -244,9 +288,11 @@ impl Mock {
         let s = lock(&self.stats);
         json!({
             "name": self.name,
+            "seen": s.seen,
             "requests": s.requests,
             "by_path": s.by_path,
             "by_status": s.by_status,
+            "by_encoding": s.by_encoding,
             "last_request": s.last_request,
             "behavior": lock(&self.behavior).to_json(),
         })
@@ -331,13 +377,119 @@ impl Mock {
             .map(str::to_string);
         let stream = kind != Kind::Embedding && body.as_ref().is_some_and(|b| b["stream"] == true);
         self.record(req, model.as_deref(), stream);
+        let b = lock(&self.behavior).clone();
         let reply = self.answer(req, kind, body.as_ref(), model.as_deref(), stream);
+        let reply = match self.shape(reply, req, &b) {
+            Ok(r) => r,
+            Err(e) => error_reply(500, &format!("mock: {e}"), "mock_error"),
+        };
         self.count_status(&reply);
         let reply = match reply {
             r @ (Reply::Hang(_) | Reply::Close) => r,
             r => r.with_header("x-mock-provider", &self.name),
         };
         (reply, model)
+    }
+
+    /// Encodes and frames an answer as the behaviour says: compressed when the request allows
+    /// it (or always with one coding), chunked without a length.
+    fn shape(&self, reply: Reply, req: &Request, b: &Behavior) -> Result<Reply, String> {
+        let coding: Option<String> = b.compress_always.clone().or_else(|| {
+            b.compress
+                .then(|| common::encoding::negotiate(req.header("accept-encoding")))
+                .flatten()
+                .map(str::to_string)
+        });
+        if !matches!(reply, Reply::Hang(_) | Reply::Close) {
+            let key = coding.as_deref().unwrap_or("identity").to_string();
+            *lock(&self.stats).by_encoding.entry(key).or_insert(0) += 1;
+        }
+        let mark = |headers: &mut Vec<(String, String)>| {
+            if let Some(c) = &coding {
+                headers.push(("content-encoding".into(), c.clone()));
+                headers.push(("vary".into(), "accept-encoding".into()));
+            }
+        };
+        let encode = |body: Vec<u8>| match &coding {
+            Some(c) => common::encoding::encode(c, &body),
+            None => Ok(body),
+        };
+        Ok(match reply {
+            Reply::Full {
+                status,
+                mut headers,
+                body,
+            } => {
+                mark(&mut headers);
+                let body = encode(body)?;
+                if b.chunked {
+                    let parts = body
+                        .chunks(16 * 1024)
+                        .map(|c| (Duration::ZERO, c.to_vec()))
+                        .collect();
+                    Reply::Stream {
+                        status,
+                        headers,
+                        parts,
+                        abort_after: None,
+                    }
+                } else {
+                    Reply::Full {
+                        status,
+                        headers,
+                        body,
+                    }
+                }
+            }
+            Reply::Stream {
+                status,
+                mut headers,
+                parts,
+                abort_after,
+            } => {
+                let Some(c) = &coding else {
+                    return Ok(Reply::Stream {
+                        status,
+                        headers,
+                        parts,
+                        abort_after,
+                    });
+                };
+                mark(&mut headers);
+                let mut enc = common::encoding::Encoder::new(c)?;
+                let mut out = Vec::with_capacity(parts.len());
+                for (delay, part) in parts {
+                    out.push((delay, enc.part(&part)?));
+                }
+                let end = enc.finish()?;
+                if let Some(last) = out.last_mut() {
+                    last.1.extend(end);
+                }
+                Reply::Stream {
+                    status,
+                    headers,
+                    parts: out,
+                    abort_after,
+                }
+            }
+            Reply::Cut {
+                status,
+                mut headers,
+                body,
+                ..
+            } => {
+                mark(&mut headers);
+                let body = encode(body)?;
+                let sent = body.len() / 2;
+                Reply::Cut {
+                    status,
+                    headers,
+                    body,
+                    sent,
+                }
+            }
+            other => other,
+        })
     }
 
     fn answer(
@@ -402,14 +554,27 @@ impl Mock {
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         });
-        let text = format!("Hello from {} (model {model})", self.name);
+        let mut text = format!("Hello from {} (model {model})", self.name);
+        // A long answer: the message grows to the size asked for.
+        while (text.len() as u64) < b.answer_bytes {
+            text.push_str(" lorem");
+        }
         let include_usage = body["stream_options"]["include_usage"] == true;
         match kind {
             Kind::Embedding => {
                 let usage = json!({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens});
+                // A long answer: a vector of as many dimensions as fill the size asked for
+                // (each value takes 7 bytes: `0.dddd,`).
+                let dims = (b.answer_bytes / 7).max(3) as usize;
+                let embedding: Vec<f64> = (0..dims)
+                    .map(|i| {
+                        let v = 1001 + i * 7919 % 8999;
+                        (if v % 10 == 0 { v + 1 } else { v }) as f64 / 10_000.0
+                    })
+                    .collect();
                 let v = json!({
                     "object": "list",
-                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                    "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
                     "model": model,
                     "provider": self.name,
                     "usage": usage,
@@ -557,8 +722,17 @@ fn run() -> Result<(), String> {
             "--ttft-ms",
             "--chunk-ms",
             "--api-key",
+            "--compress-always",
+            "--answer-bytes",
         ],
-        &["--hang", "--reset-mid", "--malformed", "--quiet"],
+        &[
+            "--hang",
+            "--reset-mid",
+            "--malformed",
+            "--quiet",
+            "--no-compress",
+            "--chunked",
+        ],
     )?;
     let port: u16 = args.parse_or("--port", 0)?;
     let bind = args
@@ -580,6 +754,16 @@ fn run() -> Result<(), String> {
         hang: args.flag("--hang"),
         reset_mid: args.flag("--reset-mid"),
         malformed: args.flag("--malformed"),
+        compress: !args.flag("--no-compress"),
+        compress_always: match args.value("--compress-always")? {
+            Some(c) => {
+                common::encoding::Encoder::new(&c)?;
+                Some(c)
+            }
+            None => None,
+        },
+        answer_bytes: args.parse_or("--answer-bytes", 0)?,
+        chunked: args.flag("--chunked"),
     };
     let mock = Arc::new(Mock {
         name: name.clone(),

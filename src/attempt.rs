@@ -270,13 +270,18 @@ impl Attempts {
         }
     }
 
-    /// The answer when every attempt failed: 504 if all timed out, 503 if every provider was
-    /// unavailable (connect failure, 503, 429), else 502; the message lists each attempt.
-    pub fn final_error(&self, config: &Config, model: &str) -> ApiError {
+    /// The answer when every attempt failed. When the last attempt got an error answer from its
+    /// provider, its status is kept (a 429 stays a 429, a 503 a 503); otherwise 504 if all
+    /// timed out, 503 if every provider was unavailable (connect failure, 503, 429), else 502.
+    /// The message lists each attempt, then what the last provider said (`last_said`, already
+    /// cleaned by `answer::provider_message`).
+    pub fn final_error(&self, config: &Config, model: &str, last_said: Option<&str>) -> ApiError {
         let all = |f: &dyn Fn(&Outcome) -> bool| {
             !self.tried.is_empty() && self.tried.iter().all(|(_, o)| f(o))
         };
-        let status = if all(&|o| *o == Outcome::Timeout) {
+        let status = if let Some((_, Outcome::Status { status, .. })) = self.tried.last() {
+            *status
+        } else if all(&|o| *o == Outcome::Timeout) {
             504
         } else if all(&|o| {
             matches!(
@@ -304,7 +309,26 @@ impl Attempts {
             let name = config.providers.get(*p).map_or("?", |p| p.name.as_str());
             msg.push_str(&format!("{name}: {o}"));
         }
+        if let (Some(said), Some((p, _))) = (last_said, self.tried.last()) {
+            let name = config.providers.get(*p).map_or("?", |p| p.name.as_str());
+            msg.push_str(&format!("; {name} answered: {said}"));
+        }
         ApiError::all_failed(status, msg)
+    }
+
+    /// The `Retry-After` of the final error answer, in whole seconds: the last attempt's when it
+    /// sent one, else the shortest any attempt reported.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self.tried.last() {
+            Some((
+                _,
+                Outcome::Status {
+                    retry_after_ms: Some(ms),
+                    ..
+                },
+            )) => Some(ms.div_ceil(1000)),
+            _ => self.min_retry_after_s(),
+        }
     }
 
     /// Shortest `Retry-After` any attempt reported, in whole seconds.
@@ -507,7 +531,7 @@ mod tests {
             a.finish(Outcome::ConnectFailure);
         }
         assert_eq!(seen, vec![0, 1, 2], "max_attempts 3");
-        let e = a.final_error(&c, "m");
+        let e = a.final_error(&c, "m", None);
         assert_eq!(e.status, 503);
         assert!(
             e.message
@@ -541,7 +565,7 @@ mod tests {
         a.start(1);
         a.finish(Outcome::Timeout);
         assert_eq!(a.next(&cands, 1500), Next::GiveUp);
-        assert_eq!(a.final_error(&c, "m").status, 504);
+        assert_eq!(a.final_error(&c, "m", None).status, 504);
     }
 
     #[test]
@@ -555,7 +579,40 @@ mod tests {
         });
         a.start(1);
         a.finish(Outcome::Malformed);
-        assert_eq!(a.final_error(&c, "m").status, 502);
+        assert_eq!(a.final_error(&c, "m", None).status, 502);
         assert_eq!(a.min_retry_after_s(), Some(3));
+        assert_eq!(a.retry_after_s(), Some(3));
+    }
+
+    #[test]
+    fn the_last_providers_answer_is_kept() {
+        let c = config("");
+        let mut a = Attempts::new(&c, 0);
+        a.start(0);
+        a.finish(Outcome::Status {
+            status: 503,
+            retry_after_ms: Some(9000),
+        });
+        a.start(1);
+        a.finish(Outcome::Status {
+            status: 429,
+            retry_after_ms: Some(1200),
+        });
+        let e = a.final_error(&c, "m", Some("Rate limit reached"));
+        assert_eq!(e.status, 429, "the last provider's status");
+        assert_eq!(e.code, "all_providers_failed");
+        assert_eq!(
+            e.message,
+            "all 2 attempt(s) for model `m` failed: a: status 503; b: status 429; b answered: Rate limit reached"
+        );
+        assert_eq!(a.retry_after_s(), Some(2), "the last one's");
+        assert_eq!(a.min_retry_after_s(), Some(2));
+        // A last attempt that got no answer: the summary's status, and nothing said.
+        a.start(2);
+        a.finish(Outcome::Timeout);
+        let e = a.final_error(&c, "m", None);
+        assert_eq!(e.status, 502);
+        assert!(!e.message.contains("answered"), "{}", e.message);
+        assert_eq!(a.retry_after_s(), Some(2), "the shortest reported");
     }
 }

@@ -4,6 +4,9 @@
 use crate::config::{Config, ProviderType, Strategy};
 use crate::select::Prefs;
 
+/// The default `routing.cluster_header`.
+pub const DEFAULT_CLUSTER_HEADER: &str = "x-market-router-cluster";
+
 /// Client preference headers (honoured only with `routing.client_overrides`, always stripped).
 pub const PREF_STRATEGY: &str = "x-market-router-strategy";
 /// Extra price cap, USD per million tokens.
@@ -77,9 +80,17 @@ pub fn prefs_from_headers(headers: &[(String, String)]) -> Prefs {
     p
 }
 
+/// Whether `name` is a request header the filter owns: the cluster header the host routes by,
+/// and the preference headers. A client never gets to send one on to the host's router or a
+/// provider, whatever the path.
+pub fn is_owned(config: &Config, name: &str) -> bool {
+    name == config.routing.cluster_header || PREF_HEADERS.contains(&name)
+}
+
 /// Headers of a dispatched attempt: the client's end-to-end headers (request id, trace
 /// context, content type, custom headers) minus pseudo-headers, hop-by-hop headers, the
-/// cluster header, preference headers and — unless configured — `authorization`.
+/// cluster header, preference headers, `accept-encoding` (the filter reads the answer, so the
+/// attempt asks for identity) and — unless configured — `authorization`.
 pub fn forwarded(config: &Config, headers: &[(String, String)]) -> Vec<(String, String)> {
     headers
         .iter()
@@ -87,8 +98,8 @@ pub fn forwarded(config: &Config, headers: &[(String, String)]) -> Vec<(String, 
             !k.starts_with(':')
                 && k != "host"
                 && !HOP_BY_HOP.contains(&k.as_str())
-                && *k != config.routing.cluster_header
-                && !PREF_HEADERS.contains(&k.as_str())
+                && !is_owned(config, k)
+                && k != "accept-encoding"
                 && !k.starts_with("x-envoy-")
                 && (config.failover.forward_client_authorization || k != "authorization")
         })
@@ -232,6 +243,7 @@ mod tests {
                 ("x-market-router-cluster", "a"),
                 (PREF_EXCLUDE, "a"),
                 ("x-team", "blue"),
+                ("accept-encoding", "gzip, deflate"),
                 ("x-envoy-expected-rq-timeout-ms", "5"),
             ]),
         );
@@ -245,6 +257,10 @@ mod tests {
         )
         .unwrap();
         assert!(forwarded(&c2, &h(&[("authorization", "x")])).len() == 1);
+        assert!(is_owned(&c, "x-market-router-cluster"));
+        assert!(is_owned(&c, PREF_STRATEGY));
+        assert!(!is_owned(&c, "x-market-router-provider"));
+        assert!(!is_owned(&c, "x-team"));
     }
 
     #[test]

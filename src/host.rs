@@ -56,6 +56,16 @@ pub(crate) fn buffer(kind: BufferType, size: usize) -> Option<Vec<u8>> {
         .map(Option::unwrap_or_default)
 }
 
+/// Reads `size` bytes of a buffer from byte `start` on.
+pub(crate) fn buffer_at(kind: BufferType, start: usize, size: usize) -> Option<Vec<u8>> {
+    if size == 0 {
+        return Some(Vec::new());
+    }
+    hostcalls::get_buffer(kind, start, size)
+        .ok()
+        .map(Option::unwrap_or_default)
+}
+
 /// Replaces a buffer's first `size` bytes with `value`.
 pub(crate) fn set_buffer(kind: BufferType, size: usize, value: &[u8]) -> bool {
     hostcalls::set_buffer(kind, 0, size, value).is_ok()

@@ -6,6 +6,7 @@
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
+pub mod answer;
 pub mod attempt;
 pub mod config;
 pub mod decision;

@@ -202,7 +202,7 @@ pub fn usage_of_answer(body: &[u8]) -> Option<Usage> {
 }
 
 /// Token counts of a `usage` object; `None` when it has neither.
-fn usage_of_object(usage: &[u8]) -> Option<Usage> {
+pub fn usage_of_object(usage: &[u8]) -> Option<Usage> {
     let (mut prompt, mut completion) = (None, None);
     json::object_fields(usage, |k, v| match k {
         b"prompt_tokens" => prompt = json::unsigned(&usage[v]),

@@ -468,6 +468,11 @@ fn nines(r: f64) -> f64 {
     -(1.0 - r.clamp(0.0, 0.99999)).log10()
 }
 
+/// A ranking key rounded to nine decimals (NaN stays NaN: `total_cmp` orders it).
+fn quantize(key: f64) -> f64 {
+    (key * 1e9).round() / 1e9
+}
+
 fn score(cands: &mut Vec<Candidate>, strategy: Strategy, config: &Config, rng: &mut Rng) {
     let known = |c: &Candidate| c.source != Source::Unknown;
     let min_cost = cands
@@ -525,22 +530,19 @@ fn score(cands: &mut Vec<Candidate>, strategy: Strategy, config: &Config, rng: &
             (key, u)
         })
         .collect();
+    // Keys equal to nine decimals count as a tie. Rounding each key first (rather than
+    // comparing with a tolerance, which is not transitive) keeps the comparator a total order:
+    // Rust's sort may panic on one that is not.
+    let keys: Vec<(f64, f64)> = keys.into_iter().map(|(k, u)| (quantize(k), u)).collect();
     let mut order: Vec<usize> = (0..cands.len()).collect();
     order.sort_by(|&x, &y| {
         let (a, b) = (keys[x], keys[y]);
         // The soft latency target splits the order in two: within it first, then the rest.
-        let group = cands[x]
+        cands[x]
             .beyond_ttft_target
-            .cmp(&cands[y].beyond_ttft_target);
-        if group.is_ne() {
-            return group;
-        }
-        let primary = if (a.0 - b.0).abs() <= 1e-9 * a.0.abs().max(b.0.abs()).max(1.0) {
-            std::cmp::Ordering::Equal
-        } else {
-            b.0.total_cmp(&a.0)
-        };
-        primary.then_with(|| b.1.total_cmp(&a.1))
+            .cmp(&cands[y].beyond_ttft_target)
+            .then_with(|| b.0.total_cmp(&a.0))
+            .then_with(|| b.1.total_cmp(&a.1))
     });
     // Apply the permutation without cloning candidates.
     let mut taken: Vec<Option<Candidate>> = std::mem::take(cands).into_iter().map(Some).collect();
@@ -1055,5 +1057,30 @@ mod tests {
         assert!(prefer(&mut r, 2));
         assert_eq!(names(&c, &r), ["solid", "cheap", "fast"]);
         assert!(!prefer(&mut r, 3));
+    }
+
+    #[test]
+    fn near_ties_and_nan_keys_sort_as_a_total_order() {
+        // Keys 0.4e-9 apart: with a tolerance each is "equal" to its neighbours but not to
+        // keys further along, which is not an order; rounded keys are.
+        let keys: Vec<f64> = (0..64)
+            .map(|i| 0.5 + f64::from(i % 7) * 4e-10 + f64::from(i % 3) * 1e-12)
+            .chain([f64::NAN, -f64::NAN, f64::INFINITY, -1.0])
+            .collect();
+        let q: Vec<f64> = keys.iter().map(|k| quantize(*k)).collect();
+        for a in &q {
+            for b in &q {
+                for c in &q {
+                    if a.total_cmp(b).is_le() && b.total_cmp(c).is_le() {
+                        assert!(a.total_cmp(c).is_le(), "{a} {b} {c}");
+                    }
+                }
+            }
+        }
+        let mut order: Vec<usize> = (0..q.len()).collect();
+        order.sort_by(|&x, &y| q[y].total_cmp(&q[x]));
+        assert_eq!(order.len(), keys.len());
+        assert_eq!(quantize(0.5 + 4e-10), 0.5);
+        assert_eq!(quantize(0.5 + 6e-10), 0.500_000_001);
     }
 }

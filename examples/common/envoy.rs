@@ -107,6 +107,9 @@ pub struct EnvoyConfig {
     /// `--file-flush-interval-msec`: how often buffered log files, the stdout access log
     /// included, are written out (Envoy's default, 10 s, when `None`).
     pub file_flush_interval: Option<Duration>,
+    /// Envoy's compressor filters (gzip, brotli, zstd) in front of the filter, as the shipped
+    /// configurations have them.
+    pub compression: bool,
 }
 
 impl Default for EnvoyConfig {
@@ -127,9 +130,44 @@ impl Default for EnvoyConfig {
             access_log_format: None,
             stats_flush_interval: None,
             file_flush_interval: None,
+            compression: false,
         }
     }
 }
+
+/// The paths the filter routes; the only ones a route sends by the cluster header.
+pub const LLM_PATHS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+
+/// The route for every other path: an OpenAI-style 404 from Envoy itself.
+const NOT_FOUND_ROUTE: &str = r#"              - match: { prefix: "/" }
+                direct_response:
+                  status: 404
+                  body: { inline_string: "{\"error\":{\"message\":\"no route for this path\",\"type\":\"invalid_request_error\",\"code\":\"not_found\"}}" }
+                response_headers_to_add:
+                - header: { key: content-type, value: application/json }
+"#;
+
+/// Envoy's compressors (gzip, brotli, zstd: whichever the client prefers) in front of the
+/// filter: answers, local replies included, reach the client in an encoding it accepted.
+const COMPRESSORS: &str = r#"          - name: envoy.filters.http.compressor.gzip
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor
+              compressor_library:
+                name: gzip
+                typed_config: { "@type": type.googleapis.com/envoy.extensions.compression.gzip.compressor.v3.Gzip }
+          - name: envoy.filters.http.compressor.brotli
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor
+              compressor_library:
+                name: brotli
+                typed_config: { "@type": type.googleapis.com/envoy.extensions.compression.brotli.compressor.v3.Brotli }
+          - name: envoy.filters.http.compressor.zstd
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.compressor.v3.Compressor
+              compressor_library:
+                name: zstd
+                typed_config: { "@type": type.googleapis.com/envoy.extensions.compression.zstd.compressor.v3.Zstd }
+"#;
 
 /// A YAML double-quoted scalar. A JSON string literal is one: JSON's escapes are a subset of
 /// YAML's.
@@ -243,6 +281,12 @@ impl EnvoyConfig {
         self
     }
 
+    /// Adds Envoy's compressor filters before the filter.
+    pub fn compression(mut self, on: bool) -> Self {
+        self.compression = on;
+        self
+    }
+
     /// Sets `-l` (e.g. `warning`, `info`, `debug`).
     pub fn log_level(mut self, level: &str) -> Self {
         self.log_level = level.to_string();
@@ -305,11 +349,29 @@ impl EnvoyConfig {
             - name: all
               domains: ["*"]
               routes:
-              - match: {{ prefix: "/" }}
-                {action}
-          http_filters:
 "#
         );
+        if matches!(self.filter, Filter::None) {
+            let _ = writeln!(
+                y,
+                "              - match: {{ prefix: \"/\" }}\n                {action}"
+            );
+        } else {
+            // As the shipped configurations: only the LLM paths are routed by the cluster
+            // header; anything else is a 404 that reaches no cluster.
+            for path in LLM_PATHS {
+                let _ = writeln!(
+                    y,
+                    "              - match: {{ path: {} }}\n                {action}",
+                    q(path)
+                );
+            }
+            y.push_str(NOT_FOUND_ROUTE);
+        }
+        y.push_str("          http_filters:\n");
+        if self.compression {
+            y.push_str(COMPRESSORS);
+        }
         let wasm = match &self.filter {
             Filter::None => None,
             Filter::MarketRouter { config_json } => {

@@ -7,6 +7,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod encoding;
 pub mod envoy;
 pub mod http;
 pub mod kong;

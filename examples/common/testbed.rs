@@ -71,6 +71,14 @@ pub struct MockOpts {
     pub malformed: bool,
     /// No per-request log lines (load tests).
     pub quiet: bool,
+    /// Compress every answer with this coding (gzip, deflate, br, zstd), asked or not.
+    pub compress_always: Option<String>,
+    /// Never compress (by default answers are compressed when the request allows it).
+    pub no_compress: bool,
+    /// Least size of non-streaming answers, bytes.
+    pub answer_bytes: u64,
+    /// Non-streaming answers chunked, without Content-Length.
+    pub chunked: bool,
 }
 
 impl MockOpts {
@@ -114,6 +122,12 @@ impl MockOpts {
         if let Some(r) = self.retry_after {
             push("--retry-after", r.to_string());
         }
+        if let Some(c) = &self.compress_always {
+            push("--compress-always", c.clone());
+        }
+        if self.answer_bytes > 0 {
+            push("--answer-bytes", self.answer_bytes.to_string());
+        }
         push("--latency-ms", self.latency_ms.to_string());
         push("--ttft-ms", self.ttft_ms.to_string());
         push("--chunk-ms", self.chunk_ms.to_string());
@@ -122,6 +136,8 @@ impl MockOpts {
             (self.reset_mid, "--reset-mid"),
             (self.malformed, "--malformed"),
             (self.quiet, "--quiet"),
+            (self.no_compress, "--no-compress"),
+            (self.chunked, "--chunked"),
         ] {
             if on {
                 a.push(flag.to_string());
@@ -197,6 +213,14 @@ impl MockProvider {
         s["requests"]
             .as_u64()
             .ok_or_else(|| format!("no `requests` in {s}"))
+    }
+
+    /// Requests received on any path but the admin endpoints (LLM or not).
+    pub fn seen(&self) -> Result<u64, String> {
+        let s = self.stats()?;
+        s["seen"]
+            .as_u64()
+            .ok_or_else(|| format!("no `seen` in {s}"))
     }
 
     /// The last LLM request received (`model`, `headers`, `body_bytes`...), `null` if none.

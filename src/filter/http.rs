@@ -6,11 +6,12 @@
 //! answer. Dispatch mode: every attempt is a `dispatch_http_call` from the request phase.
 
 use super::Vm;
+use crate::answer;
 use crate::attempt::{classify_dispatched, classify_routed, Attempts, Next, Outcome};
 use crate::config::FailoverMode;
 use crate::errors::ApiError;
 use crate::explain;
-use crate::headers::{self, PREF_HEADERS};
+use crate::headers;
 use crate::host;
 use crate::metrics::{self, Global, PerProvider, Usage};
 use crate::request::{self, RequestInfo};
@@ -34,6 +35,12 @@ enum State {
     Validating,
     /// Route mode: a streaming answer is flowing to the client.
     Streaming,
+    /// Route mode: a non-streaming 2xx too big to hold (or compressed) flows to the client;
+    /// its end is kept to read the usage.
+    Unheld,
+    /// Route mode: the last attempt's error answer is read for what the provider said, then
+    /// replaced by the final error.
+    ReadingError,
     /// An attempt by `dispatch_http_call` is in flight.
     Dispatched,
     /// The answer is decided (delivered, replaced or a local reply).
@@ -64,6 +71,16 @@ pub(crate) struct Http {
     usage: Option<Usage>,
     /// Route mode: status and time (ms) of the 2xx held while its body arrives.
     held: Option<(u32, u64)>,
+    /// What the last failing provider said (cleaned), for the final error.
+    last_said: Option<String>,
+    /// Route mode: the last bytes of an unheld answer, where its usage sits.
+    tail: Vec<u8>,
+    /// The delivered answer came compressed: its body is not read.
+    encoded: bool,
+    /// Route mode: the 2xx at hand is delivered unheld (too big to hold, or compressed).
+    unheld: bool,
+    /// Route mode: the routed attempt's error answer has a body still to come.
+    error_body: bool,
 }
 
 impl Http {
@@ -83,6 +100,11 @@ impl Http {
             snapshot_age_ms: None,
             usage: None,
             held: None,
+            last_said: None,
+            tail: Vec::new(),
+            encoded: false,
+            unheld: false,
+            error_body: false,
         }
     }
 
@@ -99,6 +121,33 @@ impl Http {
 
     /// Answers with an OpenAI-style error and stops the stream.
     fn reply_error(&mut self, e: &ApiError) -> Action {
+        let hs = self.error_headers(e);
+        self.record_decision(None, Some(e.status));
+        self.send(e.status, &hs, &e.body());
+        Action::Pause
+    }
+
+    /// Route mode: turns the held error answer of size `body_size` into the final error in
+    /// place, so it goes on through the host's encoders (its compressor among them), which a
+    /// local reply sent while the response is held would skip.
+    fn replace_error(&mut self, e: &ApiError, body_size: usize) -> Action {
+        let body = e.body();
+        if !host::set_buffer(BufferType::HttpResponseBody, body_size, &body) {
+            return self.reply_error(e);
+        }
+        let mut num = [0u8; 20];
+        host::set_response_header(":status", headers::decimal(u64::from(e.status), &mut num));
+        host::set_response_header("content-length", &body.len().to_string());
+        for (k, v) in self.error_headers(e) {
+            host::set_response_header(&k, &v);
+        }
+        self.record_decision(None, Some(e.status));
+        self.state = State::Done;
+        Action::Continue
+    }
+
+    /// Counts an error answer and gives its headers.
+    fn error_headers(&self, e: &ApiError) -> Vec<(String, String)> {
         let counter = match e.code {
             "invalid_json" | "model_missing" => Some(Global::RejectedBadRequest),
             "model_not_found" => Some(Global::RejectedUnknownModel),
@@ -115,14 +164,12 @@ impl Http {
         if self.vm.config.response_headers {
             if let Some(a) = &self.attempts {
                 hs.push(("x-market-router-attempts".into(), a.tried.len().to_string()));
-                if let Some(s) = a.min_retry_after_s() {
+                if let Some(s) = a.retry_after_s() {
                     hs.push(("retry-after".into(), s.to_string()));
                 }
             }
         }
-        self.record_decision(None, Some(e.status));
-        self.send(e.status, &hs, &e.body());
-        Action::Pause
+        hs
     }
 
     fn send(&mut self, status: u32, hs: &[(String, String)], body: &[u8]) {
@@ -424,10 +471,23 @@ impl Http {
         action
     }
 
+    /// Keeps the end of the response body chunk at hand (an unheld answer's usage is there).
+    fn keep_tail(&mut self, body_size: usize) {
+        if self.encoded || body_size == 0 {
+            return;
+        }
+        let n = body_size.min(answer::TAIL_BYTES);
+        if let Some(b) = host::buffer_at(BufferType::HttpResponseBody, body_size - n, n) {
+            answer::keep_tail(&mut self.tail, &b);
+        }
+    }
+
     fn final_error(&self) -> ApiError {
         let model = self.info.as_ref().map_or("", |i| i.model.as_str());
         match &self.attempts {
-            Some(a) if !a.tried.is_empty() => a.final_error(&self.vm.config, model),
+            Some(a) if !a.tried.is_empty() => {
+                a.final_error(&self.vm.config, model, self.last_said.as_deref())
+            }
             _ => ApiError::no_provider(format!(
                 "no provider for model `{}` could be tried",
                 crate::errors::clip(model, 200)
@@ -484,13 +544,23 @@ impl Http {
                 host::set_request_header("content-length", Some(&new_body.len().to_string()));
             }
         }
+        // (The cluster and preference headers are gone already: see the request headers.)
         for (k, _) in &self.headers {
-            if PREF_HEADERS.contains(&k.as_str())
-                || k == "proxy-authorization"
+            if k == "proxy-authorization"
                 || (k == "authorization" && !config.failover.forward_client_authorization)
             {
                 host::set_request_header(k, None);
             }
+        }
+        // An answer the filter reads must come in plain bytes; the host's compressor encodes
+        // what reaches the client as the client asked.
+        let reads_answer = if info.stream {
+            info.include_usage
+        } else {
+            config.failover.retry_on.malformed || config.response_headers
+        };
+        if reads_answer {
+            host::set_request_header("accept-encoding", Some(answer::IDENTITY));
         }
         if !info.stream {
             host::set_request_header(
@@ -538,6 +608,7 @@ impl Http {
                 (":path", path),
                 (":authority", provider.authority.as_str()),
                 (":scheme", provider.scheme.as_str()),
+                ("accept-encoding", answer::IDENTITY),
             ];
             hs.extend(
                 fwd.iter()
@@ -658,8 +729,9 @@ impl Http {
             host::set_response_header(k, v);
         });
         self.account(p);
-        // A streamed answer's record is written once it ends (or breaks), with its usage.
-        if !(self.stream() && (200..300).contains(&status)) {
+        // A streamed or unheld answer's record is written once it ends (or breaks), with its
+        // usage.
+        if !((self.stream() || self.unheld) && (200..300).contains(&status)) {
             self.record_decision(Some(p), Some(status));
         }
     }
@@ -667,7 +739,7 @@ impl Http {
     /// Replaces the response with a dispatched attempt's answer.
     fn deliver_dispatched(&mut self, status: u32, answer: &[(String, String)], body: &[u8]) {
         let provider = self.served_by().unwrap_or(0);
-        if (200..300).contains(&status) {
+        if (200..300).contains(&status) && !self.encoded {
             self.usage = metrics::usage_of_answer(body).or_else(|| metrics::usage_in_sse(body));
         }
         let mut hs = headers::answer_headers(answer);
@@ -682,12 +754,20 @@ impl Http {
         match self.judge(outcome, now) {
             Some(true) => {
                 self.deliver_routed(status);
-                self.state = if self.stream() && (200..300).contains(&status) {
+                let ok = (200..300).contains(&status);
+                self.state = if ok && self.stream() {
                     State::Streaming
+                } else if ok && self.unheld {
+                    State::Unheld
                 } else {
                     State::Done
                 };
                 Action::Continue
+            }
+            // The routed attempt was the last: read what its provider said, then answer.
+            Some(false) if self.error_body => {
+                self.state = State::ReadingError;
+                Action::Pause
             }
             Some(false) => {
                 let e = self.final_error();
@@ -698,7 +778,9 @@ impl Http {
     }
 }
 
-impl Context for Http {
+// The host callbacks of one request, reached through `Ctx` (one trait object type for the
+// configured and the unconfigured case keeps the SDK's default methods compiled in once).
+impl Http {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -710,6 +792,7 @@ impl Context for Http {
             return;
         }
         self.token = None;
+        self.last_said = None;
         let now = host::now_ms();
         let answer = if num_headers == 0 {
             Vec::new()
@@ -738,11 +821,24 @@ impl Context for Http {
             Some(_) => Outcome::Reset,
             None => classify_dispatched(status, &body, retry_after),
         };
-        if matches!(outcome, Outcome::Success(_))
-            && !self.stream()
-            && metrics::inspect_answer(&body).is_err()
-        {
-            outcome = Outcome::Malformed;
+        // A provider that compresses although asked for identity: its answer is delivered as
+        // it came (not read, so not judged malformed; priced from the estimate).
+        self.encoded = answer::is_encoded(
+            answer
+                .iter()
+                .find(|(k, _)| k == "content-encoding")
+                .map(|(_, v)| v.as_str()),
+        );
+        match outcome {
+            Outcome::Success(_)
+                if !self.stream() && !self.encoded && metrics::inspect_answer(&body).is_err() =>
+            {
+                outcome = Outcome::Malformed
+            }
+            Outcome::Status { .. } if !self.encoded => {
+                self.last_said = answer::provider_message(&body);
+            }
+            _ => {}
         }
         match self.judge(outcome, now) {
             Some(true) => self.deliver_dispatched(status.unwrap_or(502), &answer, &body),
@@ -755,10 +851,17 @@ impl Context for Http {
     }
 }
 
-impl HttpContext for Http {
+impl Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // One host call for all headers: cheaper than reading the path alone and then the rest.
         let hs = host::request_headers();
+        // No client picks a cluster or passes preferences on, whatever the path.
+        for (k, _) in hs
+            .iter()
+            .filter(|(k, _)| headers::is_owned(&self.vm.config, k))
+        {
+            host::set_request_header(k, None);
+        }
         let value = |name: &str| {
             hs.iter()
                 .find(|(k, _)| k == name)
@@ -840,21 +943,41 @@ impl HttpContext for Http {
         }
         if (200..300).contains(&status) {
             let config = &self.vm.config;
+            let encoded =
+                || answer::is_encoded(host::response_header("content-encoding").as_deref());
             // Non-streaming answers are held until complete: to check they are well-formed
             // (retry_on malformed) and to price them from their usage (cost header).
             if !self.stream() && (config.failover.retry_on.malformed || config.response_headers) {
+                self.held = Some((status, now));
+                // Compressed although asked for identity, or bigger than the host can hold:
+                // it flows to the client unheld, priced from its usage if its end shows it.
+                self.encoded = encoded();
+                if self.encoded
+                    || !answer::fits(
+                        host::response_header("content-length").as_deref(),
+                        answer::HOLD_LIMIT_BYTES,
+                    )
+                {
+                    self.unheld = true;
+                    return self.after_routed(Outcome::Success(status), status, now);
+                }
                 if end_of_stream {
                     return self.after_routed(Outcome::Malformed, status, now);
                 }
                 self.state = State::Validating;
-                self.held = Some((status, now));
                 return Action::Pause;
+            }
+            if self.stream() && self.info.as_ref().is_some_and(|i| i.include_usage) {
+                self.encoded = encoded();
             }
             return self.after_routed(Outcome::Success(status), status, now);
         }
         let details = host::property(&["response", "code_details"]);
         let retry_after = host::response_header("retry-after");
         let outcome = classify_routed(status, details.as_deref(), retry_after.as_deref());
+        self.error_body = !end_of_stream
+            && matches!(outcome, Outcome::Status { .. })
+            && !answer::is_encoded(host::response_header("content-encoding").as_deref());
         self.after_routed(outcome, status, now)
     }
 
@@ -862,11 +985,18 @@ impl HttpContext for Http {
         match self.state {
             State::Dispatched => Action::Pause,
             State::Validating => {
-                if !end_of_stream {
-                    return Action::Pause;
-                }
                 // Status and time as seen at the held headers: the body follows at once.
                 let (status, now) = self.held.unwrap_or((200, host::now_ms()));
+                if !end_of_stream {
+                    if body_size <= answer::HOLD_LIMIT_BYTES {
+                        return Action::Pause;
+                    }
+                    // A chunked answer grew past what may be held: it flows on from here,
+                    // what is held so far first.
+                    self.keep_tail(body_size);
+                    self.unheld = true;
+                    return self.after_routed(Outcome::Success(status), status, now);
+                }
                 let body =
                     host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
                 let inspected = metrics::inspect_answer(&body);
@@ -879,12 +1009,39 @@ impl HttpContext for Http {
                 };
                 self.after_routed(outcome, status, now)
             }
+            State::Unheld => {
+                self.keep_tail(body_size);
+                if end_of_stream {
+                    self.state = State::Done;
+                    self.usage = answer::usage_in_tail(&self.tail);
+                    if let Some(p) = self.served_by() {
+                        let status = self.held.map_or(200, |h| h.0);
+                        self.account(p);
+                        self.record_decision(Some(p), Some(status));
+                    }
+                }
+                Action::Continue
+            }
+            State::ReadingError => {
+                if !end_of_stream && body_size <= answer::HOLD_LIMIT_BYTES {
+                    return Action::Pause;
+                }
+                let n = body_size.min(answer::ERROR_READ_BYTES);
+                self.last_said = host::buffer(BufferType::HttpResponseBody, n)
+                    .and_then(|b| answer::provider_message(&b));
+                let e = self.final_error();
+                if end_of_stream {
+                    return self.replace_error(&e, body_size);
+                }
+                self.reply_error(&e)
+            }
             State::Streaming => {
                 // Look for the final usage chunk, which OpenAI-compatible providers send when
                 // the request asks for it (`stream_options.include_usage`); otherwise no chunk
                 // is read (one host read per chunk adds up over a long stream) and the cost
                 // stays the pre-route estimate. Only a chunk that mentions usage is parsed.
-                let wants_usage = self.info.as_ref().is_some_and(|i| i.include_usage);
+                let wants_usage =
+                    !self.encoded && self.info.as_ref().is_some_and(|i| i.include_usage);
                 if wants_usage && body_size > 0 {
                     if let Some(chunk) = host::buffer(BufferType::HttpResponseBody, body_size) {
                         if let Some(u) = metrics::usage_in_sse(&chunk) {
@@ -906,7 +1063,10 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
-        if !matches!(self.state, State::Streaming | State::Validating) {
+        if !matches!(
+            self.state,
+            State::Streaming | State::Unheld | State::Validating
+        ) {
             return;
         }
         let now = host::now_ms();
@@ -916,7 +1076,7 @@ impl HttpContext for Http {
         match self.state {
             // A stream that ended without its end-of-stream body callback (reset mid-response):
             // the client already has bytes, so nothing can be replayed; count it.
-            State::Streaming => {
+            State::Streaming | State::Unheld => {
                 self.vm.metrics.inc(Global::StreamFailedMidway);
                 if let Some(p) = self.served_by() {
                     self.vm.metrics.add(p, PerProvider::Failure, 1);
@@ -946,4 +1106,90 @@ impl HttpContext for Http {
             _ => {}
         }
     }
+}
+
+/// The HTTP context handed to the host: a request's walk, or, on a VM that has no
+/// configuration applied, a pass-through that routes nothing, still keeps clients from picking
+/// a cluster with the default routing headers, and answers LLM requests with a 503 instead of
+/// letting them reach whatever cluster a header names.
+// The host holds it boxed already; the unit variant's unused room costs nothing per request.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Ctx {
+    /// A configured VM.
+    Live(Http),
+    /// No configuration applied.
+    Unconfigured,
+}
+
+impl Context for Ctx {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        num_trailers: usize,
+    ) {
+        if let Ctx::Live(h) = self {
+            h.on_http_call_response(token_id, num_headers, body_size, num_trailers);
+        }
+    }
+}
+
+impl HttpContext for Ctx {
+    fn on_http_request_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        match self {
+            Ctx::Live(h) => h.on_http_request_headers(num_headers, end_of_stream),
+            Ctx::Unconfigured => unconfigured_request(),
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self {
+            Ctx::Live(h) => h.on_http_request_body(body_size, end_of_stream),
+            Ctx::Unconfigured => Action::Continue,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        match self {
+            Ctx::Live(h) => h.on_http_response_headers(num_headers, end_of_stream),
+            Ctx::Unconfigured => Action::Continue,
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self {
+            Ctx::Live(h) => h.on_http_response_body(body_size, end_of_stream),
+            Ctx::Unconfigured => Action::Continue,
+        }
+    }
+
+    fn on_log(&mut self) {
+        if let Ctx::Live(h) = self {
+            h.on_log();
+        }
+    }
+}
+
+fn unconfigured_request() -> Action {
+    let hs = host::request_headers();
+    let mut llm = (false, false);
+    for (k, v) in &hs {
+        match k.as_str() {
+            ":method" => llm.0 = v == "POST",
+            ":path" => llm.1 = headers::is_llm_path("POST", v),
+            k if k == headers::DEFAULT_CLUSTER_HEADER || headers::PREF_HEADERS.contains(&k) => {
+                host::set_request_header(k, None);
+            }
+            _ => {}
+        }
+    }
+    if llm != (true, true) {
+        return Action::Continue;
+    }
+    let e = ApiError::no_provider("market-router has no valid configuration; see the host's log");
+    if !host::send_response(503, &[("content-type", "application/json")], &e.body()) {
+        warn!("market-router: the host refused the local reply (503)");
+    }
+    Action::Pause
 }

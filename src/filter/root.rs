@@ -5,7 +5,10 @@
 //! `<prefix>/market_due`, and only the VM whose CAS write moves the due time forward makes the
 //! sidecar call. One call per period per process, whatever the worker count.
 
-use super::{http::Http, read_u64, Vm};
+use super::{
+    http::{Ctx, Http},
+    read_u64, Vm,
+};
 use crate::config::Config;
 use crate::host;
 use crate::market;
@@ -158,6 +161,16 @@ impl Root {
                 vm.metrics.inc(Global::RefreshNotModified);
                 self.refresh_ok(vm);
             }
+            // The answer's size is checked before it is read into VM memory. Its JSON text
+            // takes a few times the stored form; anything past that is no snapshot to keep.
+            Some("200") if body_size > vm.config.max_snapshot_bytes.saturating_mul(8) => self
+                .refresh_failed(
+                    vm,
+                    &format!(
+                        "snapshot answer of {body_size} bytes is over 8 x limits.max_snapshot_bytes ({}); not read",
+                        vm.config.max_snapshot_bytes
+                    ),
+                ),
             Some("200") => {
                 let body =
                     host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
@@ -315,8 +328,11 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let vm = self.vm.clone()?;
-        Some(Box::new(Http::new(context_id, vm)))
+        // Never None: proxy-wasm 0.2 panics on it, which kills the VM for the whole worker.
+        Some(Box::new(match self.vm.clone() {
+            Some(vm) => Ctx::Live(Http::new(context_id, vm)),
+            None => Ctx::Unconfigured,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
