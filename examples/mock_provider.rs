@@ -566,12 +566,16 @@ impl Mock {
                 // A long answer: a vector of as many dimensions as fill the size asked for
                 // (each value takes 7 bytes: `0.dddd,`).
                 let dims = (b.answer_bytes / 7).max(3) as usize;
-                let embedding: Vec<f64> = (0..dims)
-                    .map(|i| {
-                        let v = 1001 + i * 7919 % 8999;
-                        (if v % 10 == 0 { v + 1 } else { v }) as f64 / 10_000.0
-                    })
-                    .collect();
+                let embedding: Vec<f64> = if b.answer_bytes == 0 {
+                    vec![0.1, 0.2, 0.3]
+                } else {
+                    (0..dims)
+                        .map(|i| {
+                            let v = 1001 + i * 7919 % 8999;
+                            (if v % 10 == 0 { v + 1 } else { v }) as f64 / 10_000.0
+                        })
+                        .collect()
+                };
                 let v = json!({
                     "object": "list",
                     "data": [{"object": "embedding", "index": 0, "embedding": embedding}],

@@ -66,6 +66,16 @@ pub(crate) fn buffer_at(kind: BufferType, start: usize, size: usize) -> Option<V
         .map(Option::unwrap_or_default)
 }
 
+/// Replaces all response headers; false when the host refused.
+pub(crate) fn set_response_headers(headers: &[(&str, &str)]) -> bool {
+    hostcalls::set_map(MapType::HttpResponseHeaders, headers.to_vec()).is_ok()
+}
+
+/// Resumes a response the filter paused; false when the host refused.
+pub(crate) fn resume_response() -> bool {
+    hostcalls::resume_http_response().is_ok()
+}
+
 /// Replaces a buffer's first `size` bytes with `value`.
 pub(crate) fn set_buffer(kind: BufferType, size: usize, value: &[u8]) -> bool {
     hostcalls::set_buffer(kind, 0, size, value).is_ok()

@@ -303,11 +303,19 @@ fn assert_all_failed(r: &Response, status: u16, attempts: &[(&str, &str)]) {
     assert_eq!(v["error"]["type"], "upstream_error", "{}", show(r));
     let msg = v["error"]["message"].as_str().unwrap();
     let listed: Vec<String> = attempts.iter().map(|(p, o)| format!("{p}: {o}")).collect();
-    let want = format!(
+    let mut want = format!(
         "all {} attempt(s) for model `{MODEL}` failed: {}",
         attempts.len(),
         listed.join("; ")
     );
+    // When the last attempt got an error answer, what its provider said follows.
+    if let Some((p, o)) = attempts.last().filter(|(_, o)| o.starts_with("status ")) {
+        let status: u16 = o["status ".len()..].parse().unwrap();
+        want.push_str(&format!(
+            "; {p} answered: {p}: simulated {status} {}",
+            common::http::reason(status)
+        ));
+    }
     assert_eq!(msg, want);
 }
 
@@ -928,7 +936,7 @@ fn attempts_are_bounded(mode: Mode) {
     assert_eq!(v["error"]["code"], "all_providers_failed");
     assert_eq!(
         v["error"]["message"],
-        format!("all 2 attempt(s) for model `{DUO}` failed: a: status 503; b: status 503")
+        format!("all 2 attempt(s) for model `{DUO}` failed: a: status 503; b: status 503; b answered: b: simulated 503 Service Unavailable")
     );
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
 }

@@ -228,6 +228,45 @@ fn compressing_providers_serve_gzip_clients(mode: Mode) {
     assert_eq!(json_of(&r)["error"]["code"], "model_not_found");
 }
 
+/// A fallback's answer reaches a gzip client compressed too (in route mode it takes the held
+/// routed answer's place instead of being sent as a local reply past the compressor).
+fn fallback_answers_reach_the_client_compressed(mode: Mode) {
+    let bed = Bed::start(
+        mode,
+        true,
+        [failing(503, None), MockOpts::default(), MockOpts::default()],
+    );
+    for _ in 0..2 {
+        let r = bed.post(
+            "/v1/chat/completions",
+            &[("accept-encoding", HTTPX_ACCEPT)],
+            &chat(),
+        );
+        assert_eq!(r.status, 200, "{}", show(&r));
+        assert_eq!(
+            r.header("x-market-router-provider"),
+            Some("b"),
+            "{}",
+            show(&r)
+        );
+        assert_eq!(r.header("x-market-router-attempts"), Some("2"));
+        assert_eq!(r.header("content-encoding"), Some("gzip"), "{}", show(&r));
+        assert_eq!(r.header("x-mock-provider"), Some("b"), "{}", show(&r));
+        assert_eq!(json_of(&r)["provider"], "b");
+    }
+    assert_eq!(bed.hits(), [2, 2, 0]);
+}
+
+#[test]
+fn fallback_answers_reach_the_client_compressed_route() {
+    fallback_answers_reach_the_client_compressed(Mode::Route);
+}
+
+#[test]
+fn fallback_answers_reach_the_client_compressed_dispatch() {
+    fallback_answers_reach_the_client_compressed(Mode::Dispatch);
+}
+
 #[test]
 fn compressing_providers_serve_gzip_clients_route() {
     compressing_providers_serve_gzip_clients(Mode::Route);

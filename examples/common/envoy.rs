@@ -362,7 +362,7 @@ impl EnvoyConfig {
             for path in LLM_PATHS {
                 let _ = writeln!(
                     y,
-                    "              - match: {{ path: {} }}\n                {action}",
+                    "              - match: {{ path: {}, headers: [{{ name: \":method\", string_match: {{ exact: POST }} }}] }}\n                {action}",
                     q(path)
                 );
             }

@@ -41,6 +41,9 @@ enum State {
     /// Route mode: the last attempt's error answer is read for what the provider said, then
     /// replaced by the final error.
     ReadingError,
+    /// Route mode: a fallback's answer (or the final error) is ready and waits for the end of
+    /// the held routed answer, whose place it takes.
+    Replacing,
     /// An attempt by `dispatch_http_call` is in flight.
     Dispatched,
     /// The answer is decided (delivered, replaced or a local reply).
@@ -81,6 +84,14 @@ pub(crate) struct Http {
     unheld: bool,
     /// Route mode: the routed attempt's error answer has a body still to come.
     error_body: bool,
+    /// Route mode: the routed answer is held while fallbacks run, and has a body whose place
+    /// the final answer can take (so it goes through the host's encoders, its compressor
+    /// among them, which a local reply sent while the response is held would skip).
+    routed_held: bool,
+    /// Route mode: size of the held routed answer's body once it is complete.
+    routed_body: Option<usize>,
+    /// Route mode: the answer waiting to take the held one's place (status, headers, body).
+    pending: Option<(u32, Vec<(String, String)>, Vec<u8>)>,
 }
 
 impl Http {
@@ -105,6 +116,9 @@ impl Http {
             encoded: false,
             unheld: false,
             error_body: false,
+            routed_held: false,
+            routed_body: None,
+            pending: None,
         }
     }
 
@@ -746,7 +760,69 @@ impl Http {
         self.our_headers(provider, |k, v| hs.push((k.to_string(), v.to_string())));
         self.account(provider);
         self.record_decision(Some(provider), Some(status));
-        self.send(status, &hs, body);
+        if !self.replace_held(status, hs.clone(), body) {
+            self.send(status, &hs, body);
+        }
+    }
+
+    /// Route mode: the final answer takes the held routed answer's place, now or once the
+    /// held one is complete. False when it cannot (no held answer with a body): then it is
+    /// sent as a local reply.
+    fn replace_held(&mut self, status: u32, hs: Vec<(String, String)>, body: &[u8]) -> bool {
+        if !self.routed_held {
+            return false;
+        }
+        match self.routed_body {
+            Some(size) => {
+                if !self.apply_replacement(status, &hs, body, size) {
+                    return false;
+                }
+                self.state = State::Done;
+                host::resume_response();
+            }
+            None => {
+                self.pending = Some((status, hs, body.to_vec()));
+                self.state = State::Replacing;
+            }
+        }
+        true
+    }
+
+    /// Replaces the held response's headers and its `size`-byte body.
+    fn apply_replacement(
+        &mut self,
+        status: u32,
+        hs: &[(String, String)],
+        body: &[u8],
+        size: usize,
+    ) -> bool {
+        if !host::set_buffer(BufferType::HttpResponseBody, size, body) {
+            return false;
+        }
+        let (mut num, mut len) = ([0u8; 20], [0u8; 20]);
+        let mut all: Vec<(&str, &str)> = vec![
+            (":status", headers::decimal(u64::from(status), &mut num)),
+            (
+                "content-length",
+                headers::decimal(body.len() as u64, &mut len),
+            ),
+        ];
+        all.extend(hs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        host::set_response_headers(&all)
+    }
+
+    /// The final error, in place of the held answer when there is one, else as a local reply.
+    fn fail_with(&mut self, e: &ApiError) {
+        if self.routed_held {
+            let hs = self.error_headers(e);
+            self.record_decision(None, Some(e.status));
+            if self.replace_held(e.status, hs.clone(), &e.body()) {
+                return;
+            }
+            self.send(e.status, &hs, &e.body());
+            return;
+        }
+        self.reply_error(e);
     }
 
     /// Route mode: what to do with the routed attempt's outcome at response time.
@@ -844,7 +920,7 @@ impl Http {
             Some(true) => self.deliver_dispatched(status.unwrap_or(502), &answer, &body),
             Some(false) => {
                 let e = self.final_error();
-                self.reply_error(&e);
+                self.fail_with(&e);
             }
             None => {}
         }
@@ -978,12 +1054,34 @@ impl Http {
         self.error_body = !end_of_stream
             && matches!(outcome, Outcome::Status { .. })
             && !answer::is_encoded(host::response_header("content-encoding").as_deref());
+        self.routed_held = !end_of_stream;
         self.after_routed(outcome, status, now)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match self.state {
-            State::Dispatched => Action::Pause,
+            State::Dispatched => {
+                if end_of_stream {
+                    self.routed_body = Some(body_size);
+                }
+                Action::Pause
+            }
+            State::Replacing => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                self.state = State::Done;
+                let Some((status, hs, body)) = self.pending.take() else {
+                    return Action::Continue;
+                };
+                if !self.apply_replacement(status, &hs, &body, body_size) {
+                    warn!(
+                        "#{} market-router: the host refused to replace the held answer",
+                        self.id
+                    );
+                }
+                Action::Continue
+            }
             State::Validating => {
                 // Status and time as seen at the held headers: the body follows at once.
                 let (status, now) = self.held.unwrap_or((200, host::now_ms()));
@@ -1007,6 +1105,8 @@ impl Http {
                 } else {
                     Outcome::Success(status)
                 };
+                self.routed_held = true;
+                self.routed_body = Some(body_size);
                 self.after_routed(outcome, status, now)
             }
             State::Unheld => {
