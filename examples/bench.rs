@@ -53,6 +53,8 @@ const MODEL: &str = "gpt-4o-mini";
 const CHAT_PATH: &str = "/v1/chat/completions";
 /// Header the route takes its cluster from (sent by the client too, for the empty filter).
 const CLUSTER_HEADER: &str = "x-market-router-cluster";
+/// A path the filter passes through, routed to one cluster by an explicit route.
+const PASSTHROUGH_PATH: &str = "/v1/passthrough";
 /// Small request body, bytes.
 const SMALL_BODY: usize = 200;
 /// Large request body, bytes.
@@ -667,8 +669,24 @@ end
             path = Value::from(body_path.to_string_lossy().into_owned()),
         );
         let script = self.dir.join(&format!("{name}.lua"));
-        fs::write(&script, lua).map_err(|e| format!("cannot write a wrk script: {e}"))?;
+        fs::write(&script, &lua).map_err(|e| format!("cannot write a wrk script: {e}"))?;
+        // Its twin for a client that accepts compressed answers.
+        let gz = lua.replacen(
+            "wrk.headers[\"content-type\"]",
+            "wrk.headers[\"accept-encoding\"] = \"gzip, deflate\"\nwrk.headers[\"content-type\"]",
+            1,
+        );
+        fs::write(Self::gzip_twin(&script), gz)
+            .map_err(|e| format!("cannot write a wrk script: {e}"))?;
         Ok(script)
+    }
+
+    /// The twin of `script` that sends `accept-encoding: gzip, deflate`.
+    fn gzip_twin(script: &Path) -> PathBuf {
+        let stem = script
+            .file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        script.with_file_name(format!("{stem}-gz.lua"))
     }
 
     fn run(
@@ -922,6 +940,9 @@ struct Variant {
     knob: bool,
     /// A knob variant that also runs at one connection (latency).
     knob_latency: bool,
+    /// The client accepts gzip (`accept-encoding: gzip, deflate`, httpx's default) and Envoy
+    /// runs its compressors in front of the filter.
+    gzip: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -951,11 +972,25 @@ fn start_variant(
     sidecar_port: u16,
     filter: Filter,
 ) -> Result<Variant, String> {
+    start_variant_with(key, about, upstream_port, sidecar_port, filter, false)
+}
+
+/// As [`start_variant`]; `gzip`: Envoy's compressors in front, and the client accepts gzip.
+fn start_variant_with(
+    key: &'static str,
+    about: &'static str,
+    upstream_port: u16,
+    sidecar_port: u16,
+    filter: Filter,
+    gzip: bool,
+) -> Result<Variant, String> {
     let market_router = matches!(filter, Filter::MarketRouter { .. });
     let cfg = EnvoyConfig::new()
         .provider(ProviderCluster::new("provider_a", upstream_port))
         .provider(ProviderCluster::new("provider_b", upstream_port))
         .sidecar("market_sidecar", sidecar_port)
+        .explicit_route(PASSTHROUGH_PATH, "provider_a")
+        .compression(gzip)
         .filter(filter)
         .log_level("warning")
         .component_log_level("")
@@ -971,6 +1006,7 @@ fn start_variant(
         offers: market_router.then_some(2),
         knob: false,
         knob_latency: false,
+        gzip,
     })
 }
 
@@ -1145,14 +1181,36 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
             key: "g",
             about: "knob: (c)'s Envoy, POST to a path the filter passes through (reads the headers, routes nothing)",
             envoy: Rc::clone(&variants[2].envoy),
-            path: "/v1/passthrough",
+            path: PASSTHROUGH_PATH,
             market_router: false,
             provider_header: false,
             offers: None,
             knob: true,
             knob_latency: false,
+            gzip: false,
         };
         variants.extend([e, f, g]);
+        // What compression costs: the client accepts gzip, Envoy's compressors encode the
+        // answer (the filter asks the upstream for identity).
+        for (key, about, filter) in [
+            (
+                "m",
+                "knob: (a) with Envoy's compressors and a gzip-accepting client (httpx's default accept-encoding)",
+                Filter::None,
+            ),
+            (
+                "n",
+                "knob: (c) with Envoy's compressors in front and a gzip-accepting client (the shipped configuration)",
+                Filter::MarketRouter {
+                    config_json: overhead_config("route", true, true),
+                },
+            ),
+        ] {
+            let mut v = start_variant_with(key, about, up_port, sc, filter, true)?;
+            v.knob = true;
+            v.offers = v.market_router.then_some(2);
+            variants.push(v);
+        }
         for (key, about, knobs, latency, provider_header) in empty_knobs {
             let mut v = start_variant(key, about, up_port, sc, empty_filter(opts, knobs))?;
             v.knob = true;
@@ -1218,7 +1276,12 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
                    secs: u64|
      -> Result<(WrkOut, f64), String> {
         let (threads, conns) = if kind == "sat" { (2, 16) } else { (1, 1) };
-        timed_run(&wrk, v, script, (threads, conns), secs, ticks)
+        let script = if v.gzip {
+            Wrk::gzip_twin(script)
+        } else {
+            script.to_path_buf()
+        };
+        timed_run(&wrk, v, &script, (threads, conns), secs, ticks)
     };
 
     log("overhead: warm-up");

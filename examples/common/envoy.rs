@@ -110,6 +110,8 @@ pub struct EnvoyConfig {
     /// Envoy's compressor filters (gzip, brotli, zstd) in front of the filter, as the shipped
     /// configurations have them.
     pub compression: bool,
+    /// Explicit routes for other paths (wasm variants): `(path, cluster)`.
+    pub explicit_routes: Vec<(String, String)>,
 }
 
 impl Default for EnvoyConfig {
@@ -131,6 +133,7 @@ impl Default for EnvoyConfig {
             stats_flush_interval: None,
             file_flush_interval: None,
             compression: false,
+            explicit_routes: Vec::new(),
         }
     }
 }
@@ -281,6 +284,14 @@ impl EnvoyConfig {
         self
     }
 
+    /// Routes `path` (exactly) to `cluster`, whatever the headers say: an API the filter does
+    /// not route, served by one cluster.
+    pub fn explicit_route(mut self, path: &str, cluster: &str) -> Self {
+        self.explicit_routes
+            .push((path.to_string(), cluster.to_string()));
+        self
+    }
+
     /// Adds Envoy's compressor filters before the filter.
     pub fn compression(mut self, on: bool) -> Self {
         self.compression = on;
@@ -364,6 +375,15 @@ impl EnvoyConfig {
                     y,
                     "              - match: {{ path: {}, headers: [{{ name: \":method\", string_match: {{ exact: POST }} }}] }}\n                {action}",
                     q(path)
+                );
+            }
+            for (path, cluster) in &self.explicit_routes {
+                let _ = writeln!(
+                    y,
+                    "              - match: {{ path: {} }}\n                route: {{ cluster: {}, timeout: {} }}",
+                    q(path),
+                    q(cluster),
+                    secs(self.route_timeout)
                 );
             }
             y.push_str(NOT_FOUND_ROUTE);
