@@ -91,8 +91,11 @@ pub(crate) struct Http {
     /// Route mode: size of the held routed answer's body once it is complete.
     routed_body: Option<usize>,
     /// Route mode: the answer waiting to take the held one's place (status, headers, body).
-    pending: Option<(u32, Vec<(String, String)>, Vec<u8>)>,
+    pending: Option<Answer>,
 }
+
+/// An answer to deliver: status, headers, body.
+type Answer = (u32, Vec<(String, String)>, Vec<u8>);
 
 impl Http {
     pub(crate) fn new(id: u32, vm: Rc<Vm>) -> Self {
