@@ -357,6 +357,7 @@ impl Mock {
             "path": req.path(),
             "model": model,
             "stream": stream,
+            "http2": req.http2,
             "headers": headers,
             "body_bytes": req.body.len(),
         });
@@ -779,7 +780,8 @@ fn run() -> Result<(), String> {
         seq: AtomicU64::new(0),
     });
     let h = common::handler(move |req| mock.handle(req));
-    common::bind_and_serve(&bind, port, &format!("mock_provider {name}"), h)
+    // On hyper: HTTP/1.1 and h2c on the same port, whichever the gateway speaks.
+    common::hyper_serve::bind_and_serve(&bind, port, &format!("mock_provider {name}"), h)
 }
 
 fn main() {

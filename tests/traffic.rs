@@ -677,3 +677,91 @@ fn shipped_config_lets_no_client_pick_a_cluster_route() {
 fn shipped_config_lets_no_client_pick_a_cluster_dispatch() {
     shipped_config_lets_no_client_pick_a_cluster(Mode::Dispatch);
 }
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2 towards the providers
+// ---------------------------------------------------------------------------------------------
+
+/// Providers reached over HTTP/2 without TLS (h2c), as gateways often reach providers inside a
+/// network: plain, compressed, streamed and big answers, and a failover after a 503 and after a
+/// stream reset mid-answer.
+fn h2c_providers_serve(mode: Mode) {
+    let mocks: Vec<MockProvider> = ["a", "b", "c"]
+        .iter()
+        .map(|n| MockProvider::start(n, &MockOpts::default()).unwrap())
+        .collect();
+    let mut cfg = EnvoyConfig::new()
+        .market_router(&config(mode, 3))
+        .compression(true);
+    for m in &mocks {
+        cfg = cfg.provider(ProviderCluster::new(&format!("provider_{}", m.name()), m.port()).h2c());
+    }
+    let envoy = Envoy::start(&cfg, 1).unwrap();
+    let post = |path: &str, hs: &[(&str, &str)], body: &Value| {
+        post_json(&envoy.url(path), hs, body, T)
+            .unwrap_or_else(|e| panic!("{e}\nEnvoy log:\n{}", envoy.log_tail(30)))
+    };
+    let r = post(
+        "/v1/chat/completions",
+        &[("accept-encoding", HTTPX_ACCEPT)],
+        &chat(),
+    );
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert_eq!(r.header("x-market-router-provider"), Some("a"));
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    assert_eq!(json_of(&r)["object"], "chat.completion");
+    let last = mocks[0].last_request().unwrap();
+    assert_eq!(last["http2"], true, "reached over HTTP/2: {last}");
+    assert_eq!(last["headers"]["accept-encoding"], "identity", "{last}");
+
+    let mut stream = chat();
+    stream["stream"] = json!(true);
+    stream["stream_options"] = json!({"include_usage": true});
+    let r = post("/v1/chat/completions", &[], &stream);
+    assert_eq!(r.status, 200, "{}", show(&r));
+    let text = String::from_utf8(decoded(&r)).unwrap();
+    assert!(
+        text.contains("\"usage\"") && text.contains("[DONE]"),
+        "{text}"
+    );
+
+    mocks[0]
+        .set_behavior(&json!({"answer_bytes": BIG, "chunked": true}))
+        .unwrap();
+    let r = post("/v1/embeddings", &[], &embeddings());
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert!(r.body.len() as u64 >= BIG, "{}", r.body.len());
+
+    mocks[0].set_behavior(&json!({"status": 503})).unwrap();
+    let r = post(
+        "/v1/chat/completions",
+        &[("accept-encoding", HTTPX_ACCEPT)],
+        &chat(),
+    );
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert_eq!(r.header("x-market-router-provider"), Some("b"));
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+
+    // A stream reset after the first events: dispatch mode fails over (route mode cannot: the
+    // client already has bytes).
+    mocks[0].set_behavior(&json!({"reset_mid": true})).unwrap();
+    let r = post_json(&envoy.url("/v1/embeddings"), &[], &embeddings(), T);
+    if mode == Mode::Dispatch {
+        let r = r.unwrap();
+        assert_eq!(r.status, 200, "{}", show(&r));
+        assert_eq!(r.header("x-market-router-provider"), Some("b"));
+    }
+    for m in &mocks[..2] {
+        assert_eq!(m.last_request().unwrap()["http2"], true, "{}", m.name());
+    }
+}
+
+#[test]
+fn h2c_providers_serve_route() {
+    h2c_providers_serve(Mode::Route);
+}
+
+#[test]
+fn h2c_providers_serve_dispatch() {
+    h2c_providers_serve(Mode::Dispatch);
+}

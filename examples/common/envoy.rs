@@ -21,6 +21,8 @@ pub struct ProviderCluster {
     pub port: u16,
     /// When set, an upstream header-mutation filter sets `authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Reach it over HTTP/2 without TLS (h2c, prior knowledge) instead of HTTP/1.1.
+    pub http2: bool,
 }
 
 impl ProviderCluster {
@@ -30,7 +32,14 @@ impl ProviderCluster {
             name: name.to_string(),
             port,
             api_key: None,
+            http2: false,
         }
+    }
+
+    /// Reaches the provider over HTTP/2 without TLS (h2c).
+    pub fn h2c(mut self) -> ProviderCluster {
+        self.http2 = true;
+        self
     }
 
     /// Sets the key the cluster injects.
@@ -441,15 +450,22 @@ impl EnvoyConfig {
         }
         y.push_str("  clusters:\n");
         for p in &self.providers {
-            self.write_cluster(&mut y, &p.name, p.port, p.api_key.as_deref());
+            self.write_cluster(&mut y, &p.name, p.port, p.api_key.as_deref(), p.http2);
         }
         if let Some(s) = &self.sidecar {
-            self.write_cluster(&mut y, &s.name, s.port, None);
+            self.write_cluster(&mut y, &s.name, s.port, None, false);
         }
         y
     }
 
-    fn write_cluster(&self, y: &mut String, name: &str, port: u16, api_key: Option<&str>) {
+    fn write_cluster(
+        &self,
+        y: &mut String,
+        name: &str,
+        port: u16,
+        api_key: Option<&str>,
+        http2: bool,
+    ) {
         let _ = write!(
             y,
             r#"  - name: {name}
@@ -466,10 +482,15 @@ impl EnvoyConfig {
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config:
-          http_protocol_options: {{}}
+          {protocol}: {{}}
 "#,
             name = q(name),
             connect = secs(self.connect_timeout),
+            protocol = if http2 {
+                "http2_protocol_options"
+            } else {
+                "http_protocol_options"
+            },
         );
         if let Some(key) = api_key {
             // Upstream filters: the key is set on the way out of this cluster only.
@@ -742,6 +763,9 @@ static_resources:
   - name: ingress
     address:
       socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    # Room for a held answer (up to the filter's 512 KiB) plus one read of the upstream's
+    # (up to its own 1 MiB buffer), as the shipped configurations have it.
+    per_connection_buffer_limit_bytes: 4194304
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager

@@ -217,6 +217,8 @@ pub struct Request {
     pub body: Vec<u8>,
     /// Address of the client.
     pub peer: Option<SocketAddr>,
+    /// Whether it came over HTTP/2 (the hyper server in `hyper_serve.rs`).
+    pub http2: bool,
 }
 
 impl Request {
@@ -627,6 +629,7 @@ fn read_request(
             headers,
             body,
             peer,
+            http2: false,
         }),
         Err(e) => bad(e),
     }

@@ -10,6 +10,7 @@
 pub mod encoding;
 pub mod envoy;
 pub mod http;
+pub mod hyper_serve;
 pub mod kong;
 pub mod market_service;
 pub mod procs;
