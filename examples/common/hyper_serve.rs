@@ -145,7 +145,7 @@ async fn answer(
                 let n = parts.len();
                 for (i, (delay, part)) in parts.into_iter().enumerate() {
                     if abort_after.is_some_and(|a| i >= a) {
-                        let _ = tx.send(Err(io::Error::other("stream cut"))).await;
+                        cut(&tx).await;
                         return;
                     }
                     if !delay.is_zero() {
@@ -156,7 +156,7 @@ async fn answer(
                     }
                 }
                 if abort_after.is_some_and(|a| a >= n) {
-                    let _ = tx.send(Err(io::Error::other("stream cut"))).await;
+                    cut(&tx).await;
                 }
             });
             respond(status, &headers, None, Chan(rx).boxed())
@@ -172,7 +172,7 @@ async fn answer(
             tokio::spawn(async move {
                 let head = Bytes::from(body).slice(..sent.min(len));
                 if tx.send(Ok(Frame::data(head))).await.is_ok() {
-                    let _ = tx.send(Err(io::Error::other("body cut"))).await;
+                    cut(&tx).await;
                 }
             });
             respond(status, &headers, Some(len), Chan(rx).boxed())
@@ -184,6 +184,16 @@ async fn answer(
         Reply::Close => Err(io::Error::other("closed without an answer")),
     }
 }
+
+/// Ends a body abruptly, after giving hyper time to write out what was sent before (it drops
+/// its unwritten buffer when the body fails): the peer gets those bytes, then the break.
+async fn cut(tx: &mpsc::Sender<Result<Frame<Bytes>, io::Error>>) {
+    tokio::time::sleep(CUT_GRACE).await;
+    let _ = tx.send(Err(io::Error::other("body cut"))).await;
+}
+
+/// How long a cut waits for the bytes before it to be written.
+const CUT_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn respond(
     status: u16,
