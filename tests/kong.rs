@@ -267,11 +267,19 @@ fn assert_all_failed(r: &Response, status: u16, attempts: &[(&str, &str)]) {
     let v = r.json().unwrap();
     assert_eq!(v["error"]["code"], "all_providers_failed", "{}", show(r));
     let listed: Vec<String> = attempts.iter().map(|(p, o)| format!("{p}: {o}")).collect();
-    let want = format!(
+    let mut want = format!(
         "all {} attempt(s) for model `{MODEL}` failed: {}",
         attempts.len(),
         listed.join("; ")
     );
+    // When the last attempt got an error answer, what its provider said follows.
+    if let Some((p, o)) = attempts.last().filter(|(_, o)| o.starts_with("status ")) {
+        let status: u16 = o["status ".len()..].parse().unwrap();
+        want.push_str(&format!(
+            "; {p} answered: {p}: simulated {status} {}",
+            common::http::reason(status)
+        ));
+    }
     assert_eq!(v["error"]["message"], want.as_str());
 }
 
