@@ -120,12 +120,14 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	@.venv/bin/python scripts/gen-field-table.py --check
 	@set -o pipefail; .venv/bin/python scripts/check-schema.py | tail -1
 
-# The tests start the example binaries (mock providers, market sidecar) from target/debug/examples.
+# The tests start the example binaries (mock providers, market sidecar) from target/debug/examples;
+# tests/market_sim.rs runs the optimized market_sim (a debug build is over ten times slower).
 integration: build envoy kong-host catalogs ## the tests/*.rs suites against a real Envoy and Kong's wasm host
 	@shopt -s nullglob; files=(tests/*.rs); \
 	if [ $${#files[@]} -eq 0 ]; then echo "integration: no tests/*.rs yet" >&2; exit 1; fi
 	cargo build --examples
 	cargo build -p market-sidecar
+	cargo build --release --example market_sim
 	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo test --test '*' -- --test-threads=$(TEST_THREADS)
 
 test: toolchain build envoy kong-host catalogs lint unit wasm-test validate integration ## lint, unit, wasm-test, validate, integration (what CI runs)

@@ -7,8 +7,8 @@
 //!    that span fields (unique provider names, `routing.default_provider`, deadlines).
 //!
 //! Either step's error names the field path, the bad value and what is allowed, e.g.
-//! ``field `routing.strategy` = "fastes": expected one of cheapest, fastest, most_reliable,
-//! balanced, weighted``. Unknown fields are refused the same way (their value not shown, it
+//! ``field `routing.strategy` = "fastes": expected one of value, cheapest, fastest,
+//! most_reliable, balanced, weighted``. Unknown fields are refused the same way (their value not shown, it
 //! may be a credential), so a typo never silently falls back to a default.
 
 pub mod leaf;
@@ -58,6 +58,11 @@ impl Wire for ProviderType {
 /// Routing strategies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
+    /// Lowest expected cost per answer: the request's expected cost × (1 + the provider's
+    /// expected failure share), raised in proportion for providers whose median time to first
+    /// token is over 1.3× the target (`routing.ttft_target_ms`, else the median of the model's
+    /// offers). The default.
+    Value,
     /// Lowest expected cost of this request.
     Cheapest,
     /// Lowest time to first token.
@@ -74,6 +79,7 @@ impl Strategy {
     /// Wire name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Value => "value",
             Self::Cheapest => "cheapest",
             Self::Fastest => "fastest",
             Self::MostReliable => "most_reliable",
@@ -90,6 +96,7 @@ impl Strategy {
 
 impl Wire for Strategy {
     const ALL: &'static [Self] = &[
+        Self::Value,
         Self::Cheapest,
         Self::Fastest,
         Self::MostReliable,
@@ -465,7 +472,7 @@ pub mod defaults {
     /// `market.timeout_ms`
     pub const MARKET_TIMEOUT_MS: u64 = 1000;
     /// `routing.strategy`
-    pub const STRATEGY: Strategy = Strategy::Balanced;
+    pub const STRATEGY: Strategy = Strategy::Value;
     /// `routing.weights`
     pub const WEIGHTS: Weights = Weights {
         price: 0.5,
@@ -1061,7 +1068,7 @@ mod tests {
         let c = Config::parse(MIN.as_bytes()).unwrap();
         assert_eq!(c.providers[0].authority, "ca");
         assert_eq!(c.providers[0].model_id("m"), Some("m-id"));
-        assert_eq!(c.routing.strategy, Strategy::Balanced);
+        assert_eq!(c.routing.strategy, Strategy::Value);
         assert_eq!(c.routing.cluster_header, "x-market-router-cluster");
         assert_eq!(c.failover.mode, FailoverMode::Route);
         assert_eq!(c.failover.max_attempts, 3);
@@ -1122,7 +1129,7 @@ mod tests {
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":{"strategy":"fastes"}}"#,
-                "field `routing.strategy` = \"fastes\": expected one of cheapest, fastest, most_reliable, balanced, weighted",
+                "field `routing.strategy` = \"fastes\": expected one of value, cheapest, fastest, most_reliable, balanced, weighted",
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":{"stratgy":"fastest"}}"#,

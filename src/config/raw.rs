@@ -222,7 +222,9 @@ pub struct RawMarket {
     ]))
 )]
 pub struct RawRouting {
-    /// Default ranking strategy.
+    /// Default ranking strategy. value: lowest expected cost per answer (expected cost x (1 +
+    /// expected failure share)), raised in proportion for providers whose median time to first
+    /// token is over 1.3x the target (ttft_target_ms, else the median of the model's offers).
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(extend("default" = d::STRATEGY.as_str())))]
     pub strategy: Option<Choice<Strategy>>,
@@ -235,7 +237,8 @@ pub struct RawRouting {
     #[serde(default)]
     pub constraints: Option<Obj<RawConstraints>>,
     /// Soft latency target, in milliseconds: providers whose median time to first token is
-    /// within it are tried before the others, each group in strategy order. Unlike
+    /// within it are tried before the others, each group in strategy order (value instead
+    /// weighs it into its figure, and without this field derives it from the market). Unlike
     /// constraints.max_ttft_ms nobody is excluded, so slow providers still serve when no fast
     /// one can.
     #[serde(default)]

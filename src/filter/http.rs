@@ -6,7 +6,7 @@
 //! answer. Dispatch mode: every attempt is a `dispatch_http_call` from the request phase.
 
 use super::Vm;
-use crate::attempt::{classify_dispatched, classify_routed, Attempts, Next, Outcome};
+use crate::attempt::{classify_dispatched, classify_routed, Attempts, Outcome, Step};
 use crate::config::FailoverMode;
 use crate::errors::ApiError;
 use crate::explain;
@@ -437,26 +437,11 @@ impl Http {
 
     /// Picks the next attempt: (candidate index, timeout), claiming half-open probes.
     fn next_attempt(&mut self, now: u64) -> Option<(usize, u64)> {
-        loop {
-            let (ranking, attempts) = (self.ranking.as_mut()?, self.attempts.as_ref()?);
-            match attempts.next(&ranking.candidates, now) {
-                Next::GiveUp => return None,
-                Next::Try {
-                    candidate,
-                    timeout_ms,
-                } => {
-                    let c = &ranking.candidates[candidate];
-                    if c.probe {
-                        let name = &self.vm.config.providers[c.provider].name;
-                        if !self.vm.claim_probe(name, now) {
-                            ranking.candidates.remove(candidate);
-                            continue;
-                        }
-                    }
-                    return Some((candidate, timeout_ms));
-                }
-            }
-        }
+        let (ranking, attempts) = (self.ranking.as_mut()?, self.attempts.as_ref()?);
+        let vm = &self.vm;
+        attempts.pick(&mut ranking.candidates, now, |p| {
+            vm.claim_probe(&vm.config.providers[p].name, now)
+        })
     }
 
     /// Route mode, first attempt: point the route at the primary and let the request go.
@@ -597,10 +582,10 @@ impl Http {
         let ttfb = self
             .stream()
             .then(|| now.saturating_sub(self.attempt_started_ms) as f64);
-        if let Some(a) = self.attempts.as_mut() {
-            a.finish(outcome);
-        }
-        let observation = outcome.observation(ttfb);
+        let (observation, step) =
+            self.attempts
+                .as_mut()?
+                .conclude(outcome, ttfb, &vm.config.failover);
         if let Some(obs) = observation {
             vm.observe(name, obs, now);
         }
@@ -618,10 +603,7 @@ impl Http {
         ) {
             vm.metrics.add(provider, PerProvider::Failure, 1);
         }
-        if !outcome.retryable(
-            &vm.config.failover.retry_on,
-            &vm.config.failover.retry_on_status,
-        ) {
+        if step == Step::Deliver {
             return Some(true);
         }
         if matches!(outcome, Outcome::Timeout) && !host::caps().redispatch_after_timeout {

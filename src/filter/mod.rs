@@ -294,18 +294,9 @@ impl Vm {
         // Most successes change nothing other workers need (a clean record, a time to first
         // byte within 10 % of its average): judged on this VM's copy of the table, kept there,
         // and the shared table is neither read nor written.
-        if let (Observation::Success { ttfb_ms }, Ok(mut inner)) =
-            (obs, self.inner.try_borrow_mut())
-        {
-            let current = inner.health.providers.get(provider);
-            if current.is_none_or(|r| r.admission(now) == Admission::Open) {
-                let mut rec = current.cloned().unwrap_or_default();
-                if !rec.observe(obs, now, &circuit) {
-                    if ttfb_ms.is_some() {
-                        inner.health.providers.insert(provider.to_string(), rec);
-                    }
-                    return;
-                }
+        if let Ok(mut inner) = self.inner.try_borrow_mut() {
+            if inner.health.observe_locally(provider, obs, now, &circuit) {
+                return;
             }
         }
         let opened = std::cell::Cell::new(false);
