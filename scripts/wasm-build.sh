@@ -15,6 +15,9 @@
 #   BUILD=release      cargo profile (release, debug/dev, or a custom profile)
 #   WASM_ROUTE=auto    force a route: rustup or debian
 #   RUSTUP_TIMEOUT=120 seconds allowed for one `rustup target add` (one retry follows)
+#   WASM_OPT=auto      after a release build, binaryen's wasm-opt -O3 rewrites the .wasm when
+#                      wasm-opt is installed (Debian: binaryen); `off` skips it, `required`
+#                      fails without it. Debug builds are left as cargo wrote them.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,6 +27,11 @@ CRATE=market_router
 BUILD=${BUILD:-release}
 WASM_ROUTE=${WASM_ROUTE:-auto}
 RUSTUP_TIMEOUT=${RUSTUP_TIMEOUT:-120}
+WASM_OPT=${WASM_OPT:-auto}
+# The features rustc's wasm32-wasip1 output uses; wasm-opt needs them named once the
+# target_features section is stripped.
+WASM_OPT_FEATURES=(--enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int
+    --enable-mutable-globals --enable-multivalue --enable-reference-types)
 DEBIAN_PKGS=(rustc-web cargo-web rust-web-src lld-22 wasi-libc)
 DEBIAN_LINKER=wasm-ld-22
 DEBIAN_WASI_LIBDIR=/usr/lib/wasm32-wasi
@@ -145,6 +153,32 @@ profile_dir() {
     esac
 }
 
+# optimize FILE: wasm-opt -O3 on a fresh cargo output. Cargo hard-links FILE to its copy under
+# deps/ when it (re)builds it; the optimized file replaces that link, so a FILE that is still
+# the same file as the deps/ copy is one cargo has just written.
+optimize() {
+    local out=$1 deps tmp
+    deps="$(dirname "$out")/deps/$CRATE.wasm"
+    case "$WASM_OPT" in
+    off) return 0 ;;
+    auto | required) ;;
+    *) die "WASM_OPT must be auto, off or required, not '$WASM_OPT'" ;;
+    esac
+    if ! command -v wasm-opt >/dev/null 2>&1; then
+        [ "$WASM_OPT" = required ] && die "WASM_OPT=required but wasm-opt (Debian: binaryen) is not installed"
+        log "wasm-opt not installed (Debian: binaryen): the .wasm stays as cargo built it"
+        return 0
+    fi
+    [ -f "$deps" ] && ! [ "$out" -ef "$deps" ] && return 0
+    tmp="$out.opt.tmp"
+    log "wasm-opt -O3 $out ($(wc -c <"$out") bytes)"
+    wasm-opt "${WASM_OPT_FEATURES[@]}" -O3 "$out" -o "$tmp" || {
+        rm -f "$tmp"
+        die "wasm-opt failed on $out"
+    }
+    mv -f "$tmp" "$out"
+}
+
 build() {
     local route out
     route=$(ensure)
@@ -164,6 +198,7 @@ build() {
     esac
     out="${CARGO_TARGET_DIR:-target}/$TARGET/$(profile_dir)/$CRATE.wasm"
     [ -f "$out" ] || die "the build finished but $out is missing"
+    [ "$(profile_dir)" = debug ] || optimize "$out"
     log "built $out ($(wc -c <"$out") bytes) by the $route route"
 }
 
