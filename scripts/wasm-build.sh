@@ -153,12 +153,11 @@ profile_dir() {
     esac
 }
 
-# optimize FILE: wasm-opt -O3 on a fresh cargo output. Cargo hard-links FILE to its copy under
-# deps/ when it (re)builds it; the optimized file replaces that link, so a FILE that is still
-# the same file as the deps/ copy is one cargo has just written.
+# optimize FILE: wasm-opt -O3 on cargo's output. Cargo links FILE afresh from its copy under
+# deps/ on every build, so the optimized result is kept beside it (FILE.opt) with the checksum
+# of the input it was made from, and wasm-opt runs again only when cargo's output changed.
 optimize() {
-    local out=$1 deps tmp
-    deps="$(dirname "$out")/deps/$CRATE.wasm"
+    local out=$1 src key tmp
     case "$WASM_OPT" in
     off) return 0 ;;
     auto | required) ;;
@@ -169,14 +168,19 @@ optimize() {
         log "wasm-opt not installed (Debian: binaryen): the .wasm stays as cargo built it"
         return 0
     fi
-    [ -f "$deps" ] && ! [ "$out" -ef "$deps" ] && return 0
-    tmp="$out.opt.tmp"
-    log "wasm-opt -O3 $out ($(wc -c <"$out") bytes)"
-    wasm-opt "${WASM_OPT_FEATURES[@]}" -O3 "$out" -o "$tmp" || {
-        rm -f "$tmp"
-        die "wasm-opt failed on $out"
-    }
-    mv -f "$tmp" "$out"
+    src="$(dirname "$out")/deps/$CRATE.wasm"
+    [ -f "$src" ] || src=$out
+    key="$(cksum <"$src") -O3 ${WASM_OPT_FEATURES[*]}"
+    if ! [ -f "$out.opt" ] || [ "$(cat "$out.opt.key" 2>/dev/null)" != "$key" ]; then
+        log "wasm-opt -O3 $out ($(wc -c <"$src") bytes)"
+        wasm-opt "${WASM_OPT_FEATURES[@]}" -O3 "$src" -o "$out.opt" || {
+            rm -f "$out.opt"
+            die "wasm-opt failed on $src"
+        }
+        echo "$key" >"$out.opt.key"
+    fi
+    tmp="$out.tmp"
+    cp "$out.opt" "$tmp" && mv -f "$tmp" "$out"
 }
 
 build() {
