@@ -701,7 +701,7 @@ pub fn in_rollout(percent: u8, affinity: Option<&str>, rng: &mut Rng) -> bool {
         return true;
     }
     let bucket = match affinity {
-        Some(s) => crate::headers::fnv1a(s.as_bytes()) % 100,
+        Some(s) => crate::rng::fnv1a(s.as_bytes()) % 100,
         None => rng.next_u64() % 100,
     };
     bucket < u64::from(percent)
