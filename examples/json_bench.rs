@@ -288,7 +288,10 @@ fn main() {
         ("request, chat with escapes", chat_request(64 << 10)),
     ];
     let answers = [
-        ("answer, make bench upstream", BENCH_ANSWER.as_bytes().to_vec()),
+        (
+            "answer, make bench upstream",
+            BENCH_ANSWER.as_bytes().to_vec(),
+        ),
         ("answer, chat completion", chat_answer(4 << 10)),
         ("answer, chat completion", chat_answer(64 << 10)),
     ];

@@ -99,15 +99,7 @@ impl Http {
 
     /// Answers with an OpenAI-style error and stops the stream.
     fn reply_error(&mut self, e: &ApiError) -> Action {
-        let counter = match e.code {
-            "invalid_json" | "model_missing" => Some(Global::RejectedBadRequest),
-            "model_not_found" => Some(Global::RejectedUnknownModel),
-            "request_too_large" => Some(Global::RejectedTooLarge),
-            "no_provider_available" => Some(Global::RejectedNoProvider),
-            "all_providers_failed" => Some(Global::AllFailed),
-            _ => None,
-        };
-        if let Some(c) = counter {
+        if let Some(c) = Global::rejected(e.reason) {
             self.vm.metrics.inc(c);
         }
         let mut hs: Vec<(String, String)> =
