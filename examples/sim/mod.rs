@@ -196,7 +196,7 @@ pub fn providers(seed: u64, offers: &[catalog::CatalogOffer]) -> Vec<ProviderSpe
             let mut r = keyed(
                 seed,
                 10,
-                market_router::headers::fnv1a(o.provider.as_bytes()),
+                market_router::rng::fnv1a(o.provider.as_bytes()),
                 0,
             );
             ProviderSpec {
@@ -341,7 +341,7 @@ pub fn world(o: &Options, offers: &[catalog::CatalogOffer]) -> World {
         .iter()
         .enumerate()
         .map(|(pi, spec)| {
-            let id = market_router::headers::fnv1a(spec.name.as_bytes());
+            let id = market_router::rng::fnv1a(spec.name.as_bytes());
             timeline(spec, n_slots, &mut keyed(seed, 1, id, pi as u64))
         })
         .collect();
