@@ -390,6 +390,7 @@ mod tests {
             output_per_mtok: 1.0,
             ttft_ms: 1.0,
             ttft_p50_ms: 1.0,
+            ttft_p95_ms: f64::NAN,
             uptime: 1.0,
             reliability: 1.0,
             availability: crate::market::Availability::Online,

@@ -117,6 +117,8 @@ pub struct StaticOffer {
     pub output_per_mtok: f64,
     /// Median time to first token, ms.
     pub ttft_p50_ms: f64,
+    /// 95th percentile time to first token, ms, if known (bounds an attempt in envoy mode).
+    pub ttft_p95_ms: Option<f64>,
     /// Share of successful requests, 0..1.
     pub uptime: f64,
     /// Max context tokens, if known.
@@ -241,6 +243,9 @@ pub enum FailoverMode {
     Route,
     /// Every attempt by `dispatch_http_call`.
     Dispatch,
+    /// Every attempt by Envoy's router, in the filter's order (priority-group cluster specifier
+    /// with `refresh_cluster_on_retry`); the same module runs as an upstream filter per attempt.
+    Envoy,
 }
 
 impl FailoverMode {
@@ -249,12 +254,13 @@ impl FailoverMode {
         match self {
             Self::Route => "route",
             Self::Dispatch => "dispatch",
+            Self::Envoy => "envoy",
         }
     }
 }
 
 impl Wire for FailoverMode {
-    const ALL: &'static [Self] = &[Self::Route, Self::Dispatch];
+    const ALL: &'static [Self] = &[Self::Route, Self::Dispatch, Self::Envoy];
     fn as_str(self) -> &'static str {
         FailoverMode::as_str(self)
     }
@@ -368,6 +374,9 @@ pub struct Failover {
     pub circuit: Circuit,
     /// Whether the client's own `authorization` header is sent to providers.
     pub forward_client_authorization: bool,
+    /// Envoy mode: an attempt's time to first byte is bounded by the offer's `ttft_p95` times
+    /// this factor (within `attempt_timeout_ms`).
+    pub ttft_timeout_factor: f64,
 }
 
 /// The validated configuration.
@@ -511,6 +520,8 @@ pub mod defaults {
     };
     /// `failover.forward_client_authorization`
     pub const FORWARD_CLIENT_AUTHORIZATION: bool = false;
+    /// `failover.ttft_timeout_factor`
+    pub const TTFT_TIMEOUT_FACTOR: f64 = 2.0;
     /// `limits.max_body_bytes`
     pub const MAX_BODY_BYTES: u64 = 1 << 20;
     /// `limits.max_snapshot_bytes`
@@ -788,6 +799,7 @@ impl RawConfig {
                 retry_on_status: Vec::new(),
                 circuit: defaults::CIRCUIT,
                 forward_client_authorization: defaults::FORWARD_CLIENT_AUTHORIZATION,
+                ttft_timeout_factor: defaults::TTFT_TIMEOUT_FACTOR,
             },
             Some(f) => {
                 let attempt_timeout_ms = f
@@ -836,9 +848,26 @@ impl RawConfig {
                     forward_client_authorization: f
                         .forward_client_authorization
                         .map_or(defaults::FORWARD_CLIENT_AUTHORIZATION, |b| b.0),
+                    ttft_timeout_factor: f
+                        .ttft_timeout_factor
+                        .map_or(defaults::TTFT_TIMEOUT_FACTOR, |x| x.0),
                 }
             }
         };
+
+        if failover.mode == FailoverMode::Envoy {
+            // The upstream role tells providers apart by the attempt's cluster.
+            for (i, p) in providers.iter().enumerate() {
+                if providers[..i].iter().any(|q| q.cluster == p.cluster) {
+                    return Err(ConfigError {
+                        field: format!("providers[{i}].cluster"),
+                        value: Value::from(p.cluster.as_str()).to_string(),
+                        expected: "expected a cluster no other provider uses (failover.mode envoy)"
+                            .into(),
+                    });
+                }
+            }
+        }
 
         let (max_body_bytes, max_snapshot_bytes) = match self.limits.map(|l| l.0) {
             None => (defaults::MAX_BODY_BYTES, defaults::MAX_SNAPSHOT_BYTES),
@@ -967,8 +996,10 @@ fn validate_providers(
                 output_per_mtok: o.price.0.output_per_mtok.0,
                 ttft_p50_ms: o
                     .latency_ms
+                    .as_ref()
                     .and_then(|l| l.0.ttft_p50)
                     .map_or(defaults::OFFER_TTFT_P50_MS, |x| x.0),
+                ttft_p95_ms: o.latency_ms.as_ref().and_then(|l| l.0.ttft_p95).map(|x| x.0),
                 uptime: o.uptime.map_or(defaults::OFFER_UPTIME, |x| x.0),
                 context_window: o.context_window.map(|x| x.0),
             }),
@@ -1173,7 +1204,7 @@ mod tests {
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"failover":{"mode":"hedge"}}"#,
-                "field `failover.mode` = \"hedge\": expected one of route, dispatch",
+                "field `failover.mode` = \"hedge\": expected one of route, dispatch, envoy",
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"limits":{"max_body_bytes":0}}"#,

@@ -53,6 +53,8 @@ pub struct Candidate {
     /// Its median time to first token as the market (or the static offer) gives it, ms: what
     /// `ttft_ms` is before observed latency raises it.
     pub ttft_p50_ms: f64,
+    /// 95th percentile time to first token from the offer, ms (NaN when unknown).
+    pub ttft_p95_ms: f64,
     /// Market (or static) uptime.
     pub uptime: f64,
     /// Reliability used for ranking: uptime discounted by observed errors and availability.
@@ -398,6 +400,7 @@ fn candidate(
             output_per_mtok: o.output_per_mtok,
             ttft_ms: o.ttft_p50_ms,
             ttft_p50_ms: o.ttft_p50_ms,
+            ttft_p95_ms: o.ttft_p95_ms.unwrap_or(f64::NAN),
             uptime: o.uptime,
             reliability: o.uptime,
             availability: o.availability,
@@ -416,6 +419,7 @@ fn candidate(
             output_per_mtok: so.output_per_mtok,
             ttft_ms: so.ttft_p50_ms,
             ttft_p50_ms: so.ttft_p50_ms,
+            ttft_p95_ms: so.ttft_p95_ms.unwrap_or(f64::NAN),
             uptime: so.uptime,
             reliability: so.uptime,
             availability: Availability::Online,
@@ -434,6 +438,7 @@ fn candidate(
             output_per_mtok: f64::NAN,
             ttft_ms: f64::NAN,
             ttft_p50_ms: f64::NAN,
+            ttft_p95_ms: f64::NAN,
             uptime: f64::NAN,
             reliability: f64::NAN,
             availability: Availability::Online,

@@ -59,6 +59,13 @@ pub enum Filter {
         /// Plugin configuration JSON.
         config_json: String,
     },
+    /// The market-router module in envoy mode: the filter chain, LLM route and provider
+    /// clusters' upstream filters come from `market_router::envoy_config`, as the
+    /// `market-router-envoy-config` command prints them.
+    MarketRouterEnvoy {
+        /// Plugin configuration JSON (`failover.mode: envoy`).
+        config_json: String,
+    },
     /// Any proxy-wasm module.
     Wasm {
         /// Module file.
@@ -255,8 +262,31 @@ impl EnvoyConfig {
         self
     }
 
+    /// Uses the market-router module in envoy mode with this configuration.
+    pub fn market_router_envoy(self, config_json: &str) -> Self {
+        self.filter(Filter::MarketRouterEnvoy {
+            config_json: config_json.to_string(),
+        })
+    }
+
+    /// Envoy mode's generated pieces (`None` in the other variants).
+    fn envoy_mode(&self) -> Option<(market_router::config::Config, serde_json::Value)> {
+        let Filter::MarketRouterEnvoy { config_json } = &self.filter else {
+            return None;
+        };
+        let config = market_router::config::Config::parse(config_json.as_bytes()).ok()?;
+        let wasm = wasm_path().to_string_lossy().into_owned();
+        let m = market_router::envoy_config::Module {
+            wasm_file: &wasm,
+            config_json,
+        };
+        let pieces = market_router::envoy_config::pieces(&config, &m);
+        Some((config, pieces))
+    }
+
     /// The bootstrap YAML.
     pub fn to_yaml(&self) -> String {
+        let envoy_mode = self.envoy_mode();
         let mut y = String::new();
         if let Some(interval) = self.stats_flush_interval {
             let _ = writeln!(y, "stats_flush_interval: {}", secs(interval));
@@ -297,6 +327,15 @@ impl EnvoyConfig {
                 q(&self.cluster_header)
             ),
         };
+        // Envoy mode: JSON is YAML, so the generated pieces go in as flow mappings; paths
+        // that are not routed by the market get a 404.
+        let routes = match &envoy_mode {
+            Some((_, p)) => format!(
+                "- {}\n              - match: {{ prefix: \"/\" }}\n                direct_response: {{ status: 404 }}",
+                p["llm_route"]
+            ),
+            None => format!("- match: {{ prefix: \"/\" }}\n                {action}"),
+        };
         let _ = write!(
             y,
             r#"          route_config:
@@ -305,13 +344,18 @@ impl EnvoyConfig {
             - name: all
               domains: ["*"]
               routes:
-              - match: {{ prefix: "/" }}
-                {action}
+              {routes}
           http_filters:
 "#
         );
+        if let Some((_, p)) = &envoy_mode {
+            let _ = writeln!(y, "          - {}", p["http_filters"][0]);
+            let _ = writeln!(y, "          - {}", p["http_filters"][1]);
+            let _ = writeln!(y, "          - {}", p["http_filters"][2]);
+            let _ = writeln!(y, "          - {}", p["http_filters"][3]);
+        }
         let wasm = match &self.filter {
-            Filter::None => None,
+            Filter::None | Filter::MarketRouterEnvoy { .. } => None,
             Filter::MarketRouter { config_json } => {
                 Some((wasm_path(), config_json.as_str(), "market_router"))
             }
@@ -359,12 +403,68 @@ impl EnvoyConfig {
         }
         y.push_str("  clusters:\n");
         for p in &self.providers {
-            self.write_cluster(&mut y, &p.name, p.port, p.api_key.as_deref());
+            match &envoy_mode {
+                Some((config, pieces)) if config.providers.iter().any(|c| c.cluster == p.name) => {
+                    self.write_envoy_mode_cluster(&mut y, p, pieces)
+                }
+                _ => self.write_cluster(&mut y, &p.name, p.port, p.api_key.as_deref()),
+            }
         }
         if let Some(s) = &self.sidecar {
             self.write_cluster(&mut y, &s.name, s.port, None);
         }
         y
+    }
+
+    /// A provider cluster in envoy mode: the upstream role first, then (when the cluster has a
+    /// key) a header mutation that sets it, as a deployment setting keys from secrets would.
+    fn write_envoy_mode_cluster(
+        &self,
+        y: &mut String,
+        p: &ProviderCluster,
+        pieces: &serde_json::Value,
+    ) {
+        let mut filters = pieces["cluster_upstream_http_filters"].clone();
+        if let (Some(key), Some(list)) = (&p.api_key, filters.as_array_mut()) {
+            list.insert(
+                1,
+                serde_json::json!({
+                    "name": "envoy.filters.http.header_mutation",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                        "mutations": {"request_mutations": [{"append": {
+                            "header": {"key": "authorization", "value": format!("Bearer {key}")},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+                        }}]}
+                    }
+                }),
+            );
+        }
+        let _ = write!(
+            y,
+            r#"  - name: {name}
+    type: STATIC
+    connect_timeout: {connect}
+    circuit_breakers: {breakers}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http_protocol_options: {{}}
+        http_filters: {filters}
+"#,
+            name = q(&p.name),
+            connect = secs(self.connect_timeout),
+            breakers = pieces["cluster_circuit_breakers"],
+            port = p.port,
+        );
     }
 
     fn write_cluster(&self, y: &mut String, name: &str, port: u16, api_key: Option<&str>) {

@@ -5,6 +5,8 @@
 //! the response and re-dispatch the buffered request to the next provider, replacing the
 //! answer. Dispatch mode: every attempt is a `dispatch_http_call` from the request phase.
 
+mod native;
+
 use super::Vm;
 use crate::attempt::{classify_dispatched, classify_routed, Attempts, Outcome, Step};
 use crate::config::FailoverMode;
@@ -38,6 +40,10 @@ enum State {
     Dispatched,
     /// The answer is decided (delivered, replaced or a local reply).
     Done,
+    /// Envoy mode: Envoy's router is making the attempts in the filter's order.
+    Native,
+    /// Envoy mode: holding a 2xx answer until its body is complete (usage, cost).
+    NativeHolding,
 }
 
 struct Affinity {
@@ -401,6 +407,7 @@ impl Http {
         let action = match config.failover.mode {
             // Without route failover in the host (Kong), route mode's attempts are dispatched.
             FailoverMode::Route if host::caps().route_failover => self.route_first(now),
+            FailoverMode::Envoy => self.native_first(now),
             FailoverMode::Route | FailoverMode::Dispatch => {
                 if self.dispatch_next(now) {
                     Action::Pause
@@ -739,6 +746,12 @@ impl HttpContext for Http {
                 .map_or("", |(_, v)| v.as_str())
         };
         let (method, path) = (value(":method"), value(":path"));
+        // Only the filter names the order Envoy's retries follow, never the client.
+        if self.vm.config.failover.mode == FailoverMode::Envoy
+            && hs.iter().any(|(k, _)| k == crate::native::ORDER_HEADER)
+        {
+            host::set_request_header(crate::native::ORDER_HEADER, None);
+        }
         if !headers::is_llm_path(method, path) {
             let explain = self
                 .vm
@@ -794,6 +807,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.state == State::Native {
+            return self.native_response_headers(end_of_stream);
+        }
         // Validating: the held 2xx broke off mid-body and the host now sends its own reply.
         let abandoned = self.state == State::Validating;
         if self.state != State::Routed && !abandoned {
@@ -835,6 +851,7 @@ impl HttpContext for Http {
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match self.state {
             State::Dispatched => Action::Pause,
+            State::NativeHolding => self.native_response_body(body_size, end_of_stream),
             State::Validating => {
                 if !end_of_stream {
                     return Action::Pause;

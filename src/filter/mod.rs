@@ -3,6 +3,7 @@
 
 mod http;
 mod root;
+mod upstream;
 
 use crate::config::Config;
 use crate::health::{Admission, HealthTable, Observation};

@@ -22,6 +22,8 @@ pub(crate) struct Root {
     fetch: Option<u32>,
     /// Whether the tick period is set: once per root context (Kong traps on a second call).
     ticking: bool,
+    /// Envoy mode's upstream role (an upstream filter of the provider clusters).
+    upstream: bool,
 }
 
 impl Root {
@@ -31,6 +33,7 @@ impl Root {
             vm: None,
             fetch: None,
             ticking: false,
+            upstream: false,
         }
     }
 
@@ -294,6 +297,7 @@ impl RootContext for Root {
                 .as_ref()
                 .map_or("none", |m| m.cluster.as_str())
         );
+        self.upstream = super::upstream::is_upstream_plugin();
         self.vm = Some(vm);
         true
     }
@@ -316,6 +320,9 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let vm = self.vm.clone()?;
+        if self.upstream {
+            return Some(Box::new(super::upstream::Upstream::new(context_id, vm)));
+        }
         Some(Box::new(Http::new(context_id, vm)))
     }
 
