@@ -175,7 +175,7 @@ pub fn llm_route(config: &Config) -> Value {
             "retry_policy": retry
         },
         // A body Envoy cannot buffer is not retried: room for the largest the filter accepts.
-        "per_request_buffer_limit_bytes": config.max_body_bytes
+        "request_body_buffer_limit": config.max_body_bytes
     })
 }
 
@@ -318,7 +318,7 @@ mod tests {
             "5xx,reset,connect-failure,retriable-status-codes"
         );
         assert_eq!(retry["retriable_status_codes"], json!([429]));
-        assert_eq!(r["per_request_buffer_limit_bytes"], 1 << 20);
+        assert_eq!(r["request_body_buffer_limit"], 1 << 20);
     }
 
     #[test]

@@ -151,6 +151,10 @@ pub struct Plan {
     /// Per-try timeout set for the request, ms.
     #[serde(rename = "t")]
     pub per_try_ms: u64,
+    /// The client's `:path`: each attempt starts from it (an earlier attempt's cluster may
+    /// have rewritten the shared header map, e.g. a provider serving under another prefix).
+    #[serde(rename = "u", default)]
+    pub path: String,
     /// Providers in order: (provider index, its model id).
     #[serde(rename = "p")]
     pub providers: Vec<(usize, String)>,
@@ -384,6 +388,7 @@ mod tests {
             model: "gpt \"4o\"\n".into(),
             stream: true,
             per_try_ms: 900,
+            path: "/v1/chat/completions".into(),
             providers: vec![(2, "m-2".into()), (0, "m-0".into())],
         };
         let back = Plan::decode(&p.encode()).unwrap();

@@ -162,6 +162,30 @@ impl Metrics {
     }
 }
 
+thread_local! {
+    /// The last configured VM state and the configuration bytes it came from.
+    static CONFIGURED: RefCell<Option<(Vec<u8>, Rc<Vm>)>> = const { RefCell::new(None) };
+}
+
+/// The VM state for a plugin configuration: plugins of one VM with the same configuration
+/// (envoy mode's downstream and upstream roles) share one, so what an attempt records is seen
+/// by the next request's ranking at once, not after the next shared-data read.
+pub(crate) fn shared_vm(bytes: &[u8], config: Config, seed: u64) -> Rc<Vm> {
+    CONFIGURED.with(|c| {
+        let Ok(mut slot) = c.try_borrow_mut() else {
+            return Rc::new(Vm::new(config, seed));
+        };
+        if let Some((b, vm)) = slot.as_ref() {
+            if b.as_slice() == bytes {
+                return Rc::clone(vm);
+            }
+        }
+        let vm = Rc::new(Vm::new(config, seed));
+        *slot = Some((bytes.to_vec(), Rc::clone(&vm)));
+        vm
+    })
+}
+
 /// Per-VM state shared by the root context and the HTTP contexts of one worker.
 pub(crate) struct Vm {
     pub(crate) config: Config,

@@ -276,7 +276,7 @@ impl RootContext for Root {
             }
         };
         let seed = host::now_ms() ^ (u64::from(self.id) << 32);
-        let vm = Rc::new(Vm::new(config, seed));
+        let vm = super::shared_vm(&bytes, config, seed);
         if vm.config.market.is_some() {
             // Create the refresh slot once so later claims are all CAS writes.
             if host::shared_get(&vm.keys.market_due).is_none_or(|(v, _)| v.is_empty()) {

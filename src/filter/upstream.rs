@@ -73,9 +73,6 @@ impl Upstream {
         let stream = self.plan.as_ref().is_some_and(|pl| pl.stream);
         let ttfb = (stream && matches!(outcome, Success(_)))
             .then(|| now.saturating_sub(self.started_ms) as f64);
-        // This role's copy of the table may lag what the downstream role just wrote (a claimed
-        // probe): read the shared one first.
-        vm.sync_health(now, true);
         if let Some(obs) = outcome.observation(ttfb) {
             if matches!(obs, Observation::Failure { .. }) {
                 vm.metrics.add(p, PerProvider::Failure, 1);
@@ -164,6 +161,14 @@ impl HttpContext for Upstream {
         self.started_ms = host::now_ms();
         vm.metrics.add(p, PerProvider::Attempts, 1);
         let provider = &config.providers[p];
+        // Attempts share one header map: each starts from the client's path, with this
+        // provider's authority when one is configured (else the cluster's own handling).
+        if !plan.path.is_empty() {
+            host::set_request_header(":path", Some(&plan.path));
+        }
+        if provider.authority != provider.cluster {
+            host::set_request_header(":authority", Some(&provider.authority));
+        }
         // Attempts share one header map: drop what an earlier attempt set for its provider.
         for name in native::credential_headers(config) {
             if name == "authorization" && config.failover.forward_client_authorization {

@@ -56,6 +56,7 @@ impl Http {
             model: info.model.clone(),
             stream: info.stream,
             per_try_ms: per_try,
+            path: self.header(":path").unwrap_or_default().to_string(),
             providers: order
                 .iter()
                 .map(|&i| {
