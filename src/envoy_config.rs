@@ -51,18 +51,16 @@ fn wasm_filter(m: &Module<'_>, root_id: &str) -> Value {
     })
 }
 
+/// Lua that makes Envoy resolve the route again once the order is in the metadata. (The
+/// transform filter can clear the route cache too, but it buffers and parses every JSON body
+/// to do so, and skips bodies that are not `application/json`.)
+pub const ROUTE_REFRESH_LUA: &str = "function envoy_on_request(h) h:clearRouteCache() end\n";
+
 /// The downstream HTTP filters, in order, ending with the router. Other filters (compression,
-/// auth) may stand before them or between them and the router.
+/// auth) may stand before them or between them and the router. The module itself drops a
+/// client-sent order header on every request.
 pub fn http_filters(m: &Module<'_>) -> Value {
     json!([
-        {
-            // Only the filter names the order: a client-sent copy is dropped first.
-            "name": "envoy.filters.http.header_mutation",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "mutations": {"request_mutations": [{"remove": native::ORDER_HEADER}]}
-            }
-        },
         wasm_filter(m, DOWNSTREAM_ROOT_ID),
         {
             "name": "envoy.filters.http.header_to_metadata",
@@ -81,13 +79,11 @@ pub fn http_filters(m: &Module<'_>) -> Value {
             }
         },
         {
-            // Re-resolves the route so the cluster specifier reads the order just set (the
-            // clear only happens with a request transformation present).
-            "name": "envoy.filters.http.transform",
+            // Re-resolves the route so the cluster specifier reads the order just set.
+            "name": "envoy.filters.http.lua",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.transform.v3.TransformConfig",
-                "clear_route_cache": true,
-                "request_transformation": {"headers_mutations": [{"remove": native::ORDER_HEADER}]}
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": ROUTE_REFRESH_LUA}
             }
         },
         {
@@ -341,7 +337,7 @@ mod tests {
             wasm_file: "x.wasm",
             config_json: "{\"providers\":[]}",
         };
-        let down = &http_filters(&m)[1]["typed_config"]["config"];
+        let down = &http_filters(&m)[0]["typed_config"]["config"];
         let up = &upstream_http_filters(&m)[0]["typed_config"]["config"];
         assert_eq!(down["vm_config"], up["vm_config"]);
         assert_eq!(down["configuration"], up["configuration"]);

@@ -18,6 +18,7 @@
 
 use crate::attempt::Outcome;
 use crate::config::Config;
+use crate::metrics::Usage;
 use serde::{Deserialize, Serialize};
 
 /// Request header carrying the order to `header_to_metadata` (removed there).
@@ -187,9 +188,13 @@ pub struct Tried {
     pub provider: usize,
     /// How it ended.
     pub outcome: Outcome,
+    /// Usage of a non-streaming answer the upstream role checked (so the downstream role
+    /// prices it without holding the answer again).
+    pub usage: Option<Usage>,
 }
 
-/// Appends one attempt to the stored list (`<idx>:<code>` entries separated by `,`).
+/// Appends one attempt to the stored list (`<idx>:<code>[:u<prompt>/<completion>]` entries
+/// separated by `,`).
 pub fn push_tried(list: &mut Vec<u8>, t: Tried) {
     use std::io::Write;
     if !list.is_empty() {
@@ -207,6 +212,9 @@ pub fn push_tried(list: &mut Vec<u8>, t: Tried) {
         Outcome::Timeout => write!(list, "{}:t", t.provider),
         Outcome::Malformed => write!(list, "{}:m", t.provider),
     };
+    if let Some(u) = t.usage {
+        let _ = write!(list, ":u{}/{}", u.prompt_tokens, u.completion_tokens);
+    }
 }
 
 /// The stored list back; entries that do not parse are skipped.
@@ -214,7 +222,18 @@ pub fn parse_tried(list: &[u8]) -> Vec<Tried> {
     let text = String::from_utf8_lossy(list);
     text.split(',')
         .filter_map(|e| {
-            let (p, code) = e.split_once(':')?;
+            let (p, rest) = e.split_once(':')?;
+            let (code, usage) = match rest.split_once(":u") {
+                Some((code, u)) => {
+                    let (i, o) = u.split_once('/')?;
+                    let usage = Usage {
+                        prompt_tokens: i.parse().ok()?,
+                        completion_tokens: o.parse().ok()?,
+                    };
+                    (code, Some(usage))
+                }
+                None => (rest, None),
+            };
             let provider = p.parse().ok()?;
             let outcome = match code.as_bytes().first()? {
                 b's' => Outcome::Success(code[1..].parse().ok()?),
@@ -234,7 +253,11 @@ pub fn parse_tried(list: &[u8]) -> Vec<Tried> {
                 b'm' => Outcome::Malformed,
                 _ => return None,
             };
-            Some(Tried { provider, outcome })
+            Some(Tried {
+                provider,
+                outcome,
+                usage,
+            })
         })
         .collect()
 }
@@ -255,6 +278,15 @@ pub fn credential_headers(config: &Config) -> Vec<String> {
         }
     }
     names
+}
+
+/// Whether `name` is one of the credential headers [`credential_headers`] lists.
+pub fn credential_headers_contain(config: &Config, name: &str) -> bool {
+    COMMON_CREDENTIAL_HEADERS.contains(&name)
+        || config
+            .providers
+            .iter()
+            .any(|p| p.headers.iter().any(|(k, _)| k == name))
 }
 
 /// Whether the first chunk of an SSE answer is an error event (`event: error`, or a `data:`
@@ -417,11 +449,16 @@ mod tests {
         ];
         let mut list = Vec::new();
         for (i, o) in all.iter().enumerate() {
+            let usage = (i == 0).then_some(Usage {
+                prompt_tokens: 18,
+                completion_tokens: 8,
+            });
             push_tried(
                 &mut list,
                 Tried {
                     provider: i,
                     outcome: *o,
+                    usage,
                 },
             );
         }
@@ -430,6 +467,8 @@ mod tests {
         for (i, t) in back.iter().enumerate() {
             assert_eq!((t.provider, t.outcome), (i, all[i]));
         }
+        assert_eq!(back[0].usage.map(|u| u.prompt_tokens), Some(18));
+        assert_eq!(back[1].usage, None);
         assert!(parse_tried(b"").is_empty());
         assert_eq!(parse_tried(b"x:s200,1:q,2:r").len(), 1);
     }

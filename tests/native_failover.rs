@@ -664,3 +664,27 @@ fn stream_broken_after_first_bytes_is_passed_through_and_counted() {
     assert_eq!(bed.counter("stream_failed_midway"), Some(1));
     assert_eq!(bed.counter("provider.a.failure"), Some(1));
 }
+
+#[test]
+fn non_streaming_answer_is_bounded_by_the_attempt_timeout_not_the_ttft_bound() {
+    // p95 50 ms × 2 would cut a stream's wait at 100 ms; a non-streaming answer that takes
+    // 400 ms (its first byte is the whole answer) still comes from the first provider.
+    let mut ps = [p(0.1), p(0.5), p(2.0)];
+    for x in &mut ps {
+        x.ttft_p95 = Some(50.0);
+    }
+    let cfg = config(&ps, json!({"ttft_timeout_factor": 2.0}), json!({}));
+    let bed = Bed::start(
+        &cfg,
+        [
+            MockOpts::default().latency_ms(400),
+            MockOpts::default(),
+            MockOpts::default(),
+        ],
+    );
+    let r = bed.post(&[], &chat());
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert_eq!(r.header("x-market-router-provider"), Some("a"));
+    assert_eq!(r.header("x-market-router-attempts"), Some("1"));
+    assert_eq!(bed.hits(), [1, 0, 0]);
+}

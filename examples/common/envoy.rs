@@ -349,10 +349,13 @@ impl EnvoyConfig {
 "#
         );
         if let Some((_, p)) = &envoy_mode {
-            let _ = writeln!(y, "          - {}", p["http_filters"][0]);
-            let _ = writeln!(y, "          - {}", p["http_filters"][1]);
-            let _ = writeln!(y, "          - {}", p["http_filters"][2]);
-            let _ = writeln!(y, "          - {}", p["http_filters"][3]);
+            // All but the router, which closes the list below.
+            let filters = p["http_filters"]
+                .as_array()
+                .map_or(&[][..], |a| a.as_slice());
+            for f in &filters[..filters.len().saturating_sub(1)] {
+                let _ = writeln!(y, "          - {f}");
+            }
         }
         let wasm = match &self.filter {
             Filter::None | Filter::MarketRouterEnvoy { .. } => None,

@@ -44,6 +44,8 @@ pub(crate) struct Upstream {
     recorded: bool,
     hold: Hold,
     status: u32,
+    /// The attempt list as this attempt found it (earlier attempts of the request).
+    tried: Vec<u8>,
 }
 
 impl Upstream {
@@ -58,11 +60,16 @@ impl Upstream {
             recorded: false,
             hold: Hold::None,
             status: 0,
+            tried: Vec::new(),
         }
     }
 
     /// Records how the attempt ended: counters, shared health, the attempt list.
     fn record(&mut self, outcome: Outcome, now: u64) {
+        self.record_with(outcome, None, now);
+    }
+
+    fn record_with(&mut self, outcome: Outcome, usage: Option<metrics::Usage>, now: u64) {
         let (Some(p), false) = (self.provider, self.recorded) else {
             return;
         };
@@ -79,15 +86,18 @@ impl Upstream {
             }
             vm.observe(name, obs, now);
         }
-        let mut list = host::property(&[native::TRIED_PROPERTY])
-            .map(String::into_bytes)
-            .unwrap_or_default();
-        let before = native::parse_tried(&list).len();
+        let mut list = std::mem::take(&mut self.tried);
+        let before = if list.is_empty() {
+            0
+        } else {
+            list.iter().filter(|b| **b == b',').count() + 1
+        };
         native::push_tried(
             &mut list,
             Tried {
                 provider: p,
                 outcome,
+                usage,
             },
         );
         host::set_property(native::TRIED_PROPERTY, &list);
@@ -161,21 +171,26 @@ impl HttpContext for Upstream {
         self.started_ms = host::now_ms();
         vm.metrics.add(p, PerProvider::Attempts, 1);
         let provider = &config.providers[p];
-        // Attempts share one header map: each starts from the client's path, with this
-        // provider's authority when one is configured (else the cluster's own handling).
-        if !plan.path.is_empty() {
-            host::set_request_header(":path", Some(&plan.path));
-        }
+        self.tried = host::property(&[native::TRIED_PROPERTY])
+            .map(String::into_bytes)
+            .unwrap_or_default();
         if provider.authority != provider.cluster {
             host::set_request_header(":authority", Some(&provider.authority));
         }
-        // Attempts share one header map: drop what an earlier attempt set for its provider.
-        for name in native::credential_headers(config) {
-            if name == "authorization" && config.failover.forward_client_authorization {
-                continue;
+        // Attempts share one header map: a retry starts from the client's path and drops the
+        // credentials an earlier attempt set for its provider (the downstream role removed the
+        // client's own before the first).
+        if !self.tried.is_empty() {
+            if !plan.path.is_empty() {
+                host::set_request_header(":path", Some(&plan.path));
             }
-            if !provider.headers.iter().any(|(k, _)| *k == name) {
-                host::set_request_header(&name, None);
+            for name in native::credential_headers(config) {
+                if name == "authorization" && config.failover.forward_client_authorization {
+                    continue;
+                }
+                if !provider.headers.iter().any(|(k, _)| *k == name) {
+                    host::set_request_header(&name, None);
+                }
             }
         }
         for (k, v) in &provider.headers {
@@ -293,11 +308,12 @@ impl HttpContext for Upstream {
                 let body =
                     host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
                 self.hold = Hold::None;
-                if metrics::inspect_answer(&body).is_err() {
-                    host::set_response_header(":status", "502");
-                    self.record(Malformed, now);
-                } else {
-                    self.record(Success(self.status), now);
+                match metrics::inspect_answer(&body) {
+                    Err(_) => {
+                        host::set_response_header(":status", "502");
+                        self.record(Malformed, now);
+                    }
+                    Ok(usage) => self.record_with(Success(self.status), usage, now),
                 }
                 Action::Continue
             }

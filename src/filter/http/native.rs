@@ -42,16 +42,22 @@ impl Http {
         }
         let factor = config.failover.ttft_timeout_factor;
         let attempt_timeout = config.failover.attempt_timeout_ms;
-        let per_try = native::per_try_timeout_ms(
-            order.iter().map(|&i| {
-                native::attempt_ttfb_bound_ms(
-                    ranking.candidates[i].ttft_p95_ms,
-                    factor,
-                    attempt_timeout,
-                )
-            }),
-            attempt_timeout,
-        );
+        // A stream's first byte is its first token; a non-streaming answer's first byte is the
+        // whole answer (the upstream role holds it to check it), bounded by the attempt timeout.
+        let per_try = if info.stream {
+            native::per_try_timeout_ms(
+                order.iter().map(|&i| {
+                    native::attempt_ttfb_bound_ms(
+                        ranking.candidates[i].ttft_p95_ms,
+                        factor,
+                        attempt_timeout,
+                    )
+                }),
+                attempt_timeout,
+            )
+        } else {
+            attempt_timeout
+        };
         let plan = Plan {
             model: info.model.clone(),
             stream: info.stream,
@@ -71,11 +77,14 @@ impl Http {
             .map(|(p, _)| config.providers[*p].name.as_str())
             .collect();
         // The client's own retry and timeout headers never steer Envoy.
+        // Nor do the client's credentials reach a provider (the upstream role sets each
+        // provider's own on every attempt).
         for (k, _) in &self.headers {
             if native::CLIENT_RETRY_HEADERS.contains(&k.as_str())
                 || PREF_HEADERS.contains(&k.as_str())
                 || k == "proxy-authorization"
                 || (k == "authorization" && !config.failover.forward_client_authorization)
+                || (k != "authorization" && native::credential_headers_contain(config, k))
             {
                 host::set_request_header(k, None);
             }
@@ -107,15 +116,17 @@ impl Http {
         Action::Continue
     }
 
-    /// The attempts the upstream role recorded, into `self.attempts`.
+    /// The attempts the upstream role recorded, into `self.attempts` (and the last one's
+    /// usage, when it checked a non-streaming answer).
     fn load_tried(&mut self) {
         let list = host::property(&[native::TRIED_PROPERTY]).unwrap_or_default();
+        let tried = native::parse_tried(list.as_bytes());
+        if let Some(u) = tried.last().and_then(|t| t.usage) {
+            self.usage = Some(u);
+        }
         if let Some(a) = self.attempts.as_mut() {
             a.current = None;
-            a.tried = native::parse_tried(list.as_bytes())
-                .into_iter()
-                .map(|t| (t.provider, t.outcome))
-                .collect();
+            a.tried = tried.into_iter().map(|t| (t.provider, t.outcome)).collect();
         }
     }
 
@@ -126,8 +137,13 @@ impl Http {
         let status = host::response_header(":status")
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
-        let details = host::property(&["response", "code_details"]).unwrap_or_default();
         let tried = self.attempts.as_ref().map_or(0, |a| a.tried.len());
+        // A 2xx is the provider's (Envoy's own replies on this route are errors).
+        let details = if (200..300).contains(&status) {
+            String::new()
+        } else {
+            host::property(&["response", "code_details"]).unwrap_or_default()
+        };
         let from_provider = details.is_empty() || details == "via_upstream";
         if !from_provider {
             if tried == 0 {
@@ -156,7 +172,12 @@ impl Http {
                 let name = self.vm.config.providers[p].name.clone();
                 self.remember_affinity(&name);
             }
-            if !self.stream() && self.vm.config.response_headers && !end_of_stream {
+            // Held to price it from its usage, unless the upstream role already read it.
+            if !self.stream()
+                && self.vm.config.response_headers
+                && self.usage.is_none()
+                && !end_of_stream
+            {
                 self.state = State::NativeHolding;
                 self.held = Some((status, host::now_ms()));
                 return Action::Pause;
