@@ -256,9 +256,9 @@ fn show(r: &Response) -> String {
     )
 }
 
-/// The client got `provider`'s JSON chat answer after `attempts` attempts.
-fn assert_answer_from(r: &Response, provider: &str, attempts: u32) {
-    assert_eq!(r.status, 200, "{}", show(r));
+/// Status, and our headers naming `provider` and the number of attempts.
+fn assert_from(r: &Response, status: u16, provider: &str, attempts: u32) {
+    assert_eq!(r.status, status, "{}", show(r));
     assert_eq!(
         r.header("x-market-router-provider"),
         Some(provider),
@@ -272,6 +272,11 @@ fn assert_answer_from(r: &Response, provider: &str, attempts: u32) {
         "{}",
         show(r)
     );
+}
+
+/// The client got `provider`'s JSON chat answer after `attempts` attempts.
+fn assert_answer_from(r: &Response, provider: &str, attempts: u32) {
+    assert_from(r, 200, provider, attempts);
     let v = r.json().unwrap();
     assert_eq!(v["object"], "chat.completion", "{}", show(r));
     assert_eq!(v["provider"], provider, "{}", show(r));
@@ -320,20 +325,7 @@ fn assert_all_failed(r: &Response, status: u16, attempts: &[(&str, &str)]) {
 /// Envoy mode, every attempt failed with a provider's answer: the client gets the last
 /// provider's own answer (status, body, `Retry-After`), with our headers counting the attempts.
 fn assert_last_providers_answer(r: &Response, status: u16, provider: &str, attempts: u32) {
-    assert_eq!(r.status, status, "{}", show(r));
-    assert_eq!(
-        r.header("x-market-router-provider"),
-        Some(provider),
-        "{}",
-        show(r)
-    );
-    let n = attempts.to_string();
-    assert_eq!(
-        r.header("x-market-router-attempts"),
-        Some(n.as_str()),
-        "{}",
-        show(r)
-    );
+    assert_from(r, status, provider, attempts);
     let v = r.json().unwrap();
     assert_eq!(
         v["error"]["message"],

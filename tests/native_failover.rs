@@ -85,6 +85,11 @@ fn config(ps: &[P; 3], failover: Value, extra: Value) -> String {
     c.to_string()
 }
 
+/// `a`, `b`, `c` in price order, nothing else set.
+fn ordered_config() -> String {
+    config(&[p(0.1), p(0.5), p(2.0)], json!({}), json!({}))
+}
+
 struct Bed {
     mocks: Vec<MockProvider>,
     envoy: Envoy,
@@ -106,6 +111,11 @@ impl Bed {
         }
         let envoy = Envoy::start(&cfg.market_router_envoy(config_json), 1).unwrap();
         Bed { mocks, envoy }
+    }
+
+    /// Three healthy mocks (behaviours are set per test with `behave`).
+    fn healthy(config_json: &str) -> Bed {
+        Bed::start(config_json, [0, 1, 2].map(|_| MockOpts::default()))
     }
 
     fn mock(&self, name: &str) -> &MockProvider {
@@ -316,7 +326,7 @@ fn assert_streamed_live(s: &Streamed, provider: &str, chunk_ms: u64) {
 // ---------------------------------------------------------------------------------------------
 
 fn streaming_fallback(primary: Value, outcome: &str) {
-    let cfg = config(&[p(0.1), p(0.5), p(2.0)], json!({}), json!({}));
+    let cfg = ordered_config();
     let chunk_ms = 200;
     let bed = Bed::start(
         &cfg,
@@ -359,7 +369,7 @@ fn sse_error_event_as_first_chunk_fails_over_and_streams() {
 
 #[test]
 fn refused_primary_fails_over_and_streams() {
-    let cfg = config(&[p(0.1), p(0.5), p(2.0)], json!({}), json!({}));
+    let cfg = ordered_config();
     let bed = Bed::start(
         &cfg,
         [
@@ -461,14 +471,7 @@ fn each_provider_sees_only_its_own_key_in_every_order() {
             ps[i].model_id = format!("{MODEL}-{}", NAMES[i]);
         }
         let cfg = config(&ps, json!({}), json!({}));
-        let bed = Bed::start(
-            &cfg,
-            [
-                MockOpts::default(),
-                MockOpts::default(),
-                MockOpts::default(),
-            ],
-        );
+        let bed = Bed::healthy(&cfg);
         bed.behave(NAMES[order[0]], json!({"status": 503}));
         bed.behave(NAMES[order[1]], json!({"status": 429}));
         let client = [
@@ -510,15 +513,8 @@ fn each_provider_sees_only_its_own_key_in_every_order() {
 
 #[test]
 fn client_sent_envoy_retry_headers_and_order_change_nothing() {
-    let cfg = config(&[p(0.1), p(0.5), p(2.0)], json!({}), json!({}));
-    let bed = Bed::start(
-        &cfg,
-        [
-            MockOpts::default(),
-            MockOpts::default(),
-            MockOpts::default(),
-        ],
-    );
+    let cfg = ordered_config();
+    let bed = Bed::healthy(&cfg);
     bed.behave("a", json!({"status": 503}));
     // An order naming c first, in the filter's own encoding.
     let forged = market_router::native::order_header(&["c", "b", "a"]);
@@ -557,15 +553,8 @@ fn client_sent_envoy_retry_headers_and_order_change_nothing() {
 
 #[test]
 fn retry_after_keeps_a_provider_out_and_the_last_answer_is_the_providers_own() {
-    let cfg = config(&[p(0.1), p(0.5), p(2.0)], json!({}), json!({}));
-    let bed = Bed::start(
-        &cfg,
-        [
-            MockOpts::default(),
-            MockOpts::default(),
-            MockOpts::default(),
-        ],
-    );
+    let cfg = ordered_config();
+    let bed = Bed::healthy(&cfg);
     bed.behave("a", json!({"status": 429, "retry_after": 2}));
     let r = bed.post(&[], &chat());
     assert_eq!(
@@ -613,14 +602,7 @@ fn bodies_up_to_max_body_bytes_are_retried() {
         json!({}),
         json!({"limits": {"max_body_bytes": max}}),
     );
-    let bed = Bed::start(
-        &cfg,
-        [
-            MockOpts::default(),
-            MockOpts::default(),
-            MockOpts::default(),
-        ],
-    );
+    let bed = Bed::healthy(&cfg);
     bed.behave("a", json!({"status": 503}));
     let mut body = chat();
     let filler = max - 200;
@@ -645,15 +627,8 @@ fn bodies_up_to_max_body_bytes_are_retried() {
 
 #[test]
 fn stream_broken_after_first_bytes_is_passed_through_and_counted() {
-    let cfg = config(&[p(0.1), p(0.5), p(2.0)], json!({}), json!({}));
-    let bed = Bed::start(
-        &cfg,
-        [
-            MockOpts::default(),
-            MockOpts::default(),
-            MockOpts::default(),
-        ],
-    );
+    let cfg = ordered_config();
+    let bed = Bed::healthy(&cfg);
     bed.behave("a", json!({"reset_mid": true}));
     let s = stream_request(bed.envoy.port(), &stream_chat());
     assert_eq!(s.status(), 200, "{}", s.head);

@@ -443,30 +443,14 @@ impl EnvoyConfig {
                 }),
             );
         }
-        let _ = write!(
+        // The plain cluster, then (at the protocol options' level) its filters and (back at
+        // the cluster's level) its circuit breakers.
+        self.write_cluster(y, &p.name, p.port, None);
+        let _ = writeln!(y, "        http_filters: {filters}");
+        let _ = writeln!(
             y,
-            r#"  - name: {name}
-    type: STATIC
-    connect_timeout: {connect}
-    circuit_breakers: {breakers}
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http_protocol_options: {{}}
-        http_filters: {filters}
-"#,
-            name = q(&p.name),
-            connect = secs(self.connect_timeout),
-            breakers = pieces["cluster_circuit_breakers"],
-            port = p.port,
+            "    circuit_breakers: {}",
+            pieces["cluster_circuit_breakers"]
         );
     }
 
