@@ -999,7 +999,11 @@ fn validate_providers(
                     .as_ref()
                     .and_then(|l| l.0.ttft_p50)
                     .map_or(defaults::OFFER_TTFT_P50_MS, |x| x.0),
-                ttft_p95_ms: o.latency_ms.as_ref().and_then(|l| l.0.ttft_p95).map(|x| x.0),
+                ttft_p95_ms: o
+                    .latency_ms
+                    .as_ref()
+                    .and_then(|l| l.0.ttft_p95)
+                    .map(|x| x.0),
                 uptime: o.uptime.map_or(defaults::OFFER_UPTIME, |x| x.0),
                 context_window: o.context_window.map(|x| x.0),
             }),
