@@ -122,7 +122,7 @@ wasm-test: toolchain ## the core's unit tests compiled to wasm32-wasip1, run und
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="node scripts/wasi-run.mjs" \
 		cargo test --lib --target $(TARGET) -- --nocapture --test-threads=1
 
-validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the .wasm), then the JSON Schema checks
+validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the .wasm), the JSON Schema checks, envoy-mode pieces vs. market-router-envoy-config
 	@shopt -s nullglob; files=(envoy/*.yaml); \
 	if [ $${#files[@]} -eq 0 ]; then echo "validate: no envoy/*.yaml to validate" >&2; exit 1; fi; \
 	$(find_envoy); \
@@ -140,13 +140,17 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	@.venv/bin/python scripts/gen-kong-meta.py --check
 	@.venv/bin/python scripts/gen-field-table.py --check
 	@set -o pipefail; .venv/bin/python scripts/check-schema.py | tail -1
+	@cargo build -q --example market-router-envoy-config
+	@.venv/bin/python scripts/check-envoy-config.py target/debug/examples/market-router-envoy-config envoy/*.yaml
 
-# The tests start the example binaries (mock providers, market sidecar) from target/debug/examples.
+# The tests start the example binaries (mock providers, market sidecar) from target/debug/examples;
+# tests/market_sim.rs runs the optimized market_sim (a debug build is over ten times slower).
 integration: build envoy kong-host catalogs clients ## the tests/*.rs suites against a real Envoy and Kong's wasm host (and real clients)
 	@shopt -s nullglob; files=(tests/*.rs); \
 	if [ $${#files[@]} -eq 0 ]; then echo "integration: no tests/*.rs yet" >&2; exit 1; fi
 	cargo build --examples
 	cargo build -p market-sidecar
+	cargo build --release --example market_sim
 	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo test --test '*' -- --test-threads=$(TEST_THREADS)
 
 test: toolchain build envoy kong-host catalogs lint unit wasm-test validate integration ## lint, unit, wasm-test, validate, integration (what CI runs)

@@ -984,7 +984,10 @@ fn start_variant_with(
     filter: Filter,
     gzip: bool,
 ) -> Result<Variant, String> {
-    let market_router = matches!(filter, Filter::MarketRouter { .. });
+    let market_router = matches!(
+        filter,
+        Filter::MarketRouter { .. } | Filter::MarketRouterEnvoy { .. }
+    );
     let cfg = EnvoyConfig::new()
         .provider(ProviderCluster::new("provider_a", upstream_port))
         .provider(ProviderCluster::new("provider_b", upstream_port))
@@ -1111,6 +1114,15 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
             sc,
             Filter::MarketRouter {
                 config_json: overhead_config("dispatch", true, true),
+            },
+        )?,
+        start_variant(
+            "n",
+            "market-router, envoy mode (Envoy's router makes the attempts; the module also runs as the clusters' upstream filter)",
+            up_port,
+            sc,
+            Filter::MarketRouterEnvoy {
+                config_json: overhead_config("envoy", true, true),
             },
         )?,
     ];
@@ -1464,9 +1476,21 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
                 ("e", "a"),
                 ("k", "h"),
                 ("l", "b"),
+                ("n", "b"),
+                ("n", "a"),
+                ("n", "c"),
+                ("n", "j"),
             ]
         } else {
-            &[("c", "a"), ("c", "b"), ("d", "a"), ("b", "a")]
+            &[
+                ("c", "a"),
+                ("c", "b"),
+                ("d", "a"),
+                ("b", "a"),
+                ("n", "b"),
+                ("n", "a"),
+                ("n", "c"),
+            ]
         };
         for (x, y) in pairs {
             cmp.insert(
@@ -1486,7 +1510,13 @@ fn overhead(opts: &Opts) -> Result<Value, String> {
     let c_a_p50 = paired("small", "lat", "c", "a", &d50);
     let floor_b = paired("small", "sat", "j", "b", &ratio);
     let floor_a_p50 = paired("small", "lat", "j", "a", &d50);
+    let n_b = paired("small", "sat", "n", "b", &ratio);
+    let n_b_large = paired("large", "sat", "n", "b", &ratio);
     let goals = json!([
+        {"goal": "envoy-mode throughput ≥ 0.8× the empty wasm filter's (n/b, 200-byte body, 16 connections)",
+         "value": round_to(n_b, 3), "target": 0.8, "pass": n_b >= 0.8},
+        {"goal": "envoy-mode throughput ≥ 0.8× the empty wasm filter's (n/b, 64 KiB body, 16 connections)",
+         "value": round_to(n_b_large, 3), "target": 0.8, "pass": n_b_large >= 0.8},
         {"goal": "route-mode throughput ≥ 0.95× the empty wasm filter's (c/b, 200-byte body, 16 connections)",
          "value": round_to(c_b, 3), "target": 0.95, "pass": c_b >= 0.95},
         {"goal": "route mode adds ≤ 20 µs p50 over Envoy without a filter (c−a, 200-byte body, 1 connection)",
@@ -1706,6 +1736,15 @@ fn streaming(opts: &Opts) -> Result<Value, String> {
                 config_json: overhead_config("route", true, false),
             },
         )?,
+        start_variant(
+            "n",
+            "market-router, envoy mode (static offers)",
+            port,
+            port,
+            Filter::MarketRouterEnvoy {
+                config_json: overhead_config("envoy", true, false),
+            },
+        )?,
     ];
     let kinds = [("usage", true), ("plain", false)];
     // Pre-flight: a real stream, through the filter, with the usage chunk when asked.
@@ -1782,7 +1821,7 @@ fn streaming(opts: &Opts) -> Result<Value, String> {
             }));
         }
         let mut cmp = serde_json::Map::new();
-        for (x, y) in [("b", "a"), ("c", "a"), ("c", "b")] {
+        for (x, y) in [("b", "a"), ("c", "a"), ("c", "b"), ("n", "b"), ("n", "c")] {
             let (sx, sy) = (series(x), series(y));
             let added: Vec<f64> = sx.iter().zip(&sy).map(|(p, q)| p.1 - q.1).collect();
             let cpu_ratio: Vec<f64> = sx.iter().zip(&sy).map(|(p, q)| q.1 / p.1).collect();
@@ -1872,6 +1911,10 @@ fn streaming_markdown(st: &Value) -> String {
 // ---------------------------------------------------------------------------------------------
 
 fn failover_mr_config() -> String {
+    failover_mr_config_in("route")
+}
+
+fn failover_mr_config_in(mode: &str) -> String {
     json!({
         "providers": [
             {"name": "a", "cluster": "provider_a", "models": {MODEL: MODEL},
@@ -1880,7 +1923,7 @@ fn failover_mr_config() -> String {
              "static_offer": static_offer(0.2, 0.8, 300, 0.99)}
         ],
         "routing": {"strategy": "cheapest"},
-        "failover": {"mode": "route", "circuit": {"failure_threshold": 3, "cooldown_ms": 5000}}
+        "failover": {"mode": mode, "circuit": {"failure_threshold": 3, "cooldown_ms": 5000}}
     })
     .to_string()
 }
@@ -1987,11 +2030,16 @@ fn failover_scenario(name: &str, opts: &Opts, body: &[u8], rtt_us: u64) -> Resul
     let a = MockProvider::start("a", &quiet)?;
     let b = MockProvider::start("b", &quiet)?;
     let concurrency = 2;
-    let (_mr, _raw, port, admin_port) = if name == "market-router" {
+    let (_mr, _raw, port, admin_port) = if name.starts_with("market-router") {
         let cfg = EnvoyConfig::new()
             .provider(ProviderCluster::new("provider_a", a.port()))
-            .provider(ProviderCluster::new("provider_b", b.port()))
-            .market_router(&failover_mr_config())
+            .provider(ProviderCluster::new("provider_b", b.port()));
+        let cfg = if name == "market-router-envoy" {
+            cfg.market_router_envoy(&failover_mr_config_in("envoy"))
+        } else {
+            cfg.market_router(&failover_mr_config())
+        };
+        let cfg = cfg
             .log_level("warning")
             .component_log_level("")
             .stats_flush_interval(Duration::from_secs(1));
@@ -2146,8 +2194,10 @@ fn failover(opts: &Opts) -> Result<Value, String> {
     }
     let rtt = pct(&lats, 50.0);
     let mr = failover_scenario("market-router", opts, &body, rtt)?;
+    let native = failover_scenario("market-router-envoy", opts, &body, rtt)?;
     let envoy = failover_scenario("envoy-retry", opts, &body, rtt)?;
     Ok(json!({
+        "market_router_envoy_mode": native,
         "upstream": "mock_provider --quiet (a and b), behaviour switched at runtime",
         "upstream_rtt_p50_us": rtt,
         "market_router": mr,
@@ -2605,11 +2655,12 @@ fn markdown(meta: &Value, overhead: &Value, failover: &Value, memory: &Value) ->
     }
     if !failover.is_null() {
         let mr = &failover["market_router"];
+        let nm = &failover["market_router_envoy_mode"];
         let ev = &failover["envoy_retry"];
         let _ = writeln!(md, "\n## 2. Failover under load\n");
         let _ = writeln!(
             md,
-            "{} client connections (keep-alive, closed loop, 200-byte body) for {} s; provider `a` answers 503 from t = {} s on. Upstreams: two mock providers (`--quiet`), one round trip {} µs (p50, direct). Envoy `--concurrency {}`.\n\n- **market-router**: route mode, `cheapest` (a first, then b), circuit `failure_threshold` 3, `cooldown_ms` 5000.\n- **Envoy retry**: {}.\n\nDead-provider attempts: the 503 answers provider `a` counted, over the requests started after the switch. Healthy: from 0.5 s to the switch; outage: from the switch to the end.\n",
+            "{} client connections (keep-alive, closed loop, 200-byte body) for {} s; provider `a` answers 503 from t = {} s on. Upstreams: two mock providers (`--quiet`), one round trip {} µs (p50, direct). Envoy `--concurrency {}`.\n\n- **market-router**: route mode, `cheapest` (a first, then b), circuit `failure_threshold` 3, `cooldown_ms` 5000; **envoy mode**: the same in `failover.mode: envoy`.\n- **Envoy retry**: {}.\n\nDead-provider attempts: the 503 answers provider `a` counted, over the requests started after the switch. Healthy: from 0.5 s to the switch; outage: from the switch to the end.\n",
             mr["connections"],
             mr["secs"],
             mr["switch_at_s"],
@@ -2619,23 +2670,23 @@ fn markdown(meta: &Value, overhead: &Value, failover: &Value, memory: &Value) ->
         );
         let _ = writeln!(
             md,
-            "| | market-router | Envoy retry + outlier detection | goal |\n|---|---:|---:|---|"
+            "| | market-router, route mode | market-router, envoy mode | Envoy retry + outlier detection | goal |\n|---|---:|---:|---:|---|"
         );
-        let row = |md: &mut String, label: &str, a: String, b: String, goal: &str| {
-            let _ = writeln!(md, "| {label} | {a} | {b} | {goal} |");
+        // One row: the cell of each setup (route mode, envoy mode, Envoy retry) and the goal.
+        let row = |md: &mut String, label: &str, cell: &dyn Fn(&Value) -> String, goal: &str| {
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {} | {goal} |",
+                cell(mr),
+                cell(nm),
+                cell(ev)
+            );
         };
-        row(
-            &mut md,
-            "requests",
-            mr["requests"].to_string(),
-            ev["requests"].to_string(),
-            "",
-        );
+        row(&mut md, "requests", &|v| v["requests"].to_string(), "");
         row(
             &mut md,
             "success ratio",
-            fmt_num(f(&mr["success_ratio"]) * 100.0, 3) + " %",
-            fmt_num(f(&ev["success_ratio"]) * 100.0, 3) + " %",
+            &|v| fmt_num(f(&v["success_ratio"]) * 100.0, 3) + " %",
             "100 %",
         );
         let failed = |v: &Value| -> String {
@@ -2668,58 +2719,48 @@ fn markdown(meta: &Value, overhead: &Value, failover: &Value, memory: &Value) ->
             }
             parts.join(" ")
         };
-        row(&mut md, "failed answers", failed(mr), failed(ev), "none");
+        row(&mut md, "failed answers", &failed, "none");
         row(
             &mut md,
             "dead-provider attempts per request (outage)",
-            format!(
-                "{} ({} / {})",
-                fmt_num(f(&mr["dead_attempts_per_request"]), 4),
-                mr["dead_attempts"],
-                mr["outage_requests"]
-            ),
-            format!(
-                "{} ({} / {})",
-                fmt_num(f(&ev["dead_attempts_per_request"]), 4),
-                ev["dead_attempts"],
-                ev["outage_requests"]
-            ),
+            &|v| {
+                format!(
+                    "{} ({} / {})",
+                    fmt_num(f(&v["dead_attempts_per_request"]), 4),
+                    v["dead_attempts"],
+                    v["outage_requests"]
+                )
+            },
             "≤ 0.01",
         );
         row(
             &mut md,
             "req/s healthy → outage",
-            format!(
-                "{} → {}",
-                fmt_num(f(&mr["healthy_rps"]), 0),
-                fmt_num(f(&mr["outage_rps"]), 0)
-            ),
-            format!(
-                "{} → {}",
-                fmt_num(f(&ev["healthy_rps"]), 0),
-                fmt_num(f(&ev["outage_rps"]), 0)
-            ),
+            &|v| {
+                format!(
+                    "{} → {}",
+                    fmt_num(f(&v["healthy_rps"]), 0),
+                    fmt_num(f(&v["outage_rps"]), 0)
+                )
+            },
             "",
         );
         row(
             &mut md,
             "outage throughput / healthy",
-            fmt_num(f(&mr["outage_throughput_share"]), 3),
-            fmt_num(f(&ev["outage_throughput_share"]), 3),
+            &|v| fmt_num(f(&v["outage_throughput_share"]), 3),
             "≥ 0.9",
         );
         row(
             &mut md,
             "p50 µs healthy → outage",
-            format!("{} → {}", mr["healthy_p50_us"], mr["outage_p50_us"]),
-            format!("{} → {}", ev["healthy_p50_us"], ev["outage_p50_us"]),
+            &|v| format!("{} → {}", v["healthy_p50_us"], v["outage_p50_us"]),
             "",
         );
         row(
             &mut md,
             "p99 µs healthy → outage",
-            format!("{} → {}", mr["healthy_p99_us"], mr["outage_p99_us"]),
-            format!("{} → {}", ev["healthy_p99_us"], ev["outage_p99_us"]),
+            &|v| format!("{} → {}", v["healthy_p99_us"], v["outage_p99_us"]),
             "outage ≤ healthy + 1 round trip + 5 ms",
         );
         let goals = |v: &Value| -> String {
@@ -2732,7 +2773,7 @@ fn markdown(meta: &Value, overhead: &Value, failover: &Value, memory: &Value) ->
                 pass(g["p99_within_budget"] == true)
             )
         };
-        row(&mut md, "goals", goals(mr), goals(ev), "");
+        row(&mut md, "goals", &goals, "");
     }
     if !memory.is_null() {
         let _ = writeln!(md, "\n## 3. Memory\n");

@@ -153,30 +153,57 @@ fn serde_answer(body: &[u8]) -> Result<Option<Usage>, ()> {
 
 // ---- fixtures ---------------------------------------------------------------------------
 
-/// A chat request of about `size` bytes: a system message, then user/assistant turns of
-/// prose with the escapes real prompts have (quotes, newlines, unicode).
-fn request_body(size: usize) -> Vec<u8> {
-    let head = r#"{"model":"llama-3.1-70b-instruct","messages":[{"role":"system","content":"You are terse."}"#;
-    let tail = r#"],"max_tokens":256,"temperature":0.2,"stream":false}"#;
-    let turn = r#",{"role":"user","content":"Summarize the \"market\" report:\nprices fell 3% — see table\u00e9 below, then list risks."}"#;
-    let mut out = head.to_string();
-    if size > 300 {
-        while out.len() + turn.len() + tail.len() < size {
-            out.push_str(turn);
-        }
-    } else {
-        out.push_str(r#",{"role":"user","content":"Hi there, how are you?"}"#);
+/// The model `make bench` asks for.
+const BENCH_MODEL: &str = "gpt-4o-mini";
+
+/// The request body `make bench` sends (examples/bench.rs `chat_body`), exactly `size` bytes:
+/// one user message of plain words, no escapes.
+fn bench_request(size: usize) -> Vec<u8> {
+    let head = format!(
+        r#"{{"model":"{BENCH_MODEL}","max_tokens":64,"messages":[{{"role":"user","content":""#
+    );
+    let tail = r#""}]}"#;
+    let fill = size.saturating_sub(head.len() + tail.len());
+    let words = "lorem ipsum dolor sit amet consectetur adipiscing elit ";
+    let mut content = String::with_capacity(fill);
+    while content.len() < fill {
+        content.push_str(words);
+    }
+    content.truncate(fill);
+    format!("{head}{content}{tail}").into_bytes()
+}
+
+/// A multi-turn chat request of about `size` bytes as clients send them: a system prompt,
+/// then user and assistant turns of prose with line breaks every 70-100 bytes, a quoted
+/// phrase now and then and a non-ASCII character sent escaped (one escape per ~80 bytes,
+/// as in pasted documents and chat transcripts), `stream` and `stream_options` last.
+fn chat_request(size: usize) -> Vec<u8> {
+    let head = format!(
+        r#"{{"model":"{BENCH_MODEL}","messages":[{{"role":"system","content":"You are a careful analyst.\nAnswer in short paragraphs; cite figures from the text."}}"#
+    );
+    let tail = r#"],"max_tokens":512,"temperature":0.2,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let user = r#",{"role":"user","content":"Here is the next part of the quarterly report.\nRevenue grew 4% year over year, driven by the \"enterprise\" tier,\nwhile margins held steady as operating costs rose with headcount.\nThe board expects caf\u00e9 and retail sales to recover next quarter.\nWhat are the main risks?"}"#;
+    let assistant = r#",{"role":"assistant","content":"Three risks stand out.\nFirst, growth depends on a single tier; a slowdown there hits revenue directly.\nSecond, costs rise with headcount, so margins shrink if hiring outpaces sales.\nThird, the retail recovery is a forecast, not a result."}"#;
+    let mut out = head;
+    let mut turn = 0;
+    while out.len() + user.len().max(assistant.len()) + tail.len() < size {
+        out.push_str(if turn % 2 == 0 { user } else { assistant });
+        turn += 1;
     }
     out.push_str(tail);
     out.into_bytes()
 }
 
-/// A non-streaming chat completion answer of about `size` bytes, `usage` last as providers
-/// send it.
-fn answer_body(size: usize) -> Vec<u8> {
-    let head = r#"{"id":"chatcmpl-9x","object":"chat.completion","created":1733000000,"model":"llama-3.1-70b","choices":[{"index":0,"message":{"role":"assistant","content":""#;
-    let tail = r#""},"finish_reason":"stop","logprobs":null}],"usage":{"prompt_tokens":1234,"completion_tokens":567,"total_tokens":1801},"system_fingerprint":"fp_1"}"#;
-    let piece = r#"The market moved \"sideways\" today.\n"#;
+/// The answer `make bench`'s upstream returns (examples/bench.rs `UPSTREAM_ANSWER`).
+const BENCH_ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":50,"completion_tokens":8,"total_tokens":58}}"#;
+
+/// A non-streaming chat completion of about `size` bytes as providers send it: markdown-ish
+/// prose with a line break every ~60 bytes and a quote now and then, `usage` after
+/// `choices`.
+fn chat_answer(size: usize) -> Vec<u8> {
+    let head = r#"{"id":"chatcmpl-9x2Lq","object":"chat.completion","created":1733000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Summary:\n\n"#;
+    let tail = r#""},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":1234,"completion_tokens":567,"total_tokens":1801,"prompt_tokens_details":{"cached_tokens":0}},"system_fingerprint":"fp_0ba0d124f1"}"#;
+    let piece = r#"- Revenue grew 4% on the \"enterprise\" tier alone.\n- Margins held; costs rose with headcount.\n- Retail recovery is forecast, not observed.\n\n"#;
     let mut out = head.to_string();
     while out.len() + piece.len() + tail.len() < size {
         out.push_str(piece);
@@ -254,11 +281,23 @@ fn main() {
         "native"
     };
 
-    let requests = [("request", 200), ("request", 64 << 10)];
-    let answers = [("answer", 1 << 10), ("answer", 64 << 10)];
+    let requests = [
+        ("request, make bench body", bench_request(200)),
+        ("request, make bench body", bench_request(64 << 10)),
+        ("request, chat with escapes", chat_request(2 << 10)),
+        ("request, chat with escapes", chat_request(64 << 10)),
+    ];
+    let answers = [
+        (
+            "answer, make bench upstream",
+            BENCH_ANSWER.as_bytes().to_vec(),
+        ),
+        ("answer, chat completion", chat_answer(4 << 10)),
+        ("answer, chat completion", chat_answer(64 << 10)),
+    ];
     let mut rows = Vec::new();
-    for (case, size) in requests {
-        let body = request_body(size);
+    for (case, body) in requests {
+        let size = body.len();
         let walker = request::parse(&body).ok();
         let typed = serde_request(&body);
         if walker.is_none() || walker != typed {
@@ -282,8 +321,8 @@ fn main() {
             serde: s,
         });
     }
-    for (case, size) in answers {
-        let body = answer_body(size);
+    for (case, body) in answers {
+        let size = body.len();
         let walker = metrics::inspect_answer(&body).map_err(|_| ());
         let typed = serde_answer(&body);
         if !matches!(walker, Ok(Some(_))) || walker != typed {

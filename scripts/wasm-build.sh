@@ -15,6 +15,9 @@
 #   BUILD=release      cargo profile (release, debug/dev, or a custom profile)
 #   WASM_ROUTE=auto    force a route: rustup or debian
 #   RUSTUP_TIMEOUT=120 seconds allowed for one `rustup target add` (one retry follows)
+#   WASM_OPT=auto      after a release build, binaryen's wasm-opt -O3 rewrites the .wasm when
+#                      wasm-opt is installed (Debian: binaryen); `off` skips it, `required`
+#                      fails without it. Debug builds are left as cargo wrote them.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,6 +27,11 @@ CRATE=market_router
 BUILD=${BUILD:-release}
 WASM_ROUTE=${WASM_ROUTE:-auto}
 RUSTUP_TIMEOUT=${RUSTUP_TIMEOUT:-120}
+WASM_OPT=${WASM_OPT:-auto}
+# The features rustc's wasm32-wasip1 output uses; wasm-opt needs them named once the
+# target_features section is stripped.
+WASM_OPT_FEATURES=(--enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int
+    --enable-mutable-globals --enable-multivalue --enable-reference-types)
 DEBIAN_PKGS=(rustc-web cargo-web rust-web-src lld-22 wasi-libc)
 DEBIAN_LINKER=wasm-ld-22
 DEBIAN_WASI_LIBDIR=/usr/lib/wasm32-wasi
@@ -145,6 +153,36 @@ profile_dir() {
     esac
 }
 
+# optimize FILE: wasm-opt -O3 on cargo's output. Cargo links FILE afresh from its copy under
+# deps/ on every build, so the optimized result is kept beside it (FILE.opt) with the checksum
+# of the input it was made from, and wasm-opt runs again only when cargo's output changed.
+optimize() {
+    local out=$1 src key tmp
+    case "$WASM_OPT" in
+    off) return 0 ;;
+    auto | required) ;;
+    *) die "WASM_OPT must be auto, off or required, not '$WASM_OPT'" ;;
+    esac
+    if ! command -v wasm-opt >/dev/null 2>&1; then
+        [ "$WASM_OPT" = required ] && die "WASM_OPT=required but wasm-opt (Debian: binaryen) is not installed"
+        log "wasm-opt not installed (Debian: binaryen): the .wasm stays as cargo built it"
+        return 0
+    fi
+    src="$(dirname "$out")/deps/$CRATE.wasm"
+    [ -f "$src" ] || src=$out
+    key="$(cksum <"$src") -O3 ${WASM_OPT_FEATURES[*]}"
+    if ! [ -f "$out.opt" ] || [ "$(cat "$out.opt.key" 2>/dev/null)" != "$key" ]; then
+        log "wasm-opt -O3 $out ($(wc -c <"$src") bytes)"
+        wasm-opt "${WASM_OPT_FEATURES[@]}" -O3 "$src" -o "$out.opt" || {
+            rm -f "$out.opt"
+            die "wasm-opt failed on $src"
+        }
+        echo "$key" >"$out.opt.key"
+    fi
+    tmp="$out.tmp"
+    cp "$out.opt" "$tmp" && mv -f "$tmp" "$out"
+}
+
 build() {
     local route out
     route=$(ensure)
@@ -164,6 +202,7 @@ build() {
     esac
     out="${CARGO_TARGET_DIR:-target}/$TARGET/$(profile_dir)/$CRATE.wasm"
     [ -f "$out" ] || die "the build finished but $out is missing"
+    [ "$(profile_dir)" = debug ] || optimize "$out"
     log "built $out ($(wc -c <"$out") bytes) by the $route route"
 }
 

@@ -4,7 +4,7 @@
 //! Bounded by `failover.max_attempts`, the overall deadline and the ranked list; a provider is
 //! never tried twice for one request.
 
-use crate::config::{Config, RetryOn};
+use crate::config::{Config, Failover, RetryOn};
 use crate::errors::ApiError;
 use crate::health::Observation;
 use crate::select::Candidate;
@@ -190,6 +190,15 @@ fn status_outcome(status: u32, retry_after_ms: Option<u64>) -> Outcome {
     }
 }
 
+/// What the walk does after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The answer at hand goes to the client (a success, or a failure not worth retrying).
+    Deliver,
+    /// Try the next provider, if any is left.
+    FailOver,
+}
+
 /// Attempts made so far for one request.
 #[derive(Debug, Clone)]
 pub struct Attempts {
@@ -331,6 +340,51 @@ impl Attempts {
         }
     }
 
+    /// The next attempt of the walk: (candidate index, timeout). A candidate that would be the
+    /// half-open probe of an open circuit goes only when `claim_probe(provider)` wins the probe;
+    /// when another request holds it, the candidate leaves `candidates` and the walk goes on.
+    pub fn pick(
+        &self,
+        candidates: &mut Vec<Candidate>,
+        now_ms: u64,
+        mut claim_probe: impl FnMut(usize) -> bool,
+    ) -> Option<(usize, u64)> {
+        loop {
+            match self.next(candidates, now_ms) {
+                Next::GiveUp => return None,
+                Next::Try {
+                    candidate,
+                    timeout_ms,
+                } => {
+                    let c = &candidates[candidate];
+                    if c.probe && !claim_probe(c.provider) {
+                        candidates.remove(candidate);
+                        continue;
+                    }
+                    return Some((candidate, timeout_ms));
+                }
+            }
+        }
+    }
+
+    /// Records the outcome of the attempt in flight (`ttfb_ms` for a streaming answer) and
+    /// says what follows: what health should learn of the provider (none for an outcome that
+    /// says nothing about it) and whether the answer goes to the client or the walk fails over.
+    pub fn conclude(
+        &mut self,
+        outcome: Outcome,
+        ttfb_ms: Option<f64>,
+        failover: &Failover,
+    ) -> (Option<Observation>, Step) {
+        self.finish(outcome);
+        let step = if outcome.retryable(&failover.retry_on, &failover.retry_on_status) {
+            Step::FailOver
+        } else {
+            Step::Deliver
+        };
+        (outcome.observation(ttfb_ms), step)
+    }
+
     /// Shortest `Retry-After` any attempt reported, in whole seconds.
     pub fn min_retry_after_s(&self) -> Option<u64> {
         self.tried
@@ -359,6 +413,8 @@ mod tests {
             input_per_mtok: 1.0,
             output_per_mtok: 1.0,
             ttft_ms: 1.0,
+            ttft_p50_ms: 1.0,
+            ttft_p95_ms: f64::NAN,
             uptime: 1.0,
             reliability: 1.0,
             availability: crate::market::Availability::Online,
@@ -367,6 +423,7 @@ mod tests {
             score: 1.0,
             probe: false,
             beyond_ttft_target: false,
+            value_usd: 1.0,
         }
     }
 
@@ -566,6 +623,58 @@ mod tests {
         a.finish(Outcome::Timeout);
         assert_eq!(a.next(&cands, 1500), Next::GiveUp);
         assert_eq!(a.final_error(&c, "m", None).status, 504);
+    }
+
+    #[test]
+    fn pick_claims_probes_and_conclude_decides_the_next_step() {
+        let c = config("");
+        let mut cands: Vec<Candidate> = (0..3).map(cand).collect();
+        cands[0].probe = true;
+        cands[1].probe = true;
+        let a = Attempts::new(&c, 0);
+        // 0's probe is taken by another request: it leaves the list; 1's is won.
+        let mut asked = Vec::new();
+        let picked = a.pick(&mut cands, 0, |p| {
+            asked.push(p);
+            p == 1
+        });
+        assert_eq!(picked, Some((0, c.failover.attempt_timeout_ms)));
+        assert_eq!(asked, [0, 1]);
+        assert_eq!(cands.iter().map(|c| c.provider).collect::<Vec<_>>(), [1, 2]);
+        let mut a = a;
+        a.start(1);
+        let (obs, step) = a.conclude(
+            Outcome::Status {
+                status: 503,
+                retry_after_ms: None,
+            },
+            None,
+            &c.failover,
+        );
+        assert_eq!(step, Step::FailOver);
+        assert!(matches!(obs, Some(Observation::Failure { .. })));
+        assert_eq!(a.tried.len(), 1);
+        a.start(2);
+        let (obs, step) = a.conclude(Outcome::Success(200), Some(120.0), &c.failover);
+        assert_eq!(step, Step::Deliver);
+        assert_eq!(
+            obs,
+            Some(Observation::Success {
+                ttfb_ms: Some(120.0)
+            })
+        );
+        // A client error is delivered as it is and tells health nothing.
+        let mut b = Attempts::new(&c, 0);
+        b.start(0);
+        let (obs, step) = b.conclude(
+            Outcome::Status {
+                status: 400,
+                retry_after_ms: None,
+            },
+            None,
+            &c.failover,
+        );
+        assert_eq!((obs, step), (None, Step::Deliver));
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //!    that span fields (unique provider names, `routing.default_provider`, deadlines).
 //!
 //! Either step's error names the field path, the bad value and what is allowed, e.g.
-//! ``field `routing.strategy` = "fastes": expected one of cheapest, fastest, most_reliable,
-//! balanced, weighted``. Unknown fields are refused the same way (their value not shown, it
+//! ``field `routing.strategy` = "fastes": expected one of value, cheapest, fastest,
+//! most_reliable, balanced, weighted``. Unknown fields are refused the same way (their value not shown, it
 //! may be a credential), so a typo never silently falls back to a default.
 
 pub mod leaf;
@@ -58,6 +58,11 @@ impl Wire for ProviderType {
 /// Routing strategies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
+    /// Lowest expected cost per answer: the request's expected cost × (1 + the provider's
+    /// expected failure share), raised in proportion for providers whose median time to first
+    /// token is over 1.3× the target (`routing.ttft_target_ms`, else the median of the model's
+    /// offers). The default.
+    Value,
     /// Lowest expected cost of this request.
     Cheapest,
     /// Lowest time to first token.
@@ -74,6 +79,7 @@ impl Strategy {
     /// Wire name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Value => "value",
             Self::Cheapest => "cheapest",
             Self::Fastest => "fastest",
             Self::MostReliable => "most_reliable",
@@ -90,6 +96,7 @@ impl Strategy {
 
 impl Wire for Strategy {
     const ALL: &'static [Self] = &[
+        Self::Value,
         Self::Cheapest,
         Self::Fastest,
         Self::MostReliable,
@@ -110,6 +117,8 @@ pub struct StaticOffer {
     pub output_per_mtok: f64,
     /// Median time to first token, ms.
     pub ttft_p50_ms: f64,
+    /// 95th percentile time to first token, ms, if known (bounds an attempt in envoy mode).
+    pub ttft_p95_ms: Option<f64>,
     /// Share of successful requests, 0..1.
     pub uptime: f64,
     /// Max context tokens, if known.
@@ -234,6 +243,9 @@ pub enum FailoverMode {
     Route,
     /// Every attempt by `dispatch_http_call`.
     Dispatch,
+    /// Every attempt by Envoy's router, in the filter's order (priority-group cluster specifier
+    /// with `refresh_cluster_on_retry`); the same module runs as an upstream filter per attempt.
+    Envoy,
 }
 
 impl FailoverMode {
@@ -242,12 +254,13 @@ impl FailoverMode {
         match self {
             Self::Route => "route",
             Self::Dispatch => "dispatch",
+            Self::Envoy => "envoy",
         }
     }
 }
 
 impl Wire for FailoverMode {
-    const ALL: &'static [Self] = &[Self::Route, Self::Dispatch];
+    const ALL: &'static [Self] = &[Self::Route, Self::Dispatch, Self::Envoy];
     fn as_str(self) -> &'static str {
         FailoverMode::as_str(self)
     }
@@ -361,6 +374,9 @@ pub struct Failover {
     pub circuit: Circuit,
     /// Whether the client's own `authorization` header is sent to providers.
     pub forward_client_authorization: bool,
+    /// Envoy mode: an attempt's time to first byte is bounded by the offer's `ttft_p95` times
+    /// this factor (within `attempt_timeout_ms`).
+    pub ttft_timeout_factor: f64,
 }
 
 /// The validated configuration.
@@ -465,7 +481,7 @@ pub mod defaults {
     /// `market.timeout_ms`
     pub const MARKET_TIMEOUT_MS: u64 = 1000;
     /// `routing.strategy`
-    pub const STRATEGY: Strategy = Strategy::Balanced;
+    pub const STRATEGY: Strategy = Strategy::Value;
     /// `routing.weights`
     pub const WEIGHTS: Weights = Weights {
         price: 0.5,
@@ -504,6 +520,8 @@ pub mod defaults {
     };
     /// `failover.forward_client_authorization`
     pub const FORWARD_CLIENT_AUTHORIZATION: bool = false;
+    /// `failover.ttft_timeout_factor`
+    pub const TTFT_TIMEOUT_FACTOR: f64 = 2.0;
     /// `limits.max_body_bytes`
     pub const MAX_BODY_BYTES: u64 = 1 << 20;
     /// `limits.max_snapshot_bytes`
@@ -781,6 +799,7 @@ impl RawConfig {
                 retry_on_status: Vec::new(),
                 circuit: defaults::CIRCUIT,
                 forward_client_authorization: defaults::FORWARD_CLIENT_AUTHORIZATION,
+                ttft_timeout_factor: defaults::TTFT_TIMEOUT_FACTOR,
             },
             Some(f) => {
                 let attempt_timeout_ms = f
@@ -829,9 +848,26 @@ impl RawConfig {
                     forward_client_authorization: f
                         .forward_client_authorization
                         .map_or(defaults::FORWARD_CLIENT_AUTHORIZATION, |b| b.0),
+                    ttft_timeout_factor: f
+                        .ttft_timeout_factor
+                        .map_or(defaults::TTFT_TIMEOUT_FACTOR, |x| x.0),
                 }
             }
         };
+
+        if failover.mode == FailoverMode::Envoy {
+            // The upstream role tells providers apart by the attempt's cluster.
+            for (i, p) in providers.iter().enumerate() {
+                if providers[..i].iter().any(|q| q.cluster == p.cluster) {
+                    return Err(ConfigError {
+                        field: format!("providers[{i}].cluster"),
+                        value: Value::from(p.cluster.as_str()).to_string(),
+                        expected: "expected a cluster no other provider uses (failover.mode envoy)"
+                            .into(),
+                    });
+                }
+            }
+        }
 
         let (max_body_bytes, max_snapshot_bytes) = match self.limits.map(|l| l.0) {
             None => (defaults::MAX_BODY_BYTES, defaults::MAX_SNAPSHOT_BYTES),
@@ -960,8 +996,14 @@ fn validate_providers(
                 output_per_mtok: o.price.0.output_per_mtok.0,
                 ttft_p50_ms: o
                     .latency_ms
+                    .as_ref()
                     .and_then(|l| l.0.ttft_p50)
                     .map_or(defaults::OFFER_TTFT_P50_MS, |x| x.0),
+                ttft_p95_ms: o
+                    .latency_ms
+                    .as_ref()
+                    .and_then(|l| l.0.ttft_p95)
+                    .map(|x| x.0),
                 uptime: o.uptime.map_or(defaults::OFFER_UPTIME, |x| x.0),
                 context_window: o.context_window.map(|x| x.0),
             }),
@@ -1061,7 +1103,7 @@ mod tests {
         let c = Config::parse(MIN.as_bytes()).unwrap();
         assert_eq!(c.providers[0].authority, "ca");
         assert_eq!(c.providers[0].model_id("m"), Some("m-id"));
-        assert_eq!(c.routing.strategy, Strategy::Balanced);
+        assert_eq!(c.routing.strategy, Strategy::Value);
         assert_eq!(c.routing.cluster_header, "x-market-router-cluster");
         assert_eq!(c.failover.mode, FailoverMode::Route);
         assert_eq!(c.failover.max_attempts, 3);
@@ -1122,7 +1164,7 @@ mod tests {
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":{"strategy":"fastes"}}"#,
-                "field `routing.strategy` = \"fastes\": expected one of cheapest, fastest, most_reliable, balanced, weighted",
+                "field `routing.strategy` = \"fastes\": expected one of value, cheapest, fastest, most_reliable, balanced, weighted",
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":{"stratgy":"fastest"}}"#,
@@ -1166,7 +1208,7 @@ mod tests {
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"failover":{"mode":"hedge"}}"#,
-                "field `failover.mode` = \"hedge\": expected one of route, dispatch",
+                "field `failover.mode` = \"hedge\": expected one of route, dispatch, envoy",
             ),
             (
                 r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"limits":{"max_body_bytes":0}}"#,

@@ -5,9 +5,29 @@
 
 use serde_json::json;
 
+/// Why the filter answered a request itself: what its counters count (`code` is the same
+/// fact as the client reads it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// 400: the body cannot be routed.
+    BadRequest,
+    /// 404: no configured provider serves the model.
+    UnknownModel,
+    /// 413: the body is over the limit.
+    TooLarge,
+    /// 503: no candidate meets the constraints or is healthy.
+    NoProvider,
+    /// Every attempt failed.
+    AllFailed,
+    /// A host call failed.
+    Internal,
+}
+
 /// An error the filter answers on its own, without (or after) reaching a provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// Why, for the counters.
+    pub reason: Reason,
     /// HTTP status of the local reply.
     pub status: u32,
     /// OpenAI error `type`.
@@ -22,6 +42,7 @@ impl ApiError {
     /// 400: the request body cannot be routed (not JSON, no `model`).
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self {
+            reason: Reason::BadRequest,
             status: 400,
             kind: "invalid_request_error",
             code,
@@ -32,6 +53,7 @@ impl ApiError {
     /// 404: no configured provider serves the model.
     pub fn unknown_model(model: &str) -> Self {
         Self {
+            reason: Reason::UnknownModel,
             status: 404,
             kind: "invalid_request_error",
             code: "model_not_found",
@@ -45,6 +67,7 @@ impl ApiError {
     /// 413: the body is larger than `limits.max_body_bytes`.
     pub fn body_too_large(limit: usize) -> Self {
         Self {
+            reason: Reason::TooLarge,
             status: 413,
             kind: "invalid_request_error",
             code: "request_too_large",
@@ -55,6 +78,7 @@ impl ApiError {
     /// 503: candidates exist but none meets the constraints or is healthy.
     pub fn no_provider(message: impl Into<String>) -> Self {
         Self {
+            reason: Reason::NoProvider,
             status: 503,
             kind: "service_unavailable",
             code: "no_provider_available",
@@ -65,6 +89,7 @@ impl ApiError {
     /// 502/503/504: every attempt failed.
     pub fn all_failed(status: u32, message: impl Into<String>) -> Self {
         Self {
+            reason: Reason::AllFailed,
             status,
             kind: "upstream_error",
             code: "all_providers_failed",
@@ -75,6 +100,7 @@ impl ApiError {
     /// 500: the filter itself could not proceed (a host call failed).
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
+            reason: Reason::Internal,
             status: 500,
             kind: "internal_error",
             code: "market_router_internal",

@@ -224,12 +224,14 @@ pub fn route(
                         "input_per_mtok": num(c.input_per_mtok),
                         "output_per_mtok": num(c.output_per_mtok),
                         "ttft_ms": num(c.ttft_ms),
+                        "ttft_p50_ms": num(c.ttft_p50_ms),
                         "uptime": num(c.uptime),
                         "reliability": num(c.reliability),
                         "availability": c.availability.as_str(),
                         "provider_type": c.provider_type.as_str(),
                         "region": market.and_then(|m| m.offer(model, c.provider)).and_then(|o| o.region.clone()).or(p.region.clone()),
                         "expected_cost_usd": num(c.expected_cost_usd),
+                        "value_usd": num(c.value_usd),
                         "score": num(c.score),
                         "probe": c.probe,
                         "beyond_ttft_target": c.beyond_ttft_target,
@@ -243,7 +245,8 @@ pub fn route(
                 json!({
                     "model": model,
                     "strategy": r.strategy.as_str(),
-                    "ttft_target_ms": config.routing.ttft_target_ms,
+                    "ttft_target_ms": r.ttft_target_ms,
+                    "ttft_target_source": r.ttft_target_source,
                     "last_resort": r.last_resort,
                     "assumed_tokens": {"input": input_tokens, "output": req.max_tokens},
                     "candidates": cands,
@@ -307,6 +310,32 @@ mod tests {
         assert_eq!(v["data"][0]["providers"].as_array().unwrap().len(), 2);
         assert_eq!(v["data"][1]["id"], "n");
         assert_eq!(v["data"][1]["providers"][0]["source"], "static");
+    }
+
+    #[test]
+    fn route_shows_the_target_the_default_derived() {
+        let c = Config::parse(
+            br#"{"providers":[
+              {"name":"slow","cluster":"c1","models":{"m":"m"},"static_offer":{"price":{"input_per_mtok":0.1,"output_per_mtok":0.1},"latency_ms":{"ttft_p50":1300}}},
+              {"name":"mid","cluster":"c2","models":{"m":"m"},"static_offer":{"price":{"input_per_mtok":0.12,"output_per_mtok":0.12},"latency_ms":{"ttft_p50":400}}},
+              {"name":"fast","cluster":"c3","models":{"m":"m"},"static_offer":{"price":{"input_per_mtok":1,"output_per_mtok":1},"latency_ms":{"ttft_p50":200}}}]}"#,
+        )
+        .unwrap();
+        let (status, v) = route(&c, None, &HealthTable::default(), "m", 1000, Some(200), 0);
+        assert_eq!(status, 200);
+        assert_eq!(v["strategy"], "value");
+        // The median of 1300, 400 and 200 ms; slow is 1300 / (1.3 × 400) = 2.5× over the bar.
+        assert_eq!(v["ttft_target_ms"], 400.0, "{v}");
+        assert_eq!(v["ttft_target_source"], "market_median");
+        assert_eq!(v["candidates"][0]["provider"], "mid", "{v}");
+        assert_eq!(v["candidates"][1]["provider"], "slow", "{v}");
+        let slow = &v["candidates"][1];
+        let ratio =
+            slow["value_usd"].as_f64().unwrap() / slow["expected_cost_usd"].as_f64().unwrap();
+        // × (1 + 1 − 0.99): the static offers' default uptime.
+        assert!((ratio - 2.5 * 1.01).abs() < 0.005, "{v}");
+        assert_eq!(slow["beyond_ttft_target"], true);
+        assert_eq!(v["candidates"][0]["score"], 1.0);
     }
 
     #[test]

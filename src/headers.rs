@@ -2,6 +2,7 @@
 //! attempt carries, what the answer sent back keeps, and the affinity slot encoding.
 
 use crate::config::{Config, ProviderType, Strategy};
+use crate::rng::fnv1a;
 use crate::select::Prefs;
 
 /// The default `routing.cluster_header`.
@@ -154,16 +155,6 @@ pub fn usd8(usd: f64, buf: &mut [u8; 32]) -> Option<&str> {
         frac /= 10;
     }
     std::str::from_utf8(&buf[..len]).ok()
-}
-
-/// 64-bit FNV-1a, used to place affinity values into slots.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// Number of affinity slots in shared data (bounded memory; a collision only costs stickiness).

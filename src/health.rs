@@ -185,6 +185,34 @@ impl HealthTable {
         self.providers.entry_ref(name).or_default()
     }
 
+    /// One worker's copy of the table: applies a success that other workers need not hear
+    /// of (an admitted provider whose record stays clean, its time to first byte within noise
+    /// of its average) and returns true. Anything else is left to the caller, who writes it to
+    /// the shared table (false).
+    pub fn observe_locally(
+        &mut self,
+        provider: &str,
+        obs: Observation,
+        now: u64,
+        circuit: &Circuit,
+    ) -> bool {
+        let Observation::Success { ttfb_ms } = obs else {
+            return false;
+        };
+        let current = self.providers.get(provider);
+        if !current.is_none_or(|r| r.admission(now) == Admission::Open) {
+            return false;
+        }
+        let mut rec = current.cloned().unwrap_or_default();
+        if rec.observe(obs, now, circuit) {
+            return false;
+        }
+        if ttfb_ms.is_some() {
+            self.providers.insert(provider.to_string(), rec);
+        }
+        true
+    }
+
     /// Shared-data encoding.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
@@ -298,6 +326,24 @@ mod tests {
         h.observe(FAIL, 0, &C);
         assert!(h.observe(OK, 0, &C), "recovery must be shared");
         assert!(h.error_rate > 0.0);
+    }
+
+    #[test]
+    fn only_routine_successes_stay_local() {
+        let mut t = HealthTable::default();
+        let ttfb = |ms| Observation::Success { ttfb_ms: Some(ms) };
+        // The first latency sample is news for every worker; a failure always is.
+        assert!(!t.observe_locally("a", ttfb(100.0), 0, &C));
+        assert!(!t.observe_locally("a", FAIL, 0, &C));
+        assert!(t.providers.is_empty(), "left to the shared write");
+        t.entry("a").observe(ttfb(100.0), 0, &C);
+        assert!(t.observe_locally("a", ttfb(103.0), 0, &C));
+        assert_eq!(t.get("a").samples, 2, "kept in this worker's copy");
+        // A provider under an open circuit: its success closes it, which others must hear.
+        for _ in 0..3 {
+            t.entry("a").observe(FAIL, 0, &C);
+        }
+        assert!(!t.observe_locally("a", OK, 10, &C));
     }
 
     #[test]

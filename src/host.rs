@@ -232,6 +232,12 @@ pub(crate) fn set_decision_property(value: &[u8]) -> bool {
     }
 }
 
+/// Writes a per-request property (Envoy: filter state `wasm.<name>`, shared by a request's
+/// downstream and upstream filters; envoy mode only). False when the host refused.
+pub(crate) fn set_property(name: &str, value: &[u8]) -> bool {
+    hostcalls::set_property(vec![name], Some(value)).is_ok()
+}
+
 /// Monotonic-enough nanoseconds for measuring the filter's own work (0 if unavailable).
 pub(crate) fn now_ns() -> u128 {
     hostcalls::get_current_time()

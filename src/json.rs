@@ -119,8 +119,9 @@ fn word(b: &[u8], i: usize) -> u64 {
 }
 
 /// Skips string content that needs no attention (no quote, no backslash, no control byte), 32
-/// bytes at a time while it can, then eight. Returns the index of the first 8-byte word that
-/// has such a byte (or of the tail shorter than a word).
+/// bytes at a time while it can, then eight. Returns the index of the first such byte (or of
+/// the tail shorter than a word): the lowest flagged byte of a word is exact (a borrow only
+/// ever flags bytes above a real match).
 fn plain_run(b: &[u8], mut i: usize) -> usize {
     while i + 32 <= b.len()
         && special(word(b, i))
@@ -131,8 +132,11 @@ fn plain_run(b: &[u8], mut i: usize) -> usize {
     {
         i += 32;
     }
-    while i + 8 <= b.len() && special(word(b, i)) == 0 {
-        i += 8;
+    while i + 8 <= b.len() {
+        match special(word(b, i)) {
+            0 => i += 8,
+            flags => return i + (flags.trailing_zeros() / 8) as usize,
+        }
     }
     i
 }

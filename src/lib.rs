@@ -10,6 +10,8 @@ pub mod answer;
 pub mod attempt;
 pub mod config;
 pub mod decision;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod envoy_config;
 pub mod errors;
 pub mod explain;
 pub mod headers;
@@ -17,6 +19,7 @@ pub mod health;
 pub mod json;
 pub mod market;
 pub mod metrics;
+pub mod native;
 pub mod request;
 pub mod rng;
 pub mod select;

@@ -56,6 +56,9 @@ pub struct Offer {
     /// Median time to first token, ms.
     #[serde(rename = "t")]
     pub ttft_p50_ms: f64,
+    /// 95th percentile time to first token, ms, if the market gives it.
+    #[serde(rename = "t95", default, skip_serializing_if = "Option::is_none")]
+    pub ttft_p95_ms: Option<f64>,
     /// Share of successful requests, 0..1.
     #[serde(rename = "u")]
     pub uptime: f64,
@@ -325,6 +328,7 @@ pub fn check_offer(v: &Value) -> Result<Offer, String> {
         input_per_mtok: input,
         output_per_mtok: output,
         ttft_p50_ms: ttft,
+        ttft_p95_ms: num("latency_ms", "ttft_p95").filter(|x| *x > 0.0),
         uptime,
         availability,
         provider_type,

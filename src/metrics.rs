@@ -1,6 +1,7 @@
 //! Metric names and the cost arithmetic behind them. The glue defines each name once per VM
 //! and keeps the ids; Envoy shows them under `wasmcustom.` in `/stats` and `/stats/prometheus`.
 
+use crate::errors::Reason;
 use crate::json;
 
 /// Counters not tied to a provider.
@@ -57,6 +58,18 @@ impl Global {
         Global::RolloutDefault,
         Global::StreamFailedMidway,
     ];
+
+    /// The counter of the answers the filter gives itself for `reason`, if one counts them.
+    pub fn rejected(reason: Reason) -> Option<Global> {
+        match reason {
+            Reason::BadRequest => Some(Global::RejectedBadRequest),
+            Reason::UnknownModel => Some(Global::RejectedUnknownModel),
+            Reason::TooLarge => Some(Global::RejectedTooLarge),
+            Reason::NoProvider => Some(Global::RejectedNoProvider),
+            Reason::AllFailed => Some(Global::AllFailed),
+            Reason::Internal => None,
+        }
+    }
 
     /// Metric name.
     pub fn name(self) -> &'static str {
@@ -262,6 +275,37 @@ pub fn usage_in_sse(chunk: &[u8]) -> Option<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::errors::ApiError;
+
+    #[test]
+    fn local_answers_count_by_reason() {
+        let counted = |e: ApiError| Global::rejected(e.reason).map(Global::name);
+        assert_eq!(
+            counted(ApiError::bad_request("invalid_json", "x")),
+            Some("market_router.rejected.bad_request")
+        );
+        assert_eq!(
+            counted(ApiError::bad_request("model_missing", "x")),
+            Some("market_router.rejected.bad_request")
+        );
+        assert_eq!(
+            counted(ApiError::unknown_model("m")),
+            Some("market_router.rejected.unknown_model")
+        );
+        assert_eq!(
+            counted(ApiError::body_too_large(1)),
+            Some("market_router.rejected.too_large")
+        );
+        assert_eq!(
+            counted(ApiError::no_provider("x")),
+            Some("market_router.rejected.no_provider")
+        );
+        assert_eq!(
+            counted(ApiError::all_failed(502, "x")),
+            Some("market_router.all_failed")
+        );
+        assert_eq!(counted(ApiError::internal("x")), None);
+    }
 
     #[test]
     fn names_are_stable_and_safe() {

@@ -1,4 +1,5 @@
-//! A small seeded PRNG (SplitMix64): deterministic under a seed, no host calls.
+//! A small seeded PRNG (SplitMix64) and the hash that buckets affinity values: deterministic,
+//! no host calls.
 
 /// Seeded pseudo-random numbers.
 #[derive(Debug, Clone)]
@@ -25,6 +26,16 @@ impl Rng {
     }
 }
 
+/// 64-bit FNV-1a: places affinity values into shared-data slots and rollout buckets.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +50,12 @@ mod tests {
             assert!((0.0..1.0).contains(&x));
         }
         assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
+    }
+
+    #[test]
+    fn fnv1a_matches_the_published_vectors() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
     }
 }

@@ -50,6 +50,11 @@ pub struct Candidate {
     pub output_per_mtok: f64,
     /// Time to first token used for ranking, ms.
     pub ttft_ms: f64,
+    /// Its median time to first token as the market (or the static offer) gives it, ms: what
+    /// `ttft_ms` is before observed latency raises it.
+    pub ttft_p50_ms: f64,
+    /// 95th percentile time to first token from the offer, ms (NaN when unknown).
+    pub ttft_p95_ms: f64,
     /// Market (or static) uptime.
     pub uptime: f64,
     /// Reliability used for ranking: uptime discounted by observed errors and availability.
@@ -60,6 +65,9 @@ pub struct Candidate {
     pub provider_type: ProviderType,
     /// Expected cost of this request, USD.
     pub expected_cost_usd: f64,
+    /// What the `value` strategy compares, USD: the expected cost × (1 + the expected share of
+    /// failed attempts, 1 − reliability) × (time to first token / target, when over it).
+    pub value_usd: f64,
     /// Score under the strategy used (higher is better).
     pub score: f64,
     /// This attempt would be the half-open probe of an open circuit.
@@ -200,6 +208,11 @@ pub struct Ranking {
     pub stale: bool,
     /// Every candidate was held back by health; these are tried anyway, soonest-free first.
     pub last_resort: bool,
+    /// The time-to-first-token target ranked against, ms: `routing.ttft_target_ms`, else under
+    /// the `value` strategy the median of the model's offers (none when nothing is known).
+    pub ttft_target_ms: Option<f64>,
+    /// Where the target comes from: `configured` or `market_median`.
+    pub ttft_target_source: Option<&'static str>,
 }
 
 /// Why nothing can be ranked.
@@ -229,11 +242,16 @@ pub fn rank(
     };
     let in_tokens = req.estimated_input_tokens();
     let out_tokens = req.estimated_output_tokens(config.routing.default_output_tokens);
+    // `max_tokens` is a ceiling (the context window must hold it), not what answers usually
+    // take: the cost estimate counts the smaller of it and `default_output_tokens`.
+    let cost_out_tokens = out_tokens.min(config.routing.default_output_tokens);
     let c = &config.routing.constraints;
     let mut serving = 0;
     let mut candidates = Vec::new();
     let mut excluded = Vec::new();
     let mut held_back: Vec<(u64, Candidate)> = Vec::new();
+    // Median TTFTs of the model's offers that are not offline: the market's typical speed.
+    let mut medians: Vec<f64> = Vec::new();
     for (idx, p) in config.providers.iter().enumerate() {
         let Some(configured_model) = p.model_id(&req.model) else {
             continue;
@@ -254,6 +272,12 @@ pub fn rank(
         let window = offer
             .and_then(|o| o.context_window)
             .or(p.static_offer.as_ref().and_then(|s| s.context_window));
+        if cand.source != Source::Unknown
+            && cand.ttft_ms.is_finite()
+            && cand.availability != Availability::Offline
+        {
+            medians.push(cand.ttft_ms);
+        }
         if let Some(reason) = check(
             c,
             prefs,
@@ -294,7 +318,7 @@ pub fn rank(
                 cand.ttft_ms = h.ttfb_ms;
             }
             cand.expected_cost_usd = (in_tokens as f64 * cand.input_per_mtok
-                + out_tokens as f64 * cand.output_per_mtok)
+                + cost_out_tokens as f64 * cand.output_per_mtok)
                 / 1e6;
         }
         match held {
@@ -308,6 +332,25 @@ pub fn rank(
     if serving == 0 {
         return Err(NoRoute::UnknownModel);
     }
+    let (ttft_target_ms, ttft_target_source) = match config.routing.ttft_target_ms {
+        Some(t) => (Some(t), Some("configured")),
+        None if strategy == Strategy::Value => match median(&mut medians) {
+            Some(t) => (Some(t), Some("market_median")),
+            None => (None, None),
+        },
+        None => (None, None),
+    };
+    if config.routing.ttft_target_ms.is_none() {
+        if let Some(t) = ttft_target_ms {
+            for c in candidates
+                .iter_mut()
+                .chain(held_back.iter_mut().map(|(_, c)| c))
+            {
+                c.beyond_ttft_target =
+                    c.source == Source::Unknown || c.ttft_ms.is_nan() || value_ttft(c) > t;
+            }
+        }
+    }
     // Health exclusions are not policy: when they would leave nothing to try, the providers
     // they hold back are tried anyway, the one free soonest first, rather than failing a
     // request that one of them may well answer.
@@ -318,7 +361,7 @@ pub fn rank(
     } else if candidates.is_empty() {
         return Err(NoRoute::AllExcluded(excluded));
     } else {
-        score(&mut candidates, strategy, config, rng);
+        score(&mut candidates, strategy, config, ttft_target_ms, rng);
     }
     Ok(Ranking {
         last_resort,
@@ -326,6 +369,8 @@ pub fn rank(
         candidates,
         excluded,
         stale,
+        ttft_target_ms,
+        ttft_target_source,
     })
 }
 
@@ -354,11 +399,14 @@ fn candidate(
             input_per_mtok: o.input_per_mtok,
             output_per_mtok: o.output_per_mtok,
             ttft_ms: o.ttft_p50_ms,
+            ttft_p50_ms: o.ttft_p50_ms,
+            ttft_p95_ms: o.ttft_p95_ms.unwrap_or(f64::NAN),
             uptime: o.uptime,
             reliability: o.uptime,
             availability: o.availability,
             provider_type: o.provider_type,
             expected_cost_usd: 0.0,
+            value_usd: 0.0,
             score: 0.0,
             probe: false,
             beyond_ttft_target: false,
@@ -370,11 +418,14 @@ fn candidate(
             input_per_mtok: so.input_per_mtok,
             output_per_mtok: so.output_per_mtok,
             ttft_ms: so.ttft_p50_ms,
+            ttft_p50_ms: so.ttft_p50_ms,
+            ttft_p95_ms: so.ttft_p95_ms.unwrap_or(f64::NAN),
             uptime: so.uptime,
             reliability: so.uptime,
             availability: Availability::Online,
             provider_type,
             expected_cost_usd: 0.0,
+            value_usd: 0.0,
             score: 0.0,
             probe: false,
             beyond_ttft_target: false,
@@ -386,11 +437,14 @@ fn candidate(
             input_per_mtok: f64::NAN,
             output_per_mtok: f64::NAN,
             ttft_ms: f64::NAN,
+            ttft_p50_ms: f64::NAN,
+            ttft_p95_ms: f64::NAN,
             uptime: f64::NAN,
             reliability: f64::NAN,
             availability: Availability::Online,
             provider_type,
             expected_cost_usd: f64::NAN,
+            value_usd: f64::NAN,
             score: 0.0,
             probe: false,
             beyond_ttft_target: false,
@@ -473,8 +527,68 @@ fn quantize(key: f64) -> f64 {
     (key * 1e9).round() / 1e9
 }
 
-fn score(cands: &mut Vec<Candidate>, strategy: Strategy, config: &Config, rng: &mut Rng) {
+/// Median of `xs` (reordered); none when empty.
+fn median(xs: &mut [f64]) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    Some(if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        0.5 * (xs[n / 2 - 1] + xs[n / 2])
+    })
+}
+
+/// How far over the time-to-first-token target `value` lets a provider be before its latency
+/// counts: 1.3× (a provider 30 % slower than the market's median costs nothing extra).
+pub const VALUE_TTFT_TOLERANCE: f64 = 1.3;
+
+/// The `value` strategy's figure of a known candidate, USD: expected cost × (1 + expected
+/// failed-attempt share, 1 − uptime, degraded offers at 0.9 × uptime) × latency factor, the
+/// factor being ttft / (1.3 × target) for a median TTFT over 1.3× the target and 1 otherwise:
+/// a provider twice as slow as that bar must be half the price to rank level.
+/// The time to first token `value` weighs: the offer's median (market or static). Observed
+/// answers are left to health: they come only from the providers in use, include prompt
+/// processing, and one slow answer would keep a provider out that no longer gets the traffic
+/// to correct it.
+fn value_ttft(c: &Candidate) -> f64 {
+    c.ttft_p50_ms
+}
+
+fn value_usd(c: &Candidate, target_ms: Option<f64>) -> f64 {
+    let avail = if c.availability == Availability::Degraded {
+        0.9
+    } else {
+        1.0
+    };
+    let retries = (1.0 - c.uptime * avail).clamp(0.0, 1.0);
+    let latency = match target_ms {
+        Some(t) if t > 0.0 && value_ttft(c) > VALUE_TTFT_TOLERANCE * t => {
+            value_ttft(c) / (VALUE_TTFT_TOLERANCE * t)
+        }
+        _ => 1.0,
+    };
+    c.expected_cost_usd * (1.0 + retries) * latency
+}
+
+fn score(
+    cands: &mut Vec<Candidate>,
+    strategy: Strategy,
+    config: &Config,
+    target_ms: Option<f64>,
+    rng: &mut Rng,
+) {
     let known = |c: &Candidate| c.source != Source::Unknown;
+    for c in cands.iter_mut().filter(|c| known(c)) {
+        c.value_usd = value_usd(c, target_ms);
+    }
+    let min_value = cands
+        .iter()
+        .filter(|c| known(c))
+        .map(|c| c.value_usd)
+        .fold(f64::INFINITY, f64::min);
     let min_cost = cands
         .iter()
         .filter(|c| known(c))
@@ -508,7 +622,13 @@ fn score(cands: &mut Vec<Candidate>, strategy: Strategy, config: &Config, rng: &
             nines(c.reliability) / max_nines
         };
         let balanced = w.price * price + w.latency * latency + w.reliability * rel;
+        let value = if c.value_usd <= 0.0 {
+            1.0
+        } else {
+            min_value / c.value_usd
+        };
         c.score = match strategy {
+            Strategy::Value => value,
             Strategy::Cheapest => price,
             Strategy::Fastest => latency,
             Strategy::MostReliable => rel,
@@ -537,12 +657,15 @@ fn score(cands: &mut Vec<Candidate>, strategy: Strategy, config: &Config, rng: &
     let mut order: Vec<usize> = (0..cands.len()).collect();
     order.sort_by(|&x, &y| {
         let (a, b) = (keys[x], keys[y]);
-        // The soft latency target splits the order in two: within it first, then the rest.
-        cands[x]
+        // The soft latency target splits the order in two: within it first, then the rest
+        // (`value` weighs it into its figure instead).
+        let group = cands[x]
             .beyond_ttft_target
-            .cmp(&cands[y].beyond_ttft_target)
-            .then_with(|| b.0.total_cmp(&a.0))
-            .then_with(|| b.1.total_cmp(&a.1))
+            .cmp(&cands[y].beyond_ttft_target);
+        if group.is_ne() && strategy != Strategy::Value {
+            return group;
+        }
+        b.0.total_cmp(&a.0).then_with(|| b.1.total_cmp(&a.1))
     });
     // Apply the permutation without cloning candidates.
     let mut taken: Vec<Option<Candidate>> = std::mem::take(cands).into_iter().map(Some).collect();
@@ -575,6 +698,8 @@ pub fn pinned(
         excluded: Vec::new(),
         stale: false,
         last_resort: false,
+        ttft_target_ms: None,
+        ttft_target_source: None,
     })
 }
 
@@ -585,7 +710,7 @@ pub fn in_rollout(percent: u8, affinity: Option<&str>, rng: &mut Rng) -> bool {
         return true;
     }
     let bucket = match affinity {
-        Some(s) => crate::headers::fnv1a(s.as_bytes()) % 100,
+        Some(s) => crate::rng::fnv1a(s.as_bytes()) % 100,
         None => rng.next_u64() % 100,
     };
     bucket < u64::from(percent)

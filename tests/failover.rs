@@ -1,8 +1,8 @@
-//! Failover and live health through a real Envoy, in both failover modes (`route`: first
+//! Failover and live health through a real Envoy, in every failover mode (`route`: first
 //! attempt through the host's route, re-dispatch on failure; `dispatch`: every attempt by
-//! `dispatch_http_call`).
+//! `dispatch_http_call`; `envoy`: Envoy's router makes every attempt in the filter's order).
 //!
-//! Every scenario is written once as a function taking the mode and run by two tests. The
+//! Every scenario is written once as a function taking the mode and run by a test per mode. The
 //! providers have static offers and the `cheapest` strategy, so the ranking is fixed: `a`
 //! (cheapest) first, then `b`, then `c`.
 //!
@@ -35,6 +35,8 @@ const COOLDOWN_MS: u64 = 1000;
 enum Mode {
     Route,
     Dispatch,
+    /// Envoy's router makes every attempt in the filter's order (`failover.mode: envoy`).
+    Envoy,
 }
 
 impl Mode {
@@ -42,6 +44,7 @@ impl Mode {
         match self {
             Mode::Route => "route",
             Mode::Dispatch => "dispatch",
+            Mode::Envoy => "envoy",
         }
     }
 }
@@ -167,7 +170,10 @@ impl Bed {
         if let Some(idle) = k.route_idle_timeout {
             cfg = cfg.route_idle_timeout(idle);
         }
-        let cfg = cfg.market_router(&config(mode, k));
+        let cfg = match mode {
+            Mode::Envoy => cfg.market_router_envoy(&config(mode, k)),
+            _ => cfg.market_router(&config(mode, k)),
+        };
         let envoy = Envoy::start(&cfg, 1).unwrap();
         Bed { mocks, envoy }
     }
@@ -250,9 +256,9 @@ fn show(r: &Response) -> String {
     )
 }
 
-/// The client got `provider`'s JSON chat answer after `attempts` attempts.
-fn assert_answer_from(r: &Response, provider: &str, attempts: u32) {
-    assert_eq!(r.status, 200, "{}", show(r));
+/// Status, and our headers naming `provider` and the number of attempts.
+fn assert_from(r: &Response, status: u16, provider: &str, attempts: u32) {
+    assert_eq!(r.status, status, "{}", show(r));
     assert_eq!(
         r.header("x-market-router-provider"),
         Some(provider),
@@ -266,6 +272,11 @@ fn assert_answer_from(r: &Response, provider: &str, attempts: u32) {
         "{}",
         show(r)
     );
+}
+
+/// The client got `provider`'s JSON chat answer after `attempts` attempts.
+fn assert_answer_from(r: &Response, provider: &str, attempts: u32) {
+    assert_from(r, 200, provider, attempts);
     let v = r.json().unwrap();
     assert_eq!(v["object"], "chat.completion", "{}", show(r));
     assert_eq!(v["provider"], provider, "{}", show(r));
@@ -319,6 +330,22 @@ fn assert_all_failed(r: &Response, status: u16, attempts: &[(&str, &str)]) {
     assert_eq!(msg, want);
 }
 
+/// Envoy mode, every attempt failed with a provider's answer: the client gets the last
+/// provider's own answer (status, body, `Retry-After`), with our headers counting the attempts.
+fn assert_last_providers_answer(r: &Response, status: u16, provider: &str, attempts: u32) {
+    assert_from(r, status, provider, attempts);
+    let v = r.json().unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        format!(
+            "{provider}: simulated {status} {}",
+            common::http::reason(status)
+        ),
+        "{}",
+        show(r)
+    );
+}
+
 /// Polls until `cond` holds or `within` passes; returns whether it held.
 fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
@@ -359,6 +386,11 @@ fn primary_503_fails_over_route() {
 #[test]
 fn primary_503_fails_over_dispatch() {
     primary_503_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_503_fails_over_envoy() {
+    primary_503_fails_over(Mode::Envoy);
 }
 
 fn primary_429_retry_after_keeps_it_out(mode: Mode) {
@@ -421,6 +453,11 @@ fn primary_429_retry_after_keeps_it_out_dispatch() {
     primary_429_retry_after_keeps_it_out(Mode::Dispatch);
 }
 
+#[test]
+fn primary_429_retry_after_keeps_it_out_envoy() {
+    primary_429_retry_after_keeps_it_out(Mode::Envoy);
+}
+
 fn primary_refused_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [Up::Dead, ok(), ok()]);
     let r = bed.chat();
@@ -442,6 +479,11 @@ fn primary_refused_fails_over_route() {
 #[test]
 fn primary_refused_fails_over_dispatch() {
     primary_refused_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_refused_fails_over_envoy() {
+    primary_refused_fails_over(Mode::Envoy);
 }
 
 fn primary_hang_times_out_and_fails_over(mode: Mode) {
@@ -475,6 +517,11 @@ fn primary_hang_times_out_and_fails_over_dispatch() {
     primary_hang_times_out_and_fails_over(Mode::Dispatch);
 }
 
+#[test]
+fn primary_hang_times_out_and_fails_over_envoy() {
+    primary_hang_times_out_and_fails_over(Mode::Envoy);
+}
+
 fn primary_reset_mid_response_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
     bed.behave("a", json!({"reset_mid": true}));
@@ -504,6 +551,11 @@ fn primary_reset_mid_response_fails_over_dispatch() {
     primary_reset_mid_response_fails_over(Mode::Dispatch);
 }
 
+#[test]
+fn primary_reset_mid_response_fails_over_envoy() {
+    primary_reset_mid_response_fails_over(Mode::Envoy);
+}
+
 fn primary_malformed_200_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
     bed.behave("a", json!({"malformed": true}));
@@ -522,6 +574,11 @@ fn primary_malformed_200_fails_over_dispatch() {
     primary_malformed_200_fails_over(Mode::Dispatch);
 }
 
+#[test]
+fn primary_malformed_200_fails_over_envoy() {
+    primary_malformed_200_fails_over(Mode::Envoy);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7: every provider down
 // ---------------------------------------------------------------------------------------------
@@ -533,15 +590,19 @@ fn all_503_is_a_503_listing_each_attempt(mode: Mode) {
         [failing(503), failing(503), failing(503)],
     );
     let r = bed.chat();
-    assert_all_failed(
-        &r,
-        503,
-        &[
-            ("a", "status 503"),
-            ("b", "status 503"),
-            ("c", "status 503"),
-        ],
-    );
+    if mode == Mode::Envoy {
+        assert_last_providers_answer(&r, 503, "c", 3);
+    } else {
+        assert_all_failed(
+            &r,
+            503,
+            &[
+                ("a", "status 503"),
+                ("b", "status 503"),
+                ("c", "status 503"),
+            ],
+        );
+    }
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(1)]);
     bed.assert_counter("all_failed", 1);
 }
@@ -554,6 +615,11 @@ fn all_503_is_a_503_listing_each_attempt_route() {
 #[test]
 fn all_503_is_a_503_listing_each_attempt_dispatch() {
     all_503_is_a_503_listing_each_attempt(Mode::Dispatch);
+}
+
+#[test]
+fn all_503_is_a_503_listing_each_attempt_envoy() {
+    all_503_is_a_503_listing_each_attempt(Mode::Envoy);
 }
 
 fn all_refused_is_a_503(mode: Mode) {
@@ -578,6 +644,11 @@ fn all_refused_is_a_503_route() {
 #[test]
 fn all_refused_is_a_503_dispatch() {
     all_refused_is_a_503(Mode::Dispatch);
+}
+
+#[test]
+fn all_refused_is_a_503_envoy() {
+    all_refused_is_a_503(Mode::Envoy);
 }
 
 fn all_hanging_is_a_504_within_the_deadline(mode: Mode) {
@@ -612,6 +683,11 @@ fn all_hanging_is_a_504_within_the_deadline_route() {
 #[test]
 fn all_hanging_is_a_504_within_the_deadline_dispatch() {
     all_hanging_is_a_504_within_the_deadline(Mode::Dispatch);
+}
+
+#[test]
+fn all_hanging_is_a_504_within_the_deadline_envoy() {
+    all_hanging_is_a_504_within_the_deadline(Mode::Envoy);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,6 +780,11 @@ fn stream_with_primary_down_gets_complete_sse_dispatch() {
     stream_with_primary_down_gets_complete_sse(Mode::Dispatch);
 }
 
+#[test]
+fn stream_with_primary_down_gets_complete_sse_envoy() {
+    stream_with_primary_down_gets_complete_sse(Mode::Envoy);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9: client errors are not retried
 // ---------------------------------------------------------------------------------------------
@@ -745,6 +826,11 @@ fn client_error_is_not_retried_route() {
 #[test]
 fn client_error_is_not_retried_dispatch() {
     client_error_is_not_retried(Mode::Dispatch);
+}
+
+#[test]
+fn client_error_is_not_retried_envoy() {
+    client_error_is_not_retried(Mode::Envoy);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -812,6 +898,11 @@ fn circuit_opens_then_recovers_dispatch() {
     circuit_opens_then_recovers(Mode::Dispatch);
 }
 
+#[test]
+fn circuit_opens_then_recovers_envoy() {
+    circuit_opens_then_recovers(Mode::Envoy);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 11: credentials stay with the host; end-to-end headers follow the request
 // ---------------------------------------------------------------------------------------------
@@ -855,7 +946,7 @@ fn auth_and_headers_follow_the_fallback(mode: Mode) {
     // `a` got its own key (it answered 503, not 401).
     let last_a = bed.mock("a").last_request().unwrap();
     assert!(carried_key(&last_a, KEY_A), "a did not receive its own key");
-    if mode == Mode::Route {
+    if mode != Mode::Dispatch {
         // Envoy passes `te` on the routed attempt, so its absence at b below is the filter's
         // doing; the filter strips `proxy-authorization` from the routed attempt too, and the
         // route drops the cluster header once the router has read it.
@@ -886,7 +977,12 @@ fn auth_and_headers_follow_the_fallback(mode: Mode) {
     assert_eq!(h["tracestate"], "vendor=opaque");
     assert_eq!(h["x-team"], "blue");
     assert_eq!(h["content-type"], "application/json");
-    for hop in ["keep-alive", "te", "proxy-authorization", "upgrade"] {
+    // Envoy's router passes `te: trailers` on the attempts it makes itself.
+    let te = (mode == Mode::Envoy).then_some("te");
+    for hop in ["keep-alive", "te", "proxy-authorization", "upgrade"]
+        .into_iter()
+        .filter(|h| Some(*h) != te)
+    {
         assert!(
             h.get(hop).is_none(),
             "hop-by-hop header {hop} reached b; b got {:?}",
@@ -906,6 +1002,11 @@ fn auth_and_headers_follow_the_fallback_dispatch() {
     auth_and_headers_follow_the_fallback(Mode::Dispatch);
 }
 
+#[test]
+fn auth_and_headers_follow_the_fallback_envoy() {
+    auth_and_headers_follow_the_fallback(Mode::Envoy);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 12: attempts are bounded; a provider is never tried twice
 // ---------------------------------------------------------------------------------------------
@@ -918,7 +1019,11 @@ fn attempts_are_bounded(mode: Mode) {
     };
     let bed = Bed::start(mode, knobs, [failing(503), failing(502), ok()]);
     let r = bed.chat();
-    assert_all_failed(&r, 502, &[("a", "status 503"), ("b", "status 502")]);
+    if mode == Mode::Envoy {
+        assert_last_providers_answer(&r, 502, "b", 2);
+    } else {
+        assert_all_failed(&r, 502, &[("a", "status 503"), ("b", "status 502")]);
+    }
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
     drop(bed);
 
@@ -932,6 +1037,11 @@ fn attempts_are_bounded(mode: Mode) {
         "{}",
         show(&r)
     );
+    if mode == Mode::Envoy {
+        assert_last_providers_answer(&r, 503, "b", 2);
+        assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+        return;
+    }
     let v = r.json().unwrap();
     assert_eq!(v["error"]["code"], "all_providers_failed");
     assert_eq!(
@@ -949,6 +1059,11 @@ fn attempts_are_bounded_route() {
 #[test]
 fn attempts_are_bounded_dispatch() {
     attempts_are_bounded(Mode::Dispatch);
+}
+
+#[test]
+fn attempts_are_bounded_envoy() {
+    attempts_are_bounded(Mode::Envoy);
 }
 
 // ---------------------------------------------------------------------------------------------

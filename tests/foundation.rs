@@ -463,7 +463,7 @@ fn refused_cfg(config_json: &str) -> EnvoyConfig {
 
 #[test]
 fn invalid_plugin_configuration_is_refused_with_one_line() {
-    const STRATEGY_LINE: &str = "field `routing.strategy` = \"fastes\": expected one of cheapest, fastest, most_reliable, balanced, weighted";
+    const STRATEGY_LINE: &str = "field `routing.strategy` = \"fastes\": expected one of value, cheapest, fastest, most_reliable, balanced, weighted";
     let bad = r#"{"providers":[{"name":"a","cluster":"c","models":{"m":"m"}}],"routing":{"strategy":"fastes"}}"#;
     let cfg = refused_cfg(bad);
 

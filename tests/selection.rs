@@ -387,6 +387,27 @@ fn strategy_picks(routing: Value, expected: &str, strategy: &str) {
 }
 
 #[test]
+fn the_default_weighs_price_failures_and_latency_against_the_market_median() {
+    // No strategy set: value. The target is the median of 900, 150, 500 and 200 ms (350);
+    // cheap (900 ms, over 1.3 × 350) counts 900 / 455 ≈ 2× its price, so mid, 1.5× cheap's
+    // price and within the bar, goes first.
+    strategy_picks(json!({}), "mid", "value");
+    let config = plugin_config(providers(&CATALOG_NAMES), 300, json!({}));
+    let bed = Bed::start(&CATALOG_NAMES, &snapshot(&catalog()), &config, 1);
+    let v = bed.wait_snapshot();
+    assert_eq!(v["ttft_target_ms"], 350.0, "{v}");
+    assert_eq!(v["ttft_target_source"], "market_median", "{v}");
+    assert_eq!(ranked(&v), ["mid", "cheap", "fast", "solid"], "{v}");
+    let cheap = candidate(&v, "cheap");
+    assert_eq!(cheap["beyond_ttft_target"], true, "{v}");
+    let factor =
+        cheap["value_usd"].as_f64().unwrap() / cheap["expected_cost_usd"].as_f64().unwrap();
+    // (1 + 1 − 0.97) × 900 / (1.3 × 350)
+    assert!((factor - 1.03 * 900.0 / 455.0).abs() < 0.01, "{v}");
+    assert_eq!(candidate(&v, "mid")["score"], 1.0, "{v}");
+}
+
+#[test]
 fn cheapest_picks_the_lowest_price() {
     strategy_picks(json!({"strategy": "cheapest"}), "cheap", "cheapest");
 }

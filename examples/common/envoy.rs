@@ -68,6 +68,13 @@ pub enum Filter {
         /// Plugin configuration JSON.
         config_json: String,
     },
+    /// The market-router module in envoy mode: the filter chain, LLM route and provider
+    /// clusters' upstream filters come from `market_router::envoy_config`, as the
+    /// `market-router-envoy-config` command prints them.
+    MarketRouterEnvoy {
+        /// Plugin configuration JSON (`failover.mode: envoy`).
+        config_json: String,
+    },
     /// Any proxy-wasm module.
     Wasm {
         /// Module file.
@@ -319,8 +326,31 @@ impl EnvoyConfig {
         self
     }
 
+    /// Uses the market-router module in envoy mode with this configuration.
+    pub fn market_router_envoy(self, config_json: &str) -> Self {
+        self.filter(Filter::MarketRouterEnvoy {
+            config_json: config_json.to_string(),
+        })
+    }
+
+    /// Envoy mode's generated pieces (`None` in the other variants).
+    fn envoy_mode(&self) -> Option<(market_router::config::Config, serde_json::Value)> {
+        let Filter::MarketRouterEnvoy { config_json } = &self.filter else {
+            return None;
+        };
+        let config = market_router::config::Config::parse(config_json.as_bytes()).ok()?;
+        let wasm = wasm_path().to_string_lossy().into_owned();
+        let m = market_router::envoy_config::Module {
+            wasm_file: &wasm,
+            config_json,
+        };
+        let pieces = market_router::envoy_config::pieces(&config, &m);
+        Some((config, pieces))
+    }
+
     /// The bootstrap YAML.
     pub fn to_yaml(&self) -> String {
+        let envoy_mode = self.envoy_mode();
         let mut y = String::new();
         if let Some(interval) = self.stats_flush_interval {
             let _ = writeln!(y, "stats_flush_interval: {}", secs(interval));
@@ -377,9 +407,13 @@ impl EnvoyConfig {
                 "              - match: {{ prefix: \"/\" }}\n                {action}"
             );
         } else {
-            // As the shipped configurations: only the LLM paths are routed by the cluster
-            // header; anything else is a 404 that reaches no cluster.
-            for path in LLM_PATHS {
+            // As the shipped configurations: only the LLM paths are routed by the market
+            // (envoy mode: the generated route, JSON being YAML; otherwise by the cluster
+            // header); anything else is a 404 that reaches no cluster.
+            if let Some((_, p)) = &envoy_mode {
+                let _ = writeln!(y, "              - {}", p["llm_route"]);
+            }
+            for path in LLM_PATHS.iter().filter(|_| envoy_mode.is_none()) {
                 let _ = writeln!(
                     y,
                     "              - match: {{ path: {}, headers: [{{ name: \":method\", string_match: {{ exact: POST }} }}] }}\n                {action}",
@@ -401,8 +435,17 @@ impl EnvoyConfig {
         if self.compression {
             y.push_str(COMPRESSORS);
         }
+        if let Some((_, p)) = &envoy_mode {
+            // All but the router, which closes the list below.
+            let filters = p["http_filters"]
+                .as_array()
+                .map_or(&[][..], |a| a.as_slice());
+            for f in &filters[..filters.len().saturating_sub(1)] {
+                let _ = writeln!(y, "          - {f}");
+            }
+        }
         let wasm = match &self.filter {
-            Filter::None => None,
+            Filter::None | Filter::MarketRouterEnvoy { .. } => None,
             Filter::MarketRouter { config_json } => {
                 Some((wasm_path(), config_json.as_str(), "market_router"))
             }
@@ -450,12 +493,52 @@ impl EnvoyConfig {
         }
         y.push_str("  clusters:\n");
         for p in &self.providers {
-            self.write_cluster(&mut y, &p.name, p.port, p.api_key.as_deref(), p.http2);
+            match &envoy_mode {
+                Some((config, pieces)) if config.providers.iter().any(|c| c.cluster == p.name) => {
+                    self.write_envoy_mode_cluster(&mut y, p, pieces)
+                }
+                _ => self.write_cluster(&mut y, &p.name, p.port, p.api_key.as_deref(), p.http2),
+            }
         }
         if let Some(s) = &self.sidecar {
             self.write_cluster(&mut y, &s.name, s.port, None, false);
         }
         y
+    }
+
+    /// A provider cluster in envoy mode: the upstream role first, then (when the cluster has a
+    /// key) a header mutation that sets it, as a deployment setting keys from secrets would.
+    fn write_envoy_mode_cluster(
+        &self,
+        y: &mut String,
+        p: &ProviderCluster,
+        pieces: &serde_json::Value,
+    ) {
+        let mut filters = pieces["cluster_upstream_http_filters"].clone();
+        if let (Some(key), Some(list)) = (&p.api_key, filters.as_array_mut()) {
+            list.insert(
+                1,
+                serde_json::json!({
+                    "name": "envoy.filters.http.header_mutation",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                        "mutations": {"request_mutations": [{"append": {
+                            "header": {"key": "authorization", "value": format!("Bearer {key}")},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"
+                        }}]}
+                    }
+                }),
+            );
+        }
+        // The plain cluster, then (at the protocol options' level) its filters and (back at
+        // the cluster's level) its circuit breakers.
+        self.write_cluster(y, &p.name, p.port, None, p.http2);
+        let _ = writeln!(y, "        http_filters: {filters}");
+        let _ = writeln!(
+            y,
+            "    circuit_breakers: {}",
+            pieces["cluster_circuit_breakers"]
+        );
     }
 
     fn write_cluster(

@@ -740,6 +740,8 @@ fn write_reply(
                 if part.is_empty() {
                     continue; // an empty chunk would end the body
                 }
+                let stamped = stamp_sent_at(part);
+                let part = stamped.as_deref().unwrap_or(part);
                 if chunked {
                     let mut out = format!("{:x}\r\n", part.len()).into_bytes();
                     out.extend_from_slice(part);
@@ -875,6 +877,25 @@ impl Response {
             })
             .collect()
     }
+}
+
+/// A JSON string a streamed part may carry; the writer replaces it (quotes included) with the
+/// Unix time in ms at which the part is written, so a test can tell how long each part took to
+/// reach its client.
+pub const SENT_AT_MS: &str = "@@sent_at_ms@@";
+
+pub fn stamp_sent_at(part: &[u8]) -> Option<Vec<u8>> {
+    let needle = format!("\"{SENT_AT_MS}\"");
+    let at = part
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut out = part[..at].to_vec();
+    out.extend_from_slice(now.to_string().as_bytes());
+    out.extend_from_slice(&part[at + needle.len()..]);
+    Some(out)
 }
 
 /// Splits `http://host:port/path`, `host:port/path` or `host:port` into `(host:port, /path)`.

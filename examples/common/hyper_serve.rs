@@ -151,6 +151,8 @@ async fn answer(
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
+                    // Stamped as it is handed to hyper (see SENT_AT_MS).
+                    let part = super::http::stamp_sent_at(&part).unwrap_or(part);
                     if tx.send(Ok(Frame::data(Bytes::from(part)))).await.is_err() {
                         return;
                     }

@@ -93,7 +93,8 @@ pub struct RawProvider {
         schemars(example = &"provider_openai", example = &"api.openai.com:443")
     )]
     pub cluster: Str<Text>,
-    /// The :authority sent on dispatched attempts; defaults to the value of cluster.
+    /// The :authority sent on dispatched attempts, and in envoy mode on each attempt when it
+    /// differs from cluster; defaults to the value of cluster.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(example = &"api.openai.com"))]
     pub authority: Option<Str<Text>>,
@@ -168,6 +169,10 @@ pub struct RawLatency {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(extend("default" = d::OFFER_TTFT_P50_MS)))]
     pub ttft_p50: Option<Num<1, 3_600_000_000>>,
+    /// 95th percentile time to first token in milliseconds; in envoy mode it bounds an
+    /// attempt's wait for its first byte (times failover.ttft_timeout_factor).
+    #[serde(default)]
+    pub ttft_p95: Option<Num<1, 3_600_000_000>>,
 }
 
 /// `market`.
@@ -222,7 +227,9 @@ pub struct RawMarket {
     ]))
 )]
 pub struct RawRouting {
-    /// Default ranking strategy.
+    /// Default ranking strategy. value: lowest expected cost per answer (expected cost x (1 +
+    /// expected failure share)), raised in proportion for providers whose median time to first
+    /// token is over 1.3x the target (ttft_target_ms, else the median of the model's offers).
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(extend("default" = d::STRATEGY.as_str())))]
     pub strategy: Option<Choice<Strategy>>,
@@ -235,7 +242,8 @@ pub struct RawRouting {
     #[serde(default)]
     pub constraints: Option<Obj<RawConstraints>>,
     /// Soft latency target, in milliseconds: providers whose median time to first token is
-    /// within it are tried before the others, each group in strategy order. Unlike
+    /// within it are tried before the others, each group in strategy order (value instead
+    /// weighs it into its figure, and without this field derives it from the market). Unlike
     /// constraints.max_ttft_ms nobody is excluded, so slow providers still serve when no fast
     /// one can.
     #[serde(default)]
@@ -334,7 +342,9 @@ pub struct RawConstraints {
 #[serde(deny_unknown_fields)]
 pub struct RawFailover {
     /// route: the first attempt goes through the host's route and fallbacks are
-    /// re-dispatched; dispatch: every attempt is a dispatch_http_call (required on Kong).
+    /// re-dispatched; dispatch: every attempt is a dispatch_http_call (required on Kong);
+    /// envoy: Envoy's router makes every attempt in the filter's order, so a streaming
+    /// fallback streams (needs the pieces market-router-envoy-config prints).
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(extend("default" = d::FAILOVER_MODE.as_str())))]
     pub mode: Option<Choice<FailoverMode>>,
@@ -370,6 +380,12 @@ pub struct RawFailover {
         schemars(extend("default" = d::FORWARD_CLIENT_AUTHORIZATION))
     )]
     pub forward_client_authorization: Option<Flag>,
+    /// Envoy mode: each attempt's wait for its first byte is bounded by the offer's ttft_p95
+    /// times this factor, within attempt_timeout_ms (Envoy takes one per-try timeout per
+    /// request: the largest bound among the providers in the order).
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(extend("default" = d::TTFT_TIMEOUT_FACTOR)))]
+    pub ttft_timeout_factor: Option<Num<1_000, 100_000>>,
 }
 
 /// `failover.circuit`.

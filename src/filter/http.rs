@@ -5,9 +5,11 @@
 //! the response and re-dispatch the buffered request to the next provider, replacing the
 //! answer. Dispatch mode: every attempt is a `dispatch_http_call` from the request phase.
 
+mod native;
+
 use super::Vm;
 use crate::answer;
-use crate::attempt::{classify_dispatched, classify_routed, Attempts, Next, Outcome};
+use crate::attempt::{classify_dispatched, classify_routed, Attempts, Outcome, Step};
 use crate::config::FailoverMode;
 use crate::errors::ApiError;
 use crate::explain;
@@ -48,6 +50,10 @@ enum State {
     Dispatched,
     /// The answer is decided (delivered, replaced or a local reply).
     Done,
+    /// Envoy mode: Envoy's router is making the attempts in the filter's order.
+    Native,
+    /// Envoy mode: holding a 2xx answer until its body is complete (usage, cost).
+    NativeHolding,
 }
 
 struct Affinity {
@@ -165,15 +171,7 @@ impl Http {
 
     /// Counts an error answer and gives its headers.
     fn error_headers(&self, e: &ApiError) -> Vec<(String, String)> {
-        let counter = match e.code {
-            "invalid_json" | "model_missing" => Some(Global::RejectedBadRequest),
-            "model_not_found" => Some(Global::RejectedUnknownModel),
-            "request_too_large" => Some(Global::RejectedTooLarge),
-            "no_provider_available" => Some(Global::RejectedNoProvider),
-            "all_providers_failed" => Some(Global::AllFailed),
-            _ => None,
-        };
-        if let Some(c) = counter {
+        if let Some(c) = Global::rejected(e.reason) {
             self.vm.metrics.inc(c);
         }
         let mut hs: Vec<(String, String)> =
@@ -473,6 +471,7 @@ impl Http {
         let action = match config.failover.mode {
             // Without route failover in the host (Kong), route mode's attempts are dispatched.
             FailoverMode::Route if host::caps().route_failover => self.route_first(now),
+            FailoverMode::Envoy => self.native_first(now),
             FailoverMode::Route | FailoverMode::Dispatch => {
                 if self.dispatch_next(now) {
                     Action::Pause
@@ -514,26 +513,11 @@ impl Http {
 
     /// Picks the next attempt: (candidate index, timeout), claiming half-open probes.
     fn next_attempt(&mut self, now: u64) -> Option<(usize, u64)> {
-        loop {
-            let (ranking, attempts) = (self.ranking.as_mut()?, self.attempts.as_ref()?);
-            match attempts.next(&ranking.candidates, now) {
-                Next::GiveUp => return None,
-                Next::Try {
-                    candidate,
-                    timeout_ms,
-                } => {
-                    let c = &ranking.candidates[candidate];
-                    if c.probe {
-                        let name = &self.vm.config.providers[c.provider].name;
-                        if !self.vm.claim_probe(name, now) {
-                            ranking.candidates.remove(candidate);
-                            continue;
-                        }
-                    }
-                    return Some((candidate, timeout_ms));
-                }
-            }
-        }
+        let (ranking, attempts) = (self.ranking.as_mut()?, self.attempts.as_ref()?);
+        let vm = &self.vm;
+        attempts.pick(&mut ranking.candidates, now, |p| {
+            vm.claim_probe(&vm.config.providers[p].name, now)
+        })
     }
 
     /// Route mode, first attempt: point the route at the primary and let the request go.
@@ -685,10 +669,10 @@ impl Http {
         let ttfb = self
             .stream()
             .then(|| now.saturating_sub(self.attempt_started_ms) as f64);
-        if let Some(a) = self.attempts.as_mut() {
-            a.finish(outcome);
-        }
-        let observation = outcome.observation(ttfb);
+        let (observation, step) =
+            self.attempts
+                .as_mut()?
+                .conclude(outcome, ttfb, &vm.config.failover);
         if let Some(obs) = observation {
             vm.observe(name, obs, now);
         }
@@ -706,10 +690,7 @@ impl Http {
         ) {
             vm.metrics.add(provider, PerProvider::Failure, 1);
         }
-        if !outcome.retryable(
-            &vm.config.failover.retry_on,
-            &vm.config.failover.retry_on_status,
-        ) {
+        if step == Step::Deliver {
             return Some(true);
         }
         if matches!(outcome, Outcome::Timeout) && !host::caps().redispatch_after_timeout {
@@ -947,6 +928,12 @@ impl Http {
                 .map_or("", |(_, v)| v.as_str())
         };
         let (method, path) = (value(":method"), value(":path"));
+        // Only the filter names the order Envoy's retries follow, never the client.
+        if self.vm.config.failover.mode == FailoverMode::Envoy
+            && hs.iter().any(|(k, _)| k == crate::native::ORDER_HEADER)
+        {
+            host::set_request_header(crate::native::ORDER_HEADER, None);
+        }
         if !headers::is_llm_path(method, path) {
             let explain = self
                 .vm
@@ -1002,6 +989,9 @@ impl Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.state == State::Native {
+            return self.native_response_headers(end_of_stream);
+        }
         // Validating: the held 2xx broke off mid-body and the host now sends its own reply.
         let abandoned = self.state == State::Validating;
         if self.state != State::Routed && !abandoned {
@@ -1069,6 +1059,7 @@ impl Http {
                 }
                 Action::Pause
             }
+            State::NativeHolding => self.native_response_body(body_size, end_of_stream),
             State::Replacing => {
                 if !end_of_stream {
                     return Action::Pause;

@@ -3,6 +3,7 @@
 
 mod http;
 mod root;
+mod upstream;
 
 use crate::config::Config;
 use crate::health::{Admission, HealthTable, Observation};
@@ -161,6 +162,30 @@ impl Metrics {
     }
 }
 
+thread_local! {
+    /// The last configured VM state and the configuration bytes it came from.
+    static CONFIGURED: RefCell<Option<(Vec<u8>, Rc<Vm>)>> = const { RefCell::new(None) };
+}
+
+/// The VM state for a plugin configuration: plugins of one VM with the same configuration
+/// (envoy mode's downstream and upstream roles) share one, so what an attempt records is seen
+/// by the next request's ranking at once, not after the next shared-data read.
+pub(crate) fn shared_vm(bytes: &[u8], config: Config, seed: u64) -> Rc<Vm> {
+    CONFIGURED.with(|c| {
+        let Ok(mut slot) = c.try_borrow_mut() else {
+            return Rc::new(Vm::new(config, seed));
+        };
+        if let Some((b, vm)) = slot.as_ref() {
+            if b.as_slice() == bytes {
+                return Rc::clone(vm);
+            }
+        }
+        let vm = Rc::new(Vm::new(config, seed));
+        *slot = Some((bytes.to_vec(), Rc::clone(&vm)));
+        vm
+    })
+}
+
 /// Per-VM state shared by the root context and the HTTP contexts of one worker.
 pub(crate) struct Vm {
     pub(crate) config: Config,
@@ -294,18 +319,9 @@ impl Vm {
         // Most successes change nothing other workers need (a clean record, a time to first
         // byte within 10 % of its average): judged on this VM's copy of the table, kept there,
         // and the shared table is neither read nor written.
-        if let (Observation::Success { ttfb_ms }, Ok(mut inner)) =
-            (obs, self.inner.try_borrow_mut())
-        {
-            let current = inner.health.providers.get(provider);
-            if current.is_none_or(|r| r.admission(now) == Admission::Open) {
-                let mut rec = current.cloned().unwrap_or_default();
-                if !rec.observe(obs, now, &circuit) {
-                    if ttfb_ms.is_some() {
-                        inner.health.providers.insert(provider.to_string(), rec);
-                    }
-                    return;
-                }
+        if let Ok(mut inner) = self.inner.try_borrow_mut() {
+            if inner.health.observe_locally(provider, obs, now, &circuit) {
+                return;
             }
         }
         let opened = std::cell::Cell::new(false);

@@ -25,6 +25,8 @@ pub(crate) struct Root {
     fetch: Option<u32>,
     /// Whether the tick period is set: once per root context (Kong traps on a second call).
     ticking: bool,
+    /// Envoy mode's upstream role (an upstream filter of the provider clusters).
+    upstream: bool,
 }
 
 impl Root {
@@ -34,6 +36,7 @@ impl Root {
             vm: None,
             fetch: None,
             ticking: false,
+            upstream: false,
         }
     }
 
@@ -286,7 +289,7 @@ impl RootContext for Root {
             }
         };
         let seed = host::now_ms() ^ (u64::from(self.id) << 32);
-        let vm = Rc::new(Vm::new(config, seed));
+        let vm = super::shared_vm(&bytes, config, seed);
         if vm.config.market.is_some() {
             // Create the refresh slot once so later claims are all CAS writes.
             if host::shared_get(&vm.keys.market_due).is_none_or(|(v, _)| v.is_empty()) {
@@ -307,6 +310,7 @@ impl RootContext for Root {
                 .as_ref()
                 .map_or("none", |m| m.cluster.as_str())
         );
+        self.upstream = super::upstream::is_upstream_plugin();
         self.vm = Some(vm);
         true
     }
@@ -329,10 +333,13 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Never None: proxy-wasm 0.2 panics on it, which kills the VM for the whole worker.
-        Some(Box::new(match self.vm.clone() {
-            Some(vm) => Ctx::Live(Http::new(context_id, vm)),
-            None => Ctx::Unconfigured,
-        }))
+        let Some(vm) = self.vm.clone() else {
+            return Some(Box::new(Ctx::Unconfigured));
+        };
+        if self.upstream {
+            return Some(Box::new(super::upstream::Upstream::new(context_id, vm)));
+        }
+        Some(Box::new(Ctx::Live(Http::new(context_id, vm))))
     }
 
     fn get_type(&self) -> Option<ContextType> {

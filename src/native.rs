@@ -1,0 +1,516 @@
+//! Envoy mode (`failover.mode: envoy`): what the filter hands Envoy's router so that the router
+//! itself walks the market's order, and what the same module does once per attempt as an
+//! upstream filter. Plain Rust; the glue is `filter/http/native.rs` (downstream role) and
+//! `filter/upstream.rs` (upstream role).
+//!
+//! The hand-over, per request:
+//! - the order, as the request header [`ORDER_HEADER`]: a base64 protobuf `google.protobuf.Value`
+//!   (a list of `{name: <provider>}`), which `header_to_metadata` turns into the dynamic metadata
+//!   the `priority_group` cluster specifier reads (namespace [`METADATA_NAMESPACE`]);
+//! - the attempt bound `x-envoy-max-retries` and the per-try timeout
+//!   `x-envoy-upstream-rq-per-try-timeout-ms` (the client's own `x-envoy-*` retry headers are
+//!   removed first);
+//! - the [`Plan`] (each provider's model id, the per-try bound, whether the answer streams), as
+//!   filter state the upstream role reads; upstream filters share the request's stream info.
+//!
+//! Per attempt the upstream role appends one [`Tried`] entry to filter state, which the
+//! downstream role reads when the answer comes back (decision record, response headers).
+
+use crate::attempt::Outcome;
+use crate::config::Config;
+use crate::metrics::Usage;
+use serde::{Deserialize, Serialize};
+
+/// Request header carrying the order to `header_to_metadata` (removed there).
+pub const ORDER_HEADER: &str = "x-market-router-order";
+/// Dynamic metadata namespace the route's `priority_group` specifier reads.
+pub const METADATA_NAMESPACE: &str = "market_router";
+/// Key under [`METADATA_NAMESPACE`].
+pub const METADATA_KEY: &str = "priority_groups";
+/// Filter state (property) holding the [`Plan`].
+pub const PLAN_PROPERTY: &str = "market_router.plan";
+/// Filter state (property) holding the attempts made so far.
+pub const TRIED_PROPERTY: &str = "market_router.tried";
+/// Root id of the upstream role (the downstream filter uses any other, e.g. `market_router`).
+pub const UPSTREAM_ROOT_ID: &str = "market_router_upstream";
+
+/// Request headers a client could use to steer Envoy's retries; removed before ours are set.
+pub const CLIENT_RETRY_HEADERS: [&str; 11] = [
+    "x-envoy-max-retries",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-attempt-count",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+];
+
+/// Credential headers OpenAI-compatible providers use, removed on every attempt besides the
+/// ones named in any provider's `headers`.
+pub const COMMON_CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// Whether a plugin with this root id plays the upstream role.
+pub fn is_upstream_root_id(root_id: &str) -> bool {
+    root_id == UPSTREAM_ROOT_ID || root_id.ends_with("_upstream")
+}
+
+/// The order as the `header_to_metadata` value: base64 of a protobuf `Value` holding a list of
+/// structs `{name: <group>}`.
+pub fn order_header(groups: &[&str]) -> String {
+    let mut list = Vec::with_capacity(groups.len() * 24);
+    for g in groups {
+        // Value{string_value: g}
+        let mut s = Vec::with_capacity(g.len() + 4);
+        field(&mut s, 3, g.as_bytes());
+        // map entry {key: "name", value: Value}
+        let mut entry = Vec::with_capacity(s.len() + 10);
+        field(&mut entry, 1, b"name");
+        field(&mut entry, 2, &s);
+        // Struct{fields: [entry]}
+        let mut st = Vec::with_capacity(entry.len() + 4);
+        field(&mut st, 1, &entry);
+        // Value{struct_value: st}
+        let mut v = Vec::with_capacity(st.len() + 4);
+        field(&mut v, 5, &st);
+        // ListValue.values += v
+        field(&mut list, 1, &v);
+    }
+    // Value{list_value: list}
+    let mut out = Vec::with_capacity(list.len() + 4);
+    field(&mut out, 6, &list);
+    base64(&out)
+}
+
+/// A length-delimited protobuf field.
+fn field(out: &mut Vec<u8>, number: u32, bytes: &[u8]) {
+    varint(out, u64::from(number << 3 | 2));
+    varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Standard base64 with padding.
+pub fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Bound of one attempt's time to first byte: the offer's `ttft_p95` (NaN when unknown) times
+/// `factor`, within `attempt_timeout_ms`; `attempt_timeout_ms` when the offer has no p95.
+pub fn attempt_ttfb_bound_ms(ttft_p95_ms: f64, factor: f64, attempt_timeout_ms: u64) -> u64 {
+    if ttft_p95_ms.is_finite() && ttft_p95_ms > 0.0 {
+        ((ttft_p95_ms * factor).ceil() as u64).clamp(1, attempt_timeout_ms.max(1))
+    } else {
+        attempt_timeout_ms.max(1)
+    }
+}
+
+/// Envoy takes one per-try timeout per request: the largest bound among the providers in the
+/// order, so no provider is cut before its own bound (one that is quicker than the others is
+/// left at the larger bound).
+pub fn per_try_timeout_ms(bounds: impl IntoIterator<Item = u64>, attempt_timeout_ms: u64) -> u64 {
+    bounds
+        .into_iter()
+        .max()
+        .unwrap_or(attempt_timeout_ms)
+        .max(1)
+}
+
+/// What the downstream role decided, for the upstream role of each attempt.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Model the client asked for.
+    #[serde(rename = "m")]
+    pub model: String,
+    /// Whether the answer streams (SSE): the upstream role holds headers until the first chunk.
+    #[serde(rename = "s")]
+    pub stream: bool,
+    /// Per-try timeout set for the request, ms.
+    #[serde(rename = "t")]
+    pub per_try_ms: u64,
+    /// The client's `:path`: each attempt starts from it (an earlier attempt's cluster may
+    /// have rewritten the shared header map, e.g. a provider serving under another prefix).
+    #[serde(rename = "u", default)]
+    pub path: String,
+    /// Providers in order: (provider index, its model id).
+    #[serde(rename = "p")]
+    pub providers: Vec<(usize, String)>,
+}
+
+impl Plan {
+    /// As stored in filter state.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// From filter state; `None` when absent or not ours.
+    pub fn decode(bytes: &[u8]) -> Option<Plan> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// The model id for `provider`, when it is in the order.
+    pub fn model_for(&self, provider: usize) -> Option<&str> {
+        self.providers
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .map(|(_, m)| m.as_str())
+    }
+}
+
+/// One attempt as the upstream role saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tried {
+    /// Provider index.
+    pub provider: usize,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Usage of a non-streaming answer the upstream role checked (so the downstream role
+    /// prices it without holding the answer again).
+    pub usage: Option<Usage>,
+}
+
+/// Appends one attempt to the stored list (`<idx>:<code>[:u<prompt>/<completion>]` entries
+/// separated by `,`).
+pub fn push_tried(list: &mut Vec<u8>, t: Tried) {
+    use std::io::Write;
+    if !list.is_empty() {
+        list.push(b',');
+    }
+    let _ = match t.outcome {
+        Outcome::Success(s) => write!(list, "{}:s{s}", t.provider),
+        Outcome::Status {
+            status,
+            retry_after_ms: Some(ra),
+        } => write!(list, "{}:h{status}/{ra}", t.provider),
+        Outcome::Status { status, .. } => write!(list, "{}:h{status}", t.provider),
+        Outcome::ConnectFailure => write!(list, "{}:c", t.provider),
+        Outcome::Reset => write!(list, "{}:r", t.provider),
+        Outcome::Timeout => write!(list, "{}:t", t.provider),
+        Outcome::Malformed => write!(list, "{}:m", t.provider),
+    };
+    if let Some(u) = t.usage {
+        let _ = write!(list, ":u{}/{}", u.prompt_tokens, u.completion_tokens);
+    }
+}
+
+/// The stored list back; entries that do not parse are skipped.
+pub fn parse_tried(list: &[u8]) -> Vec<Tried> {
+    let text = String::from_utf8_lossy(list);
+    text.split(',')
+        .filter_map(|e| {
+            let (p, rest) = e.split_once(':')?;
+            let (code, usage) = match rest.split_once(":u") {
+                Some((code, u)) => {
+                    let (i, o) = u.split_once('/')?;
+                    let usage = Usage {
+                        prompt_tokens: i.parse().ok()?,
+                        completion_tokens: o.parse().ok()?,
+                    };
+                    (code, Some(usage))
+                }
+                None => (rest, None),
+            };
+            let provider = p.parse().ok()?;
+            let outcome = match code.as_bytes().first()? {
+                b's' => Outcome::Success(code[1..].parse().ok()?),
+                b'h' => {
+                    let (status, ra) = match code[1..].split_once('/') {
+                        Some((s, ra)) => (s.parse().ok()?, Some(ra.parse().ok()?)),
+                        None => (code[1..].parse().ok()?, None),
+                    };
+                    Outcome::Status {
+                        status,
+                        retry_after_ms: ra,
+                    }
+                }
+                b'c' => Outcome::ConnectFailure,
+                b'r' => Outcome::Reset,
+                b't' => Outcome::Timeout,
+                b'm' => Outcome::Malformed,
+                _ => return None,
+            };
+            Some(Tried {
+                provider,
+                outcome,
+                usage,
+            })
+        })
+        .collect()
+}
+
+/// Every credential header name any provider uses (its `headers`) plus the common ones: all
+/// removed on each attempt before that provider's own are set, since Envoy's attempts share
+/// one request-header map.
+pub fn credential_headers(config: &Config) -> Vec<String> {
+    let mut names: Vec<String> = COMMON_CREDENTIAL_HEADERS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for p in &config.providers {
+        for (k, _) in &p.headers {
+            if !names.iter().any(|n| n == k) {
+                names.push(k.clone());
+            }
+        }
+    }
+    names
+}
+
+/// Whether `name` is one of the credential headers [`credential_headers`] lists.
+pub fn credential_headers_contain(config: &Config, name: &str) -> bool {
+    COMMON_CREDENTIAL_HEADERS.contains(&name)
+        || config
+            .providers
+            .iter()
+            .any(|p| p.headers.iter().any(|(k, _)| k == name))
+}
+
+/// Whether the first chunk of an SSE answer is an error event (`event: error`, or a `data:`
+/// line whose JSON object has an `error` member): such a stream has not started and the
+/// attempt fails over.
+pub fn sse_error_first(chunk: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(&chunk[..chunk.len().min(4096)]);
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(ev) = line.strip_prefix("event:") {
+            return ev.trim() == "error";
+        }
+        if let Some(data) = line.strip_prefix("data:") {
+            return serde_json::from_str::<serde_json::Value>(data.trim())
+                .ok()
+                .is_some_and(|v| v.get("error").is_some());
+        }
+        if line.starts_with(':') {
+            continue;
+        }
+        return false;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal protobuf reader for the test: (field number, bytes) of length-delimited fields.
+    fn fields(mut b: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let read = |b: &mut &[u8]| -> u64 {
+            let (mut v, mut shift) = (0u64, 0);
+            loop {
+                let x = b[0];
+                *b = &b[1..];
+                v |= u64::from(x & 0x7f) << shift;
+                shift += 7;
+                if x < 0x80 {
+                    return v;
+                }
+            }
+        };
+        while !b.is_empty() {
+            let tag = read(&mut b);
+            assert_eq!(tag & 7, 2, "only length-delimited fields");
+            let len = read(&mut b) as usize;
+            out.push(((tag >> 3) as u32, b[..len].to_vec()));
+            b = &b[len..];
+        }
+        out
+    }
+
+    fn unbase64(s: &str) -> Vec<u8> {
+        const A: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut bits = 0u32;
+        let mut n = 0;
+        let mut out = Vec::new();
+        for c in s.chars().filter(|c| *c != '=') {
+            bits = bits << 6 | A.find(c).unwrap() as u32;
+            n += 6;
+            if n >= 8 {
+                n -= 8;
+                out.push((bits >> n) as u8);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), enc);
+            assert_eq!(unbase64(enc), plain.as_bytes());
+        }
+    }
+
+    #[test]
+    fn order_header_is_a_list_of_name_structs() {
+        let long = "p".repeat(200); // lengths over 127 take two varint bytes
+        let groups = ["b", "a", long.as_str()];
+        let bytes = unbase64(&order_header(&groups));
+        let top = fields(&bytes);
+        assert_eq!(top.len(), 1);
+        assert_eq!(top[0].0, 6, "Value.list_value");
+        let values = fields(&top[0].1);
+        assert_eq!(values.len(), 3);
+        for (v, want) in values.iter().zip(groups) {
+            assert_eq!(v.0, 1, "ListValue.values");
+            let st = fields(&v.1);
+            assert_eq!(st[0].0, 5, "Value.struct_value");
+            let entry = fields(&st[0].1);
+            assert_eq!(entry[0].0, 1, "Struct.fields");
+            let kv = fields(&entry[0].1);
+            assert_eq!(kv[0], (1, b"name".to_vec()));
+            assert_eq!(kv[1].0, 2);
+            let s = fields(&kv[1].1);
+            assert_eq!(s, vec![(3, want.as_bytes().to_vec())], "Value.string_value");
+        }
+        // The exact bytes for one short group.
+        assert_eq!(
+            unbase64(&order_header(&["a"])),
+            [
+                0x32, 0x11, 0x0a, 0x0f, 0x2a, 0x0d, 0x0a, 0x0b, 0x0a, 0x04, b'n', b'a', b'm', b'e',
+                0x12, 0x03, 0x1a, 0x01, b'a'
+            ]
+        );
+    }
+
+    #[test]
+    fn ttfb_bound_follows_p95_within_the_attempt_timeout() {
+        assert_eq!(attempt_ttfb_bound_ms(400.0, 2.0, 30_000), 800);
+        assert_eq!(attempt_ttfb_bound_ms(400.0, 2.0, 500), 500);
+        assert_eq!(attempt_ttfb_bound_ms(f64::NAN, 2.0, 30_000), 30_000);
+        assert_eq!(attempt_ttfb_bound_ms(0.2, 1.0, 30_000), 1);
+        assert_eq!(per_try_timeout_ms([800, 300, 1200], 30_000), 1200);
+        assert_eq!(per_try_timeout_ms([], 30_000), 30_000);
+    }
+
+    #[test]
+    fn plan_round_trips() {
+        let p = Plan {
+            model: "gpt \"4o\"\n".into(),
+            stream: true,
+            per_try_ms: 900,
+            path: "/v1/chat/completions".into(),
+            providers: vec![(2, "m-2".into()), (0, "m-0".into())],
+        };
+        let back = Plan::decode(&p.encode()).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(back.model_for(0), Some("m-0"));
+        assert_eq!(back.model_for(1), None);
+        assert_eq!(Plan::decode(b"nope"), None);
+    }
+
+    #[test]
+    fn tried_list_round_trips_every_outcome() {
+        let all = [
+            Outcome::Success(200),
+            Outcome::Status {
+                status: 429,
+                retry_after_ms: Some(2000),
+            },
+            Outcome::Status {
+                status: 503,
+                retry_after_ms: None,
+            },
+            Outcome::ConnectFailure,
+            Outcome::Reset,
+            Outcome::Timeout,
+            Outcome::Malformed,
+        ];
+        let mut list = Vec::new();
+        for (i, o) in all.iter().enumerate() {
+            let usage = (i == 0).then_some(Usage {
+                prompt_tokens: 18,
+                completion_tokens: 8,
+            });
+            push_tried(
+                &mut list,
+                Tried {
+                    provider: i,
+                    outcome: *o,
+                    usage,
+                },
+            );
+        }
+        let back = parse_tried(&list);
+        assert_eq!(back.len(), all.len());
+        for (i, t) in back.iter().enumerate() {
+            assert_eq!((t.provider, t.outcome), (i, all[i]));
+        }
+        assert_eq!(back[0].usage.map(|u| u.prompt_tokens), Some(18));
+        assert_eq!(back[1].usage, None);
+        assert!(parse_tried(b"").is_empty());
+        assert_eq!(parse_tried(b"x:s200,1:q,2:r").len(), 1);
+    }
+
+    #[test]
+    fn sse_error_events_are_recognised_only_first() {
+        assert!(sse_error_first(b"event: error\ndata: {}\n\n"));
+        assert!(sse_error_first(
+            b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n"
+        ));
+        assert!(sse_error_first(
+            b": keep-alive\n\ndata: {\"error\":\"x\"}\n\n"
+        ));
+        assert!(!sse_error_first(
+            b"data: {\"id\":\"1\",\"choices\":[{\"delta\":{\"content\":\"error\"}}]}\n\n"
+        ));
+        assert!(!sse_error_first(b"data: [DONE]\n\n"));
+        assert!(!sse_error_first(b""));
+    }
+
+    #[test]
+    fn credentials_and_roles() {
+        let c = Config::parse(
+            br#"{"providers":[{"name":"a","cluster":"ca","models":{"m":"m"},"headers":{"x-goog-api-key":"k"}},
+                {"name":"b","cluster":"ca","models":{"m":"m"}}],"failover":{"mode":"envoy"}}"#,
+        );
+        // Two providers on one cluster cannot be told apart per attempt.
+        let e = c.unwrap_err().to_string();
+        assert!(
+            e.starts_with("field `providers[1].cluster` = \"ca\""),
+            "{e}"
+        );
+        let c = Config::parse(
+            br#"{"providers":[{"name":"a","cluster":"ca","models":{"m":"m"},"headers":{"x-goog-api-key":"k"}},
+                {"name":"b","cluster":"cb","models":{"m":"m"}}],"failover":{"mode":"envoy"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            credential_headers(&c),
+            ["authorization", "x-api-key", "api-key", "x-goog-api-key"]
+        );
+        assert!(is_upstream_root_id("market_router_upstream"));
+        assert!(!is_upstream_root_id("market_router"));
+    }
+}
