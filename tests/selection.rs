@@ -225,8 +225,9 @@ impl Bed {
         write_snapshot(&self.snapshot, doc);
     }
 
+    /// A counter that must exist (a missing one fails the test, naming it).
     fn stat(&self, name: &str) -> u64 {
-        self.envoy.stat_settled(name).unwrap().unwrap_or(0)
+        self.envoy.counter(name).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Sends the test chat request.
@@ -524,7 +525,8 @@ fn weighted_spreads_traffic_by_balanced_score() {
 
 #[test]
 fn snapshot_change_moves_traffic_within_two_refresh_periods() {
-    const REFRESH_MS: u64 = 400;
+    // Long enough that the slack below (three ticks) is room for a loaded 2-core machine.
+    const REFRESH_MS: u64 = 1000;
     // The filter ticks every refresh_ms / 4 (src/filter/root.rs) and takes the refresh slot on
     // the first tick after the due time.
     const TICK_MS: u64 = REFRESH_MS / 4;
@@ -560,7 +562,7 @@ fn snapshot_change_moves_traffic_within_two_refresh_periods() {
     // Worst case after the write: a fetch that read the old file just before the write, the
     // next fetch one period later plus up to one tick of claim delay, then up to one more
     // tick until the worker adopts the new generation — refresh + 2 ticks. The bound allowed
-    // is 2 × refresh + 1 tick (= refresh + 5 ticks): three ticks (300 ms) of slack for timer
+    // is 2 × refresh + 1 tick (= refresh + 5 ticks): three ticks (750 ms) of slack for timer
     // and scheduling delays on a loaded 2-core machine and for the request that observes it.
     // The polls run on to a later deadline so that a late switch is reported with its time.
     let bound = Duration::from_millis(2 * REFRESH_MS + TICK_MS);
@@ -696,7 +698,9 @@ fn one_sidecar_call_per_period_whatever_the_worker_count() {
     let calls = last_n - first_n + 1;
     let t_ms = (last_at - first_at).as_millis() as u64;
     eprintln!("{calls} sidecar calls in {t_ms} ms: {events:?}");
-    let lo = (t_ms / REFRESH_MS).saturating_sub(1);
+    // The upper bound is the promise (one call per period, not one per worker); the lower one
+    // only says the refresh runs, at no less than half its rate on a loaded machine.
+    let lo = (t_ms / REFRESH_MS / 2).saturating_sub(1);
     let hi = t_ms / REFRESH_MS + 2;
     assert!(
         (lo..=hi).contains(&calls),
