@@ -196,6 +196,13 @@ impl Bed {
         self.envoy = Envoy::start(&cfg, 1).unwrap();
     }
 
+    /// Replaces the sidecar and Envoy (same mocks) with a new sidecar and Envoy on `config`.
+    fn restart_with_sidecar(&mut self, sidecar: Sidecar, config: &Value) {
+        let cfg = Bed::envoy_config(&self.mocks, sidecar.port(), config);
+        self.sidecar = Some(sidecar);
+        self.envoy = Envoy::start(&cfg, 1).unwrap();
+    }
+
     fn sidecar(&self) -> &Sidecar {
         self.sidecar.as_ref().expect("sidecar still running")
     }
@@ -754,7 +761,21 @@ fn broken_sidecar_keeps_the_last_good_snapshot() {
     let failures_before = bed.stat("wasmcustom.market_router.snapshot.refresh_failed");
     assert_eq!(failures_before, 0);
 
-    let mut wrong_version = snapshot(&catalog());
+    // A version-2 document whose offers, were they taken, would move traffic to `mid`:
+    // cheap's price goes up tenfold. (With the same catalog, accepting it would change
+    // nothing.)
+    let mut wrong_version = snapshot(
+        &catalog()
+            .into_iter()
+            .map(|mut o| {
+                if o["provider"] == "cheap" {
+                    o["price"] = json!({"input_per_mtok": 1.0, "output_per_mtok": 2.0});
+                }
+                o
+            })
+            .collect::<Vec<_>>(),
+    );
+    let mut as_v1 = wrong_version.clone();
     wrong_version["version"] = json!(2);
     let phases = [
         ("500", json!({"status": 500})),
@@ -762,6 +783,7 @@ fn broken_sidecar_keeps_the_last_good_snapshot() {
         ("wrong version", json!({"body": wrong_version.to_string()})),
     ];
     let mut routed = 0;
+    let mut failed_so_far = failures_before;
     for (what, behavior) in phases {
         let sc = bed.sidecar();
         sc.set_behavior(&behavior).unwrap();
@@ -777,6 +799,14 @@ fn broken_sidecar_keeps_the_last_good_snapshot() {
             );
             thread::sleep(Duration::from_millis(30));
         }
+        // Each bad phase counts as failed refreshes (at least the one answered before the
+        // second poll above).
+        let failed = bed.stat("wasmcustom.market_router.snapshot.refresh_failed");
+        assert!(
+            failed > failed_so_far,
+            "phase {what}: refresh_failed stayed at {failed}"
+        );
+        failed_so_far = failed;
     }
     // Gone altogether: three more periods of connection failures.
     drop(bed.sidecar.take());
@@ -817,6 +847,16 @@ fn broken_sidecar_keeps_the_last_good_snapshot() {
     let v = bed.explain();
     assert_eq!(v["snapshot"]["offers"], 4, "{v}");
     assert_eq!(ranked(&v)[0], "cheap");
+    assert_eq!(candidate(&v, "cheap")["input_per_mtok"], 0.1, "{v}");
+
+    // The same offers as version 1 are taken: the wrong-version phase kept traffic put
+    // because of the version alone.
+    let sc = Sidecar::start(&bed.snapshot).unwrap();
+    as_v1["generated_at_ms"] = json!(now_ms());
+    bed.write(&as_v1);
+    bed.restart_with_sidecar(sc, &config);
+    bed.wait_route("the version-1 copy", |v| ranked(v)[0] == "mid");
+    assert_eq!(bed.routed(&[]), "mid");
 }
 
 #[test]
