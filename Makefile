@@ -43,7 +43,7 @@ define run_script
 endef
 
 .PHONY: help toolchain build envoy catalogs unit wasm-test validate integration test demo lint \
-	bench bench-peers report package test-layering schema bench-json clean kong-host
+	bench bench-peers report package test-layering schema bench-json mutants clean kong-host
 
 help: ## list the targets
 	@echo "usage: make TARGET [BUILD=release|debug] [ENVOY_BIN=path] [ARGS='...']"
@@ -188,6 +188,9 @@ package: ## scripts/package.sh
 
 test-layering: ## scripts/test-layering.sh
 	$(call run_script,test-layering.sh)
+
+mutants: ## scripts/mutants.sh: cargo-mutants on the core modules, unit tests only (opt-in, slow)
+	$(call run_script,mutants.sh)
 
 clean: ## remove build output (cargo clean); .venv with Envoy stays
 	cargo clean
