@@ -210,6 +210,7 @@ fn a_new_snapshot_is_seen_by_every_worker() {
             config,
             snapshot: Some(snap(0.1, 1.0)),
             concurrency: WORKERS,
+            sidecar_path: None,
         },
         |c| c,
     );

@@ -81,6 +81,8 @@ pub struct Spec<'a> {
     pub snapshot: Option<Value>,
     /// Envoy worker threads.
     pub concurrency: u32,
+    /// Path the sidecar serves the snapshot at (its default when `None`).
+    pub sidecar_path: Option<&'a str>,
 }
 
 impl Bed {
@@ -95,6 +97,7 @@ impl Bed {
                 config,
                 snapshot: None,
                 concurrency,
+                sidecar_path: None,
             },
             |c| c,
         )
@@ -127,7 +130,10 @@ impl Bed {
             Some(doc) => {
                 let path = dir.join("snapshot.json");
                 write_snapshot(&path, doc);
-                let sc = Sidecar::start(&path).unwrap();
+                let sc = match spec.sidecar_path {
+                    Some(p) => Sidecar::start_at(&path, p).unwrap(),
+                    None => Sidecar::start(&path).unwrap(),
+                };
                 cfg = cfg.sidecar(SIDECAR_CLUSTER, sc.port());
                 (Some(sc), Some(path))
             }
@@ -290,4 +296,39 @@ pub fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A complete, valid market offer.
+pub fn offer(provider: &str, model: &str, input: f64, output: f64) -> Value {
+    json!({
+        "provider": provider, "model": model,
+        "price": {"input_per_mtok": input, "output_per_mtok": output},
+        "latency_ms": {"ttft_p50": 300.0, "ttft_p95": 600.0}, "uptime": 0.99,
+        "availability": "online", "provider_type": "company", "region": "us-east"
+    })
+}
+
+/// A version-1 snapshot generated now.
+pub fn snapshot(offers: &[Value]) -> Value {
+    json!({"version": 1, "generated_at_ms": now_ms(), "offers": offers})
+}
+
+/// A provider entry without a static offer.
+pub fn market_provider(name: &str, models: &[&str]) -> Value {
+    let models: serde_json::Map<String, Value> =
+        models.iter().map(|m| (m.to_string(), json!(m))).collect();
+    json!({"name": name, "cluster": cluster(name), "models": models})
+}
+
+/// The `market` section for the bed's sidecar.
+pub fn market_section(refresh_ms: u64) -> Value {
+    json!({"cluster": SIDECAR_CLUSTER, "refresh_ms": refresh_ms, "max_age_ms": 600_000, "timeout_ms": 500})
 }
