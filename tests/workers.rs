@@ -301,3 +301,45 @@ fn session_affinity_holds_across_workers() {
     // Equal offers, weighted draws: sessions do not all land on one provider.
     assert!(providers_used.len() >= 2, "{providers_used:?}");
 }
+
+/// Every failure is a health write (compare-and-swap on one shared table): 64 concurrent
+/// failing attempts over 8 connections and four workers contend for it. A write that loses
+/// its tries is skipped, never the request: every request is answered by the fallback.
+#[test]
+fn contended_health_writes_never_cost_a_request() {
+    let bed = Bed::start(&["a", "b"], static_config(1000, 30_000), WORKERS);
+    bed.behave("a", json!({"status": 503}));
+    let url = Arc::new(bed.envoy.url("/v1/chat/completions"));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let url = Arc::clone(&url);
+            thread::spawn(move || {
+                (0..8)
+                    .map(|_| {
+                        let r = common::post_json(&url, &[], &chat_body(MODEL), T).unwrap();
+                        (
+                            r.status,
+                            r.header("x-market-router-provider").map(String::from),
+                            r.header("x-market-router-attempts").map(String::from),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let answers: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let want = (200, Some("b".to_string()), Some("2".to_string()));
+    let wrong: Vec<_> = answers.iter().filter(|a| **a != want).collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of 64 not answered by b after a: {wrong:?}",
+        wrong.len()
+    );
+    assert_eq!(bed.hits("a"), 64);
+    assert_eq!(bed.hits("b"), 64);
+    assert!(bed.busy_workers() >= 2, "{:?}", bed.connections_by_worker());
+    assert_eq!(bed.wait_counter("provider.a.failure", 64), 64);
+}
