@@ -12,6 +12,8 @@
 #   MUTANTS_TIMEOUT=60    seconds allowed for one mutant's test run
 #   MUTANTS_VERSION=27.1.0  cargo-mutants version installed when it is missing
 #   MUTANTS_SUMMARY_ONLY=1  rewrite the summary from earlier outputs, run nothing
+#   MUTANTS_ITERATE=1     test again only the mutants an earlier run of the module did not
+#                         catch (cargo-mutants --iterate), e.g. after adding tests
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,10 +39,12 @@ if [ "${MUTANTS_SUMMARY_ONLY:-}" != 1 ]; then
         name=$(basename "$m" .rs)
         log "$m (timeout ${TIMEOUT}s per mutant)"
         mkdir -p "$OUT/$name"
+        iterate=()
+        [ "${MUTANTS_ITERATE:-}" = 1 ] && iterate=(--iterate)
         # Exit status 2 means mutants were missed: that is a result, not a failure here.
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
             cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
-            --output "$OUT/$name" -- --lib || {
+            "${iterate[@]}" --output "$OUT/$name" -- --lib || {
             rc=$?
             [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
         }

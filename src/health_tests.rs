@@ -100,6 +100,38 @@ fn time_to_first_byte_is_an_ewma_and_small_moves_are_not_shared() {
     // Slow answers: the threshold is 10 % of the average (100 ms at 1000), not 10 ms.
     let mut slow = ProviderHealth::default();
     slow.observe(ok_after(1000.0), 0, &C);
-    assert!(!slow.observe(ok_after(1250.0), 0, &C), "a 50 ms move at 1000 ms");
-    assert!(slow.observe(ok_after(2000.0), 0, &C), "a 190 ms move at 1050 ms");
+    assert!(
+        !slow.observe(ok_after(1250.0), 0, &C),
+        "a 50 ms move at 1000 ms"
+    );
+    assert!(
+        slow.observe(ok_after(2000.0), 0, &C),
+        "a 190 ms move at 1050 ms"
+    );
+}
+
+#[test]
+fn a_failure_raises_the_error_rate_towards_one() {
+    let fail = Observation::Failure {
+        retry_after_ms: None,
+    };
+    let mut h = ProviderHealth::default();
+    h.observe(fail, 0, &C);
+    assert!((h.error_rate - 0.2).abs() < 1e-12, "{}", h.error_rate);
+    h.observe(fail, 0, &C);
+    assert!((h.error_rate - 0.36).abs() < 1e-12, "{}", h.error_rate);
+}
+
+#[test]
+fn the_table_hands_back_what_was_recorded() {
+    let mut t = HealthTable::default();
+    t.entry("a").observe(
+        Observation::Failure {
+            retry_after_ms: None,
+        },
+        0,
+        &C,
+    );
+    assert_eq!(t.get("a").consecutive_failures, 1);
+    assert_eq!(t.get("b"), ProviderHealth::default());
 }
