@@ -668,3 +668,7 @@ mod tests {
         assert_eq!(a.min_retry_after_s(), Some(3));
     }
 }
+
+#[cfg(test)]
+#[path = "attempt_tests.rs"]
+mod exact_tests;

@@ -198,7 +198,7 @@ fn a_new_snapshot_is_seen_by_every_worker() {
             {"name": "a", "cluster": cluster("a"), "models": {MODEL: MODEL}},
             {"name": "b", "cluster": cluster("b"), "models": {MODEL: MODEL}},
         ],
-        "market": {"cluster": SIDECAR_CLUSTER, "refresh_ms": REFRESH_MS, "max_age_ms": 60_000, "timeout_ms": 500},
+        "market": {"cluster": SIDECAR_CLUSTER, "refresh_ms": REFRESH_MS, "max_age_ms": 60_000, "timeout_ms": 2000},
         "routing": {"strategy": "cheapest"}
     });
     let bed = Bed::start_spec(

@@ -330,5 +330,5 @@ pub fn market_provider(name: &str, models: &[&str]) -> Value {
 
 /// The `market` section for the bed's sidecar.
 pub fn market_section(refresh_ms: u64) -> Value {
-    json!({"cluster": SIDECAR_CLUSTER, "refresh_ms": refresh_ms, "max_age_ms": 600_000, "timeout_ms": 500})
+    json!({"cluster": SIDECAR_CLUSTER, "refresh_ms": refresh_ms, "max_age_ms": 600_000, "timeout_ms": 2000})
 }
