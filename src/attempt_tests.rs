@@ -55,3 +55,41 @@ fn client_errors_are_retried_only_with_4xx_in_retry_on() {
     assert!(!status(503).retryable(&only_4xx, &[]));
     assert!(!status(302).retryable(&on, &[]));
 }
+
+#[test]
+fn only_the_providers_own_answers_come_from_the_provider() {
+    for o in [
+        Outcome::Success(200),
+        status(503),
+        status(400),
+        Outcome::Malformed,
+    ] {
+        assert!(o.from_provider(), "{o:?}");
+    }
+    for o in [Outcome::ConnectFailure, Outcome::Reset, Outcome::Timeout] {
+        assert!(!o.from_provider(), "{o:?}");
+    }
+}
+
+#[test]
+fn routed_local_replies_without_a_provider_are_connect_failures() {
+    for d in [
+        "cluster_not_found",
+        "no_healthy_upstream",
+        "upstream_connect_error",
+    ] {
+        assert_eq!(
+            classify_routed(503, Some(d), None),
+            Outcome::ConnectFailure,
+            "{d}"
+        );
+    }
+    // The provider's own answer keeps its status and Retry-After.
+    assert_eq!(
+        classify_routed(503, Some("via_upstream"), Some("2")),
+        Outcome::Status {
+            status: 503,
+            retry_after_ms: Some(2000)
+        }
+    );
+}
