@@ -93,3 +93,22 @@ fn routed_local_replies_without_a_provider_are_connect_failures() {
         }
     );
 }
+
+#[test]
+fn the_attempt_in_flight_counts() {
+    let config = Config::parse(
+        br#"{"providers":[{"name":"a","cluster":"a","models":{"m":"m"}}],"failover":{"max_attempts":2}}"#,
+    )
+    .unwrap();
+    let mut a = Attempts::new(&config, 0);
+    assert_eq!(a.count(), 0);
+    a.start(0);
+    assert_eq!(a.count(), 1);
+    a.finish(Outcome::Timeout);
+    assert_eq!(a.count(), 1);
+    a.start(1);
+    assert_eq!(a.count(), 2);
+    a.finish(Outcome::Reset);
+    assert_eq!(a.count(), 2);
+    assert_eq!(a.tried, vec![(0, Outcome::Timeout), (1, Outcome::Reset)]);
+}
