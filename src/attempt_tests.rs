@@ -100,6 +100,7 @@ fn the_attempt_in_flight_counts() {
         br#"{"providers":[{"name":"a","cluster":"a","models":{"m":"m"}}],"failover":{"max_attempts":2}}"#,
     )
     .unwrap();
+    assert_eq!(Attempts::new(&config, 1234).started_ms(), 1234);
     let mut a = Attempts::new(&config, 0);
     assert_eq!(a.count(), 0);
     a.start(0);
