@@ -13,7 +13,8 @@
 #   MUTANTS_VERSION=27.1.0  cargo-mutants version installed when it is missing
 #   MUTANTS_SUMMARY_ONLY=1  rewrite the summary from earlier outputs, run nothing
 #   MUTANTS_ITERATE=1     test again only the mutants an earlier run of the module did not
-#                         catch (cargo-mutants --iterate), e.g. after adding tests
+#                         catch (cargo-mutants --iterate, no baseline run), e.g. after
+#                         adding tests
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -40,7 +41,7 @@ if [ "${MUTANTS_SUMMARY_ONLY:-}" != 1 ]; then
         log "$m (timeout ${TIMEOUT}s per mutant)"
         mkdir -p "$OUT/$name"
         iterate=()
-        [ "${MUTANTS_ITERATE:-}" = 1 ] && iterate=(--iterate)
+        [ "${MUTANTS_ITERATE:-}" = 1 ] && iterate=(--iterate --baseline=skip)
         # Exit status 2 means mutants were missed: that is a result, not a failure here.
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
             cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
