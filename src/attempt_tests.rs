@@ -113,3 +113,34 @@ fn the_attempt_in_flight_counts() {
     assert_eq!(a.count(), 2);
     assert_eq!(a.tried, vec![(0, Outcome::Timeout), (1, Outcome::Reset)]);
 }
+
+#[test]
+fn the_final_error_lists_each_attempt_and_picks_the_status() {
+    let config = Config::parse(
+        br#"{"providers":[{"name":"a","cluster":"a","models":{"m":"m"}},{"name":"b","cluster":"b","models":{"m":"m"}}]}"#,
+    )
+    .unwrap();
+    let with = |tried: Vec<(usize, Outcome)>| {
+        let mut a = Attempts::new(&config, 0);
+        a.tried = tried;
+        a.final_error(&config, "m")
+    };
+    let e = with(vec![(0, Outcome::Timeout), (1, status(503))]);
+    assert_eq!(e.status, 502);
+    assert_eq!(e.code, "all_providers_failed");
+    assert_eq!(
+        e.message,
+        "all 2 attempt(s) for model `m` failed: a: timeout; b: status 503"
+    );
+    let e = with(vec![(1, Outcome::ConnectFailure)]);
+    assert_eq!(e.status, 503);
+    assert_eq!(
+        e.message,
+        "all 1 attempt(s) for model `m` failed: b: connect failure"
+    );
+    assert_eq!(
+        with(vec![(0, Outcome::Timeout), (1, Outcome::Timeout)]).status,
+        504
+    );
+    assert_eq!(with(vec![(0, status(429)), (1, status(503))]).status, 503);
+}
