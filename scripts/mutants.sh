@@ -69,9 +69,13 @@ def lines(path):
 rows, survivors = [], []
 totals = dict(caught=0, missed=0, timeout=0, unviable=0, equivalent=0)
 for d in sorted(p for p in out.iterdir() if (p / "mutants.out").is_dir()):
-    mo = d / "mutants.out"
-    caught, missed = lines(mo / "caught.txt"), lines(mo / "missed.txt")
-    timeout, unviable = lines(mo / "timeout.txt"), lines(mo / "unviable.txt")
+    mo, old = d / "mutants.out", d / "mutants.out.old"
+    # After an --iterate run, mutants.out holds only the re-tested mutants and the earlier
+    # run's outcomes are in mutants.out.old: a mutant caught in either run is caught.
+    union = lambda name: sorted(set(lines(mo / name)) | set(lines(old / name)))
+    caught, unviable = union("caught.txt"), union("unviable.txt")
+    timeout = sorted(set(union("timeout.txt")) - set(caught))
+    missed = [m for m in union("missed.txt") if m not in caught]
     equiv = [m for m in missed if m in reasons]
     viable = len(caught) + len(missed) + len(timeout)
     # A timeout is a caught mutant (the tests did not pass); an equivalent one cannot be caught.
