@@ -12,6 +12,8 @@
 #   MUTANTS_TIMEOUT=60    seconds allowed for one mutant's test run
 #   MUTANTS_VERSION=27.1.0  cargo-mutants version installed when it is missing
 #   MUTANTS_SUMMARY_ONLY=1  rewrite the summary from earlier outputs, run nothing
+# scripts/mutants-notes.md, when present, is appended to the summary (what the last run
+# covered, mutants killed by tests added after it).
 #   MUTANTS_ITERATE=1     test again only the mutants an earlier run of the module did not
 #                         catch (cargo-mutants --iterate, no baseline run), e.g. after
 #                         adding tests
@@ -106,6 +108,9 @@ if not survivors:
     md.append("None.")
 for m, why in survivors:
     md.append(f"- `{m}` — " + (f"equivalent: {why}" if why else "**MISSED**"))
+notes = equivalent.with_name("mutants-notes.md")
+if notes.exists():
+    md += ["", "## Notes on this run", "", notes.read_text(encoding="utf-8").strip()]
 summary.parent.mkdir(parents=True, exist_ok=True)
 summary.write_text("\n".join(md) + "\n", encoding="utf-8")
 print(f"mutants: {share:.1%} of {killable} killable mutants caught; summary in {summary}")
