@@ -858,7 +858,6 @@ fn broken_sidecar_keeps_the_last_good_snapshot() {
     bed.write(&as_v1);
     bed.restart_with_sidecar(sc, &config);
     bed.wait_route("the version-1 copy", |v| ranked(v)[0] == "mid");
-    assert_eq!(bed.routed(&[]), "mid");
 }
 
 #[test]
