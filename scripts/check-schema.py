@@ -15,7 +15,10 @@ What it checks:
      envoy-gateway/*.yaml (EnvoyExtensionPolicy wasm `config`), kong/*.yaml (filter_chains
      `config`, also against the Kong draft-4 copy) and examples/configs/*.json;
   4. YAML syntax of every file in those folders;
-  5. a table of configurations that must be rejected, and edge cases that must be accepted.
+  5. the tables in schema/config-cases.json: configurations that must be rejected, edge cases
+     that must be accepted (tests/config_cases.rs runs the same tables through Config::parse).
+
+A folder without files, or a file in which no market-router configuration is found, fails.
 
 Rules the schema cannot express (unique provider names, default_provider naming a configured
 provider, market.max_age_ms >= refresh_ms, failover.deadline_ms >= attempt_timeout_ms) are
@@ -40,6 +43,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "schema" / "market-router.schema.json"
+CASES_PATH = ROOT / "schema" / "config-cases.json"
 FILTER_NAME = "market_router"
 STRING_VALUE = "type.googleapis.com/google.protobuf.StringValue"
 
@@ -129,10 +133,17 @@ def as_json(value):
     return value
 
 
+# Files that hold no filter configuration on purpose, each with what it holds instead. Any
+# other file in which no configuration is found fails.
+NO_FILTER_CONFIG = {
+    "istio/market-service.yaml": "the market service's own Kubernetes objects",
+}
+
+
 def check_yaml_folder(folder: str, extract, validators) -> None:
     files = sorted((ROOT / folder).glob("*.yaml"))
     if not files:
-        print(f"  (no {folder}/*.yaml)")
+        fail(f"{folder}/: no *.yaml (missing folder or empty)")
         return
     for path in files:
         try:
@@ -152,7 +163,10 @@ def check_yaml_folder(folder: str, extract, validators) -> None:
                     continue
                 check_config(f"{rel(path)}: {label}", config, validators)
         if found == 0:
-            print(f"  note  {rel(path)}: no {FILTER_NAME} configuration in it")
+            if rel(path) in NO_FILTER_CONFIG:
+                ok(f"{rel(path)}: no {FILTER_NAME} configuration, as listed ({NO_FILTER_CONFIG[rel(path)]})")
+            else:
+                fail(f"{rel(path)}: no {FILTER_NAME} configuration found in it (list it in NO_FILTER_CONFIG if that is intended)")
 
 
 def check_config(label: str, config, validators) -> None:
@@ -167,99 +181,25 @@ def check_config(label: str, config, validators) -> None:
 
 # ---- known-bad and edge-case configurations -----------------------------------------------
 
-P = {"name": "a", "cluster": "c", "models": {"m": "m-id"}}
 
-
-def with_(**top):
-    doc = {"providers": [dict(P)]}
-    doc.update(top)
-    return doc
-
-
-def provider(**fields):
-    p = dict(P)
-    p.update(fields)
-    return {"providers": [p]}
-
-
-MUST_REJECT = [
-    ("root is not an object", [1]),
-    ("providers missing", {}),
-    ("providers empty", {"providers": []}),
-    ("unknown top-level field", with_(bogus=1)),
-    ("unknown nested field (routing.stratgy)", with_(routing={"stratgy": "fastest"})),
-    ("unknown provider field", provider(weight=1)),
-    ("bad strategy", with_(routing={"strategy": "fastes"})),
-    ("failover.max_attempts 0", with_(failover={"max_attempts": 0})),
-    ("failover.max_attempts 11", with_(failover={"max_attempts": 11})),
-    ("failover.max_attempts 2.5", with_(failover={"max_attempts": 2.5})),
-    ("failover.mode hedge", with_(failover={"mode": "hedge"})),
-    ("failover.retry_on unknown value", with_(failover={"retry_on": ["5xx", "boom"]})),
-    ("failover.retry_on_status 200", with_(failover={"retry_on_status": [200]})),
-    ("failover.circuit.failure_threshold 0", with_(failover={"circuit": {"failure_threshold": 0}})),
-    ("provider without models", {"providers": [{"name": "a", "cluster": "c"}]}),
-    ("provider without cluster", {"providers": [{"name": "a", "models": {"m": "m"}}]}),
-    ("models empty", provider(models={})),
-    ("model id empty", provider(models={"m": ""})),
-    ("model name empty", provider(models={"": "m"})),
-    ("model id not a string", provider(models={"m": 1})),
-    ("cluster not a string", provider(cluster=42)),
-    ("cluster empty", provider(cluster="")),
-    ("provider name with a space", provider(name="a b")),
-    ("provider name of 65 characters", provider(name="x" * 65)),
-    ("provider_type corp", provider(provider_type="corp")),
-    ("static_offer without price", provider(static_offer={"uptime": 0.9})),
-    ("static_offer negative price", provider(static_offer={"price": {"input_per_mtok": -1, "output_per_mtok": 1}})),
-    ("static_offer uptime 1.5", provider(static_offer={"price": {"input_per_mtok": 1, "output_per_mtok": 1}, "uptime": 1.5})),
-    ("static_offer ttft_p50 0", provider(static_offer={"price": {"input_per_mtok": 1, "output_per_mtok": 1}, "latency_ms": {"ttft_p50": 0}})),
-    ("routing.weights all zero", with_(routing={"weights": {"price": 0, "latency": 0, "reliability": 0}})),
-    ("routing.weights negative", with_(routing={"weights": {"price": -1}})),
-    ("constraints.min_uptime 1.5", with_(routing={"constraints": {"min_uptime": 1.5}})),
-    ("constraints.provider_types unknown", with_(routing={"constraints": {"provider_types": ["corp"]}})),
-    ("constraints.regions empty string", with_(routing={"constraints": {"regions": [""]}})),
-    ("cluster_header with a space", with_(routing={"cluster_header": "X Cluster"})),
-    ("affinity_header upper case", with_(routing={"affinity_header": "X-Session-Id"})),
-    ("rollout_percent 50 without default_provider", with_(routing={"rollout_percent": 50})),
-    ("rollout_percent 101", with_(routing={"rollout_percent": 101, "default_provider": "a"})),
-    ("default_output_tokens 0", with_(routing={"default_output_tokens": 0})),
-    ("market without cluster", with_(market={"refresh_ms": 5000})),
-    ("market.path without /", with_(market={"cluster": "s", "path": "snapshot"})),
-    ("market.refresh_ms 99", with_(market={"cluster": "s", "refresh_ms": 99})),
-    ("market.timeout_ms 60001", with_(market={"cluster": "s", "timeout_ms": 60001})),
-    ("limits.max_body_bytes 0", with_(limits={"max_body_bytes": 0})),
-    ("limits.max_body_bytes 64 MiB + 1", with_(limits={"max_body_bytes": (64 << 20) + 1})),
-    ("response_headers not a boolean", with_(response_headers="yes")),
-    ("decision_record not a boolean", with_(decision_record=1)),
-    ("routing.ttft_target_ms 0", with_(routing={"ttft_target_ms": 0})),
-    ("shared_data_prefix with /", with_(shared_data_prefix="a/b")),
-    ("explain.path_prefix without leading /", with_(explain={"path_prefix": "mr/"})),
-    ("explain.path_prefix with trailing /", with_(explain={"path_prefix": "/mr/"})),
-    ("explain.path_prefix with ?", with_(explain={"path_prefix": "/mr?x"})),
-]
-
-MUST_ACCEPT = [
-    ("minimal provider", with_()),
-    ("one weight zero, others default", with_(routing={"weights": {"price": 0}})),
-    ("rollout 50 with default_provider", with_(routing={"rollout_percent": 50, "default_provider": "a"})),
-    ("rollout 100 without default_provider", with_(routing={"rollout_percent": 100})),
-    ("retry_on empty (never fail over)", with_(failover={"retry_on": []})),
-    ("explain disabled", with_(explain={"enabled": False})),
-    ("seed 0 and largest u64", with_(routing={"seed": 18446744073709551615})),
-    ("self_hosted provider with region", provider(provider_type="self_hosted", region="on-prem")),
-    ("Kong-style host:port clusters", {"providers": [dict(P, cluster="api.example.com:443")],
-                                       "market": {"cluster": "127.0.0.1:8090"},
-                                       "failover": {"mode": "dispatch"}}),
-]
+def load_cases():
+    """The must-reject / must-accept tables, shared with tests/config_cases.rs."""
+    doc = json.loads(CASES_PATH.read_text(encoding="utf-8"))
+    table = lambda key: [(c["label"], c["config"]) for c in doc[key]]
+    return table("must_reject"), table("must_accept"), table("filter_only_reject")
 
 
 def check_tables(validators) -> None:
-    for label, doc in MUST_REJECT:
+    must_reject, must_accept, filter_only = load_cases()
+    if not must_reject or not must_accept:
+        fail(f"{rel(CASES_PATH)}: an empty table checks nothing")
+    for label, doc in must_reject:
         accepted_by = [name for name, v in validators if v.is_valid(doc)]
         if accepted_by:
             fail(f"must reject: {label}: accepted by {', '.join(accepted_by)}")
         else:
             ok(f"rejects {label}")
-    for label, doc in MUST_ACCEPT:
+    for label, doc in must_accept:
         problems = []
         for name, v in validators:
             problems += [f"[{name}] {e}" for e in errors_of(v, doc)]
@@ -267,6 +207,13 @@ def check_tables(validators) -> None:
             fail(f"must accept: {label}: " + "; ".join(problems))
         else:
             ok(f"accepts {label}")
+    # Rules only the filter's validator knows: if the schema learns one, move it to must_reject.
+    for label, doc in filter_only:
+        rejected_by = [name for name, v in validators if not v.is_valid(doc)]
+        if rejected_by:
+            fail(f"filter_only_reject: {label}: the schema rejects it too ({', '.join(rejected_by)}): move it to must_reject")
+        else:
+            ok(f"leaves to the filter: {label}")
 
 
 # ---- main ---------------------------------------------------------------------------------
@@ -311,7 +258,7 @@ def main() -> int:
     print("examples/configs")
     examples = sorted((ROOT / "examples" / "configs").glob("*.json"))
     if not examples:
-        print("  (no examples/configs/*.json)")
+        fail("examples/configs/: no *.json (missing folder or empty)")
     for path in examples:
         try:
             config = json.loads(path.read_text(encoding="utf-8"))

@@ -325,21 +325,6 @@ impl Attempts {
         ApiError::all_failed(status, msg)
     }
 
-    /// The `Retry-After` of the final error answer, in whole seconds: the last attempt's when it
-    /// sent one, else the shortest any attempt reported.
-    pub fn retry_after_s(&self) -> Option<u64> {
-        match self.tried.last() {
-            Some((
-                _,
-                Outcome::Status {
-                    retry_after_ms: Some(ms),
-                    ..
-                },
-            )) => Some(ms.div_ceil(1000)),
-            _ => self.min_retry_after_s(),
-        }
-    }
-
     /// The next attempt of the walk: (candidate index, timeout). A candidate that would be the
     /// half-open probe of an open circuit goes only when `claim_probe(provider)` wins the probe;
     /// when another request holds it, the candidate leaves `candidates` and the walk goes on.
@@ -690,7 +675,6 @@ mod tests {
         a.finish(Outcome::Malformed);
         assert_eq!(a.final_error(&c, "m", None).status, 502);
         assert_eq!(a.min_retry_after_s(), Some(3));
-        assert_eq!(a.retry_after_s(), Some(3));
     }
 
     #[test]
@@ -714,7 +698,7 @@ mod tests {
             e.message,
             "all 2 attempt(s) for model `m` failed: a: status 503; b: status 429; b answered: Rate limit reached"
         );
-        assert_eq!(a.retry_after_s(), Some(2), "the last one's");
+        // Retry-After: the soonest any provider sent (here the last one's).
         assert_eq!(a.min_retry_after_s(), Some(2));
         // A last attempt that got no answer: the summary's status, and nothing said.
         a.start(2);
@@ -722,6 +706,10 @@ mod tests {
         let e = a.final_error(&c, "m", None);
         assert_eq!(e.status, 502);
         assert!(!e.message.contains("answered"), "{}", e.message);
-        assert_eq!(a.retry_after_s(), Some(2), "the shortest reported");
+        assert_eq!(a.min_retry_after_s(), Some(2), "the shortest reported");
     }
 }
+
+#[cfg(test)]
+#[path = "attempt_tests.rs"]
+mod exact_tests;

@@ -356,3 +356,7 @@ mod tests {
         assert_eq!(back.get("zzz"), ProviderHealth::default());
     }
 }
+
+#[cfg(test)]
+#[path = "health_tests.rs"]
+mod exact_tests;

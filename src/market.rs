@@ -595,3 +595,7 @@ mod tests {
         .is_ok());
     }
 }
+
+#[cfg(test)]
+#[path = "market_tests.rs"]
+mod exact_tests;

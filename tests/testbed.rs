@@ -425,22 +425,21 @@ fn generated_configs_pass_envoy_validate() {
             && yaml.contains("allow_on_headers_stop_iteration: true")
     );
 
-    // Validation instantiates the module, so it needs a real one.
+    // Validation instantiates the module, so it needs a real one: a missing one fails the
+    // test (`make build`), it is not skipped.
     let wasm = wasm_path();
-    if wasm.is_file() {
-        routed.validate().unwrap();
-        let refused = alone
-            .clone()
-            .market_router(r#"{"providers": [], "bogus_field": 1}"#)
-            .validate()
-            .unwrap_err();
-        assert!(refused.contains("market_router"), "{refused}");
-    } else {
-        eprintln!(
-            "note: {} not built (`make wasm`); skipping validation of the filter variant",
-            wasm.display()
-        );
-    }
+    assert!(
+        wasm.is_file(),
+        "{} not built: run `make build` (or set MR_WASM)",
+        wasm.display()
+    );
+    routed.validate().unwrap();
+    let refused = alone
+        .clone()
+        .market_router(r#"{"providers": [], "bogus_field": 1}"#)
+        .validate()
+        .unwrap_err();
+    assert!(refused.contains("market_router"), "{refused}");
     let dummy = dir.join("dummy.wasm");
     std::fs::write(&dummy, b"not wasm").unwrap();
     let bogus = alone.filter(Filter::Wasm {

@@ -812,6 +812,15 @@ impl Envoy {
         }
     }
 
+    /// A counter or gauge that must exist, read once settled (see [`Envoy::stat_settled`]):
+    /// an error naming it when Envoy has no such stat, so a misspelled or undefined counter
+    /// fails the test instead of reading as 0.
+    pub fn counter(&self, name: &str) -> Result<u64, String> {
+        self.stat_settled(name)?.ok_or_else(|| {
+            format!("Envoy has no stat `{name}` (misspelled, or never defined by the filter)")
+        })
+    }
+
     /// Value of one counter or gauge from admin `/stats` (`None` if Envoy has no such stat).
     pub fn stat(&self, name: &str) -> Result<Option<u64>, String> {
         let r = get(

@@ -14,6 +14,7 @@ pub mod hyper_serve;
 pub mod kong;
 pub mod market_service;
 pub mod procs;
+pub mod refusing;
 pub mod testbed;
 
 pub use envoy::{listener_head, Envoy, EnvoyConfig, Filter, ProviderCluster, SidecarCluster};
@@ -24,6 +25,7 @@ pub use http::{
 pub use kong::{kong_nginx_bin, Kong, KongConfig, KongFilter};
 pub use market_service::{market_service_bin, venv_catalogs, MarketService};
 pub use procs::{crate_root, envoy_bin, example_bin, start_portkey, wasm_path, Proc, TempDir};
+pub use refusing::RefusingPort;
 pub use testbed::{MockOpts, MockProvider, Sidecar};
 
 /// 64-bit FNV-1a hash.

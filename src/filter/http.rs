@@ -176,12 +176,13 @@ impl Http {
         }
         let mut hs: Vec<(String, String)> =
             vec![("content-type".into(), "application/json".into())];
-        if self.vm.config.response_headers {
-            if let Some(a) = &self.attempts {
+        if let Some(a) = &self.attempts {
+            if self.vm.config.response_headers {
                 hs.push(("x-market-router-attempts".into(), a.tried.len().to_string()));
-                if let Some(s) = a.retry_after_s() {
-                    hs.push(("retry-after".into(), s.to_string()));
-                }
+            }
+            // Standard HTTP, not one of our x-market-router-* headers: always sent.
+            if let Some(s) = a.min_retry_after_s() {
+                hs.push(("retry-after".into(), s.to_string()));
             }
         }
         hs

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Mutation testing of the core with cargo-mutants (from crates.io): each module in turn, the
+# native unit tests only (`cargo test --lib`), one job, a timeout per mutant. Opt-in and slow
+# (minutes per module): `make mutants`, or `make mutants ARGS='src/health.rs src/attempt.rs'`.
+#
+# Results: target/mutants/<module>/mutants.out (cargo-mutants' own output) and a summary in
+# bench/results/mutants.md: per module caught / missed / timeout / unviable, the share caught
+# of the viable mutants, and every surviving mutant, marked equivalent (with the reason
+# given in scripts/mutants-equivalent.txt) or MISSED.
+#
+# Environment:
+#   MUTANTS_TIMEOUT=60    seconds allowed for one mutant's test run
+#   MUTANTS_VERSION=27.1.0  cargo-mutants version installed when it is missing
+#   MUTANTS_SUMMARY_ONLY=1  rewrite the summary from earlier outputs, run nothing
+# scripts/mutants-notes.md, when present, is appended to the summary (what the last run
+# covered, mutants killed by tests added after it).
+#   MUTANTS_ITERATE=1     test again only the mutants an earlier run of the module did not
+#                         catch (cargo-mutants --iterate, no baseline run), e.g. after
+#                         adding tests
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+MODULES=(src/health.rs src/attempt.rs src/select.rs src/market.rs src/config.rs src/json.rs src/request.rs)
+TIMEOUT=${MUTANTS_TIMEOUT:-60}
+VERSION=${MUTANTS_VERSION:-27.1.0}
+OUT=target/mutants
+SUMMARY=bench/results/mutants.md
+EQUIVALENT=scripts/mutants-equivalent.txt
+
+log() { echo "mutants: $*" >&2; }
+
+if [ $# -gt 0 ]; then MODULES=("$@"); fi
+
+if [ "${MUTANTS_SUMMARY_ONLY:-}" != 1 ]; then
+    if ! cargo mutants --version >/dev/null 2>&1; then
+        log "installing cargo-mutants $VERSION from crates.io"
+        cargo install --locked --version "$VERSION" cargo-mutants
+    fi
+    for m in "${MODULES[@]}"; do
+        [ -f "$m" ] || { log "no such module: $m"; exit 1; }
+        name=$(basename "$m" .rs)
+        log "$m (timeout ${TIMEOUT}s per mutant)"
+        mkdir -p "$OUT/$name"
+        iterate=()
+        [ "${MUTANTS_ITERATE:-}" = 1 ] && iterate=(--iterate --baseline=skip)
+        # Exit status 2 means mutants were missed: that is a result, not a failure here.
+        CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
+            cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+            "${iterate[@]}" --output "$OUT/$name" -- --lib || {
+            rc=$?
+            [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
+        }
+    done
+fi
+
+python3 - "$OUT" "$SUMMARY" "$EQUIVALENT" <<'EOF'
+import pathlib, re, sys
+
+out, summary, equivalent = map(pathlib.Path, sys.argv[1:])
+reasons = {}
+if equivalent.exists():
+    for line in equivalent.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            mutant, _, why = line.partition(" # ")
+            reasons[mutant.strip()] = why.strip()
+
+def lines(path):
+    return [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.exists() else []
+
+rows, survivors = [], []
+totals = dict(caught=0, missed=0, timeout=0, unviable=0, equivalent=0)
+for d in sorted(p for p in out.iterdir() if (p / "mutants.out").is_dir()):
+    mo, old = d / "mutants.out", d / "mutants.out.old"
+    # After an --iterate run, mutants.out holds only the re-tested mutants and the earlier
+    # run's outcomes are in mutants.out.old: a mutant caught in either run is caught.
+    union = lambda name: sorted(set(lines(mo / name)) | set(lines(old / name)))
+    caught, unviable = union("caught.txt"), union("unviable.txt")
+    timeout = sorted(set(union("timeout.txt")) - set(caught))
+    missed = [m for m in union("missed.txt") if m not in caught]
+    equiv = [m for m in missed if m in reasons]
+    viable = len(caught) + len(missed) + len(timeout)
+    # A timeout is a caught mutant (the tests did not pass); an equivalent one cannot be caught.
+    killed = len(caught) + len(timeout)
+    share = killed / (viable - len(equiv)) if viable - len(equiv) else 1.0
+    rows.append((d.name, len(caught), len(missed), len(equiv), len(timeout), len(unviable), share))
+    for m in missed:
+        survivors.append((m, reasons.get(m)))
+    for k, v in (("caught", caught), ("missed", missed), ("timeout", timeout), ("unviable", unviable)):
+        totals[k] += len(v)
+    totals["equivalent"] += len(equiv)
+
+viable = totals["caught"] + totals["missed"] + totals["timeout"]
+killable = viable - totals["equivalent"]
+share = (totals["caught"] + totals["timeout"]) / killable if killable else 1.0
+md = ["# Mutation testing (cargo-mutants, `make mutants`)", "",
+      "Native unit tests (`cargo test --lib`) against every mutant cargo-mutants generates in each",
+      "core module. Caught share = (caught + timeout) / (viable − equivalent); equivalent mutants",
+      "are listed with the reason in `scripts/mutants-equivalent.txt`.", "",
+      "| module | caught | missed | of which equivalent | timeout | unviable | caught share |",
+      "|---|---:|---:|---:|---:|---:|---:|"]
+for name, c, m, e, t, u, s in rows:
+    md.append(f"| `src/{name}.rs` | {c} | {m} | {e} | {t} | {u} | {s:.1%} |")
+md.append(f"| **all** | {totals['caught']} | {totals['missed']} | {totals['equivalent']} | "
+          f"{totals['timeout']} | {totals['unviable']} | **{share:.1%}** |")
+md += ["", "## Surviving mutants", ""]
+if not survivors:
+    md.append("None.")
+for m, why in survivors:
+    md.append(f"- `{m}` — " + (f"equivalent: {why}" if why else "**MISSED**"))
+notes = equivalent.with_name("mutants-notes.md")
+if notes.exists():
+    md += ["", "## Notes on this run", "", notes.read_text(encoding="utf-8").strip()]
+summary.parent.mkdir(parents=True, exist_ok=True)
+summary.write_text("\n".join(md) + "\n", encoding="utf-8")
+print(f"mutants: {share:.1%} of {killable} killable mutants caught; summary in {summary}")
+EOF
