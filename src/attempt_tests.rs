@@ -125,12 +125,20 @@ fn the_final_error_lists_each_attempt_and_picks_the_status() {
         a.tried = tried;
         a.final_error(&config, "m", None)
     };
+    // The last attempt got an error answer: its status is kept.
     let e = with(vec![(0, Outcome::Timeout), (1, status(503))]);
-    assert_eq!(e.status, 502);
+    assert_eq!(e.status, 503);
     assert_eq!(e.code, "all_providers_failed");
     assert_eq!(
         e.message,
         "all 2 attempt(s) for model `m` failed: a: timeout; b: status 503"
+    );
+    // It got none: mixed failures are a bad gateway.
+    let e = with(vec![(0, status(503)), (1, Outcome::Timeout)]);
+    assert_eq!(e.status, 502);
+    assert_eq!(
+        e.message,
+        "all 2 attempt(s) for model `m` failed: a: status 503; b: timeout"
     );
     let e = with(vec![(1, Outcome::ConnectFailure)]);
     assert_eq!(e.status, 503);
