@@ -1,6 +1,6 @@
 //! One market for the fleet: two real Envoys report what they see to one market service
 //! (`POST /v1/market/reports`), and a provider that fails for one of them is avoided by the
-//! other without it ever sending that provider a request.
+//! other without it ever sending that provider a request. Kong's wasm host reports the same way.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,8 +8,8 @@
 mod common;
 
 use common::{
-    get, post_json, Envoy, EnvoyConfig, MarketService, MockOpts, MockProvider, ProviderCluster,
-    TempDir,
+    get, post_json, Envoy, EnvoyConfig, Kong, KongConfig, MarketService, MockOpts, MockProvider,
+    ProviderCluster, TempDir,
 };
 use serde_json::{json, Value};
 use std::fs;
@@ -209,4 +209,90 @@ fn reports_are_dropped_and_counted_when_the_service_is_down_and_requests_never_s
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(cheap.hits().unwrap() + other.hits().unwrap(), served);
+}
+
+/// The same reports from Kong's wasm host (two nginx workers, one report per period for the
+/// process): the service sees what Kong saw.
+#[test]
+fn kong_reports_what_it_sees_to_the_market_service() {
+    let dir = TempDir::new("fleet-kong").unwrap();
+    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
+        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
+         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
+        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
+    ]});
+    fs::write(dir.join("feed.json"), snapshot.to_string()).unwrap();
+    let config = json!({
+        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 0.2}],
+        "providers": {"cheap": {}, "other": {}},
+        "models": {MODEL: {}},
+    });
+    fs::write(dir.join("service.json"), config.to_string()).unwrap();
+    let service = MarketService::start(&dir.join("service.json")).unwrap();
+    let broken = MockProvider::start("cheap", &MockOpts::default().status(503)).unwrap();
+    let other = MockProvider::start("other", &MockOpts::default()).unwrap();
+    let plugin = json!({
+        "providers": [
+            {"name": "cheap", "cluster": format!("127.0.0.1:{}", broken.port()), "models": {MODEL: MODEL}},
+            {"name": "other", "cluster": format!("127.0.0.1:{}", other.port()), "models": {MODEL: MODEL}},
+        ],
+        "market": {"cluster": format!("127.0.0.1:{}", service.port()), "authority": "127.0.0.1",
+                   "refresh_ms": REFRESH_MS, "max_age_ms": 60_000, "timeout_ms": 1000},
+        "routing": {"strategy": "cheapest"},
+        "failover": {"mode": "dispatch"}
+    });
+    let kong = Kong::start(
+        &KongConfig::new()
+            .workers(2)
+            .market_router(&plugin.to_string()),
+    )
+    .unwrap();
+    let routed = |k: &Kong| -> Value {
+        let r = get(&k.url(&format!("/market-router/v1/route?model={MODEL}")), T).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json().unwrap()
+    };
+    let deadline = Instant::now() + WAIT;
+    while routed(&kong)["candidates"][0]["provider"] != "cheap" {
+        assert!(Instant::now() < deadline, "{}", kong.error_log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
+    // Until `cheap` has failed three times (the fleet's threshold for `offline`); every
+    // request is answered by `other` meanwhile.
+    for sent in 0.. {
+        let r = post_json(&kong.url("/v1/chat/completions"), &[], &body, T).unwrap();
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), kong.error_log());
+        if broken.hits().unwrap() >= 3 {
+            break;
+        }
+        assert!(
+            sent < 20,
+            "cheap was tried {} times",
+            broken.hits().unwrap()
+        );
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c = offer(&service.snapshot().unwrap(), "cheap");
+        if c["availability"] == "offline" {
+            assert_eq!(c["provenance"]["availability"]["source"], "observed");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service never saw Kong's failures: {c:#}\n{}",
+            kong.error_log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Kong itself then ranks `cheap` out from the market, like every other gateway.
+    let deadline = Instant::now() + WAIT;
+    while routed(&kong)["candidates"][0]["provider"] != "other" {
+        assert!(Instant::now() < deadline, "{:#}", routed(&kong));
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(kong.crashes().is_empty(), "{}", kong.crashes().join("\n"));
 }
