@@ -142,6 +142,20 @@ impl Tallies {
         }
     }
 
+    /// Records that a stream already counted as a success broke off mid-body: the success
+    /// becomes a `reset` failure of the same attempt (if it has not been merged away yet).
+    pub fn broke_off(&mut self, provider: &str, model: &str) {
+        let Some(t) = self.slot(key(provider, model)) else {
+            return;
+        };
+        if t.successes > 0 {
+            t.successes -= 1;
+        } else {
+            t.attempts += 1;
+        }
+        t.failures[2] += 1;
+    }
+
     /// Adds `other` in (bounded the same way).
     pub fn merge(&mut self, other: &Tallies) {
         self.dropped += other.dropped;
@@ -262,6 +276,15 @@ mod tests {
         assert_eq!(b.dropped, 6);
         assert_eq!(Tallies::decode(b"junk"), Tallies::default());
         assert!(a.encode().len() < 64 * 1024);
+    }
+
+    #[test]
+    fn a_broken_stream_is_one_failed_attempt() {
+        let mut t = Tallies::default();
+        t.record("a", "m", &Outcome::Success(200), Some(50));
+        t.broke_off("a", "m");
+        let a = &t.by_key[&key("a", "m")];
+        assert_eq!((a.attempts, a.successes, a.failures[2]), (1, 0, 1));
     }
 
     #[test]

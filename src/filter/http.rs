@@ -921,7 +921,8 @@ impl HttpContext for Http {
                 self.vm.metrics.inc(Global::StreamFailedMidway);
                 if let Some(p) = self.served_by() {
                     self.vm.metrics.add(p, PerProvider::Failure, 1);
-                    self.tally_reset(p);
+                    let model = self.info.as_ref().map_or("", |i| i.model.as_str());
+                    self.vm.tally_broken_stream(p, model);
                     self.vm
                         .observe(&self.vm.config.providers[p].name, failure, now);
                     self.record_decision(Some(p), Some(200));

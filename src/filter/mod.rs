@@ -369,6 +369,19 @@ impl Vm {
         }
     }
 
+    /// Notes for the market report that a stream counted as a success broke off mid-body.
+    pub(crate) fn tally_broken_stream(&self, provider: usize, model: &str) {
+        if self.config.market.is_none() {
+            return;
+        }
+        let Some(p) = self.config.providers.get(provider) else {
+            return;
+        };
+        if let Ok(mut inner) = self.inner.try_borrow_mut() {
+            inner.tally.broke_off(&p.name, model);
+        }
+    }
+
     /// Merges this VM's tally into the process-wide one (tick only; one CAS write when there
     /// is something new). On give-up the tally stays for the next tick.
     pub(crate) fn flush_tally(&self) {
