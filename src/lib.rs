@@ -20,6 +20,7 @@ pub mod json;
 pub mod market;
 pub mod metrics;
 pub mod native;
+pub mod report;
 pub mod request;
 pub mod rng;
 pub mod select;

@@ -37,11 +37,15 @@ pub enum Global {
     RolloutDefault,
     /// Streams that failed after bytes reached the client (not recoverable).
     StreamFailedMidway,
+    /// Reports of what this process saw accepted by the market service.
+    ReportsSent,
+    /// Reports dropped: the market service down, refusing, or not answering.
+    ReportsDropped,
 }
 
 impl Global {
     /// All global counters.
-    pub const ALL: [Global; 15] = [
+    pub const ALL: [Global; 17] = [
         Global::Requests,
         Global::RejectedBadRequest,
         Global::RejectedUnknownModel,
@@ -57,6 +61,8 @@ impl Global {
         Global::RolloutMarket,
         Global::RolloutDefault,
         Global::StreamFailedMidway,
+        Global::ReportsSent,
+        Global::ReportsDropped,
     ];
 
     /// The counter of the answers the filter gives itself for `reason`, if one counts them.
@@ -89,6 +95,8 @@ impl Global {
             Global::RolloutMarket => "market_router.rollout.market",
             Global::RolloutDefault => "market_router.rollout.default",
             Global::StreamFailedMidway => "market_router.stream_failed_midway",
+            Global::ReportsSent => "market_router.report.sent",
+            Global::ReportsDropped => "market_router.report.dropped",
         }
     }
 }

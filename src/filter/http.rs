@@ -645,6 +645,7 @@ impl Http {
                 Err(s) => {
                     warn!("#{} market-router: cannot dispatch to {name} ({s:?}); trying the next provider", self.id);
                     attempts.finish(Outcome::ConnectFailure);
+                    vm.tally(provider_idx, &info.model, &Outcome::ConnectFailure, None);
                     vm.metrics.add(provider_idx, PerProvider::Failure, 1);
                     vm.metrics.add(provider_idx, PerProvider::Failover, 1);
                     vm.observe(
@@ -660,6 +661,12 @@ impl Http {
         false
     }
 
+    /// Notes for the market report an answer that broke off after it began.
+    fn tally_reset(&self, provider: usize) {
+        let model = self.info.as_ref().map_or("", |i| i.model.as_str());
+        self.vm.tally(provider, model, &Outcome::Reset, None);
+    }
+
     /// Records an outcome and says whether the answer at hand should reach the client.
     /// `Some(true)` deliver it, `Some(false)` fail with the final error, `None` a next attempt
     /// is in flight.
@@ -670,6 +677,8 @@ impl Http {
         let ttfb = self
             .stream()
             .then(|| now.saturating_sub(self.attempt_started_ms) as f64);
+        let model = self.info.as_ref().map_or("", |i| i.model.as_str());
+        vm.tally(provider, model, &outcome, ttfb.map(|t| t as u64));
         let (observation, step) =
             self.attempts
                 .as_mut()?
@@ -1175,6 +1184,8 @@ impl Http {
                 self.vm.metrics.inc(Global::StreamFailedMidway);
                 if let Some(p) = self.served_by() {
                     self.vm.metrics.add(p, PerProvider::Failure, 1);
+                    let model = self.info.as_ref().map_or("", |i| i.model.as_str());
+                    self.vm.tally_broken_stream(p, model);
                     self.vm
                         .observe(&self.vm.config.providers[p].name, failure, now);
                     self.record_decision(Some(p), Some(200));
@@ -1194,6 +1205,7 @@ impl Http {
                     self.id, self.vm.config.providers[p].name
                 );
                 self.vm.metrics.add(p, PerProvider::Failure, 1);
+                self.tally_reset(p);
                 self.vm
                     .observe(&self.vm.config.providers[p].name, failure, now);
                 self.record_decision(Some(p), Some(502));

@@ -10,6 +10,7 @@ use crate::health::{Admission, HealthTable, Observation};
 use crate::host::{self, SetError};
 use crate::market::{MarketView, Stored};
 use crate::metrics::{self, Global, PerProvider};
+use crate::report::Tallies;
 use crate::rng::Rng;
 use log::{debug, info, warn};
 use proxy_wasm::types::MetricType;
@@ -47,6 +48,8 @@ pub(crate) struct Keys {
     market_stale: String,
     /// Health table.
     health: String,
+    /// What the process saw since its last market report (`report::Tallies`).
+    obs: String,
     /// Prefix of affinity slots.
     affinity: String,
 }
@@ -60,6 +63,7 @@ impl Keys {
             market_status: format!("{prefix}/market_status"),
             market_stale: format!("{prefix}/market_stale"),
             health: format!("{prefix}/health"),
+            obs: format!("{prefix}/obs"),
             affinity: format!("{prefix}/aff/"),
         }
     }
@@ -202,6 +206,8 @@ pub(crate) struct VmInner {
     health_cas: u32,
     health_checked_ms: u64,
     pub(crate) rng: Rng,
+    /// What this VM saw since its last tick (merged into `keys.obs` on tick).
+    tally: Tallies,
 }
 
 fn read_u64(bytes: &[u8]) -> u64 {
@@ -228,6 +234,7 @@ impl Vm {
                 health_cas: 0,
                 health_checked_ms: 0,
                 rng: Rng::new(seed),
+                tally: Tallies::default(),
             }),
         }
     }
@@ -341,6 +348,83 @@ impl Vm {
                 circuit.cooldown_ms
             );
         }
+    }
+
+    /// Notes an attempt's outcome for the market report, in VM memory only (no host call).
+    pub(crate) fn tally(
+        &self,
+        provider: usize,
+        model: &str,
+        outcome: &crate::attempt::Outcome,
+        ttfb_ms: Option<u64>,
+    ) {
+        if self.config.market.is_none() {
+            return;
+        }
+        let Some(p) = self.config.providers.get(provider) else {
+            return;
+        };
+        if let Ok(mut inner) = self.inner.try_borrow_mut() {
+            inner.tally.record(&p.name, model, outcome, ttfb_ms);
+        }
+    }
+
+    /// Notes for the market report that a stream counted as a success broke off mid-body.
+    pub(crate) fn tally_broken_stream(&self, provider: usize, model: &str) {
+        if self.config.market.is_none() {
+            return;
+        }
+        let Some(p) = self.config.providers.get(provider) else {
+            return;
+        };
+        if let Ok(mut inner) = self.inner.try_borrow_mut() {
+            inner.tally.broke_off(&p.name, model);
+        }
+    }
+
+    /// Merges this VM's tally into the process-wide one (tick only; one CAS write when there
+    /// is something new). On give-up the tally stays for the next tick.
+    pub(crate) fn flush_tally(&self) {
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            return;
+        };
+        if inner.tally.is_empty() {
+            return;
+        }
+        for _ in 0..CAS_RETRIES {
+            let (bytes, cas) = host::shared_get(&self.keys.obs).unwrap_or_default();
+            let mut shared = Tallies::decode(&bytes);
+            shared.merge(&inner.tally);
+            match host::shared_set(&self.keys.obs, &shared.encode(), Some(cas)) {
+                Ok(()) => {
+                    inner.tally = Tallies::default();
+                    return;
+                }
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Refused(s)) => {
+                    debug!("market-router: report tally refused by the host ({s:?}); kept");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the process-wide tally (leaving it empty) for this period's report.
+    pub(crate) fn take_tally(&self) -> Option<Tallies> {
+        self.flush_tally();
+        for _ in 0..CAS_RETRIES {
+            let (bytes, cas) = host::shared_get(&self.keys.obs)?;
+            let shared = Tallies::decode(&bytes);
+            if shared.is_empty() {
+                return None;
+            }
+            match host::shared_set(&self.keys.obs, b"", Some(cas)) {
+                Ok(()) => return Some(shared),
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Refused(_)) => return None,
+            }
+        }
+        None
     }
 
     /// Claims the half-open probe of `provider`; false when another request has it.

@@ -18,11 +18,16 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 use std::rc::Rc;
 
+/// Where the market service takes reports (next to the snapshot, on `market.cluster`).
+const REPORTS_PATH: &str = "/v1/market/reports";
+
 pub(crate) struct Root {
     id: u32,
     vm: Option<Rc<Vm>>,
     /// Token of the snapshot fetch in flight.
     fetch: Option<u32>,
+    /// Token of the market report in flight.
+    report: Option<u32>,
     /// Whether the tick period is set: once per root context (Kong traps on a second call).
     ticking: bool,
     /// Envoy mode's upstream role (an upstream filter of the provider clusters).
@@ -35,6 +40,7 @@ impl Root {
             id,
             vm: None,
             fetch: None,
+            report: None,
             ticking: false,
             upstream: false,
         }
@@ -114,6 +120,51 @@ impl Root {
             Err(s) => {
                 self.refresh_failed(vm, &format!("cannot call cluster `{}` ({s:?})", m.cluster))
             }
+        }
+    }
+
+    /// Posts what this process saw since its last report (one per period, on the refresh
+    /// slot). Dropped and counted when the service cannot take it: observations are for
+    /// routing the fleet, never worth a retry or a request's time.
+    fn start_report(&mut self, vm: &Vm) {
+        let Some(m) = &vm.config.market else { return };
+        if self.report.is_some() {
+            return;
+        }
+        let Some(tally) = vm.take_tally() else { return };
+        let body = tally.report_json();
+        let headers = [
+            (":method", "POST"),
+            (":path", REPORTS_PATH),
+            (":authority", m.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        match host::dispatch(&m.cluster, &headers, &body, m.timeout_ms) {
+            Ok(token) => self.report = Some(token),
+            Err(s) => {
+                vm.metrics.inc(Global::ReportsDropped);
+                debug!(
+                    "market-router: market report dropped: cannot call cluster `{}` ({s:?})",
+                    m.cluster
+                );
+            }
+        }
+    }
+
+    fn on_report(vm: &Vm, num_headers: usize) {
+        let status = if num_headers == 0 || host::call_failure(num_headers).is_some() {
+            None
+        } else {
+            host::call_response_headers()
+                .into_iter()
+                .find(|(k, _)| k == ":status")
+                .map(|(_, v)| v)
+        };
+        if status.as_deref().is_some_and(|s| s.starts_with('2')) {
+            vm.metrics.inc(Global::ReportsSent);
+        } else {
+            vm.metrics.inc(Global::ReportsDropped);
+            debug!("market-router: market report dropped (answer {status:?})");
         }
     }
 
@@ -259,6 +310,13 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        if self.report == Some(token_id) {
+            self.report = None;
+            if let Some(vm) = self.vm.clone() {
+                Self::on_report(&vm, num_headers);
+            }
+            return;
+        }
         if self.fetch != Some(token_id) {
             return;
         }
@@ -319,6 +377,7 @@ impl RootContext for Root {
         let Some(vm) = self.vm.clone() else { return };
         let now = host::now_ms();
         vm.metrics.flush(now);
+        vm.flush_tally();
         vm.sync_market(now, true);
         if let Ok(inner) = vm.inner.try_borrow() {
             if let Some(m) = &inner.market {
@@ -328,6 +387,7 @@ impl RootContext for Root {
         if self.fetch.is_none() && Self::claim_refresh(&vm, now) {
             Self::check_staleness(&vm, now);
             self.start_fetch(&vm);
+            self.start_report(&vm);
         }
     }
 

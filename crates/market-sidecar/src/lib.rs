@@ -12,6 +12,7 @@
 pub mod config;
 pub mod fetch;
 pub mod merge;
+pub mod observed;
 pub mod serve;
 pub mod sources;
 
@@ -135,6 +136,8 @@ pub struct App {
     counters: Mutex<Counters>,
     changed: Notify,
     http: reqwest::Client,
+    fleet: Mutex<observed::Fleet>,
+    refused_reports: Mutex<u64>,
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -160,6 +163,8 @@ impl App {
             counters: Mutex::new(Counters::default()),
             changed: Notify::new(),
             http,
+            fleet: Mutex::new(observed::Fleet::default()),
+            refused_reports: Mutex::new(0),
         }))
     }
 
@@ -196,6 +201,28 @@ impl App {
                 c.served += 1
             }
         });
+    }
+
+    /// Takes one gateway report (`POST /v1/market/reports`); the next build folds it in.
+    pub fn report(&self, body: &[u8], now: u64) -> Result<usize, observed::ReportError> {
+        match observed::parse(body) {
+            Ok(r) => {
+                let n = r.observations.len();
+                lock(&self.fleet).add(&r, now);
+                self.changed.notify_one();
+                Ok(n)
+            }
+            Err(e) => {
+                *lock(&self.refused_reports) += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reports accepted, refused, and entries dropped for want of room.
+    pub fn report_counts(&self) -> (u64, u64, u64) {
+        let f = lock(&self.fleet);
+        (f.reports, *lock(&self.refused_reports), f.dropped_entries)
     }
 
     /// Per source: counters, age of its oldest confirmed feed (ms; none before a first good
@@ -354,7 +381,12 @@ impl App {
                 stale: now.saturating_sub(*t) > s.max_age.as_millis() as u64,
             })
             .collect();
-        let (offers, stats) = merge::build(&cfg, &data);
+        let (mut offers, stats) = merge::build(&cfg, &data);
+        {
+            let mut fleet = lock(&self.fleet);
+            fleet.expire(now);
+            fleet.fold(&mut offers, now);
+        }
         let offers_bytes = serde_json::to_vec(&offers).unwrap_or_default();
         if let Some(prev) = self.snapshot() {
             if *prev.offers == offers_bytes

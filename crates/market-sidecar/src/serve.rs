@@ -1,20 +1,42 @@
-//! HTTP: `GET <path>` (the snapshot, with ETag and 304), `GET /healthz`, `GET /metrics`
-//! (Prometheus text format).
+//! HTTP: `GET <path>` (the snapshot, with ETag and 304), `POST /v1/market/reports` (what a
+//! gateway saw, see [`crate::observed`]), `GET /healthz`, `GET /metrics` (Prometheus text
+//! format).
 
 use crate::{now_ms, App};
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use serde_json::json;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+/// Where gateways post their reports.
+pub const REPORTS_PATH: &str = "/v1/market/reports";
+
+async fn report(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    match app.report(&body, now_ms()) {
+        Ok(n) => json_response(StatusCode::ACCEPTED, &json!({"accepted": n})),
+        Err(e) => {
+            tracing::debug!("report refused: {e}");
+            json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": {"message": e.to_string(), "status": 400}}),
+            )
+        }
+    }
+}
+
 /// The service's routes, the snapshot at `path`.
 pub fn router(app: Arc<App>, path: &str) -> Router {
     Router::new()
         .route(path, get(snapshot))
+        .route(
+            REPORTS_PATH,
+            post(report).layer(DefaultBodyLimit::max(crate::observed::MAX_REPORT_BYTES)),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(app)
@@ -231,6 +253,28 @@ pub fn render_metrics(app: &App) -> String {
         "market_sidecar_offers_dropped{{reason=\"over_limit\"}} {}",
         stats.over_limit
     );
+    let (accepted, refused, dropped) = app.report_counts();
+    head(
+        &mut m,
+        "market_sidecar_reports_total",
+        "counter",
+        "Gateway reports by result: accepted, refused (bad shape, version or size).",
+    );
+    let _ = writeln!(
+        m,
+        "market_sidecar_reports_total{{result=\"accepted\"}} {accepted}"
+    );
+    let _ = writeln!(
+        m,
+        "market_sidecar_reports_total{{result=\"refused\"}} {refused}"
+    );
+    head(
+        &mut m,
+        "market_sidecar_report_entries_dropped_total",
+        "counter",
+        "Report entries dropped because the service tracks its maximum of (provider, model) keys.",
+    );
+    let _ = writeln!(m, "market_sidecar_report_entries_dropped_total {dropped}");
     let c = app.counters();
     head(
         &mut m,

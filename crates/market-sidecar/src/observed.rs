@@ -1,0 +1,545 @@
+//! What the fleet's gateways see: reports (`POST /v1/market/reports`, one per gateway process
+//! per market period) folded into the snapshot's offers as `observed` figures.
+//!
+//! A report carries, per (provider, model) since the gateway's last report: attempts,
+//! successes, failures by kind, 429s (kept apart from uptime) with the longest Retry-After,
+//! and a time-to-first-byte histogram over [`TTFB_BOUNDS_MS`]. The service keeps each report's
+//! figures for [`WINDOW_MS`] and folds what the window holds into every matching offer:
+//!
+//! - uptime: successes / (successes + failures), blended with the feeds' figure by weight
+//!   n / (n + k), k = [`BLEND_K`] (a fresh feed figure), [`BLEND_K_STALE`] (a stale one) or 0
+//!   (a default: the fleet's figure alone);
+//! - `latency_ms.ttft_p50/p95`: quantiles of the summed histograms, blended the same way;
+//! - availability: `offline` when the last [`RECENT_MS`] hold at least [`MIN_FAILURES`]
+//!   failures and no success, or a Retry-After window is open; `degraded` when at least half
+//!   of at least [`MIN_FAILURES`] recent attempts failed;
+//! - provenance `{"source": "observed", "as_of_ms": <last report>, "samples": n}`.
+//!
+//! Cold start: an offer nobody has reported on keeps its feed figures unchanged. Operator
+//! overrides stay in force. Samples leave the window whole, so the snapshot changes only when
+//! a report arrives or one expires (no per-second republishing).
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Upper bounds (ms) of the TTFB histogram buckets; a last bucket holds everything above.
+pub const TTFB_BOUNDS_MS: [u64; 7] = [100, 250, 500, 1000, 2500, 5000, 10000];
+/// Number of histogram buckets.
+pub const BUCKETS: usize = TTFB_BOUNDS_MS.len() + 1;
+/// How long a report's figures count.
+pub const WINDOW_MS: u64 = 300_000;
+/// The window availability is judged on.
+pub const RECENT_MS: u64 = 30_000;
+/// Failures needed before the fleet marks a provider degraded or offline.
+pub const MIN_FAILURES: u64 = 3;
+/// Blend constant against a fresh feed figure.
+pub const BLEND_K: f64 = 20.0;
+/// Blend constant against a stale feed figure.
+pub const BLEND_K_STALE: f64 = 5.0;
+/// Most entries one report may carry.
+pub const MAX_ENTRIES: usize = 512;
+/// Most (provider, model) keys the service tracks.
+pub const MAX_KEYS: usize = 8192;
+/// Longest Retry-After honoured, ms.
+pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
+/// Largest report body accepted, bytes.
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+
+/// One report, as posted.
+#[derive(Debug, Deserialize)]
+pub struct Report {
+    /// Must be 1.
+    pub version: u32,
+    /// Per (provider, model).
+    #[serde(default)]
+    pub observations: Vec<Entry>,
+}
+
+/// One (provider, model) of a report.
+#[derive(Debug, Deserialize, Clone, Default)]
+pub struct Entry {
+    /// Plugin provider name.
+    pub provider: String,
+    /// Client model name.
+    pub model: String,
+    /// Attempts sent.
+    #[serde(default)]
+    pub attempts: u64,
+    /// Attempts answered well.
+    #[serde(default)]
+    pub successes: u64,
+    /// Failures by kind (`5xx`, `connect_failure`, `reset`, `timeout`, `malformed`); 429s are
+    /// not failures here.
+    #[serde(default)]
+    pub failures: BTreeMap<String, u64>,
+    /// 429 answers.
+    #[serde(default)]
+    pub rate_limited: u64,
+    /// Longest Retry-After of those 429s (or of 5xx answers), ms.
+    #[serde(default)]
+    pub retry_after_ms: Option<u64>,
+    /// TTFB histogram, [`BUCKETS`] counts.
+    #[serde(default)]
+    pub ttfb_hist: Vec<u64>,
+}
+
+/// Why a report was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReportError {
+    /// Not JSON of the report shape.
+    Shape(String),
+    /// `version` is not 1.
+    Version(u32),
+    /// More than [`MAX_ENTRIES`] entries.
+    TooMany(usize),
+}
+
+impl std::fmt::Display for ReportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Shape(e) => write!(f, "not a market report: {e}"),
+            Self::Version(v) => write!(f, "report version {v} is not supported (expected 1)"),
+            Self::TooMany(n) => write!(f, "report has {n} entries, at most {MAX_ENTRIES} allowed"),
+        }
+    }
+}
+
+/// Parses and checks a report body.
+pub fn parse(body: &[u8]) -> Result<Report, ReportError> {
+    let r: Report = serde_json::from_slice(body).map_err(|e| ReportError::Shape(e.to_string()))?;
+    if r.version != 1 {
+        return Err(ReportError::Version(r.version));
+    }
+    if r.observations.len() > MAX_ENTRIES {
+        return Err(ReportError::TooMany(r.observations.len()));
+    }
+    Ok(r)
+}
+
+#[derive(Debug, Clone)]
+struct Sample {
+    at_ms: u64,
+    successes: u64,
+    failures: u64,
+    hist: [u64; BUCKETS],
+}
+
+#[derive(Debug, Default)]
+struct Track {
+    samples: VecDeque<Sample>,
+    retry_until_ms: u64,
+    last_ms: u64,
+}
+
+/// The fleet's observations held by the service.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    tracks: BTreeMap<(String, String), Track>,
+    /// Reports accepted.
+    pub reports: u64,
+    /// Entries dropped (no room for a new key).
+    pub dropped_entries: u64,
+}
+
+/// What the window holds for one offer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figures {
+    /// Successes + failures (429s excluded) in the window.
+    pub samples: u64,
+    /// successes / samples.
+    pub uptime: Option<f64>,
+    /// TTFB samples in the window.
+    pub ttft_samples: u64,
+    /// Median TTFB, ms.
+    pub ttft_p50: Option<f64>,
+    /// 95th percentile TTFB, ms.
+    pub ttft_p95: Option<f64>,
+    /// Fleet-seen availability, when it says anything.
+    pub availability: Option<&'static str>,
+    /// Last report touching this offer.
+    pub as_of_ms: u64,
+}
+
+/// Quantile `q` of a histogram over [`TTFB_BOUNDS_MS`], interpolated inside its bucket (the
+/// last bucket reports twice its lower bound).
+pub fn quantile(hist: &[u64; BUCKETS], q: f64) -> Option<f64> {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0.0;
+    for (i, &n) in hist.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let lo = if i == 0 {
+            0.0
+        } else {
+            TTFB_BOUNDS_MS[i - 1] as f64
+        };
+        let hi = TTFB_BOUNDS_MS.get(i).map_or(lo * 2.0, |b| *b as f64);
+        if seen + n as f64 >= rank {
+            let frac = ((rank - seen) / n as f64).clamp(0.0, 1.0);
+            return Some(lo + (hi - lo) * frac);
+        }
+        seen += n as f64;
+    }
+    None
+}
+
+impl Fleet {
+    /// Adds a report received at `now`.
+    pub fn add(&mut self, report: &Report, now: u64) {
+        self.reports += 1;
+        for e in &report.observations {
+            let key = (e.provider.clone(), e.model.clone());
+            if !self.tracks.contains_key(&key) && self.tracks.len() >= MAX_KEYS {
+                self.dropped_entries += 1;
+                continue;
+            }
+            let t = self.tracks.entry(key).or_default();
+            let failures: u64 = e.failures.values().sum();
+            let mut hist = [0u64; BUCKETS];
+            for (h, v) in hist.iter_mut().zip(&e.ttfb_hist) {
+                *h = *v;
+            }
+            if e.successes + failures > 0 || hist.iter().any(|h| *h > 0) {
+                t.samples.push_back(Sample {
+                    at_ms: now,
+                    successes: e.successes,
+                    failures,
+                    hist,
+                });
+            }
+            if let Some(ra) = e
+                .retry_after_ms
+                .filter(|_| e.rate_limited > 0 || failures > 0)
+            {
+                t.retry_until_ms = t.retry_until_ms.max(now + ra.min(MAX_RETRY_AFTER_MS));
+            }
+            t.last_ms = now;
+        }
+    }
+
+    /// Forgets what left the window; returns whether anything did.
+    pub fn expire(&mut self, now: u64) -> bool {
+        let mut changed = false;
+        self.tracks.retain(|_, t| {
+            while t
+                .samples
+                .front()
+                .is_some_and(|s| now.saturating_sub(s.at_ms) >= WINDOW_MS)
+            {
+                t.samples.pop_front();
+                changed = true;
+            }
+            !t.samples.is_empty() || t.retry_until_ms > now
+        });
+        changed
+    }
+
+    /// What the window holds for (provider, model) at `now`.
+    pub fn figures(&self, provider: &str, model: &str, now: u64) -> Option<Figures> {
+        let t = self
+            .tracks
+            .get(&(provider.to_string(), model.to_string()))?;
+        let (mut ok, mut bad, mut rok, mut rbad) = (0, 0, 0, 0);
+        let mut hist = [0u64; BUCKETS];
+        for s in &t.samples {
+            if now.saturating_sub(s.at_ms) >= WINDOW_MS {
+                continue;
+            }
+            ok += s.successes;
+            bad += s.failures;
+            if now.saturating_sub(s.at_ms) < RECENT_MS {
+                rok += s.successes;
+                rbad += s.failures;
+            }
+            for (h, v) in hist.iter_mut().zip(&s.hist) {
+                *h += v;
+            }
+        }
+        let availability = if t.retry_until_ms > now || (rbad >= MIN_FAILURES && rok == 0) {
+            Some("offline")
+        } else if rbad >= MIN_FAILURES && rbad >= rok {
+            Some("degraded")
+        } else {
+            None
+        };
+        let n = ok + bad;
+        Some(Figures {
+            samples: n,
+            uptime: (n > 0).then(|| ok as f64 / n as f64),
+            ttft_samples: hist.iter().sum(),
+            ttft_p50: quantile(&hist, 0.5),
+            ttft_p95: quantile(&hist, 0.95),
+            availability,
+            as_of_ms: t.last_ms,
+        })
+    }
+
+    /// Folds the window into built offers (snapshot v1 JSON objects).
+    pub fn fold(&self, offers: &mut [Value], now: u64) {
+        for o in offers.iter_mut() {
+            let (Some(p), Some(m)) = (
+                o.get("provider").and_then(Value::as_str),
+                o.get("model").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            if let Some(f) = self.figures(p, m, now) {
+                fold_offer(o, &f);
+            }
+        }
+    }
+}
+
+fn source_of<'a>(o: &'a Value, figure: &str) -> Option<&'a Map<String, Value>> {
+    o.get("provenance")?.get(figure)?.as_object()
+}
+
+/// The weight of `n` fleet samples against the offer's own figure.
+fn weight(o: &Value, figure: &str, n: u64, has_value: bool) -> Option<f64> {
+    if n == 0 {
+        return None;
+    }
+    let src = source_of(o, figure);
+    let source = src.and_then(|s| s.get("source")).and_then(Value::as_str);
+    if source == Some("override") {
+        return None;
+    }
+    if !has_value || source.is_none_or(|s| s == "default") {
+        return Some(1.0);
+    }
+    let stale = src
+        .and_then(|s| s.get("stale"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let k = if stale { BLEND_K_STALE } else { BLEND_K };
+    Some(n as f64 / (n as f64 + k))
+}
+
+fn round(x: f64, step: f64) -> f64 {
+    (x / step).round() * step
+}
+
+fn mark(o: &mut Map<String, Value>, figure: &str, f: &Figures, samples: u64) {
+    let prov = o
+        .entry("provenance")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Some(p) = prov.as_object_mut() {
+        p.insert(
+            figure.into(),
+            json!({"source": "observed", "as_of_ms": f.as_of_ms, "samples": samples}),
+        );
+    }
+}
+
+fn fold_offer(offer: &mut Value, f: &Figures) {
+    let snapshot = offer.clone();
+    let Some(o) = offer.as_object_mut() else {
+        return;
+    };
+    if let Some(u) = f.uptime {
+        let feed = o.get("uptime").and_then(Value::as_f64);
+        if let Some(w) = weight(&snapshot, "uptime", f.samples, feed.is_some()) {
+            let v = feed.map_or(u, |x| w * u + (1.0 - w) * x);
+            o.insert("uptime".into(), json!(round(v.clamp(0.0, 1.0), 0.0001)));
+            mark(o, "uptime", f, f.samples);
+        }
+    }
+    if let (Some(p50), Some(p95)) = (f.ttft_p50, f.ttft_p95) {
+        let lat = snapshot.get("latency_ms");
+        let feed50 = lat.and_then(|l| l.get("ttft_p50")).and_then(Value::as_f64);
+        let feed95 = lat.and_then(|l| l.get("ttft_p95")).and_then(Value::as_f64);
+        if let Some(w) = weight(&snapshot, "ttft", f.ttft_samples, feed50.is_some()) {
+            let b50 = feed50.map_or(p50, |x| w * p50 + (1.0 - w) * x);
+            let b95 = feed95.map_or(p95, |x| w * p95 + (1.0 - w) * x).max(b50);
+            let l = o
+                .entry("latency_ms")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Some(l) = l.as_object_mut() {
+                l.insert("ttft_p50".into(), json!(round(b50.max(1.0), 1.0)));
+                l.insert("ttft_p95".into(), json!(round(b95.max(1.0), 1.0)));
+            }
+            mark(o, "ttft", f, f.ttft_samples);
+        }
+    }
+    if let Some(a) = f.availability {
+        let src = source_of(&snapshot, "availability")
+            .and_then(|s| s.get("source"))
+            .and_then(Value::as_str);
+        let current = o.get("availability").and_then(Value::as_str);
+        // The fleet only ever makes an offer worse than the feeds say.
+        let worse = !matches!(
+            (current, a),
+            (Some("offline"), _) | (Some("degraded"), "degraded")
+        );
+        if src != Some("override") && worse {
+            o.insert("availability".into(), json!(a));
+            mark(o, "availability", f, f.samples);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(p: &str, ok: u64, bad: u64, hist: &[u64]) -> Entry {
+        let mut failures = BTreeMap::new();
+        if bad > 0 {
+            failures.insert("5xx".to_string(), bad);
+        }
+        Entry {
+            provider: p.into(),
+            model: "m".into(),
+            attempts: ok + bad,
+            successes: ok,
+            failures,
+            ttfb_hist: hist.to_vec(),
+            ..Entry::default()
+        }
+    }
+
+    fn report(e: Vec<Entry>) -> Report {
+        Report {
+            version: 1,
+            observations: e,
+        }
+    }
+
+    fn offer(provider: &str, uptime: f64, ttft: f64, source: &str) -> Value {
+        json!({"provider": provider, "model": "m", "price": {"input_per_mtok": 1, "output_per_mtok": 1},
+               "latency_ms": {"ttft_p50": ttft}, "uptime": uptime, "availability": "online",
+               "provenance": {"uptime": {"source": source}, "ttft": {"source": source},
+                              "availability": {"source": source}}})
+    }
+
+    #[test]
+    fn parse_checks_version_and_bounds() {
+        assert!(parse(br#"{"version":1,"observations":[]}"#).is_ok());
+        assert_eq!(
+            parse(br#"{"version":2}"#).err(),
+            Some(ReportError::Version(2))
+        );
+        assert!(matches!(parse(b"nope"), Err(ReportError::Shape(_))));
+        let many: Vec<Value> = (0..MAX_ENTRIES + 1)
+            .map(|i| json!({"provider": format!("p{i}"), "model": "m"}))
+            .collect();
+        let body = json!({"version": 1, "observations": many}).to_string();
+        assert_eq!(
+            parse(body.as_bytes()).err(),
+            Some(ReportError::TooMany(MAX_ENTRIES + 1))
+        );
+    }
+
+    #[test]
+    fn cold_start_keeps_feed_figures() {
+        let fleet = Fleet::default();
+        let mut offers = vec![offer("a", 0.99, 300.0, "openrouter")];
+        let before = offers.clone();
+        fleet.fold(&mut offers, 1000);
+        assert_eq!(offers, before);
+    }
+
+    #[test]
+    fn failures_make_an_offer_offline_and_429s_stay_apart_from_uptime() {
+        let mut fleet = Fleet::default();
+        let mut e = entry("a", 0, 4, &[]);
+        e.failures.insert("connect_failure".into(), 1);
+        fleet.add(&report(vec![e]), 1000);
+        let mut limited = entry("b", 10, 0, &[]);
+        limited.rate_limited = 5;
+        limited.retry_after_ms = Some(20_000);
+        fleet.add(&report(vec![limited]), 1000);
+        let mut offers = vec![
+            offer("a", 0.99, 300.0, "openrouter"),
+            offer("b", 0.99, 300.0, "openrouter"),
+        ];
+        fleet.fold(&mut offers, 2000);
+        assert_eq!(offers[0]["availability"], "offline");
+        assert_eq!(
+            offers[0]["provenance"]["availability"]["source"],
+            "observed"
+        );
+        // 5 failures of 5 against a fresh feed figure of 0.99: 5/25 weight on 0.
+        assert_eq!(offers[0]["uptime"], 0.792);
+        assert_eq!(offers[0]["provenance"]["uptime"]["samples"], 5);
+        // b: 429s do not lower uptime, but its Retry-After window is shared: offline until it ends.
+        assert!(offers[1]["uptime"].as_f64().unwrap() > 0.99);
+        assert_eq!(offers[1]["availability"], "offline");
+        let mut later = vec![offer("b", 0.99, 300.0, "openrouter")];
+        fleet.fold(&mut later, 1000 + 20_001);
+        assert_eq!(later[0]["availability"], "online");
+    }
+
+    #[test]
+    fn mixed_results_degrade_and_recent_success_recovers() {
+        let mut fleet = Fleet::default();
+        fleet.add(&report(vec![entry("a", 3, 3, &[])]), 0);
+        let f = fleet.figures("a", "m", 10).unwrap();
+        assert_eq!(f.availability, Some("degraded"));
+        // Once the failures are older than RECENT_MS the fleet says nothing about availability.
+        fleet.add(&report(vec![entry("a", 5, 0, &[])]), RECENT_MS + 1);
+        let f = fleet.figures("a", "m", RECENT_MS + 2).unwrap();
+        assert_eq!(f.availability, None);
+        assert_eq!(f.samples, 11);
+    }
+
+    #[test]
+    fn ttft_quantiles_from_histograms_blend_by_sample_count() {
+        let mut fleet = Fleet::default();
+        // 20 samples, all in (500, 1000].
+        fleet.add(&report(vec![entry("a", 20, 0, &[0, 0, 0, 20])]), 0);
+        let f = fleet.figures("a", "m", 1).unwrap();
+        assert_eq!(f.ttft_p50, Some(750.0));
+        assert_eq!(f.ttft_p95, Some(975.0));
+        let mut offers = vec![offer("a", 0.99, 250.0, "openrouter")];
+        fleet.fold(&mut offers, 1);
+        // Weight 20/40 against the feed's 250.
+        assert_eq!(offers[0]["latency_ms"]["ttft_p50"], 500.0);
+        assert_eq!(offers[0]["provenance"]["ttft"]["source"], "observed");
+        // Against a default figure the fleet's alone counts.
+        let mut offers = vec![offer("a", 0.99, 1000.0, "default")];
+        fleet.fold(&mut offers, 1);
+        assert_eq!(offers[0]["latency_ms"]["ttft_p50"], 750.0);
+        assert_eq!(offers[0]["uptime"], 1.0);
+    }
+
+    #[test]
+    fn overrides_win_and_the_window_expires() {
+        let mut fleet = Fleet::default();
+        fleet.add(&report(vec![entry("a", 0, 5, &[])]), 0);
+        let mut offers = vec![offer("a", 0.99, 300.0, "override")];
+        fleet.fold(&mut offers, 1);
+        assert_eq!(offers[0]["availability"], "online");
+        assert_eq!(offers[0]["uptime"], 0.99);
+        assert!(!fleet.expire(WINDOW_MS - 1));
+        assert!(fleet.expire(WINDOW_MS));
+        assert!(fleet.figures("a", "m", WINDOW_MS).is_none());
+    }
+
+    #[test]
+    fn key_count_is_bounded() {
+        let mut fleet = Fleet::default();
+        let many: Vec<Entry> = (0..MAX_ENTRIES)
+            .map(|i| entry(&format!("p{i}"), 1, 0, &[]))
+            .collect();
+        for _ in 0..(MAX_KEYS / MAX_ENTRIES) + 1 {
+            let r = report(
+                many.iter()
+                    .map(|e| Entry {
+                        model: format!("m{}", fleet.reports),
+                        ..e.clone()
+                    })
+                    .collect(),
+            );
+            fleet.add(&r, 0);
+        }
+        assert_eq!(fleet.tracks.len(), MAX_KEYS);
+        assert_eq!(fleet.dropped_entries, MAX_ENTRIES as u64);
+    }
+}

@@ -1,0 +1,297 @@
+//! What this gateway saw of each (provider, model) since its last report to the market
+//! service (`POST /v1/market/reports`): attempts, successes, failures by kind, 429s with the
+//! longest Retry-After, and a time-to-first-byte histogram.
+//!
+//! The request path only adds to a tally in VM memory (no host call). The root context's tick
+//! merges that tally into the process-wide one in shared data (one CAS write per tick, only
+//! when there is something new), and the VM holding the market refresh slot takes the
+//! process-wide tally and posts it, so one report per period per process. Bounded: at most
+//! [`MAX_KEYS`] (provider, model) pairs (further pairs are counted in `dropped`), model
+//! names clipped to [`MAX_MODEL_BYTES`].
+
+use crate::attempt::Outcome;
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+
+/// Upper bounds (ms) of the TTFB buckets (the market service's `TTFB_BOUNDS_MS`); one more
+/// bucket holds everything above.
+pub const TTFB_BOUNDS_MS: [u64; 7] = [100, 250, 500, 1000, 2500, 5000, 10000];
+/// Number of histogram buckets.
+pub const BUCKETS: usize = TTFB_BOUNDS_MS.len() + 1;
+/// Most (provider, model) pairs per tally.
+pub const MAX_KEYS: usize = 256;
+/// Longest model name kept.
+pub const MAX_MODEL_BYTES: usize = 128;
+/// Failure kinds, in `Tally::failures` order (the labels of [`Outcome::label`]).
+pub const FAILURE_KINDS: [&str; 5] = ["5xx", "connect_failure", "reset", "timeout", "malformed"];
+
+/// One (provider, model).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    /// Attempts with an outcome.
+    #[serde(rename = "a", default)]
+    pub attempts: u64,
+    /// 2xx answers.
+    #[serde(rename = "s", default)]
+    pub successes: u64,
+    /// Failures by [`FAILURE_KINDS`].
+    #[serde(rename = "f", default)]
+    pub failures: [u64; 5],
+    /// 429 answers.
+    #[serde(rename = "r", default)]
+    pub rate_limited: u64,
+    /// Longest Retry-After seen, ms.
+    #[serde(rename = "w", default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// TTFB histogram.
+    #[serde(rename = "h", default)]
+    pub hist: [u64; BUCKETS],
+}
+
+impl Tally {
+    fn merge(&mut self, o: &Tally) {
+        self.attempts += o.attempts;
+        self.successes += o.successes;
+        for (a, b) in self.failures.iter_mut().zip(o.failures) {
+            *a += b;
+        }
+        self.rate_limited += o.rate_limited;
+        self.retry_after_ms = self.retry_after_ms.max(o.retry_after_ms);
+        for (a, b) in self.hist.iter_mut().zip(o.hist) {
+            *a += b;
+        }
+    }
+}
+
+/// Tallies by (provider, model).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tallies {
+    /// `provider\u{0}model` → tally.
+    #[serde(rename = "t", default)]
+    pub by_key: HashMap<String, Tally>,
+    /// Observations left out for want of room.
+    #[serde(rename = "d", default)]
+    pub dropped: u64,
+}
+
+fn bucket(ttfb_ms: u64) -> usize {
+    TTFB_BOUNDS_MS
+        .iter()
+        .position(|b| ttfb_ms <= *b)
+        .unwrap_or(BUCKETS - 1)
+}
+
+fn key(provider: &str, model: &str) -> String {
+    format!(
+        "{provider}\u{0}{}",
+        crate::errors::clip(model, MAX_MODEL_BYTES)
+    )
+}
+
+impl Tallies {
+    /// Whether there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty() && self.dropped == 0
+    }
+
+    fn slot(&mut self, k: String) -> Option<&mut Tally> {
+        if !self.by_key.contains_key(&k) && self.by_key.len() >= MAX_KEYS {
+            self.dropped += 1;
+            return None;
+        }
+        Some(self.by_key.entry(k).or_default())
+    }
+
+    /// Records one attempt's outcome (`ttfb_ms` for an answer whose first byte was timed).
+    /// 4xx other than 429 say nothing about the provider and are left out.
+    pub fn record(&mut self, provider: &str, model: &str, outcome: &Outcome, ttfb_ms: Option<u64>) {
+        let kind = match outcome {
+            Outcome::Success(_) => None,
+            Outcome::Status { status: 429, .. } => Some(usize::MAX),
+            Outcome::Status { status, .. } if *status >= 500 => Some(0),
+            Outcome::Status { .. } => return,
+            Outcome::ConnectFailure => Some(1),
+            Outcome::Reset => Some(2),
+            Outcome::Timeout => Some(3),
+            Outcome::Malformed => Some(4),
+        };
+        let Some(t) = self.slot(key(provider, model)) else {
+            return;
+        };
+        t.attempts += 1;
+        match kind {
+            None => {
+                t.successes += 1;
+                if let Some(ms) = ttfb_ms {
+                    t.hist[bucket(ms)] += 1;
+                }
+            }
+            Some(usize::MAX) => t.rate_limited += 1,
+            Some(i) => {
+                if let Some(f) = t.failures.get_mut(i) {
+                    *f += 1;
+                }
+            }
+        }
+        if let Outcome::Status {
+            retry_after_ms: Some(ra),
+            ..
+        } = outcome
+        {
+            t.retry_after_ms = t.retry_after_ms.max(Some(*ra));
+        }
+    }
+
+    /// Records that a stream already counted as a success broke off mid-body: the success
+    /// becomes a `reset` failure of the same attempt (if it has not been merged away yet).
+    pub fn broke_off(&mut self, provider: &str, model: &str) {
+        let Some(t) = self.slot(key(provider, model)) else {
+            return;
+        };
+        if t.successes > 0 {
+            t.successes -= 1;
+        } else {
+            t.attempts += 1;
+        }
+        t.failures[2] += 1;
+    }
+
+    /// Adds `other` in (bounded the same way).
+    pub fn merge(&mut self, other: &Tallies) {
+        self.dropped += other.dropped;
+        for (k, t) in &other.by_key {
+            if let Some(mine) = self.slot(k.clone()) {
+                mine.merge(t);
+            }
+        }
+    }
+
+    /// Shared-data encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes; unreadable data counts as empty.
+    pub fn decode(bytes: &[u8]) -> Tallies {
+        if bytes.is_empty() {
+            return Tallies::default();
+        }
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+
+    /// The report body the market service takes.
+    pub fn report_json(&self) -> Vec<u8> {
+        let observations: Vec<serde_json::Value> = self
+            .by_key
+            .iter()
+            .map(|(k, t)| {
+                let (provider, model) = k.split_once('\u{0}').unwrap_or((k.as_str(), ""));
+                let failures: serde_json::Map<String, serde_json::Value> = FAILURE_KINDS
+                    .iter()
+                    .zip(t.failures)
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| ((*k).to_string(), n.into()))
+                    .collect();
+                serde_json::json!({
+                    "provider": provider, "model": model, "attempts": t.attempts,
+                    "successes": t.successes, "failures": failures,
+                    "rate_limited": t.rate_limited, "retry_after_ms": t.retry_after_ms,
+                    "ttfb_hist": t.hist,
+                })
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "version": 1, "dropped": self.dropped, "observations": observations,
+        }))
+        .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_by_kind_and_keeps_429s_apart() {
+        let mut t = Tallies::default();
+        t.record("a", "m", &Outcome::Success(200), Some(120));
+        t.record("a", "m", &Outcome::Success(200), None);
+        t.record("a", "m", &Outcome::ConnectFailure, None);
+        t.record(
+            "a",
+            "m",
+            &Outcome::Status {
+                status: 429,
+                retry_after_ms: Some(3000),
+            },
+            None,
+        );
+        t.record(
+            "a",
+            "m",
+            &Outcome::Status {
+                status: 503,
+                retry_after_ms: None,
+            },
+            None,
+        );
+        t.record(
+            "a",
+            "m",
+            &Outcome::Status {
+                status: 400,
+                retry_after_ms: None,
+            },
+            None,
+        );
+        let a = &t.by_key[&key("a", "m")];
+        assert_eq!(a.attempts, 5);
+        assert_eq!(a.successes, 2);
+        assert_eq!(a.failures, [1, 1, 0, 0, 0]);
+        assert_eq!(a.rate_limited, 1);
+        assert_eq!(a.retry_after_ms, Some(3000));
+        assert_eq!(a.hist[1], 1);
+        let doc: serde_json::Value = serde_json::from_slice(&t.report_json()).unwrap();
+        assert_eq!(doc["version"], 1);
+        let o = &doc["observations"][0];
+        assert_eq!(o["provider"], "a");
+        assert_eq!(o["model"], "m");
+        assert_eq!(o["failures"]["5xx"], 1);
+        assert_eq!(o["failures"]["connect_failure"], 1);
+        assert_eq!(o["ttfb_hist"].as_array().unwrap().len(), BUCKETS);
+    }
+
+    #[test]
+    fn merge_round_trips_and_stays_bounded() {
+        let mut a = Tallies::default();
+        for i in 0..MAX_KEYS + 3 {
+            a.record(&format!("p{i}"), "m", &Outcome::Timeout, None);
+        }
+        assert_eq!(a.by_key.len(), MAX_KEYS);
+        assert_eq!(a.dropped, 3);
+        let mut b = Tallies::decode(&a.encode());
+        assert_eq!(b, a);
+        b.merge(&a);
+        assert_eq!(b.by_key[&key("p0", "m")].failures[3], 2);
+        assert_eq!(b.dropped, 6);
+        assert_eq!(Tallies::decode(b"junk"), Tallies::default());
+        assert!(a.encode().len() < 64 * 1024);
+    }
+
+    #[test]
+    fn a_broken_stream_is_one_failed_attempt() {
+        let mut t = Tallies::default();
+        t.record("a", "m", &Outcome::Success(200), Some(50));
+        t.broke_off("a", "m");
+        let a = &t.by_key[&key("a", "m")];
+        assert_eq!((a.attempts, a.successes, a.failures[2]), (1, 0, 1));
+    }
+
+    #[test]
+    fn buckets_match_the_bounds() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(100), 0);
+        assert_eq!(bucket(101), 1);
+        assert_eq!(bucket(10_001), BUCKETS - 1);
+    }
+}
