@@ -90,7 +90,8 @@ fn all_providers_failed_carries_the_soonest_retry_after() {
         bed.behave("a", json!({"status": 503, "retry_after": 9}));
         bed.behave("b", json!({"status": 429, "retry_after": 4}));
         let r = bed.chat(MODEL, &[]);
-        assert_eq!(r.status, 503, "{mode}: {}", show(&r));
+        // The last provider's status (its 429) with the soonest Retry-After.
+        assert_eq!(r.status, 429, "{mode}: {}", show(&r));
         assert_eq!(r.json().unwrap()["error"]["code"], "all_providers_failed");
         assert_eq!(
             r.header("retry-after"),
@@ -483,8 +484,8 @@ fn max_snapshot_bytes_refuses_a_big_snapshot() {
     bed.write(&snapshot(&offers));
     assert!(
         eventually(Duration::from_secs(10), || {
-            !bed.log_lines("over limits.max_snapshot_bytes (2048)")
-                .is_empty()
+            // Refused once stored, or (over 8x the limit) before it is read.
+            !bed.log_lines("limits.max_snapshot_bytes (2048)").is_empty()
         }),
         "no refusal logged: {}",
         bed.envoy.log_tail(20)
