@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the core with cargo-mutants (from crates.io): each module in turn, the
-# native unit tests only (`cargo test --lib`), one job, a timeout per mutant. Opt-in and slow
+# native unit tests only (`cargo test --lib`, and only the lib is built for each mutant: the
+# integration tests and examples are not rebuilt), one job, a timeout per mutant. Opt-in and slow
 # (minutes per module): `make mutants`, or `make mutants ARGS='src/health.rs src/attempt.rs'`.
 #
 # Results: target/mutants/<module>/mutants.out (cargo-mutants' own output) and a summary in
@@ -14,6 +15,9 @@
 #   MUTANTS_SUMMARY_ONLY=1  rewrite the summary from earlier outputs, run nothing
 # scripts/mutants-notes.md, when present, is appended to the summary (what the last run
 # covered, mutants killed by tests added after it).
+#   MUTANTS_ARGS="..."    more cargo-mutants options, e.g. --copy-target=true in a tree whose
+#                         target/ holds only a built `cargo test --lib` (skips most of each
+#                         module's baseline build)
 #   MUTANTS_ITERATE=1     test again only the mutants an earlier run of the module did not
 #                         catch (cargo-mutants --iterate, no baseline run), e.g. after
 #                         adding tests
@@ -21,7 +25,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-MODULES=(src/health.rs src/attempt.rs src/select.rs src/market.rs src/config.rs src/json.rs src/request.rs)
+MODULES=(src/health.rs src/attempt.rs src/select.rs src/market.rs src/config.rs src/config/raw.rs
+    src/config/leaf.rs src/json.rs src/request.rs src/answer.rs src/decision.rs src/errors.rs
+    src/report.rs)
 TIMEOUT=${MUTANTS_TIMEOUT:-60}
 VERSION=${MUTANTS_VERSION:-27.1.0}
 OUT=target/mutants
@@ -39,15 +45,17 @@ if [ "${MUTANTS_SUMMARY_ONLY:-}" != 1 ]; then
     fi
     for m in "${MODULES[@]}"; do
         [ -f "$m" ] || { log "no such module: $m"; exit 1; }
-        name=$(basename "$m" .rs)
+        # One output folder per module, named after its path (src/config/raw.rs: config-raw).
+        name=$(echo "${m%.rs}" | sed -E 's#^(crates/[^/]+/)?src/##; s#/#-#g')
         log "$m (timeout ${TIMEOUT}s per mutant)"
         mkdir -p "$OUT/$name"
+        echo "$m" >"$OUT/$name/module"
         iterate=()
         [ "${MUTANTS_ITERATE:-}" = 1 ] && iterate=(--iterate --baseline=skip)
         # Exit status 2 means mutants were missed: that is a result, not a failure here.
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
             cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
-            "${iterate[@]}" --output "$OUT/$name" -- --lib || {
+            "${iterate[@]}" ${MUTANTS_ARGS:-} --output "$OUT/$name" --cargo-arg=--lib || {
             rc=$?
             [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
         }
@@ -83,7 +91,8 @@ for d in sorted(p for p in out.iterdir() if (p / "mutants.out").is_dir()):
     # A timeout is a caught mutant (the tests did not pass); an equivalent one cannot be caught.
     killed = len(caught) + len(timeout)
     share = killed / (viable - len(equiv)) if viable - len(equiv) else 1.0
-    rows.append((d.name, len(caught), len(missed), len(equiv), len(timeout), len(unviable), share))
+    module = (d / "module").read_text(encoding="utf-8").strip() if (d / "module").exists() else f"src/{d.name}.rs"
+    rows.append((module, len(caught), len(missed), len(equiv), len(timeout), len(unviable), share))
     for m in missed:
         survivors.append((m, reasons.get(m)))
     for k, v in (("caught", caught), ("missed", missed), ("timeout", timeout), ("unviable", unviable)):
@@ -100,7 +109,7 @@ md = ["# Mutation testing (cargo-mutants, `make mutants`)", "",
       "| module | caught | missed | of which equivalent | timeout | unviable | caught share |",
       "|---|---:|---:|---:|---:|---:|---:|"]
 for name, c, m, e, t, u, s in rows:
-    md.append(f"| `src/{name}.rs` | {c} | {m} | {e} | {t} | {u} | {s:.1%} |")
+    md.append(f"| `{name}` | {c} | {m} | {e} | {t} | {u} | {s:.1%} |")
 md.append(f"| **all** | {totals['caught']} | {totals['missed']} | {totals['equivalent']} | "
           f"{totals['timeout']} | {totals['unviable']} | **{share:.1%}** |")
 md += ["", "## Surviving mutants", ""]
