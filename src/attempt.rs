@@ -210,6 +210,13 @@ pub struct Attempts {
     pub tried: Vec<(usize, Outcome)>,
     /// Provider of the attempt in flight.
     pub current: Option<usize>,
+    /// The last attempt picked was given the rest of the deadline as its timeout.
+    picked_to_deadline: bool,
+    /// The attempt in flight runs to the deadline: its timeout is the deadline's.
+    current_to_deadline: bool,
+    /// An attempt that ran to the deadline timed out: the deadline is spent, whatever the
+    /// clock says when its timeout is reported (a host timer may fire a millisecond early).
+    deadline_spent: bool,
 }
 
 /// What to do next.
@@ -236,6 +243,9 @@ impl Attempts {
             attempt_timeout_ms: config.failover.attempt_timeout_ms,
             tried: Vec::new(),
             current: None,
+            picked_to_deadline: false,
+            current_to_deadline: false,
+            deadline_spent: false,
         }
     }
 
@@ -251,7 +261,10 @@ impl Attempts {
 
     /// Picks the next candidate not tried yet, within attempts and deadline.
     pub fn next(&self, candidates: &[Candidate], now_ms: u64) -> Next {
-        if self.count() >= self.max_attempts as usize || now_ms >= self.deadline_ms {
+        if self.count() >= self.max_attempts as usize
+            || now_ms >= self.deadline_ms
+            || self.deadline_spent
+        {
             return Next::GiveUp;
         }
         let used = |p: usize| self.tried.iter().any(|(q, _)| *q == p) || self.current == Some(p);
@@ -267,16 +280,29 @@ impl Attempts {
         }
     }
 
-    /// Marks an attempt on `provider` as started.
+    /// Marks an attempt on `provider` as started, with the timeout the last `pick` gave.
     pub fn start(&mut self, provider: usize) {
         self.current = Some(provider);
+        self.current_to_deadline = self.picked_to_deadline;
     }
 
-    /// Records the outcome of the attempt in flight.
+    /// The attempt in flight is not bounded by the timeout `pick` gave (route mode's streaming
+    /// first attempt, bounded by the route's own timeouts): its timeout says nothing about the
+    /// deadline.
+    pub fn unbounded(&mut self) {
+        self.current_to_deadline = false;
+    }
+
+    /// Records the outcome of the attempt in flight. An attempt given the rest of the deadline
+    /// that timed out spends it: no further attempt starts.
     pub fn finish(&mut self, outcome: Outcome) {
         if let Some(p) = self.current.take() {
             self.tried.push((p, outcome));
+            if outcome == Outcome::Timeout && self.current_to_deadline {
+                self.deadline_spent = true;
+            }
         }
+        self.current_to_deadline = false;
     }
 
     /// The answer when every attempt failed. When the last attempt got an error answer from its
@@ -329,7 +355,7 @@ impl Attempts {
     /// half-open probe of an open circuit goes only when `claim_probe(provider)` wins the probe;
     /// when another request holds it, the candidate leaves `candidates` and the walk goes on.
     pub fn pick(
-        &self,
+        &mut self,
         candidates: &mut Vec<Candidate>,
         now_ms: u64,
         mut claim_probe: impl FnMut(usize) -> bool,
@@ -346,6 +372,7 @@ impl Attempts {
                         candidates.remove(candidate);
                         continue;
                     }
+                    self.picked_to_deadline = now_ms + timeout_ms >= self.deadline_ms;
                     return Some((candidate, timeout_ms));
                 }
             }
@@ -616,7 +643,7 @@ mod tests {
         let mut cands: Vec<Candidate> = (0..3).map(cand).collect();
         cands[0].probe = true;
         cands[1].probe = true;
-        let a = Attempts::new(&c, 0);
+        let mut a = Attempts::new(&c, 0);
         // 0's probe is taken by another request: it leaves the list; 1's is won.
         let mut asked = Vec::new();
         let picked = a.pick(&mut cands, 0, |p| {

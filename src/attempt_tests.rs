@@ -152,3 +152,95 @@ fn the_final_error_lists_each_attempt_and_picks_the_status() {
     );
     assert_eq!(with(vec![(0, status(429)), (1, status(503))]).status, 503);
 }
+
+fn walk_config(extra: &str) -> Config {
+    let doc = format!(
+        r#"{{"providers":[{{"name":"a","cluster":"a","models":{{"m":"m"}}}},{{"name":"b","cluster":"b","models":{{"m":"m"}}}},
+            {{"name":"c","cluster":"c","models":{{"m":"m"}}}}]{extra}}}"#
+    );
+    Config::parse(doc.as_bytes()).unwrap()
+}
+
+fn walk_cand(provider: usize) -> Candidate {
+    Candidate {
+        provider,
+        provider_model: "m".into(),
+        source: crate::select::Source::Static,
+        input_per_mtok: 1.0,
+        output_per_mtok: 1.0,
+        ttft_ms: 1.0,
+        ttft_p50_ms: 1.0,
+        ttft_p95_ms: f64::NAN,
+        uptime: 1.0,
+        reliability: 1.0,
+        availability: crate::market::Availability::Online,
+        provider_type: crate::config::ProviderType::Company,
+        expected_cost_usd: 0.0,
+        score: 1.0,
+        probe: false,
+        beyond_ttft_target: false,
+        value_usd: 1.0,
+    }
+}
+
+/// 3000 ms attempts under a 3500 ms deadline: the second attempt gets the last 500 ms; once
+/// it times out the deadline is spent, even when the timeout is reported a millisecond early
+/// by the host's clock.
+#[test]
+fn an_attempt_given_the_rest_of_the_deadline_ends_the_walk_when_it_times_out() {
+    let c = walk_config(r#","failover":{"attempt_timeout_ms":3000,"deadline_ms":3500}"#);
+    let mut cands: Vec<Candidate> = (0..3).map(walk_cand).collect();
+    let mut a = Attempts::new(&c, 0);
+    assert_eq!(a.pick(&mut cands, 0, |_| true), Some((0, 3000)));
+    a.start(0);
+    a.finish(Outcome::Timeout);
+    // The first attempt ended before the deadline: the walk goes on.
+    assert_eq!(a.pick(&mut cands, 2999, |_| true), Some((1, 501)));
+    a.start(1);
+    a.finish(Outcome::Timeout);
+    assert_eq!(a.next(&cands, 3499), Next::GiveUp);
+    assert_eq!(a.pick(&mut cands, 3499, |_| true), None);
+    assert_eq!(a.count(), 2);
+}
+
+/// An attempt given the rest of the deadline that fails in another way (a 503, a refused
+/// connection) leaves the rest of the deadline to the next one.
+#[test]
+fn an_attempt_to_the_deadline_that_fails_early_leaves_the_rest() {
+    let c = walk_config(r#","failover":{"attempt_timeout_ms":3000,"deadline_ms":3500}"#);
+    let mut cands: Vec<Candidate> = (0..3).map(walk_cand).collect();
+    let mut a = Attempts::new(&c, 0);
+    assert_eq!(a.pick(&mut cands, 0, |_| true), Some((0, 3000)));
+    a.start(0);
+    a.finish(Outcome::Timeout);
+    assert_eq!(a.pick(&mut cands, 3000, |_| true), Some((1, 500)));
+    a.start(1);
+    a.finish(Outcome::ConnectFailure);
+    assert_eq!(a.pick(&mut cands, 3100, |_| true), Some((2, 400)));
+}
+
+/// A timeout of an attempt that did not run to the deadline does not spend it, and neither
+/// does one whose timeout the host bounded in its own way (`unbounded`).
+#[test]
+fn only_an_attempt_bounded_by_the_deadline_spends_it() {
+    let c = walk_config(r#","failover":{"attempt_timeout_ms":1000,"deadline_ms":1000}"#);
+    let mut cands: Vec<Candidate> = (0..3).map(walk_cand).collect();
+    let mut a = Attempts::new(&c, 0);
+    // The first attempt's timeout is the whole deadline.
+    assert_eq!(a.pick(&mut cands, 0, |_| true), Some((0, 1000)));
+    a.start(0);
+    a.unbounded();
+    // A streaming first attempt cut by the route's idle timeout at 400 ms.
+    a.finish(Outcome::Timeout);
+    assert_eq!(a.pick(&mut cands, 400, |_| true), Some((1, 600)));
+    a.start(1);
+    a.finish(Outcome::Timeout);
+    assert_eq!(a.pick(&mut cands, 999, |_| true), None);
+
+    let c = walk_config(r#","failover":{"attempt_timeout_ms":1000,"deadline_ms":5000}"#);
+    let mut a = Attempts::new(&c, 0);
+    assert_eq!(a.pick(&mut cands, 0, |_| true), Some((0, 1000)));
+    a.start(0);
+    a.finish(Outcome::Timeout);
+    assert_eq!(a.pick(&mut cands, 1000, |_| true), Some((1, 1000)));
+}

@@ -248,3 +248,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod exact_tests;

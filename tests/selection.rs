@@ -857,7 +857,15 @@ fn broken_sidecar_keeps_the_last_good_snapshot() {
     as_v1["generated_at_ms"] = json!(now_ms());
     bed.write(&as_v1);
     bed.restart_with_sidecar(sc, &config);
-    bed.wait_route("the version-1 copy", |v| ranked(v)[0] == "mid");
+    // Wait for the copy itself (its price of `cheap`), not only for `mid` first: before any
+    // snapshot is loaded no provider has figures, and /route's fixed tie-break seed happens
+    // to put `mid` first too, while a request's own seed picks any of them.
+    bed.wait_route("the version-1 copy", |v| {
+        v["snapshot"]["offers"] == 4
+            && candidate(v, "cheap")["input_per_mtok"] == 1.0
+            && ranked(v)[0] == "mid"
+    });
+    assert_eq!(bed.routed(&[]), "mid");
 }
 
 #[test]

@@ -514,7 +514,7 @@ impl Http {
 
     /// Picks the next attempt: (candidate index, timeout), claiming half-open probes.
     fn next_attempt(&mut self, now: u64) -> Option<(usize, u64)> {
-        let (ranking, attempts) = (self.ranking.as_mut()?, self.attempts.as_ref()?);
+        let (ranking, attempts) = (self.ranking.as_mut()?, self.attempts.as_mut()?);
         let vm = &self.vm;
         attempts.pick(&mut ranking.candidates, now, |p| {
             vm.claim_probe(&vm.config.providers[p].name, now)
@@ -581,6 +581,10 @@ impl Http {
         vm.metrics.add(provider_idx, PerProvider::Attempts, 1);
         if let Some(a) = self.attempts.as_mut() {
             a.start(provider_idx);
+            if info.stream {
+                // Bounded by the route's timeouts, not by `timeout_ms`.
+                a.unbounded();
+            }
         }
         self.attempt_started_ms = now;
         self.state = State::Routed;
