@@ -368,6 +368,7 @@ impl Mock {
             "model": model,
             "stream": stream,
             "http2": req.http2,
+            "scheme": req.scheme,
             "headers": headers,
             "body_bytes": req.body.len(),
         });

@@ -262,3 +262,7 @@ mod tests {
         assert_eq!(sanitize("abc def", 5), "abc d");
     }
 }
+
+#[cfg(test)]
+#[path = "answer_tests.rs"]
+mod exact_tests;

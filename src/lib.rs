@@ -8,6 +8,7 @@
 
 pub mod answer;
 pub mod attempt;
+pub mod cas;
 pub mod config;
 pub mod decision;
 #[cfg(not(target_arch = "wasm32"))]

@@ -646,3 +646,34 @@ fn provider_headers_and_authority_in_dispatch_mode() {
         "authority defaults to the cluster: {h}"
     );
 }
+
+/// Dispatch mode sends `providers[].scheme` as the attempt's `:scheme` (seen by a provider
+/// reached over HTTP/2, where the pseudo-header travels); `http` when not set.
+#[test]
+fn provider_scheme_in_dispatch_mode() {
+    let mut cfg = config(&["a", "b"], json!({"mode": "dispatch"}));
+    cfg["providers"][0]["scheme"] = json!("https");
+    let bed = Bed::start_spec(
+        Spec {
+            ups: vec![
+                ("a", Up::MockH2c(MockOpts::default())),
+                ("b", Up::MockH2c(MockOpts::default())),
+            ],
+            config: cfg,
+            snapshot: None,
+            concurrency: 1,
+            sidecar_path: None,
+        },
+        |c| c,
+    );
+    assert_eq!(bed.routed(MODEL, &[]), "a");
+    let last = bed.mock("a").last_request().unwrap();
+    assert_eq!(last["http2"], true, "{last}");
+    assert_eq!(last["scheme"], "https", "{last}");
+    // The fallback's attempt carries its own scheme.
+    bed.behave("a", json!({"status": 503}));
+    assert_eq!(bed.routed(MODEL, &[]), "b");
+    let last = bed.mock("b").last_request().unwrap();
+    assert_eq!(last["http2"], true, "{last}");
+    assert_eq!(last["scheme"], "http", "{last}");
+}

@@ -219,6 +219,8 @@ pub struct Request {
     pub peer: Option<SocketAddr>,
     /// Whether it came over HTTP/2 (the hyper server in `hyper_serve.rs`).
     pub http2: bool,
+    /// The `:scheme` pseudo-header of an HTTP/2 request (HTTP/1.1 carries none).
+    pub scheme: Option<String>,
 }
 
 impl Request {
@@ -630,6 +632,7 @@ fn read_request(
             body,
             peer,
             http2: false,
+            scheme: None,
         }),
         Err(e) => bad(e),
     }

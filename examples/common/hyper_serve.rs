@@ -116,6 +116,7 @@ async fn answer(
         body,
         peer: Some(peer),
         http2: parts.version == hyper::Version::HTTP_2,
+        scheme: parts.uri.scheme_str().map(str::to_string),
     };
     // Handlers block (they sleep to simulate latency): off the runtime's threads.
     let reply = tokio::task::spawn_blocking(move || h(&request))

@@ -5,6 +5,7 @@ mod http;
 mod root;
 mod upstream;
 
+use crate::cas::{self, Try};
 use crate::config::Config;
 use crate::health::{Admission, HealthTable, Observation};
 use crate::host::{self, SetError};
@@ -17,8 +18,6 @@ use proxy_wasm::types::MetricType;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-/// Bounded CAS retries on shared data; on give-up the update is skipped (the request never fails for it).
-const CAS_RETRIES: usize = 8;
 /// How often a VM looks for a newer market generation from the request path, ms.
 const MARKET_CHECK_MS: u64 = 250;
 /// How often a VM re-reads the shared health table from the request path, ms: what other
@@ -291,14 +290,15 @@ impl Vm {
         }
     }
 
-    /// Applies `f` to the shared health table with CAS; gives up after `CAS_RETRIES`.
-    /// `f` returns whether the change is worth writing. Returns whether it was applied.
+    /// Applies `f` to the shared health table with CAS, at most `cas::CAS_TRIES` times (then
+    /// the update is skipped). `f` returns whether the change is worth writing. Returns
+    /// whether it was applied.
     fn update_health(&self, f: impl Fn(&mut HealthTable) -> bool) -> bool {
-        for _ in 0..CAS_RETRIES {
+        let applied = cas::bounded(|| {
             let (bytes, cas) = host::shared_get(&self.keys.health).unwrap_or_default();
             let mut table = HealthTable::decode(&bytes);
             if !f(&mut table) {
-                return false;
+                return Try::Done(false);
             }
             match host::shared_set(&self.keys.health, &table.encode(), Some(cas)) {
                 Ok(()) => {
@@ -307,17 +307,22 @@ impl Vm {
                         // The next read sees a new CAS and reloads: cheaper than guessing it.
                         inner.health_cas = 0;
                     }
-                    return true;
+                    Try::Done(true)
                 }
-                Err(SetError::CasMismatch) => continue,
+                Err(SetError::CasMismatch) => Try::Conflict,
                 Err(SetError::Refused(s)) => {
                     warn!("market-router: health update refused by the host ({s:?}); skipped");
-                    return false;
+                    Try::Done(false)
                 }
             }
-        }
-        debug!("market-router: health update gave up after {CAS_RETRIES} CAS conflicts; skipped");
-        false
+        });
+        applied.unwrap_or_else(|| {
+            debug!(
+                "market-router: health update gave up after {} CAS conflicts; skipped",
+                cas::CAS_TRIES
+            );
+            false
+        })
     }
 
     /// Records what an attempt said about a provider.
@@ -391,7 +396,7 @@ impl Vm {
         if inner.tally.is_empty() {
             return;
         }
-        for _ in 0..CAS_RETRIES {
+        for _ in 0..cas::CAS_TRIES {
             let (bytes, cas) = host::shared_get(&self.keys.obs).unwrap_or_default();
             let mut shared = Tallies::decode(&bytes);
             shared.merge(&inner.tally);
@@ -412,7 +417,7 @@ impl Vm {
     /// Takes the process-wide tally (leaving it empty) for this period's report.
     pub(crate) fn take_tally(&self) -> Option<Tallies> {
         self.flush_tally();
-        for _ in 0..CAS_RETRIES {
+        for _ in 0..cas::CAS_TRIES {
             let (bytes, cas) = host::shared_get(&self.keys.obs)?;
             let shared = Tallies::decode(&bytes);
             if shared.is_empty() {

@@ -55,6 +55,8 @@ pub fn write_snapshot(path: &std::path::Path, doc: &Value) {
 pub enum Up {
     /// A mock provider started with these options.
     Mock(MockOpts),
+    /// A mock provider started with these options, its cluster speaking HTTP/2 to it (h2c).
+    MockH2c(MockOpts),
     /// A port held bound but never listening: connections are refused.
     Dead,
 }
@@ -110,21 +112,27 @@ impl Bed {
         let mut dead = Vec::new();
         let mut cfg = EnvoyConfig::new();
         for (name, up) in spec.ups {
-            let port = match up {
-                Up::Mock(opts) => {
+            let mock = match up {
+                Up::Mock(opts) => Some((opts, false)),
+                Up::MockH2c(opts) => Some((opts, true)),
+                Up::Dead => None,
+            };
+            let (port, h2c) = match mock {
+                Some((opts, h2c)) => {
                     let m = MockProvider::start(name, &opts).unwrap();
                     let port = m.port();
                     mocks.insert(name.to_string(), m);
-                    port
+                    (port, h2c)
                 }
-                Up::Dead => {
+                None => {
                     let r = RefusingPort::bind().unwrap();
                     let port = r.port();
                     dead.push(r);
-                    port
+                    (port, false)
                 }
             };
-            cfg = cfg.provider(ProviderCluster::new(&cluster(name), port));
+            let c = ProviderCluster::new(&cluster(name), port);
+            cfg = cfg.provider(if h2c { c.h2c() } else { c });
         }
         let (sidecar, snapshot) = match &spec.snapshot {
             Some(doc) => {
