@@ -246,7 +246,7 @@ pub fn rank(
     // take: the cost estimate counts the smaller of it and `default_output_tokens`.
     let cost_out_tokens = out_tokens.min(config.routing.default_output_tokens);
     let c = &config.routing.constraints;
-    let mut serving = 0;
+    let mut serves = false;
     let mut candidates = Vec::new();
     let mut excluded = Vec::new();
     let mut held_back: Vec<(u64, Candidate)> = Vec::new();
@@ -256,7 +256,7 @@ pub fn rank(
         let Some(configured_model) = p.model_id(&req.model) else {
             continue;
         };
-        serving += 1;
+        serves = true;
         let offer = market.and_then(|m| m.offer(&req.model, idx));
         let mut cand = candidate(
             idx,
@@ -272,10 +272,8 @@ pub fn rank(
         let window = offer
             .and_then(|o| o.context_window)
             .or(p.static_offer.as_ref().and_then(|s| s.context_window));
-        if cand.source != Source::Unknown
-            && cand.ttft_ms.is_finite()
-            && cand.availability != Availability::Offline
-        {
+        // (A known candidate's median is finite: the market and the configuration check it.)
+        if cand.source != Source::Unknown && cand.availability != Availability::Offline {
             medians.push(cand.ttft_ms);
         }
         if let Some(reason) = check(
@@ -291,9 +289,10 @@ pub fn rank(
             continue;
         }
         // The soft target reads the same median as the constraint, before observed latency.
-        cand.beyond_ttft_target = config.routing.ttft_target_ms.is_some_and(|t| {
-            cand.source == Source::Unknown || cand.ttft_ms.is_nan() || cand.ttft_ms > t
-        });
+        cand.beyond_ttft_target = config
+            .routing
+            .ttft_target_ms
+            .is_some_and(|t| cand.source == Source::Unknown || cand.ttft_ms > t);
         // Health holds a provider back until this time (not a policy: see the last resort below).
         let held = match health.providers.get(&p.name).map(|h| h.admission(now_ms)) {
             None | Some(Admission::Open) => None,
@@ -329,7 +328,7 @@ pub fn rank(
             None => candidates.push(cand),
         }
     }
-    if serving == 0 {
+    if !serves {
         return Err(NoRoute::UnknownModel);
     }
     let (ttft_target_ms, ttft_target_source) = match config.routing.ttft_target_ms {
@@ -346,8 +345,7 @@ pub fn rank(
                 .iter_mut()
                 .chain(held_back.iter_mut().map(|(_, c)| c))
             {
-                c.beyond_ttft_target =
-                    c.source == Source::Unknown || c.ttft_ms.is_nan() || value_ttft(c) > t;
+                c.beyond_ttft_target = c.source == Source::Unknown || value_ttft(c) > t;
             }
         }
     }
@@ -1209,3 +1207,7 @@ mod tests {
         assert_eq!(quantize(0.5 + 6e-10), 0.500_000_001);
     }
 }
+
+#[cfg(test)]
+#[path = "select_tests.rs"]
+mod exact_tests;

