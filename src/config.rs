@@ -1092,6 +1092,10 @@ fn tidy(v: &mut Value) {
     }
 }
 
+#[cfg(all(test, feature = "schema"))]
+#[path = "config/schema_tests.rs"]
+mod schema_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -261,3 +261,60 @@ fn value_marks_who_is_beyond_the_market_median() {
     assert!(beyond("c"));
     assert!(beyond("d"), "nothing known: beyond");
 }
+
+/// Constraints are inclusive at their bound, and any numeric one excludes a provider with no
+/// figures at all.
+#[test]
+fn constraints_accept_their_bound_and_need_figures() {
+    let excluded = |constraints: &str| {
+        let c = cfg(
+            "cheapest",
+            &format!(r#","constraints":{constraints}"#),
+            r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
+        );
+        let m = view(
+            &c,
+            1000,
+            &[
+                ("a", 0.5, 2.0, 400.0, 0.99, ONLINE, ""),
+                ("b", 0.5, 2.5, 400.0, 0.98, ONLINE, ""),
+                ("c", 0.5, 2.0, 401.0, 0.99, ONLINE, ""),
+            ],
+        );
+        let r = rank_with(&c, &m, &HealthTable::default(), &req(80, 10), 1000);
+        r.excluded
+            .iter()
+            .map(|(i, why)| (c.providers[*i].name.clone(), why.code()))
+            .collect::<Vec<_>>()
+    };
+    let x = |items: &[(&str, &'static str)]| {
+        items
+            .iter()
+            .map(|(n, w)| (n.to_string(), *w))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        excluded(r#"{"max_price_per_mtok":2.0}"#),
+        x(&[("b", "max_price_per_mtok"), ("d", "no_data")])
+    );
+    assert_eq!(
+        excluded(r#"{"min_uptime":0.99}"#),
+        x(&[("b", "min_uptime"), ("d", "no_data")])
+    );
+    assert_eq!(
+        excluded(r#"{"max_ttft_ms":400}"#),
+        x(&[("c", "max_ttft_ms"), ("d", "no_data")])
+    );
+    // No numeric constraint: a provider without figures stays (ranked last).
+    assert_eq!(excluded(r#"{"regions":[]}"#), x(&[]));
+}
+
+#[test]
+fn median_of_odd_and_even_counts() {
+    assert_eq!(median(&mut []), None);
+    assert_eq!(median(&mut [7.0]), Some(7.0));
+    assert_eq!(median(&mut [5.0, 1.0, 3.0]), Some(3.0));
+    assert_eq!(median(&mut [9.0, 1.0, 5.0, 3.0, 7.0]), Some(5.0));
+    assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    assert_eq!(median(&mut [10.0, 2.0]), Some(6.0));
+}
