@@ -148,3 +148,7 @@ mod tests {
         assert_eq!(clip("abc", 5), "abc");
     }
 }
+
+#[cfg(test)]
+#[path = "errors_tests.rs"]
+mod exact_tests;
