@@ -10,7 +10,13 @@ fn every_error_has_its_status_type_code_and_reason() {
     let cases = [
         (
             ApiError::bad_request("invalid_json", "not json"),
-            (Reason::BadRequest, 400, "invalid_request_error", "invalid_json", "not json".to_string()),
+            (
+                Reason::BadRequest,
+                400,
+                "invalid_request_error",
+                "invalid_json",
+                "not json".to_string(),
+            ),
         ),
         (
             ApiError::unknown_model(&long),
@@ -37,15 +43,33 @@ fn every_error_has_its_status_type_code_and_reason() {
         ),
         (
             ApiError::no_provider("none fits"),
-            (Reason::NoProvider, 503, "service_unavailable", "no_provider_available", "none fits".to_string()),
+            (
+                Reason::NoProvider,
+                503,
+                "service_unavailable",
+                "no_provider_available",
+                "none fits".to_string(),
+            ),
         ),
         (
             ApiError::all_failed(429, "all failed"),
-            (Reason::AllFailed, 429, "upstream_error", "all_providers_failed", "all failed".to_string()),
+            (
+                Reason::AllFailed,
+                429,
+                "upstream_error",
+                "all_providers_failed",
+                "all failed".to_string(),
+            ),
         ),
         (
             ApiError::internal("host refused"),
-            (Reason::Internal, 500, "internal_error", "market_router_internal", "host refused".to_string()),
+            (
+                Reason::Internal,
+                500,
+                "internal_error",
+                "market_router_internal",
+                "host refused".to_string(),
+            ),
         ),
     ];
     for (e, (reason, status, kind, code, message)) in cases {

@@ -318,3 +318,71 @@ fn median_of_odd_and_even_counts() {
     assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
     assert_eq!(median(&mut [10.0, 2.0]), Some(6.0));
 }
+
+/// A known candidate for `value_usd`: expected cost 1 USD, uptime 1, median `ttft` ms.
+fn valued(ttft: f64) -> Candidate {
+    let c = cfg("value", "", "");
+    let m = view(&c, 1000, &[("a", 1.0, 1.0, ttft, 1.0, ONLINE, "")]);
+    let r = rank_with(&c, &m, &HealthTable::default(), &req(80, 10), 1000);
+    let mut a = cand(&c, &r, "a").clone();
+    a.expected_cost_usd = 1.0;
+    a
+}
+
+#[test]
+fn value_charges_latency_only_beyond_1_3_times_the_target() {
+    // Within 1.3× the target: no charge, faster or slower than the target itself.
+    assert_eq!(value_usd(&valued(100.0), Some(1000.0)), 1.0);
+    assert_eq!(value_usd(&valued(1200.0), Some(1000.0)), 1.0);
+    assert_eq!(value_usd(&valued(1300.0), Some(1000.0)), 1.0);
+    // Twice the bar: twice the figure.
+    assert_eq!(value_usd(&valued(2600.0), Some(1000.0)), 2.0);
+    assert_eq!(value_usd(&valued(3900.0), Some(1000.0)), 3.0);
+    // No target, or a zero one: no charge.
+    assert_eq!(value_usd(&valued(3900.0), None), 1.0);
+    assert_eq!(value_usd(&valued(3900.0), Some(0.0)), 1.0);
+}
+
+#[test]
+fn value_charges_the_expected_failures() {
+    let mut a = valued(100.0);
+    a.uptime = 0.75;
+    // 1 USD × (1 + 0.25 failed share).
+    assert_eq!(value_usd(&a, Some(1000.0)), 1.25);
+    a.availability = Availability::Degraded;
+    // Degraded: 0.9 × 0.75 = 0.675 up, 0.325 failed.
+    assert!((value_usd(&a, Some(1000.0)) - 1.325).abs() < 1e-12);
+}
+
+#[test]
+fn a_provider_with_no_figures_scores_below_every_known_one() {
+    let c = cfg(
+        "cheapest",
+        "",
+        r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
+    );
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+            ("b", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+            ("c", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+        ],
+    );
+    for seed in 0..20 {
+        let r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(80, 10),
+            &Prefs::default(),
+            1000,
+            &mut Rng::new(seed),
+        )
+        .unwrap();
+        assert_eq!(names(&c, &r)[3], "d", "seed {seed}");
+        assert_eq!(cand(&c, &r, "d").score, -1.0);
+        assert_eq!(cand(&c, &r, "a").score, 1.0);
+    }
+}
