@@ -641,8 +641,8 @@ fn score(
             let key = match strategy {
                 // Efraimidis–Spirakis weighted order: key = u^(1/w), with w = score⁴ so
                 // better offers win most draws while others still get some traffic.
+                // (Candidates with no figures score −1: their key stays below every draw.)
                 Strategy::Weighted if c.score > 0.0 => u.powf(1.0 / c.score.powi(4)),
-                Strategy::Weighted => 0.0,
                 _ => c.score,
             };
             (key, u)

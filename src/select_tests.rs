@@ -386,3 +386,35 @@ fn a_provider_with_no_figures_scores_below_every_known_one() {
         assert_eq!(cand(&c, &r, "a").score, 1.0);
     }
 }
+
+#[test]
+fn weighted_never_draws_a_provider_with_no_figures_before_a_known_one() {
+    let c = cfg(
+        "weighted",
+        "",
+        r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
+    );
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+            ("b", 9.0, 9.0, 900.0, 0.5, ONLINE, ""),
+            ("c", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+        ],
+    );
+    let mut rng = Rng::new(5);
+    for _ in 0..200 {
+        let r = rank(
+            &c,
+            Some(&m),
+            &HealthTable::default(),
+            &req(80, 10),
+            &Prefs::default(),
+            1000,
+            &mut rng,
+        )
+        .unwrap();
+        assert_eq!(names(&c, &r)[3], "d");
+    }
+}
