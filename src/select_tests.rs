@@ -418,3 +418,52 @@ fn weighted_never_draws_a_provider_with_no_figures_before_a_known_one() {
         assert_eq!(names(&c, &r)[3], "d");
     }
 }
+
+#[test]
+fn rollout_by_session_takes_the_configured_share_of_sessions() {
+    let mut rng = Rng::new(1);
+    let share = |percent: u8, rng: &mut Rng| {
+        (0..2000)
+            .filter(|i| in_rollout(percent, Some(&format!("session-{i}")), rng))
+            .count()
+    };
+    assert_eq!(share(0, &mut rng), 0);
+    assert!((500..700).contains(&share(30, &mut rng)));
+    assert!((1900..2000).contains(&share(99, &mut rng)));
+    assert_eq!(share(100, &mut rng), 2000);
+    // Percent 1: about one session in a hundred, not two.
+    assert!((5..35).contains(&share(1, &mut rng)));
+    // Without a session: 0 % is never.
+    assert!((0..1000).all(|_| !in_rollout(0, None, &mut rng)));
+}
+
+#[test]
+fn the_exclusions_message_lists_each_provider_once() {
+    let c = cfg("cheapest", r#","constraints":{"max_ttft_ms":100}"#, "");
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 200.0, 0.99, ONLINE, ""),
+            ("b", 1.0, 1.0, 300.0, 0.99, "offline", ""),
+        ],
+    );
+    let Err(NoRoute::AllExcluded(ex)) = rank(
+        &c,
+        Some(&m),
+        &HealthTable::default(),
+        &req(80, 10),
+        &Prefs::default(),
+        1000,
+        &mut Rng::new(1),
+    ) else {
+        panic!("everyone is excluded")
+    };
+    assert_eq!(
+        explain_exclusions(&c, "m", &ex),
+        "no provider for model `m` meets the routing constraints: \
+         a: ttft 200 ms over max_ttft_ms 100 [max_ttft_ms]; \
+         b: offline in the market [offline]; \
+         c: no market data or static_offer to check constraints against [no_data]"
+    );
+}
