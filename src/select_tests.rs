@@ -467,3 +467,33 @@ fn the_exclusions_message_lists_each_provider_once() {
          c: no market data or static_offer to check constraints against [no_data]"
     );
 }
+
+#[test]
+fn balanced_adds_the_three_weighted_sub_scores() {
+    let c = cfg(
+        "balanced",
+        r#","weights":{"price":1,"latency":1,"reliability":1}"#,
+        "",
+    );
+    // a: the cheapest and fastest, 2 nines; b: half as cheap and fast, 3 nines.
+    let m = view(
+        &c,
+        1000,
+        &[
+            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+            ("b", 2.0, 2.0, 200.0, 0.999, ONLINE, ""),
+        ],
+    );
+    let r = rank_with(&c, &m, &HealthTable::default(), &req(80, 10), 1000);
+    let score = |n: &str| cand(&c, &r, n).score;
+    assert!(
+        (score("a") - (1.0 + 1.0 + 2.0 / 3.0) / 3.0).abs() < 1e-9,
+        "{}",
+        score("a")
+    );
+    assert!(
+        (score("b") - (0.5 + 0.5 + 1.0) / 3.0).abs() < 1e-9,
+        "{}",
+        score("b")
+    );
+}
