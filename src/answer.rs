@@ -153,7 +153,9 @@ pub fn sanitize(s: &str, max: usize) -> String {
             continue;
         }
         if space {
-            if out.len() + 1 > max {
+            // The space goes in only with the character after it: a cut never leaves one at
+            // the end.
+            if out.len() + 1 + c.len_utf8() > max {
                 break;
             }
             out.push(' ');

@@ -64,3 +64,25 @@ fn the_tail_keeps_exactly_the_last_4_kib() {
     keep_tail(&mut t, &vec![b'd'; TAIL_BYTES - 2]);
     assert!(t.starts_with(b"xy") && t.len() == TAIL_BYTES);
 }
+
+#[test]
+fn only_json_strings_are_messages() {
+    assert_eq!(provider_message(br#"{"error":12345}"#), None);
+    assert_eq!(provider_message(br#"{"error":{"message":12345}}"#), None);
+    assert_eq!(provider_message(br#"{"message":true}"#), None);
+    assert_eq!(
+        provider_message(br#"{"error":{"message":"slow down"}}"#).as_deref(),
+        Some("slow down")
+    );
+}
+
+#[test]
+fn a_cut_message_never_ends_in_a_space() {
+    assert_eq!(sanitize("ab cd", 2), "ab");
+    assert_eq!(sanitize("ab cd", 3), "ab");
+    assert_eq!(sanitize("ab cd", 4), "ab c");
+    assert_eq!(sanitize("ab cd", 5), "ab cd");
+    assert_eq!(sanitize("ab\n\n cd", 5), "ab cd");
+    assert_eq!(sanitize("ab é", 4), "ab");
+    assert_eq!(sanitize("ab é", 5), "ab é");
+}
