@@ -411,11 +411,6 @@ impl Config {
     pub fn provider_index(&self, name: &str) -> Option<usize> {
         self.providers.iter().position(|p| p.name == name)
     }
-
-    /// Whether any configured provider serves `model`.
-    pub fn serves(&self, model: &str) -> bool {
-        self.providers.iter().any(|p| p.model_id(model).is_some())
-    }
 }
 
 /// A configuration error: which field, which value, what is allowed.
@@ -1091,6 +1086,10 @@ fn tidy(v: &mut Value) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+#[path = "config/config_tests.rs"]
+mod exact_tests;
 
 #[cfg(all(test, feature = "schema"))]
 #[path = "config/schema_tests.rs"]
