@@ -18,6 +18,10 @@
 #   MUTANTS_ARGS="..."    more cargo-mutants options, e.g. --copy-target=true in a tree whose
 #                         target/ holds only a built `cargo test --lib` (skips most of each
 #                         module's baseline build)
+#   MUTANTS_RETEST=1      re-test, on the current code, the mutants an earlier run of the
+#                         module missed, found by what they change (not by line: lines move
+#                         as code changes); the summary counts the earlier run's mutants with
+#                         the re-test's survivors as the ones missed
 #   MUTANTS_ITERATE=1     test again only the mutants an earlier run of the module did not
 #                         catch (cargo-mutants --iterate, no baseline run), e.g. after
 #                         adding tests
@@ -52,6 +56,28 @@ if [ "${MUTANTS_SUMMARY_ONLY:-}" != 1 ]; then
         echo "$m" >"$OUT/$name/module"
         iterate=()
         [ "${MUTANTS_ITERATE:-}" = 1 ] && iterate=(--iterate --baseline=skip)
+        if [ "${MUTANTS_RETEST:-}" = 1 ]; then
+            missed="$OUT/$name/mutants.out/missed.txt"
+            if [ ! -s "$missed" ]; then log "$m: no survivors of an earlier run to re-test"; continue; fi
+            # The survivors by what they change, without file, line and column (those move
+            # when code changes): every mutant of the current code that matches one is tested.
+            mapfile -t res < <(python3 -c '
+import re, sys
+for line in open(sys.argv[1], encoding="utf-8"):
+    line = line.strip()
+    if line:
+        print(re.escape(line.split(": ", 1)[1]) + "$")' "$missed" | sort -u)
+            re_args=()
+            for r in "${res[@]}"; do re_args+=(--re "$r"); done
+            rm -rf "$OUT/$name/retest"
+            CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
+                cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+                "${re_args[@]}" ${MUTANTS_ARGS:-} --output "$OUT/$name/retest" --cargo-arg=--lib || {
+                rc=$?
+                [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
+            }
+            continue
+        fi
         # Exit status 2 means mutants were missed: that is a result, not a failure here.
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
             cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
@@ -86,6 +112,14 @@ for d in sorted(p for p in out.iterdir() if (p / "mutants.out").is_dir()):
     caught, unviable = union("caught.txt"), union("unviable.txt")
     timeout = sorted(set(union("timeout.txt")) - set(caught))
     missed = [m for m in union("missed.txt") if m not in caught]
+    retest = d / "retest" / "mutants.out"
+    if retest.is_dir():
+        # Survivors re-tested on the current code: what still survives is missed, by its name
+        # in the current code; the earlier run's total stays the count of viable mutants.
+        again = set(lines(retest / "caught.txt")) | set(lines(retest / "timeout.txt"))
+        still = [m for m in lines(retest / "missed.txt") if m not in again]
+        caught = caught + ["(re-test) " + m for m in again][: max(0, len(missed) - len(still))]
+        missed = still
     equiv = [m for m in missed if m in reasons]
     viable = len(caught) + len(missed) + len(timeout)
     # A timeout is a caught mutant (the tests did not pass); an equivalent one cannot be caught.
