@@ -90,3 +90,19 @@ fn refused_values_are_shown_whole_up_to_80_bytes() {
     assert_eq!(at(79), format!("\"{}…", "x".repeat(79)));
     assert_eq!(shown(None), "(missing)");
 }
+
+#[test]
+fn model_names_and_ids_must_both_be_non_empty() {
+    let models = |m: &str| {
+        Config::parse(
+            format!(r#"{{"providers":[{{"name":"a","cluster":"ca","models":{m}}}]}}"#).as_bytes(),
+        )
+    };
+    assert!(models(r#"{"m":"id"}"#).is_ok());
+    let e = models(r#"{"":"id"}"#).unwrap_err();
+    assert_eq!(e.field, "providers[0].models.");
+    let e = models(r#"{"m":""}"#).unwrap_err();
+    assert_eq!(e.field, "providers[0].models.m");
+    assert!(models(r#"{"m":7}"#).is_err());
+    assert!(models(r#"{}"#).is_err());
+}
