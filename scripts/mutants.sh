@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the core with cargo-mutants (from crates.io): each module in turn, the
 # native unit tests only (`cargo test --lib`), one job, a timeout per mutant. Opt-in and slow
-# (minutes per module): `make mutants`, or `make mutants ARGS='src/health.rs src/attempt.rs'`.
+# (minutes per module): `make mutants`, or `make mutants ARGS='crates/core/src/health.rs crates/core/src/attempt.rs'`.
 #
 # Results: target/mutants/<module>/mutants.out (cargo-mutants' own output) and a summary in
 # bench/results/mutants.md: per module caught / missed / timeout / unviable, the share caught
@@ -21,7 +21,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-MODULES=(src/health.rs src/attempt.rs src/select.rs src/market.rs src/config.rs src/json.rs src/request.rs)
+MODULES=(crates/core/src/health.rs crates/core/src/attempt.rs crates/core/src/select.rs crates/core/src/market.rs crates/core/src/config.rs crates/core/src/json.rs crates/core/src/request.rs)
 TIMEOUT=${MUTANTS_TIMEOUT:-60}
 VERSION=${MUTANTS_VERSION:-27.1.0}
 OUT=target/mutants
@@ -46,7 +46,7 @@ if [ "${MUTANTS_SUMMARY_ONLY:-}" != 1 ]; then
         [ "${MUTANTS_ITERATE:-}" = 1 ] && iterate=(--iterate --baseline=skip)
         # Exit status 2 means mutants were missed: that is a result, not a failure here.
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
-            cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+            cargo mutants --package market-router-core --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
             "${iterate[@]}" --output "$OUT/$name" -- --lib || {
             rc=$?
             [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
@@ -100,7 +100,7 @@ md = ["# Mutation testing (cargo-mutants, `make mutants`)", "",
       "| module | caught | missed | of which equivalent | timeout | unviable | caught share |",
       "|---|---:|---:|---:|---:|---:|---:|"]
 for name, c, m, e, t, u, s in rows:
-    md.append(f"| `src/{name}.rs` | {c} | {m} | {e} | {t} | {u} | {s:.1%} |")
+    md.append(f"| `crates/core/src/{name}.rs` | {c} | {m} | {e} | {t} | {u} | {s:.1%} |")
 md.append(f"| **all** | {totals['caught']} | {totals['missed']} | {totals['equivalent']} | "
           f"{totals['timeout']} | {totals['unviable']} | **{share:.1%}** |")
 md += ["", "## Surviving mutants", ""]
