@@ -1,4 +1,4 @@
-//! The market simulation (engine: `examples/sim/mod.rs`) on every world built from the
+//! The market simulation (engine: `tools/src/sim/mod.rs`) on every world built from the
 //! models.dev catalog × five seeds: market-router's default configuration (no routing option
 //! set), driven through the crate's own selection core and failover walk, against round-robin,
 //! static fallback, latency-only learning and the oracle.

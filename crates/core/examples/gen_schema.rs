@@ -1,8 +1,8 @@
 //! Writes the configuration's JSON Schema, generated from the serde types in
 //! `src/config/raw.rs`, to `schema/market-router.schema.json`.
 //!
-//!     cargo run --features schema --example gen_schema            # (re)write the file
-//!     cargo run --features schema --example gen_schema -- --check # exit 1 if it is stale
+//!     cargo run -p market-router-core --features schema --example gen_schema            # (re)write the file
+//!     cargo run -p market-router-core --features schema --example gen_schema -- --check # exit 1 if it is stale
 //!
 //! `make schema` runs it and then the two scripts that derive the README field table and
 //! Kong's meta.json from the file.
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             _ => {
                 eprintln!(
                     "schema/market-router.schema.json is stale: run make schema \
-                     (cargo run --features schema --example gen_schema)"
+                     (make schema)"
                 );
                 ExitCode::FAILURE
             }

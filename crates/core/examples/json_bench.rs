@@ -1,11 +1,11 @@
-//! Micro-benchmark: the filter's one-pass JSON walker (`src/json.rs`, through
+//! Micro-benchmark: the filter's one-pass JSON walker (`crates/core/src/json.rs`, through
 //! `request::parse` and `metrics::inspect_answer`) against typed serde doing the same work
 //! (`#[derive(Deserialize)]` with `#[serde(borrow)]`, everything else skipped as `IgnoredAny`).
 //! Built for wasm32-wasip1 and run under Node's WASI, the way the filter's code runs in a
 //! host's wasm engine (`make bench-json`); it also runs natively.
 //!
 //!     make bench-json                                   # wasm, writes bench/results/json.{md,json}
-//!     cargo run --release --example json_bench -- --quick
+//!     cargo run --release -p market-router-core --example json_bench -- --quick
 //!
 //! Both sides do what the filter needs: the request side validates the whole body and reads
 //! `model` (with its byte span, for the rewrite), `stream`, `stream_options.include_usage`
@@ -156,7 +156,7 @@ fn serde_answer(body: &[u8]) -> Result<Option<Usage>, ()> {
 /// The model `make bench` asks for.
 const BENCH_MODEL: &str = "gpt-4o-mini";
 
-/// The request body `make bench` sends (examples/bench.rs `chat_body`), exactly `size` bytes:
+/// The request body `make bench` sends (tools/src/bin/bench.rs `chat_body`), exactly `size` bytes:
 /// one user message of plain words, no escapes.
 fn bench_request(size: usize) -> Vec<u8> {
     let head = format!(
@@ -194,7 +194,7 @@ fn chat_request(size: usize) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// The answer `make bench`'s upstream returns (examples/bench.rs `UPSTREAM_ANSWER`).
+/// The answer `make bench`'s upstream returns (tools/src/bin/bench.rs `UPSTREAM_ANSWER`).
 const BENCH_ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":50,"completion_tokens":8,"total_tokens":58}}"#;
 
 /// A non-streaming chat completion of about `size` bytes as providers send it: markdown-ish

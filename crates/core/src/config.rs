@@ -1019,7 +1019,7 @@ fn validate_providers(
 }
 
 /// The JSON Schema of the configuration, generated from [`raw`]'s types (`schema` feature;
-/// `cargo run --features schema --example gen_schema` writes it to
+/// `make schema` (crates/core/examples/gen_schema.rs) writes it to
 /// `schema/market-router.schema.json`).
 #[cfg(feature = "schema")]
 pub fn json_schema() -> Value {

@@ -1,8 +1,8 @@
-//! market-router: a proxy-wasm HTTP filter that routes OpenAI-compatible LLM requests to the
-//! best provider for each request, by live market stats, and fails over when a provider fails.
+//! market-router's core: what the proxy-wasm filter (crate `market-router`) decides for each
+//! request, by live market stats, and how it fails over when a provider fails.
 //!
-//! The core modules are plain Rust and build and test natively; only `host` and `filter`
-//! (compiled for wasm32 only) touch the proxy-wasm host.
+//! Plain Rust with no proxy-wasm dependency: it builds and tests natively and compiled to
+//! wasm32-wasip1; the filter crate turns host callbacks into calls here.
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 

@@ -47,7 +47,7 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Minimal command-line parsing for the example binaries: `--flag value` and bare `--switch`.
+/// Minimal command-line parsing for the mock and tool binaries: `--flag value` and bare `--switch`.
 pub struct Args {
     items: Vec<String>,
 }

@@ -1,4 +1,4 @@
-//! Handles on the `mock_provider` and `market_sidecar` example binaries.
+//! Handles on the `mock_provider` and `market_sidecar` binaries (`src/bin/`).
 
 use super::http::{get, post_json, wait_ready_while};
 use super::procs::{example_bin, Proc};

@@ -171,7 +171,7 @@ fn python() -> PathBuf {
 }
 
 fn node_dir() -> PathBuf {
-    let dir = crate_root().join("tests/clients/node");
+    let dir = crate_root().join("crates/testbed/tests/clients/node");
     assert!(
         dir.join("node_modules/openai/package.json").is_file(),
         "the OpenAI Node SDK is not installed in {} (run `make clients`: npm ci)",
@@ -183,7 +183,7 @@ fn node_dir() -> PathBuf {
 fn python_sdk(mode: &str) {
     let bed = Bed::start(mode);
     let mut cmd = Command::new(python());
-    cmd.arg(crate_root().join("tests/clients/python/sdk_check.py"))
+    cmd.arg(crate_root().join("crates/testbed/tests/clients/python/sdk_check.py"))
         .arg(bed.base());
     run(&format!("python sdk ({mode})"), cmd, &CHECKS);
     bed.assert_hits(&format!("python sdk ({mode})"));

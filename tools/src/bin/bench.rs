@@ -2,7 +2,7 @@
 //! in a real Envoy on loopback. Writes `bench/results/latest.json` and `latest.md`.
 //!
 //! ```text
-//! cargo run --release --example bench -- [--quick] [--rounds N] [--sat-secs S] [--lat-secs S]
+//! cargo run --release -p market-router-tools --bin bench -- [--quick] [--rounds N] [--sat-secs S] [--lat-secs S]
 //!     [--failover-secs S] [--sections overhead,streaming,failover,memory] [--no-knobs] [--perf|--no-perf] [--out DIR]
 //!     [--wrk PATH] [--nginx PATH] [--empty-wasm PATH]
 //! ```
@@ -1834,7 +1834,7 @@ fn streaming(opts: &Opts) -> Result<Value, String> {
         comparisons.insert((*kind).into(), Value::Object(cmp));
     }
     Ok(json!({
-        "upstream": format!("mock provider (examples/mock_provider.rs), {events} SSE events per answer (one more with the usage chunk), {STREAM_CHUNK_MS} ms apart"),
+        "upstream": format!("mock provider (crates/testbed/src/bin/mock_provider.rs), {events} SSE events per answer (one more with the usage chunk), {STREAM_CHUNK_MS} ms apart"),
         "events_per_answer": events,
         "connections": 16,
         "secs": opts.sat_secs,

