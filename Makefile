@@ -121,7 +121,7 @@ wasm-test: toolchain ## the core's unit tests compiled to wasm32-wasip1, run und
 	fi; \
 	command -v node >/dev/null || { echo "wasm-test: node (20 or later) is needed for node:wasi" >&2; exit 1; }; \
 	set -x; \
-	CARGO_TARGET_WASM32_WASIP1_RUNNER="node scripts/wasi-run.mjs" \
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="node $(CURDIR)/scripts/wasi-run.mjs" \
 		cargo test -p market-router-core --lib --target $(TARGET) -- --nocapture --test-threads=1
 
 validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the .wasm), the JSON Schema checks, envoy-mode pieces vs. market-router-envoy-config
