@@ -23,8 +23,8 @@ PIP_TIMEOUT ?= 180
 CATALOG_REQS := scripts/catalogs.txt
 CATALOGS := $(VENV)/catalogs
 
-# The official OpenAI SDKs the client tests run (tests/clients.rs), pinned: Python's here, Node's
-# in tests/clients/node/package.json and its lockfile.
+# The official OpenAI SDKs the client tests run (crates/testbed/tests/clients.rs), pinned:
+# Python's here, Node's in crates/testbed/tests/clients/node/package.json and its lockfile.
 OPENAI_PY_VERSION := 3.57.0
 # Each integration test starts its own Envoy: keep two at a time on a 2-core machine.
 TEST_THREADS ?= 2
@@ -99,14 +99,14 @@ clients: envoy ## install the official OpenAI SDKs the client tests use (pinned:
 		done; \
 	fi
 	@command -v npm >/dev/null || { echo "clients: npm is needed for the Node SDK tests" >&2; exit 1; }
-	@if [ ! -f tests/clients/node/node_modules/.package-lock.json ] || \
-		[ tests/clients/node/package-lock.json -nt tests/clients/node/node_modules/.package-lock.json ]; then \
-		echo "clients: npm ci (tests/clients/node)"; \
-		cd tests/clients/node && timeout $(PIP_TIMEOUT) npm ci --no-audit --no-fund --loglevel=error; \
+	@if [ ! -f crates/testbed/tests/clients/node/node_modules/.package-lock.json ] || \
+		[ crates/testbed/tests/clients/node/package-lock.json -nt crates/testbed/tests/clients/node/node_modules/.package-lock.json ]; then \
+		echo "clients: npm ci (crates/testbed/tests/clients/node)"; \
+		cd crates/testbed/tests/clients/node && timeout $(PIP_TIMEOUT) npm ci --no-audit --no-fund --loglevel=error; \
 	fi
-	@echo "clients: python openai $$($(VENV)/bin/python -c 'import openai; print(openai.__version__)'), node openai $$(node -p 'require("./tests/clients/node/node_modules/openai/package.json").version')"
+	@echo "clients: python openai $$($(VENV)/bin/python -c 'import openai; print(openai.__version__)'), node openai $$(node -p 'require("./crates/testbed/tests/clients/node/node_modules/openai/package.json").version')"
 
-unit: ## native unit tests: the core (cargo test --lib) and the market service
+unit: ## native unit tests: the core (cargo test --lib), the market service, the test bed and tools
 	cargo test --workspace --lib
 
 # libtest on wasm32-wasip1 runs on one thread and panics abort (no unwinding), so the first
@@ -121,8 +121,8 @@ wasm-test: toolchain ## the core's unit tests compiled to wasm32-wasip1, run und
 	fi; \
 	command -v node >/dev/null || { echo "wasm-test: node (20 or later) is needed for node:wasi" >&2; exit 1; }; \
 	set -x; \
-	CARGO_TARGET_WASM32_WASIP1_RUNNER="node scripts/wasi-run.mjs" \
-		cargo test --lib --target $(TARGET) -- --nocapture --test-threads=1
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="node $(CURDIR)/scripts/wasi-run.mjs" \
+		cargo test -p market-router-core --lib --target $(TARGET) -- --nocapture --test-threads=1
 
 validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the .wasm), the JSON Schema checks, envoy-mode pieces vs. market-router-envoy-config
 	@shopt -s nullglob; files=(envoy/*.yaml); \
@@ -138,29 +138,28 @@ validate: build envoy ## envoy --mode validate on every envoy/*.yaml (loads the 
 	echo "validate: $${#files[@]} config(s) OK"
 	@.venv/bin/python -c "import jsonschema, yaml" 2>/dev/null || \
 		timeout 180 .venv/bin/pip install -q jsonschema pyyaml || timeout 180 .venv/bin/pip install -q jsonschema pyyaml
-	cargo run -q --features schema --example gen_schema -- --check
+	cargo run -q -p market-router-core --features schema --example gen_schema -- --check
 	@.venv/bin/python scripts/gen-kong-meta.py --check
 	@.venv/bin/python scripts/gen-field-table.py --check
 	@set -o pipefail; .venv/bin/python scripts/check-schema.py | { grep -E '^  FAIL  |^check-schema:' || true; }
-	@cargo build -q --example market-router-envoy-config
-	@.venv/bin/python scripts/check-envoy-config.py target/debug/examples/market-router-envoy-config envoy/*.yaml
+	@cargo build -q -p market-router-tools --bin market-router-envoy-config
+	@.venv/bin/python scripts/check-envoy-config.py target/debug/market-router-envoy-config envoy/*.yaml
 
-# The tests start the example binaries (mock providers, market sidecar) from target/debug/examples;
-# tests/market_sim.rs runs the optimized market_sim (a debug build is over ten times slower).
-integration: build envoy kong-host catalogs clients ## the tests/*.rs suites against a real Envoy and Kong's wasm host (and real clients)
-	@shopt -s nullglob; files=(tests/*.rs); \
-	if [ $${#files[@]} -eq 0 ]; then echo "integration: no tests/*.rs yet" >&2; exit 1; fi
-	cargo build --examples
-	cargo build -p market-sidecar
-	cargo build --release --example market_sim
+# The tests start the workspace's binaries (mock providers, market sidecar, report) from
+# target/debug; tools/tests/market_sim.rs runs the optimized market_sim (a debug build is over
+# ten times slower).
+integration: build envoy kong-host catalogs clients ## the crates/testbed/tests/*.rs and tools/tests/*.rs suites against a real Envoy and Kong's wasm host (and real clients)
+	@shopt -s nullglob; files=(crates/testbed/tests/*.rs tools/tests/*.rs); \
+	if [ $${#files[@]} -eq 0 ]; then echo "integration: no integration tests yet" >&2; exit 1; fi
+	cargo build --workspace --bins
+	cargo build --release -p market-router-tools --bin market_sim
 	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo test --test '*' -- --test-threads=$(TEST_THREADS)
 
 test: toolchain build envoy kong-host catalogs lint unit wasm-test validate integration ## lint, unit, wasm-test, validate, integration (what CI runs)
 
-demo: build envoy catalogs ## run examples/demo.rs (Envoy, mock providers, the market service, traffic)
-	cargo build --release --examples
-	cargo build --release -p market-sidecar
-	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo run --release --example demo
+demo: build envoy catalogs ## run tools/src/bin/demo.rs (Envoy, mock providers, the market service, traffic)
+	cargo build --release --workspace --bins
+	MR_WASM="$${MR_WASM:-$(CURDIR)/$(WASM)}" cargo run --release -p market-router-tools --bin demo
 
 # A missing rustfmt, clippy or wasm target fails the lint; SKIP_FMT=1, SKIP_CLIPPY=1 or
 # SKIP_WASM_CLIPPY=1 (never set by CI) skip that part on purpose.
@@ -179,23 +178,23 @@ lint: toolchain ## cargo fmt --check, clippy on the workspace and on the wasm bu
 		cargo clippy --workspace --all-targets -- -D warnings || status=1; \
 		if [ "$${SKIP_WASM_CLIPPY:-}" = 1 ]; then echo "lint: wasm clippy skipped on request (SKIP_WASM_CLIPPY=1)"; \
 		elif [ "$$(scripts/wasm-build.sh route)" = rustup ]; then \
-			echo "+ cargo clippy --lib --target $(TARGET) -- -D warnings"; \
-			cargo clippy --lib --target $(TARGET) -- -D warnings || status=1; \
+			echo "+ cargo clippy -p market-router -p market-router-core --lib --target $(TARGET) -- -D warnings"; \
+			cargo clippy -p market-router -p market-router-core --lib --target $(TARGET) -- -D warnings || status=1; \
 		else echo "lint: FAILED: no rustup $(TARGET) target for wasm clippy (or SKIP_WASM_CLIPPY=1)" >&2; status=1; fi; \
 	else echo "lint: FAILED: clippy is not installed (rustup component add clippy, or SKIP_CLIPPY=1)" >&2; status=1; fi; \
 	exit $$status
 
-schema: ## regenerate schema/market-router.schema.json from src/config/raw.rs, then Kong's meta.json and the README field table
-	cargo run -q --features schema --example gen_schema
+schema: ## regenerate schema/market-router.schema.json from crates/core/src/config/raw.rs, then Kong's meta.json and the README field table
+	cargo run -q -p market-router-core --features schema --example gen_schema
 	python3 scripts/gen-kong-meta.py
 	python3 scripts/gen-field-table.py
 
 bench: ## scripts/bench.sh
 	$(call run_script,bench.sh)
 
-# The walker in src/json.rs against typed serde, timed where the filter runs: compiled to wasm.
+# The walker in crates/core/src/json.rs against typed serde, timed where the filter runs: compiled to wasm.
 bench-json: toolchain ## JSON micro-benchmark (json.rs vs typed serde) as wasm under Node's WASI; writes bench/results/json.{md,json}
-	cargo build --release --target $(TARGET) --example json_bench
+	cargo build --release --target $(TARGET) -p market-router-core --example json_bench
 	node scripts/wasi-run.mjs target/$(TARGET)/release/examples/json_bench.wasm --out bench/results $(ARGS)
 
 bench-peers: ## scripts/bench-peers.sh

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # make bench-peers: Envoy alone, Envoy + market-router, LiteLLM proxy and Portkey's gateway in
-# front of the same two mock providers, measured in one run, alternating (examples/bench_peers.rs
+# front of the same two mock providers, measured in one run, alternating (tools/src/bin/bench_peers.rs
 # does the measuring). Installs the peers on first use into .venv-peers/ and .node-peers/
 # (git-ignored); a peer that cannot be installed or started is reported as not measured.
 # Writes bench/results/peers.json and bench/results/peers.md.
 #
 # Arguments are passed to the driver, e.g. make bench-peers ARGS='--rounds 1 --throughput-s 3'
-# (see `target/release/examples/bench_peers --help`). Environment: LITELLM_VERSION,
+# (see `target/release/bench_peers --help`). Environment: LITELLM_VERSION,
 # PORTKEY_VERSION, PEERS_INSTALL_TIMEOUT (seconds), BENCH_PEERS_TIMEOUT (seconds, whole run).
 # Everything listens on 127.0.0.1; every process the run starts is ended when it finishes.
 set -euo pipefail
@@ -19,7 +19,7 @@ BENCH_PEERS_TIMEOUT="${BENCH_PEERS_TIMEOUT:-480}"
 
 echo "bench-peers: building the filter, Envoy and the driver"
 make --no-print-directory build envoy
-cargo build --release --example bench_peers --example mock_provider
+cargo build --release -p market-router-tools --bin bench_peers -p market-router-testbed --bin mock_provider
 
 errf="$(mktemp)"
 trap 'rm -f "$errf"' EXIT
@@ -40,4 +40,4 @@ fi
 
 # GNU timeout signals the driver's whole process group: the mocks, Envoys and peers it started.
 export MR_WASM="${MR_WASM:-$PWD/target/wasm32-wasip1/release/market_router.wasm}"
-timeout "$BENCH_PEERS_TIMEOUT" target/release/examples/bench_peers "${peer_args[@]}" "$@"
+timeout "$BENCH_PEERS_TIMEOUT" target/release/bench_peers "${peer_args[@]}" "$@"

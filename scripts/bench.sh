@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# make bench: installs and builds what the benchmark needs, then runs examples/bench.rs, which
-# writes bench/results/latest.json and bench/results/latest.md, then examples/bench_kong.rs
+# make bench: installs and builds what the benchmark needs, then runs tools/src/bin/bench.rs, which
+# writes bench/results/latest.json and bench/results/latest.md, then tools/src/bin/bench_kong.rs
 # (Kong's wasm host; bench/results/kong.json and kong.md).
 #
 # usage: scripts/bench.sh [driver arguments]     (make bench ARGS='...')
@@ -8,7 +8,7 @@
 #   --rounds N             alternating rounds of the overhead runs (default 3)
 #   --sections LIST        overhead,streaming,failover,memory (default: all four)
 #   --sat-secs S / --lat-secs S / --failover-secs S, --no-knobs, --perf / --no-perf,
-#   --out DIR              see examples/bench.rs
+#   --out DIR              see tools/src/bin/bench.rs
 #   --no-market-sim        skip the market simulation (routing quality, run first)
 #
 # Needs (installed here when missing, from Debian): wrk (load generator) and nginx (the fast
@@ -69,7 +69,7 @@ debian)
     ;;
 *) log "error: no wasm32-wasip1 toolchain"; exit 1 ;;
 esac
-cargo build --release --example mock_provider --example market_sidecar
+cargo build --release -p market-router-testbed --bin mock_provider --bin market_sidecar
 
 # Routing quality first (no Envoy, a few minutes): the market simulation on every catalog world
 # × five seeds, with the goals of the default configuration as min / median / max. Its report
@@ -84,20 +84,20 @@ for a in "$@"; do
 done
 if [ -n "$sim" ]; then
     make --no-print-directory catalogs
-    cargo build --release --example market_sim
+    cargo build --release -p market-router-tools --bin market_sim
     mkdir -p bench/results
     log "market simulation: $sim_requests requests per run"
     # A missed goal is a finding of the benchmark, reported in its output, not a reason to stop.
-    target/release/examples/market_sim --requests "$sim_requests" \
+    target/release/market_sim --requests "$sim_requests" \
         --json bench/results/market-sim.json | tee bench/results/market-sim.txt || true
 fi
 
 export MR_WASM="${MR_WASM:-$PWD/target/wasm32-wasip1/release/market_router.wasm}"
-cargo run --release --example bench -- "${args[@]}"
+cargo run --release -p market-router-tools --bin bench -- "${args[@]}"
 
 # Kong's wasm host: nginx proxy_pass alone vs market-router in dispatch mode
-# (examples/bench_kong.rs, bench/results/kong.md); --quick carries over.
+# (tools/src/bin/bench_kong.rs, bench/results/kong.md); --quick carries over.
 kong_args=()
 for a in "${args[@]}"; do [ "$a" = --quick ] && kong_args+=(--quick); done
 make --no-print-directory kong-host
-exec cargo run --release --example bench_kong -- "${kong_args[@]}"
+exec cargo run --release -p market-router-tools --bin bench_kong -- "${kong_args[@]}"

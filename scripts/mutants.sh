@@ -2,7 +2,7 @@
 # Mutation testing of the core with cargo-mutants (from crates.io): each module in turn, the
 # native unit tests only (`cargo test --lib`, and only the lib is built for each mutant: the
 # integration tests and examples are not rebuilt), one job, a timeout per mutant. Opt-in and slow
-# (minutes per module): `make mutants`, or `make mutants ARGS='src/health.rs src/attempt.rs'`.
+# (minutes per module): `make mutants`, or `make mutants ARGS='crates/core/src/health.rs crates/core/src/attempt.rs'`.
 #
 # Results: target/mutants/<module>/mutants.out (cargo-mutants' own output) and a summary in
 # bench/results/mutants.md: per module caught / missed / timeout / unviable, the share caught
@@ -29,9 +29,10 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-MODULES=(src/health.rs src/attempt.rs src/select.rs src/market.rs src/config.rs src/config/raw.rs
-    src/config/leaf.rs src/json.rs src/request.rs src/answer.rs src/decision.rs src/errors.rs
-    src/report.rs)
+MODULES=(health attempt cas select market config config/raw config/leaf json request answer
+    decision errors report)
+MODULES=("${MODULES[@]/#/crates/core/src/}")
+MODULES=("${MODULES[@]/%/.rs}")
 TIMEOUT=${MUTANTS_TIMEOUT:-60}
 VERSION=${MUTANTS_VERSION:-27.1.0}
 OUT=target/mutants
@@ -71,7 +72,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
             for r in "${res[@]}"; do re_args+=(--re "$r"); done
             rm -rf "$OUT/$name/retest"
             CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
-                cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+                cargo mutants --package market-router-core --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
                 "${re_args[@]}" ${MUTANTS_ARGS:-} --output "$OUT/$name/retest" --cargo-arg=--lib || {
                 rc=$?
                 [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
@@ -80,7 +81,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
         fi
         # Exit status 2 means mutants were missed: that is a result, not a failure here.
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
-            cargo mutants --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+            cargo mutants --package market-router-core --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
             "${iterate[@]}" ${MUTANTS_ARGS:-} --output "$OUT/$name" --cargo-arg=--lib || {
             rc=$?
             [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
@@ -125,7 +126,7 @@ for d in sorted(p for p in out.iterdir() if (p / "mutants.out").is_dir()):
     # A timeout is a caught mutant (the tests did not pass); an equivalent one cannot be caught.
     killed = len(caught) + len(timeout)
     share = killed / (viable - len(equiv)) if viable - len(equiv) else 1.0
-    module = (d / "module").read_text(encoding="utf-8").strip() if (d / "module").exists() else f"src/{d.name}.rs"
+    module = (d / "module").read_text(encoding="utf-8").strip() if (d / "module").exists() else f"crates/core/src/{d.name}.rs"
     rows.append((module, len(caught), len(missed), len(equiv), len(timeout), len(unviable), share))
     for m in missed:
         survivors.append((m, reasons.get(m)))

@@ -3,7 +3,7 @@
 # Envoy + market-router. One request end to end through both (the filter fails over from a to
 # b behind Portkey), then one where every provider fails and Portkey's own retry policy acts on
 # the filter's error. Uses examples/layering/{portkey-config.json,market-router.json}; the
-# checks are in examples/test_layering.rs. Installs Portkey's gateway on first use into
+# checks are in tools/src/bin/test_layering.rs. Installs Portkey's gateway on first use into
 # .node-peers/ (git-ignored). Everything listens on 127.0.0.1.
 set -euo pipefail
 
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 source scripts/peers/lib.sh
 
 make --no-print-directory build envoy
-cargo build --release --example test_layering --example mock_provider
+cargo build --release -p market-router-tools --bin test_layering -p market-router-testbed --bin mock_provider
 
 errf="$(mktemp)"
 trap 'rm -f "$errf"' EXIT
@@ -23,5 +23,5 @@ fi
 echo "test-layering: Portkey gateway $(portkey_installed_version), Envoy + market-router"
 export MR_WASM="${MR_WASM:-$PWD/target/wasm32-wasip1/release/market_router.wasm}"
 # GNU timeout signals the whole process group: the mocks, Envoy and Portkey the check started.
-timeout 120 target/release/examples/test_layering --portkey "$PORTKEY_JS" \
+timeout 120 target/release/test_layering --portkey "$PORTKEY_JS" \
 	--node-preload "$NODE_PRELOAD" "$@"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the filter as a wasm32-wasip1 cdylib, choosing how the target's standard library
+# Builds the filter (crates/filter, package market-router) as a wasm32-wasip1 cdylib, choosing how the target's standard library
 # is obtained:
 #
 #   rustup  rustup's prebuilt wasm32-wasip1 target (the normal route)
@@ -190,14 +190,14 @@ build() {
     # shellcheck disable=SC2046 # profile_args is zero to two words
     case "$route" in
     rustup)
-        cargo build --lib --target "$TARGET" $(profile_args)
+        cargo build -p market-router --lib --target "$TARGET" $(profile_args)
         ;;
     debian)
         # Debian's cargo runs the first rustc on PATH (rustup's) unless told otherwise.
         RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
             RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-L native=$DEBIAN_WASI_LIBDIR" \
             CARGO_TARGET_WASM32_WASIP1_LINKER="$DEBIAN_LINKER" \
-            /usr/bin/cargo build --lib --target "$TARGET" $(profile_args) -Zbuild-std=std,panic_abort
+            /usr/bin/cargo build -p market-router --lib --target "$TARGET" $(profile_args) -Zbuild-std=std,panic_abort
         ;;
     esac
     out="${CARGO_TARGET_DIR:-target}/$TARGET/$(profile_dir)/$CRATE.wasm"

@@ -3,8 +3,8 @@
 //!
 //! Relative `file` paths are resolved against the directory of the configuration file.
 
-use market_router::config::ProviderType;
-use market_router::market::Availability;
+use market_router_core::config::ProviderType;
+use market_router_core::market::Availability;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

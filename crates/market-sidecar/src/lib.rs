@@ -399,7 +399,7 @@ impl App {
         let doc = serde_json::json!({"version": 1, "generated_at_ms": now, "offers": offers});
         let body = serde_json::to_vec(&doc).unwrap_or_default();
         // The filter's own rules: a document they would refuse, even in part, is never served.
-        match market_router::market::validate_any(&body, now) {
+        match market_router_core::market::validate_any(&body, now) {
             Ok(v) if v.invalid.is_empty() => {}
             Ok(v) => {
                 self.count(|c| c.rejected += 1);
@@ -570,7 +570,7 @@ mod tests {
         assert_eq!(doc["offers"].as_array().unwrap().len(), 1);
         assert_eq!(doc["offers"][0]["stale"], true);
         assert_eq!(doc["offers"][0]["provenance"]["price"]["stale"], true);
-        assert!(market_router::market::validate_any(&app.snapshot().unwrap().body, 0).is_ok());
+        assert!(market_router_core::market::validate_any(&app.snapshot().unwrap().body, 0).is_ok());
         let _ = Path::new(".");
     }
 }

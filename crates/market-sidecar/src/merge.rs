@@ -9,7 +9,7 @@
 
 use crate::config::{Config, Kind, Source};
 use crate::sources::Entry;
-use market_router::market;
+use market_router_core::market;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -125,7 +125,7 @@ struct Acc {
     uptime: Option<Slot<f64>>,
     availability: Option<Slot<market::Availability>>,
     context_window: Option<Slot<u64>>,
-    provider_type: Option<Slot<market_router::config::ProviderType>>,
+    provider_type: Option<Slot<market_router_core::config::ProviderType>>,
     region: Option<Slot<String>>,
     provider_model: Option<Slot<String>>,
 }

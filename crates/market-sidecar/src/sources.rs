@@ -7,8 +7,8 @@
 //! shape is an error, and the caller keeps the source's last good entries.
 
 use crate::config::Kind;
-use market_router::config::ProviderType;
-use market_router::market::{self, Availability};
+use market_router_core::config::ProviderType;
+use market_router_core::market::{self, Availability};
 use serde_json::Value;
 use std::collections::BTreeMap;
 

@@ -1,0 +1,1157 @@
+//! Failover and live health through a real Envoy, in every failover mode (`route`: first
+//! attempt through the host's route, re-dispatch on failure; `dispatch`: every attempt by
+//! `dispatch_http_call`; `envoy`: Envoy's router makes every attempt in the filter's order).
+//!
+//! Every scenario is written once as a function taking the mode and run by a test per mode. The
+//! providers have static offers and the `cheapest` strategy, so the ranking is fixed: `a`
+//! (cheapest) first, then `b`, then `c`.
+//!
+//! Needs the filter module (`make build`), the example binaries (`cargo build --examples`) and
+//! Envoy (`make envoy`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use market_router_testbed as common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Client timeout of one request.
+const T: Duration = Duration::from_secs(8);
+/// Model every provider serves.
+const MODEL: &str = "gpt-4o-mini";
+/// Model only `a` and `b` serve.
+const DUO: &str = "duo-model";
+const ATTEMPT_TIMEOUT_MS: u64 = 800;
+const DEADLINE_MS: u64 = 3000;
+const COOLDOWN_MS: u64 = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Route,
+    Dispatch,
+    /// Envoy's router makes every attempt in the filter's order (`failover.mode: envoy`).
+    Envoy,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Route => "route",
+            Mode::Dispatch => "dispatch",
+            Mode::Envoy => "envoy",
+        }
+    }
+}
+
+/// Settings that vary between scenarios.
+#[derive(Debug, Clone, Copy)]
+struct Knobs {
+    max_attempts: u32,
+    failure_threshold: u32,
+    /// The route's `idle_timeout` (what bounds a streaming first attempt in route mode).
+    route_idle_timeout: Option<Duration>,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            max_attempts: 3,
+            failure_threshold: 3,
+            route_idle_timeout: None,
+        }
+    }
+}
+
+/// The filter configuration: three providers with static offers, `a` cheapest.
+fn config(mode: Mode, k: Knobs) -> String {
+    let provider = |name: &str, input: f64, output: f64, duo: bool| {
+        let mut models = json!({ MODEL: MODEL });
+        if duo {
+            models[DUO] = json!(DUO);
+        }
+        json!({
+            "name": name,
+            "cluster": format!("provider_{name}"),
+            "models": models,
+            "static_offer": {
+                "price": {"input_per_mtok": input, "output_per_mtok": output},
+                "latency_ms": {"ttft_p50": 300},
+                "uptime": 0.99
+            }
+        })
+    };
+    json!({
+        "providers": [
+            provider("a", 0.1, 0.2, true),
+            provider("b", 0.5, 1.0, true),
+            provider("c", 2.0, 4.0, false),
+        ],
+        "routing": {"strategy": "cheapest"},
+        "failover": {
+            "mode": mode.as_str(),
+            "max_attempts": k.max_attempts,
+            "attempt_timeout_ms": ATTEMPT_TIMEOUT_MS,
+            "deadline_ms": DEADLINE_MS,
+            "circuit": {"failure_threshold": k.failure_threshold, "cooldown_ms": COOLDOWN_MS}
+        }
+    })
+    .to_string()
+}
+
+/// What stands behind one provider cluster.
+enum Up {
+    /// A mock provider started with these options.
+    Mock(MockOpts),
+    /// A port nothing listens on: connections are refused.
+    Dead,
+}
+
+fn ok() -> Up {
+    Up::Mock(MockOpts::default())
+}
+
+fn failing(status: u16) -> Up {
+    Up::Mock(MockOpts::default().status(status))
+}
+
+fn hanging() -> Up {
+    Up::Mock(MockOpts {
+        hang: true,
+        ..MockOpts::default()
+    })
+}
+
+/// Envoy with the filter in front of providers `a`, `b`, `c`.
+struct Bed {
+    mocks: [Option<MockProvider>; 3],
+    envoy: Envoy,
+    /// The ports of `Up::Dead` providers, held (bound, never listening) for the test's life.
+    _dead: Vec<RefusingPort>,
+}
+
+impl Bed {
+    fn start(mode: Mode, k: Knobs, ups: [Up; 3]) -> Bed {
+        Bed::start_with(mode, k, ups, [None, None, None])
+    }
+
+    /// `keys`: the api key each cluster injects (None = no credentials).
+    fn start_with(mode: Mode, k: Knobs, ups: [Up; 3], keys: [Option<&str>; 3]) -> Bed {
+        let names = ["a", "b", "c"];
+        let mut mocks: [Option<MockProvider>; 3] = [None, None, None];
+        let mut dead = Vec::new();
+        let mut cfg = EnvoyConfig::new();
+        for (i, up) in ups.into_iter().enumerate() {
+            let port = match up {
+                Up::Mock(opts) => {
+                    let m = MockProvider::start(names[i], &opts).unwrap();
+                    let port = m.port();
+                    mocks[i] = Some(m);
+                    port
+                }
+                Up::Dead => {
+                    let refusing = RefusingPort::bind().unwrap();
+                    let port = refusing.port();
+                    dead.push(refusing);
+                    port
+                }
+            };
+            let mut cluster = ProviderCluster::new(&format!("provider_{}", names[i]), port);
+            if let Some(key) = keys[i] {
+                cluster = cluster.with_key(key);
+            }
+            cfg = cfg.provider(cluster);
+        }
+        if let Some(idle) = k.route_idle_timeout {
+            cfg = cfg.route_idle_timeout(idle);
+        }
+        let cfg = match mode {
+            Mode::Envoy => cfg.market_router_envoy(&config(mode, k)),
+            _ => cfg.market_router(&config(mode, k)),
+        };
+        let envoy = Envoy::start(&cfg, 1).unwrap();
+        Bed {
+            mocks,
+            envoy,
+            _dead: dead,
+        }
+    }
+
+    fn mock(&self, name: &str) -> &MockProvider {
+        let i = match name {
+            "a" => 0,
+            "b" => 1,
+            "c" => 2,
+            _ => panic!("no provider {name}"),
+        };
+        self.mocks[i]
+            .as_ref()
+            .unwrap_or_else(|| panic!("provider {name} has no mock (dead port)"))
+    }
+
+    fn hits(&self, name: &str) -> u64 {
+        self.mock(name).hits().unwrap()
+    }
+
+    /// Hits of the providers that have a mock, as `[a, b, c]` (None for dead ports).
+    fn all_hits(&self) -> [Option<u64>; 3] {
+        [0, 1, 2].map(|i| self.mocks[i].as_ref().map(|m| m.hits().unwrap()))
+    }
+
+    fn chat_with(&self, headers: &[(&str, &str)], body: &Value) -> Response {
+        post_json(&self.envoy.url("/v1/chat/completions"), headers, body, T)
+            .unwrap_or_else(|e| panic!("request failed: {e}\n{}", self.envoy.log_tail(30)))
+    }
+
+    fn chat(&self) -> Response {
+        self.chat_with(&[], &chat_body(MODEL))
+    }
+
+    /// Polls a counter until it equals `want` (on_log may run just after the client's answer).
+    /// Makes provider `name` behave as `behavior` says (see the mock provider).
+    fn behave(&self, name: &str, behavior: Value) {
+        self.mock(name).set_behavior(&behavior).unwrap();
+    }
+
+    /// Asserts that the filter's counter `market_router.<counter>` reaches `want`.
+    fn assert_counter(&self, counter: &str, want: u64) {
+        assert_eq!(
+            self.wait_stat(&format!("wasmcustom.market_router.{counter}"), want),
+            Some(want),
+            "counter {counter}"
+        );
+    }
+
+    fn wait_stat(&self, name: &str, want: u64) -> Option<u64> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.envoy.stat(name).unwrap();
+            if v == Some(want) || Instant::now() >= deadline {
+                return v;
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+fn chat_body(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
+}
+
+fn stream_body(model: &str) -> Value {
+    let mut b = chat_body(model);
+    b["stream"] = json!(true);
+    b
+}
+
+/// Context for assertion messages: status, our headers, body.
+fn show(r: &Response) -> String {
+    format!(
+        "status {} provider {:?} attempts {:?} body {}",
+        r.status,
+        r.header("x-market-router-provider"),
+        r.header("x-market-router-attempts"),
+        r.text()
+    )
+}
+
+/// Status, and our headers naming `provider` and the number of attempts.
+fn assert_from(r: &Response, status: u16, provider: &str, attempts: u32) {
+    assert_eq!(r.status, status, "{}", show(r));
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some(provider),
+        "{}",
+        show(r)
+    );
+    let want_attempts = attempts.to_string();
+    assert_eq!(
+        r.header("x-market-router-attempts"),
+        Some(want_attempts.as_str()),
+        "{}",
+        show(r)
+    );
+}
+
+/// The client got `provider`'s JSON chat answer after `attempts` attempts.
+fn assert_answer_from(r: &Response, provider: &str, attempts: u32) {
+    assert_from(r, 200, provider, attempts);
+    let v = r.json().unwrap();
+    assert_eq!(v["object"], "chat.completion", "{}", show(r));
+    assert_eq!(v["provider"], provider, "{}", show(r));
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        format!("Hello from {provider} (model {MODEL})"),
+    );
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{:?}",
+        r.headers
+    );
+}
+
+/// The filter's own `all_providers_failed` error: status, JSON shape, attempts header, and a
+/// message naming each attempt with its outcome.
+fn assert_all_failed(r: &Response, status: u16, attempts: &[(&str, &str)]) {
+    assert_eq!(r.status, status, "{}", show(r));
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{:?}",
+        r.headers
+    );
+    let n = attempts.len().to_string();
+    assert_eq!(
+        r.header("x-market-router-attempts"),
+        Some(n.as_str()),
+        "{}",
+        show(r)
+    );
+    let v = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "all_providers_failed", "{}", show(r));
+    assert_eq!(v["error"]["type"], "upstream_error", "{}", show(r));
+    let msg = v["error"]["message"].as_str().unwrap();
+    let listed: Vec<String> = attempts.iter().map(|(p, o)| format!("{p}: {o}")).collect();
+    let mut want = format!(
+        "all {} attempt(s) for model `{MODEL}` failed: {}",
+        attempts.len(),
+        listed.join("; ")
+    );
+    // When the last attempt got an error answer, what its provider said follows.
+    if let Some((p, o)) = attempts.last().filter(|(_, o)| o.starts_with("status ")) {
+        let status: u16 = o["status ".len()..].parse().unwrap();
+        want.push_str(&format!(
+            "; {p} answered: {p}: simulated {status} {}",
+            common::http::reason(status)
+        ));
+    }
+    assert_eq!(msg, want);
+}
+
+/// Envoy mode, every attempt failed with a provider's answer: the client gets the last
+/// provider's own answer (status, body, `Retry-After`), with our headers counting the attempts.
+fn assert_last_providers_answer(r: &Response, status: u16, provider: &str, attempts: u32) {
+    assert_from(r, status, provider, attempts);
+    let v = r.json().unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        format!(
+            "{provider}: simulated {status} {}",
+            common::http::reason(status)
+        ),
+        "{}",
+        show(r)
+    );
+}
+
+/// Polls until `cond` holds or `within` passes; returns whether it held.
+fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(30));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1-6: one failure of the primary, answered by the fallback
+// ---------------------------------------------------------------------------------------------
+
+fn primary_503_fails_over(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [failing(503), ok(), ok()]);
+    let r = bed.chat();
+    assert_answer_from(&r, "b", 2);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+    bed.assert_counter("recovered_by_failover", 1);
+    assert_eq!(
+        bed.envoy
+            .stat_settled("wasmcustom.market_router.provider.a.failover")
+            .unwrap(),
+        Some(1)
+    );
+}
+
+#[test]
+fn primary_503_fails_over_route() {
+    primary_503_fails_over(Mode::Route);
+}
+
+#[test]
+fn primary_503_fails_over_dispatch() {
+    primary_503_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_503_fails_over_envoy() {
+    primary_503_fails_over(Mode::Envoy);
+}
+
+fn primary_429_retry_after_keeps_it_out(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
+    bed.behave("a", json!({"status": 429, "retry_after": 2}));
+    let sent = Instant::now();
+    let r = bed.chat();
+    assert_answer_from(&r, "b", 2);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+
+    // `a` is healthy again, but asked for 2 s: every request within the window skips it.
+    bed.behave("a", json!({}));
+    let window = Duration::from_millis(2000);
+    let mut inside = 0;
+    // 500 ms of room: a request sent just before this bound may reach the filter much later
+    // on a loaded machine.
+    while sent.elapsed() < window - Duration::from_millis(500) {
+        let r = bed.chat();
+        assert_answer_from(&r, "b", 1);
+        inside += 1;
+        thread::sleep(Duration::from_millis(100));
+    }
+    // A count, not a rate: a loaded machine may fit only a few requests in the window.
+    assert!(inside >= 2, "only {inside} requests inside the window");
+    assert_eq!(
+        bed.hits("a"),
+        1,
+        "a was tried inside its Retry-After window"
+    );
+
+    // After the window `a` is the primary again (bounded wait).
+    let mut back = None;
+    let used_again = eventually(Duration::from_secs(5), || {
+        let at = sent.elapsed();
+        let r = bed.chat();
+        assert_eq!(r.status, 200, "{}", show(&r));
+        if r.header("x-market-router-provider") == Some("a") {
+            back = Some((at, r));
+            true
+        } else {
+            false
+        }
+    });
+    assert!(used_again, "a never came back after its Retry-After window");
+    let (at, r) = back.unwrap();
+    assert!(
+        // `at` is taken before the request is sent, which may reach the filter a few hundred
+        // ms later on a loaded machine: room for that, still far from "never kept out".
+        at >= window - Duration::from_millis(400),
+        "a came back {} ms after the 429 asked for 2 s",
+        at.as_millis()
+    );
+    assert_answer_from(&r, "a", 1);
+    assert_eq!(bed.hits("a"), 2);
+    assert_eq!(bed.hits("c"), 0);
+}
+
+#[test]
+fn primary_429_retry_after_keeps_it_out_route() {
+    primary_429_retry_after_keeps_it_out(Mode::Route);
+}
+
+#[test]
+fn primary_429_retry_after_keeps_it_out_dispatch() {
+    primary_429_retry_after_keeps_it_out(Mode::Dispatch);
+}
+
+#[test]
+fn primary_429_retry_after_keeps_it_out_envoy() {
+    primary_429_retry_after_keeps_it_out(Mode::Envoy);
+}
+
+fn primary_refused_fails_over(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [Up::Dead, ok(), ok()]);
+    let r = bed.chat();
+    assert_answer_from(&r, "b", 2);
+    assert_eq!(bed.all_hits(), [None, Some(1), Some(0)]);
+    assert_eq!(
+        bed.envoy
+            .stat_settled("wasmcustom.market_router.provider.a.failure")
+            .unwrap(),
+        Some(1)
+    );
+}
+
+#[test]
+fn primary_refused_fails_over_route() {
+    primary_refused_fails_over(Mode::Route);
+}
+
+#[test]
+fn primary_refused_fails_over_dispatch() {
+    primary_refused_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_refused_fails_over_envoy() {
+    primary_refused_fails_over(Mode::Envoy);
+}
+
+fn primary_hang_times_out_and_fails_over(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [hanging(), ok(), ok()]);
+    let start = Instant::now();
+    let r = bed.chat();
+    let elapsed = start.elapsed();
+    assert_answer_from(&r, "b", 2);
+    let timeout = Duration::from_millis(ATTEMPT_TIMEOUT_MS);
+    assert!(
+        elapsed >= timeout - Duration::from_millis(50),
+        "answered after {} ms: a was not waited for",
+        elapsed.as_millis()
+    );
+    // Upper bound with room for a loaded machine: far below the route's 120 s timeout and
+    // the client's 8 s, so it is the attempt timeout that cut `a`.
+    assert!(
+        elapsed < timeout + Duration::from_secs(4),
+        "answered after {} ms, attempt timeout {} ms",
+        elapsed.as_millis(),
+        ATTEMPT_TIMEOUT_MS
+    );
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+}
+
+#[test]
+fn primary_hang_times_out_and_fails_over_route() {
+    primary_hang_times_out_and_fails_over(Mode::Route);
+}
+
+#[test]
+fn primary_hang_times_out_and_fails_over_dispatch() {
+    primary_hang_times_out_and_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_hang_times_out_and_fails_over_envoy() {
+    primary_hang_times_out_and_fails_over(Mode::Envoy);
+}
+
+fn primary_reset_mid_response_fails_over(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
+    bed.behave("a", json!({"reset_mid": true}));
+    let r = bed.chat();
+    assert_answer_from(&r, "b", 2);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+    // The cut answer counts against `a`.
+    bed.assert_counter("provider.a.failure", 1);
+}
+
+/// Route mode limit: once the provider's 2xx headers are in Envoy's encoder chain, a cut body
+/// makes Envoy answer 502 straight to the client, past the filter, so there is nothing to
+/// replace. The filter counts the cut against the provider (health and failure counter), so
+/// a provider that keeps cutting answers trips its circuit; dispatch mode fails over.
+#[test]
+fn primary_reset_mid_response_is_counted_route() {
+    let bed = Bed::start(Mode::Route, Knobs::default(), [ok(), ok(), ok()]);
+    bed.behave("a", json!({"reset_mid": true}));
+    let r = bed.chat();
+    assert_eq!(r.status, 502);
+    assert_eq!(bed.all_hits(), [Some(1), Some(0), Some(0)]);
+    bed.assert_counter("provider.a.failure", 1);
+}
+
+#[test]
+fn primary_reset_mid_response_fails_over_dispatch() {
+    primary_reset_mid_response_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_reset_mid_response_fails_over_envoy() {
+    primary_reset_mid_response_fails_over(Mode::Envoy);
+}
+
+fn primary_malformed_200_fails_over(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
+    bed.behave("a", json!({"malformed": true}));
+    let r = bed.chat();
+    assert_answer_from(&r, "b", 2);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+}
+
+#[test]
+fn primary_malformed_200_fails_over_route() {
+    primary_malformed_200_fails_over(Mode::Route);
+}
+
+#[test]
+fn primary_malformed_200_fails_over_dispatch() {
+    primary_malformed_200_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_malformed_200_fails_over_envoy() {
+    primary_malformed_200_fails_over(Mode::Envoy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7: every provider down
+// ---------------------------------------------------------------------------------------------
+
+fn all_503_is_a_503_listing_each_attempt(mode: Mode) {
+    let bed = Bed::start(
+        mode,
+        Knobs::default(),
+        [failing(503), failing(503), failing(503)],
+    );
+    let r = bed.chat();
+    if mode == Mode::Envoy {
+        assert_last_providers_answer(&r, 503, "c", 3);
+    } else {
+        assert_all_failed(
+            &r,
+            503,
+            &[
+                ("a", "status 503"),
+                ("b", "status 503"),
+                ("c", "status 503"),
+            ],
+        );
+    }
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(1)]);
+    bed.assert_counter("all_failed", 1);
+}
+
+#[test]
+fn all_503_is_a_503_listing_each_attempt_route() {
+    all_503_is_a_503_listing_each_attempt(Mode::Route);
+}
+
+#[test]
+fn all_503_is_a_503_listing_each_attempt_dispatch() {
+    all_503_is_a_503_listing_each_attempt(Mode::Dispatch);
+}
+
+#[test]
+fn all_503_is_a_503_listing_each_attempt_envoy() {
+    all_503_is_a_503_listing_each_attempt(Mode::Envoy);
+}
+
+fn all_refused_is_a_503(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [Up::Dead, Up::Dead, Up::Dead]);
+    let r = bed.chat();
+    assert_all_failed(
+        &r,
+        503,
+        &[
+            ("a", "connect failure"),
+            ("b", "connect failure"),
+            ("c", "connect failure"),
+        ],
+    );
+}
+
+#[test]
+fn all_refused_is_a_503_route() {
+    all_refused_is_a_503(Mode::Route);
+}
+
+#[test]
+fn all_refused_is_a_503_dispatch() {
+    all_refused_is_a_503(Mode::Dispatch);
+}
+
+#[test]
+fn all_refused_is_a_503_envoy() {
+    all_refused_is_a_503(Mode::Envoy);
+}
+
+fn all_hanging_is_a_504_within_the_deadline(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [hanging(), hanging(), hanging()]);
+    let start = Instant::now();
+    let r = bed.chat();
+    let elapsed = start.elapsed();
+    assert_all_failed(
+        &r,
+        504,
+        &[("a", "timeout"), ("b", "timeout"), ("c", "timeout")],
+    );
+    // Three attempts of 800 ms fit in the 3 s deadline.
+    assert!(
+        elapsed >= Duration::from_millis(3 * ATTEMPT_TIMEOUT_MS - 100),
+        "gave up after {} ms",
+        elapsed.as_millis()
+    );
+    // With room for a loaded machine; the client waits 8 s.
+    assert!(
+        elapsed < Duration::from_millis(DEADLINE_MS + 3000),
+        "answered after {} ms, deadline {DEADLINE_MS} ms",
+        elapsed.as_millis()
+    );
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(1)]);
+}
+
+#[test]
+fn all_hanging_is_a_504_within_the_deadline_route() {
+    all_hanging_is_a_504_within_the_deadline(Mode::Route);
+}
+
+#[test]
+fn all_hanging_is_a_504_within_the_deadline_dispatch() {
+    all_hanging_is_a_504_within_the_deadline(Mode::Dispatch);
+}
+
+#[test]
+fn all_hanging_is_a_504_within_the_deadline_envoy() {
+    all_hanging_is_a_504_within_the_deadline(Mode::Envoy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8: streaming request whose primary is down
+// ---------------------------------------------------------------------------------------------
+
+fn assert_sse_from_b(bed: &Bed, r: &Response) {
+    assert_eq!(r.status, 200, "{}", show(r));
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some("b"),
+        "{}",
+        show(r)
+    );
+    assert_eq!(
+        r.header("x-market-router-attempts"),
+        Some("2"),
+        "{}",
+        show(r)
+    );
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/event-stream")),
+        "{:?}",
+        r.headers
+    );
+    let data = r.sse_data();
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().trim_end().ends_with("data: [DONE]"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.sse_content(), format!("Hello from b (model {MODEL})"));
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["provider"], "b");
+    let last = bed.mock("b").last_request().unwrap();
+    assert_eq!(last["stream"], true, "b got the streaming request");
+}
+
+fn stream_with_primary_down_gets_complete_sse(mode: Mode) {
+    // Primary answers 503.
+    let bed = Bed::start(mode, Knobs::default(), [failing(503), ok(), ok()]);
+    let r = bed.chat_with(&[], &stream_body(MODEL));
+    assert_sse_from_b(&bed, &r);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+    drop(bed);
+
+    // Primary refuses connections.
+    let bed = Bed::start(mode, Knobs::default(), [Up::Dead, ok(), ok()]);
+    let r = bed.chat_with(&[], &stream_body(MODEL));
+    assert_sse_from_b(&bed, &r);
+    assert_eq!(bed.all_hits(), [None, Some(1), Some(0)]);
+}
+
+/// A streaming first attempt in route mode has no per-attempt timeout (a long answer may
+/// outlast it); the route's `idle_timeout` bounds a provider that never sends a byte, and the
+/// request fails over.
+#[test]
+fn stream_with_hanging_primary_fails_over_at_the_route_idle_timeout_route() {
+    let knobs = Knobs {
+        route_idle_timeout: Some(Duration::from_millis(1000)),
+        ..Knobs::default()
+    };
+    let bed = Bed::start(Mode::Route, knobs, [hanging(), ok(), ok()]);
+    let start = Instant::now();
+    let r = bed.chat_with(&[], &stream_body(MODEL));
+    let elapsed = start.elapsed();
+    assert_sse_from_b(&bed, &r);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+    assert!(
+        // Lower bound exact, upper with room for a loaded machine (the client waits 8 s).
+        elapsed >= Duration::from_millis(950) && elapsed < Duration::from_millis(6000),
+        "answered after {} ms with a 1000 ms idle timeout",
+        elapsed.as_millis()
+    );
+}
+
+#[test]
+fn stream_with_primary_down_gets_complete_sse_route() {
+    stream_with_primary_down_gets_complete_sse(Mode::Route);
+}
+
+#[test]
+fn stream_with_primary_down_gets_complete_sse_dispatch() {
+    stream_with_primary_down_gets_complete_sse(Mode::Dispatch);
+}
+
+#[test]
+fn stream_with_primary_down_gets_complete_sse_envoy() {
+    stream_with_primary_down_gets_complete_sse(Mode::Envoy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9: client errors are not retried
+// ---------------------------------------------------------------------------------------------
+
+fn client_error_is_not_retried(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [failing(400), ok(), ok()]);
+    let r = bed.chat();
+    assert_eq!(r.status, 400, "{}", show(&r));
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some("a"),
+        "{}",
+        show(&r)
+    );
+    assert_eq!(
+        r.header("x-market-router-attempts"),
+        Some("1"),
+        "{}",
+        show(&r)
+    );
+    let v = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "simulated_error", "a's own error body");
+    assert_eq!(v["error"]["message"], "a: simulated 400 Bad Request");
+    assert_eq!(bed.all_hits(), [Some(1), Some(0), Some(0)]);
+    // A client error says nothing about the provider.
+    assert_eq!(
+        bed.envoy
+            .stat_settled("wasmcustom.market_router.provider.a.failure")
+            .unwrap(),
+        Some(0)
+    );
+}
+
+#[test]
+fn client_error_is_not_retried_route() {
+    client_error_is_not_retried(Mode::Route);
+}
+
+#[test]
+fn client_error_is_not_retried_dispatch() {
+    client_error_is_not_retried(Mode::Dispatch);
+}
+
+#[test]
+fn client_error_is_not_retried_envoy() {
+    client_error_is_not_retried(Mode::Envoy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10: circuit breaker
+// ---------------------------------------------------------------------------------------------
+
+fn circuit_opens_then_recovers(mode: Mode) {
+    let knobs = Knobs {
+        failure_threshold: 2,
+        ..Knobs::default()
+    };
+    let bed = Bed::start(mode, knobs, [failing(503), ok(), ok()]);
+    assert_answer_from(&bed.chat(), "b", 2);
+    let opened = Instant::now();
+    assert_answer_from(&bed.chat(), "b", 2);
+    assert_eq!(bed.hits("a"), 2);
+    bed.assert_counter("provider.a.circuit_open", 1);
+
+    // Open: new requests skip `a` entirely, even once it is healthy again.
+    bed.behave("a", json!({}));
+    let mut skipped = 0;
+    // Room for a loaded machine, as above.
+    while opened.elapsed() < Duration::from_millis(COOLDOWN_MS - 500) {
+        assert_answer_from(&bed.chat(), "b", 1);
+        skipped += 1;
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(skipped >= 1, "no request while open");
+    assert_eq!(bed.hits("a"), 2, "a was tried while its circuit was open");
+
+    // After the cooldown `a` is probed and, healthy, used again.
+    let mut back = None;
+    let recovered = eventually(Duration::from_millis(COOLDOWN_MS + 4000), || {
+        let at = opened.elapsed();
+        let r = bed.chat();
+        assert_eq!(r.status, 200, "{}", show(&r));
+        if r.header("x-market-router-provider") == Some("a") {
+            back = Some((at, r));
+            true
+        } else {
+            false
+        }
+    });
+    assert!(recovered, "a was never probed after the cooldown");
+    let (at, r) = back.unwrap();
+    assert!(
+        at >= Duration::from_millis(COOLDOWN_MS - 400),
+        "a was used {} ms after its circuit opened (cooldown {COOLDOWN_MS} ms)",
+        at.as_millis()
+    );
+    assert_answer_from(&r, "a", 1);
+    assert_eq!(bed.hits("a"), 3);
+    // Closed again: the next request goes to `a` as usual.
+    assert_answer_from(&bed.chat(), "a", 1);
+    assert_eq!(bed.hits("a"), 4);
+    assert_eq!(bed.hits("c"), 0);
+}
+
+#[test]
+fn circuit_opens_then_recovers_route() {
+    circuit_opens_then_recovers(Mode::Route);
+}
+
+#[test]
+fn circuit_opens_then_recovers_dispatch() {
+    circuit_opens_then_recovers(Mode::Dispatch);
+}
+
+#[test]
+fn circuit_opens_then_recovers_envoy() {
+    circuit_opens_then_recovers(Mode::Envoy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11: credentials stay with the host; end-to-end headers follow the request
+// ---------------------------------------------------------------------------------------------
+
+const KEY_A: &str = "sk-provider-a-0001";
+const KEY_B: &str = "sk-provider-b-0002";
+const KEY_C: &str = "sk-provider-c-0003";
+
+/// Whether `last_request` carried `authorization: Bearer <key>` (never prints the value).
+fn carried_key(last: &Value, key: &str) -> bool {
+    last["headers"]["authorization"].as_str() == Some(format!("Bearer {key}").as_str())
+}
+
+fn auth_and_headers_follow_the_fallback(mode: Mode) {
+    let keyed = |k: &str| Up::Mock(MockOpts::default().api_key(k));
+    let bed = Bed::start_with(
+        mode,
+        Knobs::default(),
+        [keyed(KEY_A), keyed(KEY_B), keyed(KEY_C)],
+        [Some(KEY_A), Some(KEY_B), Some(KEY_C)],
+    );
+    bed.behave("a", json!({"status": 503}));
+    let sent: [(&str, &str); 9] = [
+        ("authorization", "Bearer client-key"),
+        ("x-request-id", "rid-failover-11"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("tracestate", "vendor=opaque"),
+        ("x-team", "blue"),
+        ("keep-alive", "timeout=5"),
+        ("te", "trailers"),
+        ("proxy-authorization", "Basic cHJveHk6c2VjcmV0"),
+        ("upgrade", "h2c"),
+    ];
+    let r = bed.chat_with(&sent, &chat_body(MODEL));
+    assert_answer_from(&r, "b", 2);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+
+    // `a` got its own key (it answered 503, not 401).
+    let last_a = bed.mock("a").last_request().unwrap();
+    assert!(carried_key(&last_a, KEY_A), "a did not receive its own key");
+    if mode != Mode::Dispatch {
+        // Envoy passes `te` on the routed attempt, so its absence at b below is the filter's
+        // doing; the filter strips `proxy-authorization` from the routed attempt too, and the
+        // route drops the cluster header once the router has read it.
+        assert!(last_a["headers"].get("te").is_some(), "te did not reach a");
+        for h in ["proxy-authorization", "x-market-router-cluster"] {
+            assert!(last_a["headers"].get(h).is_none(), "{h} reached a");
+        }
+    }
+    let stats_a = bed.mock("a").stats().unwrap();
+    assert_eq!(stats_a["by_status"], json!({"503": 1}));
+
+    // `b` answered 200 with its own key: not the client's, not a's.
+    let stats_b = bed.mock("b").stats().unwrap();
+    assert_eq!(stats_b["by_status"], json!({"200": 1}));
+    let last = &stats_b["last_request"];
+    assert!(carried_key(last, KEY_B), "b did not receive b's key");
+    assert!(!carried_key(last, KEY_A), "b received a's key");
+    assert!(
+        last["headers"]["authorization"].as_str() != Some("Bearer client-key"),
+        "b received the client's key"
+    );
+    let h = &last["headers"];
+    assert_eq!(h["x-request-id"], "rid-failover-11");
+    assert_eq!(
+        h["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert_eq!(h["tracestate"], "vendor=opaque");
+    assert_eq!(h["x-team"], "blue");
+    assert_eq!(h["content-type"], "application/json");
+    // Envoy's router passes `te: trailers` on the attempts it makes itself.
+    let te = (mode == Mode::Envoy).then_some("te");
+    for hop in ["keep-alive", "te", "proxy-authorization", "upgrade"]
+        .into_iter()
+        .filter(|h| Some(*h) != te)
+    {
+        assert!(
+            h.get(hop).is_none(),
+            "hop-by-hop header {hop} reached b; b got {:?}",
+            h.as_object().map(|o| o.keys().collect::<Vec<_>>())
+        );
+    }
+    assert_eq!(last["model"], MODEL);
+}
+
+#[test]
+fn auth_and_headers_follow_the_fallback_route() {
+    auth_and_headers_follow_the_fallback(Mode::Route);
+}
+
+#[test]
+fn auth_and_headers_follow_the_fallback_dispatch() {
+    auth_and_headers_follow_the_fallback(Mode::Dispatch);
+}
+
+#[test]
+fn auth_and_headers_follow_the_fallback_envoy() {
+    auth_and_headers_follow_the_fallback(Mode::Envoy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12: attempts are bounded; a provider is never tried twice
+// ---------------------------------------------------------------------------------------------
+
+fn attempts_are_bounded(mode: Mode) {
+    // max_attempts 2: `c` is healthy but never reached.
+    let knobs = Knobs {
+        max_attempts: 2,
+        ..Knobs::default()
+    };
+    let bed = Bed::start(mode, knobs, [failing(503), failing(502), ok()]);
+    let r = bed.chat();
+    if mode == Mode::Envoy {
+        assert_last_providers_answer(&r, 502, "b", 2);
+    } else {
+        assert_all_failed(&r, 502, &[("a", "status 503"), ("b", "status 502")]);
+    }
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+    drop(bed);
+
+    // max_attempts 3 but only `a` and `b` serve the model: two attempts, one each.
+    let bed = Bed::start(mode, Knobs::default(), [failing(503), failing(503), ok()]);
+    let r = bed.chat_with(&[], &chat_body(DUO));
+    assert_eq!(r.status, 503, "{}", show(&r));
+    assert_eq!(
+        r.header("x-market-router-attempts"),
+        Some("2"),
+        "{}",
+        show(&r)
+    );
+    if mode == Mode::Envoy {
+        assert_last_providers_answer(&r, 503, "b", 2);
+        assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+        return;
+    }
+    let v = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "all_providers_failed");
+    assert_eq!(
+        v["error"]["message"],
+        format!("all 2 attempt(s) for model `{DUO}` failed: a: status 503; b: status 503; b answered: b: simulated 503 Service Unavailable")
+    );
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+}
+
+#[test]
+fn attempts_are_bounded_route() {
+    attempts_are_bounded(Mode::Route);
+}
+
+#[test]
+fn attempts_are_bounded_dispatch() {
+    attempts_are_bounded(Mode::Dispatch);
+}
+
+#[test]
+fn attempts_are_bounded_envoy() {
+    attempts_are_bounded(Mode::Envoy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming limit: a stream that breaks after bytes reached the client
+// ---------------------------------------------------------------------------------------------
+
+/// Sends a request on a raw connection and reads until the peer closes (or `timeout`):
+/// a broken chunked body is returned as received, not as an error.
+fn raw_exchange(port: u16, path: &str, body: &[u8], timeout: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "reading the raw response: {e}; got so far: {}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    out
+}
+
+#[test]
+fn stream_broken_after_first_bytes_is_passed_through_route() {
+    let bed = Bed::start(Mode::Route, Knobs::default(), [ok(), ok(), ok()]);
+    bed.behave("a", json!({"reset_mid": true}));
+    let body = stream_body(MODEL).to_string();
+    let raw = raw_exchange(
+        bed.envoy.port(),
+        "/v1/chat/completions",
+        body.as_bytes(),
+        Duration::from_secs(5),
+    );
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").expect("a response head");
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{text}");
+    assert!(head.contains("x-market-router-provider: a\r\n"), "{text}");
+    assert!(head.contains("x-market-router-attempts: 1\r\n"), "{text}");
+    assert!(head.contains("transfer-encoding: chunked"), "{text}");
+    // The first events of a's stream arrived, then the stream broke: no [DONE], no final
+    // zero-length chunk, and nothing from b.
+    assert!(rest.contains("\"provider\":\"a\""), "{text}");
+    assert!(!rest.contains("[DONE]"), "{text}");
+    assert!(!rest.ends_with("0\r\n\r\n"), "{text}");
+    assert!(!rest.contains("\"provider\":\"b\""), "{text}");
+    assert_eq!(bed.all_hits(), [Some(1), Some(0), Some(0)]);
+    bed.assert_counter("stream_failed_midway", 1);
+    bed.assert_counter("provider.a.failure", 1);
+}
+
+/// In dispatch mode a stream is buffered whole, so the same break is an ordinary reset and
+/// the request fails over.
+#[test]
+fn stream_broken_after_first_bytes_fails_over_dispatch() {
+    let bed = Bed::start(Mode::Dispatch, Knobs::default(), [ok(), ok(), ok()]);
+    bed.behave("a", json!({"reset_mid": true}));
+    let r = bed.chat_with(&[], &stream_body(MODEL));
+    assert_sse_from_b(&bed, &r);
+    assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
+    assert_eq!(
+        bed.envoy
+            .stat_settled("wasmcustom.market_router.stream_failed_midway")
+            .unwrap(),
+        Some(0)
+    );
+}

@@ -1,0 +1,664 @@
+//! Envoy mode (`failover.mode: envoy`) through a real Envoy: Envoy's router makes the attempts
+//! in the filter's order, so a streaming fallback streams. The Envoy pieces come from
+//! `market_router_core::envoy_config`, as `market-router-envoy-config` prints them. The fault kinds
+//! of `tests/failover.rs` run in this mode there; this suite covers what only this mode does.
+//!
+//! Providers `a`, `b`, `c` have static offers and the `cheapest` strategy: the order follows
+//! their prices. Needs the filter module (`make build`), the example binaries
+//! (`cargo build --examples`) and Envoy (`make envoy`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use market_router_testbed as common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const T: Duration = Duration::from_secs(10);
+const MODEL: &str = "gpt-4o-mini";
+const NAMES: [&str; 3] = ["a", "b", "c"];
+/// How late a streamed event may reach the client after the provider wrote it.
+const CHUNK_LATENCY_MS: u64 = 150;
+const DECISION_PREFIX: &str = "MR-DECISION ";
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One provider's settings in the plugin configuration.
+#[derive(Clone)]
+struct P {
+    /// USD per million input tokens (the order: cheapest first).
+    price: f64,
+    /// `static_offer.latency_ms.ttft_p95`.
+    ttft_p95: Option<f64>,
+    /// `headers` the filter sets on this provider's attempts.
+    headers: Value,
+    /// `models` entry for MODEL.
+    model_id: String,
+}
+
+fn p(price: f64) -> P {
+    P {
+        price,
+        ttft_p95: None,
+        headers: json!({}),
+        model_id: MODEL.to_string(),
+    }
+}
+
+fn config(ps: &[P; 3], failover: Value, extra: Value) -> String {
+    let providers: Vec<Value> = ps
+        .iter()
+        .zip(NAMES)
+        .map(|(p, name)| {
+            let mut latency = json!({"ttft_p50": 100});
+            if let Some(t) = p.ttft_p95 {
+                latency["ttft_p95"] = json!(t);
+            }
+            json!({
+                "name": name,
+                "cluster": format!("provider_{name}"),
+                "models": {MODEL: p.model_id},
+                "headers": p.headers,
+                "static_offer": {"price": {"input_per_mtok": p.price, "output_per_mtok": p.price},
+                                 "latency_ms": latency, "uptime": 0.99}
+            })
+        })
+        .collect();
+    let mut f = json!({"mode": "envoy", "max_attempts": 3, "attempt_timeout_ms": 3000,
+                       "deadline_ms": 8000, "circuit": {"failure_threshold": 5, "cooldown_ms": 30000}});
+    if let (Some(f), Some(extra)) = (f.as_object_mut(), failover.as_object()) {
+        f.extend(extra.clone());
+    }
+    let mut c = json!({"providers": providers, "routing": {"strategy": "cheapest"}, "failover": f});
+    if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+        c.extend(extra.clone());
+    }
+    c.to_string()
+}
+
+/// `a`, `b`, `c` in price order, nothing else set.
+fn ordered_config() -> String {
+    config(&[p(0.1), p(0.5), p(2.0)], json!({}), json!({}))
+}
+
+struct Bed {
+    mocks: Vec<MockProvider>,
+    envoy: Envoy,
+}
+
+impl Bed {
+    fn start(config_json: &str, opts: [MockOpts; 3]) -> Bed {
+        let mut cfg = EnvoyConfig::new()
+            .access_log(true)
+            .access_log_format(&format!(
+                "{DECISION_PREFIX}%RESPONSE_CODE% %FILTER_STATE(wasm.market_router.decision:PLAIN)%\n"
+            ))
+            .file_flush_interval(Duration::from_millis(100));
+        let mut mocks = Vec::new();
+        for (name, o) in NAMES.iter().zip(opts) {
+            let m = MockProvider::start(name, &o).unwrap();
+            cfg = cfg.provider(ProviderCluster::new(&format!("provider_{name}"), m.port()));
+            mocks.push(m);
+        }
+        let envoy = Envoy::start(&cfg.market_router_envoy(config_json), 1).unwrap();
+        Bed { mocks, envoy }
+    }
+
+    /// Three healthy mocks (behaviours are set per test with `behave`).
+    fn healthy(config_json: &str) -> Bed {
+        Bed::start(config_json, [0, 1, 2].map(|_| MockOpts::default()))
+    }
+
+    fn mock(&self, name: &str) -> &MockProvider {
+        &self.mocks[NAMES.iter().position(|n| *n == name).unwrap()]
+    }
+
+    fn behave(&self, name: &str, b: Value) {
+        self.mock(name).set_behavior(&b).unwrap();
+    }
+
+    fn hits(&self) -> [u64; 3] {
+        [0, 1, 2].map(|i| self.mocks[i].hits().unwrap())
+    }
+
+    fn post(&self, headers: &[(&str, &str)], body: &Value) -> Response {
+        post_json(&self.envoy.url("/v1/chat/completions"), headers, body, T)
+            .unwrap_or_else(|e| panic!("request failed: {e}\n{}", self.envoy.log_tail(30)))
+    }
+
+    fn counter(&self, name: &str) -> Option<u64> {
+        self.envoy
+            .stat_settled(&format!("wasmcustom.market_router.{name}"))
+            .unwrap()
+    }
+
+    /// Decision records from the access log, waiting up to 3 s for `n` of them.
+    fn decisions(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let got: Vec<Value> = self
+                .envoy
+                .log_contents()
+                .lines()
+                .filter_map(|l| l.strip_prefix(DECISION_PREFIX))
+                .filter_map(|l| serde_json::from_str(l.split_once(' ')?.1).ok())
+                .collect();
+            if got.len() >= n || Instant::now() >= deadline {
+                return got;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn chat() -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}]})
+}
+
+fn stream_chat() -> Value {
+    let mut b = chat();
+    b["stream"] = json!(true);
+    b
+}
+
+fn show(r: &Response) -> String {
+    format!(
+        "status {} provider {:?} attempts {:?} body {}",
+        r.status,
+        r.header("x-market-router-provider"),
+        r.header("x-market-router-attempts"),
+        r.text()
+    )
+}
+
+/// A streamed answer as the client saw it: head, and each SSE `data:` payload with the Unix
+/// time (ms) it arrived.
+struct Streamed {
+    head: String,
+    events: Vec<(u64, String)>,
+    /// The body ended with its terminating chunk.
+    complete: bool,
+}
+
+impl Streamed {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    fn status(&self) -> u16 {
+        self.head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Events other than `[DONE]`, parsed.
+    fn chunks(&self) -> Vec<(u64, Value)> {
+        self.events
+            .iter()
+            .filter(|(_, d)| d != "[DONE]")
+            .map(|(t, d)| (*t, serde_json::from_str(d).unwrap()))
+            .collect()
+    }
+}
+
+/// POSTs a streaming request on a raw HTTP/1.1 connection and reads the chunked answer chunk
+/// by chunk, stamping each SSE event with its arrival time.
+fn stream_request(port: u16, body: &Value) -> Streamed {
+    let body = body.to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            return Streamed {
+                head,
+                events: Vec::new(),
+                complete: false,
+            };
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut events = Vec::new();
+    let mut pending = String::new();
+    let mut complete = false;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    loop {
+        let data = if chunked {
+            let mut size = String::new();
+            if r.read_line(&mut size).unwrap_or(0) == 0 {
+                break;
+            }
+            let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+                break;
+            };
+            if n == 0 {
+                complete = true;
+                break;
+            }
+            let mut buf = vec![0; n + 2];
+            if r.read_exact(&mut buf).is_err() {
+                break;
+            }
+            buf.truncate(n);
+            buf
+        } else {
+            let mut buf = vec![0; 8192];
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    buf
+                }
+            }
+        };
+        let at = unix_ms();
+        pending.push_str(&String::from_utf8_lossy(&data));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            for l in event.lines() {
+                if let Some(d) = l.strip_prefix("data:") {
+                    events.push((at, d.trim().to_string()));
+                }
+            }
+        }
+    }
+    Streamed {
+        head,
+        events,
+        complete,
+    }
+}
+
+/// Every event of `s` came from `provider`, reached the client within CHUNK_LATENCY_MS of the
+/// provider writing it, and the events were spread over the provider's schedule (not buffered).
+fn assert_streamed_live(s: &Streamed, provider: &str, chunk_ms: u64) {
+    let chunks = s.chunks();
+    assert!(chunks.len() >= 4, "too few events: {:?}", s.events);
+    for (arrived, v) in &chunks {
+        assert_eq!(v["provider"], provider, "{v}");
+        let sent = v["sent_at_ms"].as_u64().unwrap();
+        assert!(
+            *arrived <= sent + CHUNK_LATENCY_MS,
+            "an event reached the client {} ms after {provider} wrote it (limit {CHUNK_LATENCY_MS} ms); events: {:?}",
+            arrived.saturating_sub(sent),
+            s.events
+        );
+    }
+    let spread = chunks.last().unwrap().0 - chunks[0].0;
+    let min = (chunks.len() as u64 - 2) * chunk_ms;
+    assert!(
+        spread >= min,
+        "events arrived within {spread} ms, the provider spread them over at least {min} ms"
+    );
+    assert_eq!(s.events.last().map(|e| e.1.as_str()), Some("[DONE]"));
+    assert!(s.complete, "the stream did not end cleanly");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming failover streams
+// ---------------------------------------------------------------------------------------------
+
+fn streaming_fallback(primary: Value, outcome: &str) {
+    let cfg = ordered_config();
+    let chunk_ms = 200;
+    let bed = Bed::start(
+        &cfg,
+        [
+            MockOpts::default(),
+            MockOpts::default().stream_timing(50, chunk_ms),
+            MockOpts::default(),
+        ],
+    );
+    bed.behave("a", primary);
+    let s = stream_request(bed.envoy.port(), &stream_chat());
+    assert_eq!(s.status(), 200, "{}\n{:?}", s.head, s.events);
+    assert_eq!(s.header("x-market-router-provider").as_deref(), Some("b"));
+    assert_eq!(s.header("x-market-router-attempts").as_deref(), Some("2"));
+    assert_streamed_live(&s, "b", chunk_ms);
+    assert_eq!(bed.hits(), [1, 1, 0]);
+    let d = bed.decisions(1);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0]["provider"], "b");
+    assert_eq!(d[0]["tried"], json!([["a", outcome], ["b", "success"]]));
+    assert_eq!(bed.counter("provider.a.failover"), Some(1));
+    assert_eq!(bed.counter("provider.b.success"), Some(1));
+    assert_eq!(bed.counter("recovered_by_failover"), Some(1));
+}
+
+#[test]
+fn streaming_fallback_after_a_503_streams_chunk_by_chunk() {
+    streaming_fallback(json!({"status": 503}), "5xx");
+}
+
+#[test]
+fn reset_before_the_first_chunk_fails_over_and_streams() {
+    streaming_fallback(json!({"reset_before_body": true}), "reset");
+}
+
+#[test]
+fn sse_error_event_as_first_chunk_fails_over_and_streams() {
+    streaming_fallback(json!({"sse_error_first": true}), "5xx");
+}
+
+#[test]
+fn refused_primary_fails_over_and_streams() {
+    let cfg = ordered_config();
+    let bed = Bed::start(
+        &cfg,
+        [
+            MockOpts::default(),
+            MockOpts::default().stream_timing(50, 150),
+            MockOpts::default(),
+        ],
+    );
+    // a's port refuses connections from now on.
+    let a = bed.mocks[0].pid();
+    let _ = std::process::Command::new("kill")
+        .arg(a.to_string())
+        .status();
+    thread::sleep(Duration::from_millis(200));
+    let s = stream_request(bed.envoy.port(), &stream_chat());
+    assert_eq!(s.status(), 200, "{}", s.head);
+    assert_eq!(s.header("x-market-router-provider").as_deref(), Some("b"));
+    assert_streamed_live(&s, "b", 150);
+    let d = bed.decisions(1);
+    assert_eq!(
+        d[0]["tried"],
+        json!([["a", "connect_failure"], ["b", "success"]])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines from the market
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn slow_to_start_provider_is_left_at_its_ttft_bound_and_a_flowing_stream_is_never_cut() {
+    // p95 150 ms × factor 2 = 300 ms per try; b's stream then runs ~1.6 s, far past it.
+    let mut ps = [p(0.1), p(0.5), p(2.0)];
+    for x in &mut ps {
+        x.ttft_p95 = Some(150.0);
+    }
+    let cfg = config(&ps, json!({"ttft_timeout_factor": 2.0}), json!({}));
+    let bed = Bed::start(
+        &cfg,
+        [
+            MockOpts::default().stream_timing(4000, 10),
+            MockOpts::default().stream_timing(20, 200),
+            MockOpts::default(),
+        ],
+    );
+    let start = unix_ms();
+    let s = stream_request(bed.envoy.port(), &stream_chat());
+    assert_eq!(s.status(), 200, "{}", s.head);
+    assert_eq!(s.header("x-market-router-provider").as_deref(), Some("b"));
+    let chunks = s.chunks();
+    let first = chunks[0].0 - start;
+    assert!(
+        (290..2000).contains(&first),
+        "b's first event reached the client {first} ms after the request (a's bound: 300 ms)"
+    );
+    assert_streamed_live(&s, "b", 200);
+    let total = s.events.last().unwrap().0 - start;
+    assert!(total >= 300 + 1200, "the stream ended after {total} ms");
+    let d = bed.decisions(1);
+    assert_eq!(d[0]["tried"], json!([["a", "timeout"], ["b", "success"]]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials
+// ---------------------------------------------------------------------------------------------
+
+/// Each provider's key, in a header of its own kind (the leak Envoy's shared header map makes
+/// possible is between different header names).
+fn keyed(i: usize) -> Value {
+    match i {
+        0 => json!({"x-api-key": "key-a-0001"}),
+        1 => json!({"authorization": "Bearer key-b-0002"}),
+        _ => json!({"api-key": "key-c-0003"}),
+    }
+}
+
+const KEY_HEADERS: [(&str, &str); 3] = [
+    ("x-api-key", "key-a-0001"),
+    ("authorization", "Bearer key-b-0002"),
+    ("api-key", "key-c-0003"),
+];
+
+#[test]
+fn each_provider_sees_only_its_own_key_in_every_order() {
+    let orders = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    for order in orders {
+        // Prices make `order` the ranking; the first two fail, the last answers.
+        let mut ps = [p(0.0), p(0.0), p(0.0)];
+        for (rank, &i) in order.iter().enumerate() {
+            ps[i].price = 0.1 + rank as f64;
+            ps[i].headers = keyed(i);
+            ps[i].model_id = format!("{MODEL}-{}", NAMES[i]);
+        }
+        let cfg = config(&ps, json!({}), json!({}));
+        let bed = Bed::healthy(&cfg);
+        bed.behave(NAMES[order[0]], json!({"status": 503}));
+        bed.behave(NAMES[order[1]], json!({"status": 429}));
+        let client = [
+            ("authorization", "Bearer client-key"),
+            ("x-api-key", "client-x"),
+        ];
+        let r = bed.post(&client, &chat());
+        let last = NAMES[order[2]];
+        assert_eq!(r.status, 200, "order {order:?}: {}", show(&r));
+        assert_eq!(r.header("x-market-router-provider"), Some(last));
+        assert_eq!(r.header("x-market-router-attempts"), Some("3"));
+        for (i, name) in NAMES.iter().enumerate() {
+            let seen = bed.mock(name).last_request().unwrap();
+            let h = &seen["headers"];
+            for (j, (k, v)) in KEY_HEADERS.iter().enumerate() {
+                if i == j {
+                    assert_eq!(h[*k], *v, "order {order:?}: {name} lacks its own key");
+                } else {
+                    assert!(
+                        h[*k].as_str() != Some(v),
+                        "order {order:?}: {name} received {}'s key",
+                        NAMES[j]
+                    );
+                }
+            }
+            // The client's own credentials never reach a provider.
+            assert!(h["authorization"].as_str() != Some("Bearer client-key"));
+            assert!(h["x-api-key"].as_str() != Some("client-x"));
+            // Each attempt carried the provider's own model id.
+            assert_eq!(seen["model"], format!("{MODEL}-{name}"), "order {order:?}");
+        }
+        assert_eq!(bed.hits(), [1, 1, 1], "order {order:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client cannot steer Envoy's retries or the order
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn client_sent_envoy_retry_headers_and_order_change_nothing() {
+    let cfg = ordered_config();
+    let bed = Bed::healthy(&cfg);
+    bed.behave("a", json!({"status": 503}));
+    // An order naming c first, in the filter's own encoding.
+    let forged = market_router_core::native::order_header(&["c", "b", "a"]);
+    let cases: [&[(&str, &str)]; 4] = [
+        &[("x-envoy-max-retries", "0")],
+        &[("x-envoy-attempt-count", "3")],
+        &[
+            ("x-envoy-retry-on", "retriable-4xx"),
+            ("x-envoy-upstream-rq-per-try-timeout-ms", "1"),
+        ],
+        &[("x-market-router-order", forged.as_str())],
+    ];
+    for (n, hs) in cases.iter().enumerate() {
+        let r = bed.post(hs, &chat());
+        assert_eq!(r.status, 200, "{hs:?}: {}", show(&r));
+        assert_eq!(r.header("x-market-router-provider"), Some("b"), "{hs:?}");
+        assert_eq!(r.header("x-market-router-attempts"), Some("2"), "{hs:?}");
+        let n = n as u64 + 1;
+        assert_eq!(bed.hits(), [n, n, 0], "{hs:?}");
+    }
+    // More retries than the filter allows: still one attempt per provider.
+    for name in NAMES {
+        bed.behave(name, json!({"status": 503}));
+    }
+    for m in &bed.mocks {
+        m.reset().unwrap();
+    }
+    let r = bed.post(&[("x-envoy-max-retries", "10")], &chat());
+    assert_eq!(r.status, 503, "{}", show(&r));
+    assert_eq!(bed.hits(), [1, 1, 1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry-After across requests; the last provider's own answer
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn retry_after_keeps_a_provider_out_and_the_last_answer_is_the_providers_own() {
+    let cfg = ordered_config();
+    let bed = Bed::healthy(&cfg);
+    bed.behave("a", json!({"status": 429, "retry_after": 2}));
+    let r = bed.post(&[], &chat());
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some("b"),
+        "{}",
+        show(&r)
+    );
+    // Within the 2 s the next requests skip a.
+    for _ in 0..3 {
+        let r = bed.post(&[], &chat());
+        assert_eq!(
+            r.header("x-market-router-provider"),
+            Some("b"),
+            "{}",
+            show(&r)
+        );
+        assert_eq!(r.header("x-market-router-attempts"), Some("1"));
+    }
+    assert_eq!(bed.hits(), [1, 4, 0]);
+    // Every provider rate-limited: the client gets the last one's own 429 and Retry-After.
+    bed.behave("b", json!({"status": 429, "retry_after": 7}));
+    bed.behave("c", json!({"status": 429, "retry_after": 9}));
+    thread::sleep(Duration::from_millis(2100));
+    bed.behave("a", json!({"status": 429, "retry_after": 5}));
+    let r = bed.post(&[], &chat());
+    assert_eq!(r.status, 429, "{}", show(&r));
+    assert_eq!(r.header("x-market-router-provider"), Some("c"));
+    assert_eq!(r.header("x-market-router-attempts"), Some("3"));
+    assert_eq!(r.header("retry-after"), Some("9"));
+    assert_eq!(r.json().unwrap()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(bed.counter("all_failed"), Some(1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies up to limits.max_body_bytes are still retried
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bodies_up_to_max_body_bytes_are_retried() {
+    // 3 MiB limit: above Envoy's 1 MiB default buffer, so the route's limit is what counts.
+    let max = 3 << 20;
+    let cfg = config(
+        &[p(0.1), p(0.5), p(2.0)],
+        json!({}),
+        json!({"limits": {"max_body_bytes": max}}),
+    );
+    let bed = Bed::healthy(&cfg);
+    bed.behave("a", json!({"status": 503}));
+    let mut body = chat();
+    let filler = max - 200;
+    body["messages"][0]["content"] = json!("x".repeat(filler));
+    let len = body.to_string().len();
+    assert!(len <= max && len > max - 300, "{len}");
+    let r = bed.post(&[], &body);
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert_eq!(r.header("x-market-router-provider"), Some("b"));
+    assert_eq!(bed.mock("b").last_request().unwrap()["body_bytes"], len);
+    assert_eq!(bed.hits(), [1, 1, 0]);
+    // One byte over: refused by the filter, no provider tried.
+    body["messages"][0]["content"] = json!("x".repeat(filler + (max - len) + 1));
+    let r = bed.post(&[], &body);
+    assert_eq!(r.status, 413, "{}", show(&r));
+    assert_eq!(bed.hits(), [1, 1, 0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A stream that breaks after its first bytes is passed through (it cannot be replayed)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn stream_broken_after_first_bytes_is_passed_through_and_counted() {
+    let cfg = ordered_config();
+    let bed = Bed::healthy(&cfg);
+    bed.behave("a", json!({"reset_mid": true}));
+    let s = stream_request(bed.envoy.port(), &stream_chat());
+    assert_eq!(s.status(), 200, "{}", s.head);
+    assert_eq!(s.header("x-market-router-provider").as_deref(), Some("a"));
+    assert!(!s.complete);
+    assert!(s.chunks().iter().all(|(_, v)| v["provider"] == "a"));
+    assert_eq!(bed.hits(), [1, 0, 0]);
+    assert_eq!(bed.counter("stream_failed_midway"), Some(1));
+    assert_eq!(bed.counter("provider.a.failure"), Some(1));
+}
+
+#[test]
+fn non_streaming_answer_is_bounded_by_the_attempt_timeout_not_the_ttft_bound() {
+    // p95 50 ms × 2 would cut a stream's wait at 100 ms; a non-streaming answer that takes
+    // 400 ms (its first byte is the whole answer) still comes from the first provider.
+    let mut ps = [p(0.1), p(0.5), p(2.0)];
+    for x in &mut ps {
+        x.ttft_p95 = Some(50.0);
+    }
+    let cfg = config(&ps, json!({"ttft_timeout_factor": 2.0}), json!({}));
+    let bed = Bed::start(
+        &cfg,
+        [
+            MockOpts::default().latency_ms(400),
+            MockOpts::default(),
+            MockOpts::default(),
+        ],
+    );
+    let r = bed.post(&[], &chat());
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert_eq!(r.header("x-market-router-provider"), Some("a"));
+    assert_eq!(r.header("x-market-router-attempts"), Some("1"));
+    assert_eq!(bed.hits(), [1, 0, 0]);
+}
