@@ -16,7 +16,7 @@ What it checks:
      `config`, also against the Kong draft-4 copy) and examples/configs/*.json;
   4. YAML syntax of every file in those folders;
   5. the tables in schema/config-cases.json: configurations that must be rejected, edge cases
-     that must be accepted (crates/testbed/tests/config_cases.rs runs the same tables through Config::parse).
+     that must be accepted (crates/core/src/config/cases_tests.rs runs the same tables through Config::parse).
 
 A folder without files, or a file in which no market-router configuration is found, fails.
 
@@ -183,7 +183,7 @@ def check_config(label: str, config, validators) -> None:
 
 
 def load_cases():
-    """The must-reject / must-accept tables, shared with crates/testbed/tests/config_cases.rs."""
+    """The must-reject / must-accept tables, shared with crates/core/src/config/cases_tests.rs."""
     doc = json.loads(CASES_PATH.read_text(encoding="utf-8"))
     table = lambda key: [(c["label"], c["config"]) for c in doc[key]]
     return table("must_reject"), table("must_accept"), table("filter_only_reject")

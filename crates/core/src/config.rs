@@ -1091,6 +1091,10 @@ fn tidy(v: &mut Value) {
 #[path = "config/config_tests.rs"]
 mod exact_tests;
 
+#[cfg(test)]
+#[path = "config/cases_tests.rs"]
+mod cases_tests;
+
 #[cfg(all(test, feature = "schema"))]
 #[path = "config/schema_tests.rs"]
 mod schema_tests;

@@ -390,3 +390,7 @@ mod schema {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "leaf_tests.rs"]
+mod exact_tests;
