@@ -53,7 +53,7 @@ fn the_tail_keeps_exactly_the_last_4_kib() {
     assert_eq!(TAIL_BYTES, 4096);
     let mut t = Vec::new();
     keep_tail(&mut t, &vec![b'a'; 4000]);
-    keep_tail(&mut t, &vec![b'b'; 200]);
+    keep_tail(&mut t, &[b'b'; 200]);
     assert_eq!(t.len(), TAIL_BYTES);
     assert_eq!(&t[..3896], &vec![b'a'; 3896][..]);
     assert!(t.ends_with(&[b'b'; 200]));

@@ -653,7 +653,6 @@ mod tests {
         assert_eq!(picked, Some((0, c.failover.attempt_timeout_ms)));
         assert_eq!(asked, [0, 1]);
         assert_eq!(cands.iter().map(|c| c.provider).collect::<Vec<_>>(), [1, 2]);
-        let mut a = a;
         a.start(1);
         let (obs, step) = a.conclude(
             Outcome::Status {
