@@ -16,7 +16,7 @@ mod upstream;
 // The core's modules, at the paths the glue names them by (`crate::config`, ...).
 use market_router_core::{
     answer, attempt, config, decision, errors, explain, headers, health, market, native, report,
-    request, rng, select,
+    request, rng, select, walk,
 };
 
 use crate::config::Config;
@@ -26,6 +26,7 @@ use crate::market::{MarketView, Stored};
 use crate::report::Tallies;
 use crate::rng::Rng;
 use log::{debug, info, warn};
+use market_router_core::host::Update;
 use market_router_core::metrics::{self, Global, PerProvider};
 use proxy_wasm::types::MetricType;
 use std::cell::{Cell, RefCell};
@@ -308,30 +309,35 @@ impl Vm {
     /// Applies `f` to the shared health table with CAS; gives up after `CAS_RETRIES`.
     /// `f` returns whether the change is worth writing. Returns whether it was applied.
     fn update_health(&self, f: impl Fn(&mut HealthTable) -> bool) -> bool {
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = host::shared_get(&self.keys.health).unwrap_or_default();
-            let mut table = HealthTable::decode(&bytes);
-            if !f(&mut table) {
-                return false;
+        let update = market_router_core::host::cas_update(
+            &host::Wasm,
+            &self.keys.health,
+            CAS_RETRIES,
+            HealthTable::decode,
+            HealthTable::encode,
+            f,
+        );
+        match update {
+            Update::Written(table) => {
+                if let Ok(mut inner) = self.inner.try_borrow_mut() {
+                    inner.health = table;
+                    // The next read sees a new CAS and reloads: cheaper than guessing it.
+                    inner.health_cas = 0;
+                }
+                true
             }
-            match host::shared_set(&self.keys.health, &table.encode(), Some(cas)) {
-                Ok(()) => {
-                    if let Ok(mut inner) = self.inner.try_borrow_mut() {
-                        inner.health = table;
-                        // The next read sees a new CAS and reloads: cheaper than guessing it.
-                        inner.health_cas = 0;
-                    }
-                    return true;
-                }
-                Err(SetError::CasMismatch) => continue,
-                Err(SetError::Refused(s)) => {
-                    warn!("market-router: health update refused by the host ({s:?}); skipped");
-                    return false;
-                }
+            Update::Declined => false,
+            Update::Refused(s) => {
+                warn!("market-router: health update refused by the host ({s:?}); skipped");
+                false
+            }
+            Update::GaveUp => {
+                debug!(
+                    "market-router: health update gave up after {CAS_RETRIES} CAS conflicts; skipped"
+                );
+                false
             }
         }
-        debug!("market-router: health update gave up after {CAS_RETRIES} CAS conflicts; skipped");
-        false
     }
 
     /// Records what an attempt said about a provider.
