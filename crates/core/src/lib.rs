@@ -8,7 +8,6 @@
 
 pub mod answer;
 pub mod attempt;
-pub mod cas;
 pub mod config;
 pub mod decision;
 #[cfg(not(target_arch = "wasm32"))]
@@ -17,6 +16,7 @@ pub mod errors;
 pub mod explain;
 pub mod headers;
 pub mod health;
+pub mod host;
 pub mod json;
 pub mod market;
 pub mod metrics;
@@ -25,3 +25,4 @@ pub mod report;
 pub mod request;
 pub mod rng;
 pub mod select;
+pub mod walk;

@@ -2,6 +2,8 @@
 //! `proxy_wasm::hostcalls` and every error is turned into a value: the SDK's convenience
 //! methods panic on host errors, and a panic kills the VM for every request on the worker.
 
+pub(crate) use market_router_core::host::SetError;
+use market_router_core::host::{self as core_host, Host, HostError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 use std::time::{Duration, UNIX_EPOCH};
@@ -89,57 +91,44 @@ pub(crate) fn property(path: &[&str]) -> Option<String> {
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
-/// A shared-data value and its CAS; `None` when the key does not exist or the host refused.
-pub(crate) fn shared_get(key: &str) -> Option<(Vec<u8>, u32)> {
-    match hostcalls::get_shared_data(key) {
-        Ok((Some(v), cas)) => Some((v, cas.unwrap_or(0))),
-        Ok((None, cas)) => Some((Vec::new(), cas.unwrap_or(0))),
-        Err(_) => None,
+/// The host's shared data behind the core's [`Host`] trait, every `Status` a typed
+/// [`HostError`]; the rules on top of it (the overwrite loop, CAS updates) are the core's.
+pub(crate) struct Wasm;
+
+/// A host status as the core's typed error.
+pub(crate) fn host_error(s: Status) -> HostError {
+    match s {
+        Status::NotFound => HostError::NotFound,
+        Status::BadArgument => HostError::BadArgument,
+        Status::SerializationFailure => HostError::SerializationFailure,
+        Status::ParseFailure => HostError::ParseFailure,
+        Status::Empty => HostError::Empty,
+        Status::CasMismatch => HostError::CasMismatch,
+        Status::InternalFailure => HostError::InternalFailure,
+        other => HostError::Other(other as u32),
     }
 }
 
-/// Why a shared-data write did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SetError {
-    /// Someone wrote first.
-    CasMismatch,
-    /// The host refused (e.g. a full zone on Kong).
-    Refused(Status),
+impl Host for Wasm {
+    fn get_shared(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+        hostcalls::get_shared_data(key).map_err(host_error)
+    }
+
+    fn set_shared(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(host_error)
+    }
 }
 
-/// How many times an unconditional write re-reads the CAS after losing a race.
-const OVERWRITE_TRIES: usize = 8;
+/// A shared-data value and its CAS; `None` when the host refused (a missing key is empty).
+pub(crate) fn shared_get(key: &str) -> Option<(Vec<u8>, u32)> {
+    core_host::shared_get(&Wasm, key)
+}
 
 /// Writes shared data: with `Some(nonzero)` only if the value still has that CAS; with `None`
-/// (or 0) whatever is there. Hosts differ on a CAS of 0 (see [`HostCaps`]): Envoy overwrites,
-/// Kong writes only if the key is absent. So an unconditional write first tries CAS 0 (done at
-/// once on Envoy, and on Kong for a new key), and on a mismatch reads the current CAS and
-/// writes with it, in a bounded loop.
+/// (or 0) whatever is there, in a bounded loop (Envoy and Kong differ on a CAS of 0: see
+/// [`HostCaps`] and `market_router_core::host::shared_set`).
 pub(crate) fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-    if let Some(cas) = cas.filter(|c| *c != 0) {
-        return shared_set_once(key, value, Some(cas));
-    }
-    let mut cas = None;
-    for _ in 0..OVERWRITE_TRIES {
-        match shared_set_once(key, value, cas) {
-            Err(SetError::CasMismatch) => {
-                cas = match hostcalls::get_shared_data(key) {
-                    Ok((_, c)) => c.filter(|c| *c != 0),
-                    Err(s) => return Err(SetError::Refused(s)),
-                }
-            }
-            done => return done,
-        }
-    }
-    Err(SetError::CasMismatch)
-}
-
-fn shared_set_once(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-    match hostcalls::set_shared_data(key, Some(value), cas) {
-        Ok(()) => Ok(()),
-        Err(Status::CasMismatch) => Err(SetError::CasMismatch),
-        Err(s) => Err(SetError::Refused(s)),
-    }
+    core_host::shared_set(&Wasm, key, value, cas)
 }
 
 /// Starts an HTTP call to a host cluster.

@@ -9,7 +9,7 @@ mod native;
 
 use super::Vm;
 use crate::answer;
-use crate::attempt::{classify_dispatched, classify_routed, Attempts, Outcome, Step};
+use crate::attempt::{classify_dispatched, classify_routed, Attempts, Outcome};
 use crate::config::FailoverMode;
 use crate::errors::ApiError;
 use crate::explain;
@@ -17,7 +17,8 @@ use crate::headers;
 use crate::host;
 use crate::metrics::{self, Global, PerProvider, Usage};
 use crate::request::{self, RequestInfo};
-use crate::select::{self, NoRoute, Prefs, Ranking};
+use crate::select::{self, NoRoute, Prefs};
+use crate::walk::{Effect, Verdict, Walk};
 use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
@@ -69,10 +70,9 @@ pub(crate) struct Http {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     info: Option<RequestInfo>,
-    ranking: Option<Ranking>,
-    attempts: Option<Attempts>,
+    /// The failover walk (core): ranking, attempts, the attempt in flight.
+    walk: Walk,
     token: Option<u32>,
-    attempt_started_ms: u64,
     affinity: Option<Affinity>,
     /// Snapshot age at decision time, ms.
     snapshot_age_ms: Option<u64>,
@@ -112,10 +112,8 @@ impl Http {
             headers: Vec::new(),
             body: Vec::new(),
             info: None,
-            ranking: None,
-            attempts: None,
+            walk: Walk::default(),
             token: None,
-            attempt_started_ms: 0,
             affinity: None,
             snapshot_age_ms: None,
             usage: None,
@@ -176,7 +174,7 @@ impl Http {
         }
         let mut hs: Vec<(String, String)> =
             vec![("content-type".into(), "application/json".into())];
-        if let Some(a) = &self.attempts {
+        if let Some(a) = &self.walk.attempts {
             if self.vm.config.response_headers {
                 hs.push(("x-market-router-attempts".into(), a.tried.len().to_string()));
             }
@@ -201,7 +199,8 @@ impl Http {
 
     /// Provider index of the last finished attempt.
     fn served_by(&self) -> Option<usize> {
-        self.attempts
+        self.walk
+            .attempts
             .as_ref()
             .and_then(|a| a.tried.last().map(|(p, _)| *p))
     }
@@ -209,6 +208,7 @@ impl Http {
     /// Price of the candidate for `provider` in this request's ranking.
     fn prices(&self, provider: usize) -> Option<(f64, f64, f64)> {
         let c = self
+            .walk
             .ranking
             .as_ref()?
             .candidates
@@ -239,13 +239,17 @@ impl Http {
             .get(provider)
             .map_or("", |p| p.name.as_str());
         let mut num = [0u8; 20];
-        let attempts = self.attempts.as_ref().map_or(1, |a| a.tried.len().max(1));
+        let attempts = self
+            .walk
+            .attempts
+            .as_ref()
+            .map_or(1, |a| a.tried.len().max(1));
         emit("x-market-router-provider", name);
         emit(
             "x-market-router-attempts",
             headers::decimal(attempts as u64, &mut num),
         );
-        if let Some(r) = &self.ranking {
+        if let Some(r) = &self.walk.ranking {
             emit("x-market-router-strategy", r.strategy.as_str());
         }
         if let Some(age) = self.snapshot_age_ms {
@@ -273,12 +277,14 @@ impl Http {
         let config = &self.vm.config;
         let name = |i: usize| config.providers.get(i).map_or("?", |p| p.name.as_str());
         let tried: Vec<(&str, &'static str)> = self
+            .walk
             .attempts
             .as_ref()
             .map(|a| a.tried.iter().map(|(p, o)| (name(*p), o.label())).collect())
             .unwrap_or_default();
         let score = provider.and_then(|p| {
-            self.ranking
+            self.walk
+                .ranking
                 .as_ref()?
                 .candidates
                 .iter()
@@ -291,7 +297,7 @@ impl Http {
             provider: provider.map(name),
             status,
             tried,
-            strategy: self.ranking.as_ref().map(|r| r.strategy.as_str()),
+            strategy: self.walk.ranking.as_ref().map(|r| r.strategy.as_str()),
             score,
             cost_usd: cost.map(|c| c.0),
             cost_estimated: cost.map(|c| c.1),
@@ -466,8 +472,7 @@ impl Http {
                     .join(", ")
             );
         }
-        self.attempts = Some(Attempts::new(config, now));
-        self.ranking = Some(ranking);
+        self.walk.begin(ranking, Attempts::new(config, now));
         self.body = body;
         let action = match config.failover.mode {
             // Without route failover in the host (Kong), route mode's attempts are dispatched.
@@ -501,7 +506,7 @@ impl Http {
 
     fn final_error(&self) -> ApiError {
         let model = self.info.as_ref().map_or("", |i| i.model.as_str());
-        match &self.attempts {
+        match &self.walk.attempts {
             Some(a) if !a.tried.is_empty() => {
                 a.final_error(&self.vm.config, model, self.last_said.as_deref())
             }
@@ -514,11 +519,10 @@ impl Http {
 
     /// Picks the next attempt: (candidate index, timeout), claiming half-open probes.
     fn next_attempt(&mut self, now: u64) -> Option<(usize, u64)> {
-        let (ranking, attempts) = (self.ranking.as_mut()?, self.attempts.as_mut()?);
         let vm = &self.vm;
-        attempts.pick(&mut ranking.candidates, now, |p| {
-            vm.claim_probe(&vm.config.providers[p].name, now)
-        })
+        self.walk
+            .next(now, |p| vm.claim_probe(&vm.config.providers[p].name, now))
+            .map(|a| (a.candidate, a.timeout_ms))
     }
 
     /// Route mode, first attempt: point the route at the primary and let the request go.
@@ -529,7 +533,7 @@ impl Http {
         };
         let vm = Rc::clone(&self.vm);
         let config = &vm.config;
-        let (Some(ranking), Some(info)) = (&self.ranking, &self.info) else {
+        let (Some(ranking), Some(info)) = (&self.walk.ranking, &self.info) else {
             return self.reply_error(&ApiError::internal("lost request state"));
         };
         let cand = &ranking.candidates[idx];
@@ -578,15 +582,15 @@ impl Http {
             "#{} market-router: routing model {} to {}",
             self.id, info.model, provider.name
         );
-        vm.metrics.add(provider_idx, PerProvider::Attempts, 1);
-        if let Some(a) = self.attempts.as_mut() {
-            a.start(provider_idx);
-            if info.stream {
-                // Bounded by the route's timeouts, not by `timeout_ms`.
-                a.unbounded();
-            }
+        let (model, affinity) = (info.model.as_str(), self.affinity.as_ref());
+        let stream = info.stream;
+        self.walk.started(provider_idx, now, |e| {
+            apply(&vm, model, affinity, now, e);
+        });
+        if stream {
+            // Bounded by the route's timeouts, not by `timeout_ms`.
+            self.walk.unbounded();
         }
-        self.attempt_started_ms = now;
         self.state = State::Routed;
         Action::Continue
     }
@@ -596,7 +600,7 @@ impl Http {
         while let Some((idx, timeout_ms)) = self.next_attempt(now) {
             let vm = Rc::clone(&self.vm);
             let config = &vm.config;
-            let (Some(ranking), Some(info)) = (&self.ranking, &self.info) else {
+            let (Some(ranking), Some(info)) = (&self.walk.ranking, &self.info) else {
                 return false;
             };
             let cand = &ranking.candidates[idx];
@@ -628,37 +632,27 @@ impl Http {
                     .map(|(k, v)| (k.as_str(), v.as_str())),
             );
             let result = host::dispatch(&provider.cluster, &hs, &body, timeout_ms);
-            let name = provider.name.clone();
-            vm.metrics.add(provider_idx, PerProvider::Attempts, 1);
-            let Some(attempts) = self.attempts.as_mut() else {
+            let name = provider.name.as_str();
+            if self.walk.attempts.is_none() {
                 return false;
-            };
-            attempts.start(provider_idx);
+            }
+            let (model, affinity) = (info.model.as_str(), self.affinity.as_ref());
+            let effect = |e| apply(&vm, model, affinity, now, e);
+            self.walk.started(provider_idx, now, effect);
             match result {
                 Ok(token) => {
                     debug!(
                         "#{} market-router: attempt {} → {name}",
                         self.id,
-                        attempts.count()
+                        self.walk.attempts.as_ref().map_or(0, |a| a.count())
                     );
                     self.token = Some(token);
-                    self.attempt_started_ms = now;
                     self.state = State::Dispatched;
                     return true;
                 }
                 Err(s) => {
                     warn!("#{} market-router: cannot dispatch to {name} ({s:?}); trying the next provider", self.id);
-                    attempts.finish(Outcome::ConnectFailure);
-                    vm.tally(provider_idx, &info.model, &Outcome::ConnectFailure, None);
-                    vm.metrics.add(provider_idx, PerProvider::Failure, 1);
-                    vm.metrics.add(provider_idx, PerProvider::Failover, 1);
-                    vm.observe(
-                        &name,
-                        crate::health::Observation::Failure {
-                            retry_after_ms: None,
-                        },
-                        now,
-                    );
+                    self.walk.refused(effect);
                 }
             }
         }
@@ -676,62 +670,43 @@ impl Http {
     /// is in flight.
     fn judge(&mut self, outcome: Outcome, now: u64) -> Option<bool> {
         let vm = Rc::clone(&self.vm);
-        let provider = self.attempts.as_ref().and_then(|a| a.current)?;
+        let provider = self.walk.attempts.as_ref().and_then(|a| a.current)?;
         let name = vm.config.providers[provider].name.as_str();
-        let ttfb = self
-            .stream()
-            .then(|| now.saturating_sub(self.attempt_started_ms) as f64);
+        let stream = self.stream();
+        // Asked of the host only when it matters (a timed-out attempt).
+        let redispatch = outcome != Outcome::Timeout || host::caps().redispatch_after_timeout;
         let model = self.info.as_ref().map_or("", |i| i.model.as_str());
-        vm.tally(provider, model, &outcome, ttfb.map(|t| t as u64));
-        let (observation, step) =
-            self.attempts
-                .as_mut()?
-                .conclude(outcome, ttfb, &vm.config.failover);
-        if let Some(obs) = observation {
-            vm.observe(name, obs, now);
-        }
-        if let Outcome::Success(_) = outcome {
-            vm.metrics.add(provider, PerProvider::Success, 1);
-            if self.attempts.as_ref().is_some_and(|a| a.tried.len() > 1) {
-                vm.metrics.inc(Global::RecoveredByFailover);
+        let affinity = self.affinity.as_ref();
+        let verdict =
+            self.walk
+                .answered(outcome, now, stream, &vm.config.failover, redispatch, |e| {
+                    apply(&vm, model, affinity, now, e)
+                })?;
+        match verdict {
+            Verdict::Deliver => Some(true),
+            Verdict::Stop => {
+                warn!(
+                    "#{} market-router: provider {name} failed ({outcome}); this host cannot dispatch after a timed-out call",
+                    self.id
+                );
+                Some(false)
             }
-            self.remember_affinity(name);
-            return Some(true);
-        }
-        if matches!(
-            observation,
-            Some(crate::health::Observation::Failure { .. })
-        ) {
-            vm.metrics.add(provider, PerProvider::Failure, 1);
-        }
-        if step == Step::Deliver {
-            return Some(true);
-        }
-        if matches!(outcome, Outcome::Timeout) && !host::caps().redispatch_after_timeout {
-            warn!(
-                "#{} market-router: provider {name} failed ({outcome}); this host cannot dispatch after a timed-out call",
-                self.id
-            );
-            return Some(false);
-        }
-        vm.metrics.add(provider, PerProvider::Failover, 1);
-        warn!(
-            "#{} market-router: provider {name} failed ({outcome}); failing over",
-            self.id
-        );
-        if self.dispatch_next(now) {
-            None
-        } else {
-            Some(false)
+            Verdict::FailOver => {
+                warn!(
+                    "#{} market-router: provider {name} failed ({outcome}); failing over",
+                    self.id
+                );
+                if self.dispatch_next(now) {
+                    None
+                } else {
+                    Some(false)
+                }
+            }
         }
     }
 
     fn remember_affinity(&self, provider: &str) {
-        if let Some(a) = &self.affinity {
-            if a.stored.as_deref() != Some(provider) {
-                let _ = host::shared_set(&a.key, &headers::affinity_encode(&a.tag, provider), None);
-            }
-        }
+        remember(self.affinity.as_ref(), provider);
     }
 
     /// Route mode: the routed answer goes to the client, with our headers added in place.
@@ -1198,10 +1173,10 @@ impl Http {
             // A held 2xx that broke off mid-body: Envoy answers the client itself (502) without
             // passing the reply back through this filter, so it can only be counted.
             State::Validating => {
-                let Some(p) = self.attempts.as_ref().and_then(|a| a.current) else {
+                let Some(p) = self.walk.attempts.as_ref().and_then(|a| a.current) else {
                     return;
                 };
-                if let Some(a) = self.attempts.as_mut() {
+                if let Some(a) = self.walk.attempts.as_mut() {
                     a.finish(Outcome::Reset);
                 }
                 warn!(
@@ -1215,6 +1190,33 @@ impl Http {
                 self.record_decision(Some(p), Some(502));
             }
             _ => {}
+        }
+    }
+}
+
+/// Carries out one of the walk's effects on this VM (health, counters, market report, affinity).
+fn apply(vm: &Vm, model: &str, affinity: Option<&Affinity>, now: u64, effect: Effect) {
+    match effect {
+        Effect::Observe {
+            provider,
+            observation,
+        } => vm.observe(&vm.config.providers[provider].name, observation, now),
+        Effect::Tally {
+            provider,
+            outcome,
+            ttfb_ms,
+        } => vm.tally(provider, model, &outcome, ttfb_ms),
+        Effect::Count { provider, counter } => vm.metrics.add(provider, counter, 1),
+        Effect::CountGlobal(counter) => vm.metrics.inc(counter),
+        Effect::Remember { provider } => remember(affinity, &vm.config.providers[provider].name),
+    }
+}
+
+/// Pins the session to `provider` (unless it is pinned there already).
+fn remember(affinity: Option<&Affinity>, provider: &str) {
+    if let Some(a) = affinity {
+        if a.stored.as_deref() != Some(provider) {
+            let _ = host::shared_set(&a.key, &headers::affinity_encode(&a.tag, provider), None);
         }
     }
 }

@@ -15,11 +15,10 @@ mod upstream;
 
 // The core's modules, at the paths the glue names them by (`crate::config`, ...).
 use market_router_core::{
-    answer, attempt, cas, config, decision, errors, explain, headers, health, market, native,
-    report, request, rng, select,
+    answer, attempt, config, decision, errors, explain, headers, health, market, native, report,
+    request, rng, select, walk,
 };
 
-use crate::cas::Try;
 use crate::config::Config;
 use crate::health::{Admission, HealthTable, Observation};
 use crate::host::SetError;
@@ -27,11 +26,14 @@ use crate::market::{MarketView, Stored};
 use crate::report::Tallies;
 use crate::rng::Rng;
 use log::{debug, info, warn};
+use market_router_core::host::Update;
 use market_router_core::metrics::{self, Global, PerProvider};
 use proxy_wasm::types::MetricType;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+/// Bounded CAS retries on shared data; on give-up the update is skipped (the request never fails for it).
+const CAS_RETRIES: usize = market_router_core::host::CAS_TRIES;
 /// How often a VM looks for a newer market generation from the request path, ms.
 const MARKET_CHECK_MS: u64 = 250;
 /// How often a VM re-reads the shared health table from the request path, ms: what other
@@ -304,39 +306,38 @@ impl Vm {
         }
     }
 
-    /// Applies `f` to the shared health table with CAS, at most `cas::CAS_TRIES` times (then
-    /// the update is skipped). `f` returns whether the change is worth writing. Returns
-    /// whether it was applied.
+    /// Applies `f` to the shared health table with CAS; gives up after `CAS_RETRIES`.
+    /// `f` returns whether the change is worth writing. Returns whether it was applied.
     fn update_health(&self, f: impl Fn(&mut HealthTable) -> bool) -> bool {
-        let applied = cas::bounded(|| {
-            let (bytes, cas) = host::shared_get(&self.keys.health).unwrap_or_default();
-            let mut table = HealthTable::decode(&bytes);
-            if !f(&mut table) {
-                return Try::Done(false);
-            }
-            match host::shared_set(&self.keys.health, &table.encode(), Some(cas)) {
-                Ok(()) => {
-                    if let Ok(mut inner) = self.inner.try_borrow_mut() {
-                        inner.health = table;
-                        // The next read sees a new CAS and reloads: cheaper than guessing it.
-                        inner.health_cas = 0;
-                    }
-                    Try::Done(true)
+        let update = market_router_core::host::cas_update(
+            &host::Wasm,
+            &self.keys.health,
+            CAS_RETRIES,
+            HealthTable::decode,
+            HealthTable::encode,
+            f,
+        );
+        match update {
+            Update::Written(table) => {
+                if let Ok(mut inner) = self.inner.try_borrow_mut() {
+                    inner.health = table;
+                    // The next read sees a new CAS and reloads: cheaper than guessing it.
+                    inner.health_cas = 0;
                 }
-                Err(SetError::CasMismatch) => Try::Conflict,
-                Err(SetError::Refused(s)) => {
-                    warn!("market-router: health update refused by the host ({s:?}); skipped");
-                    Try::Done(false)
-                }
+                true
             }
-        });
-        applied.unwrap_or_else(|| {
-            debug!(
-                "market-router: health update gave up after {} CAS conflicts; skipped",
-                cas::CAS_TRIES
-            );
-            false
-        })
+            Update::Declined => false,
+            Update::Refused(s) => {
+                warn!("market-router: health update refused by the host ({s:?}); skipped");
+                false
+            }
+            Update::GaveUp => {
+                debug!(
+                    "market-router: health update gave up after {CAS_RETRIES} CAS conflicts; skipped"
+                );
+                false
+            }
+        }
     }
 
     /// Records what an attempt said about a provider.
@@ -410,7 +411,7 @@ impl Vm {
         if inner.tally.is_empty() {
             return;
         }
-        for _ in 0..cas::CAS_TRIES {
+        for _ in 0..CAS_RETRIES {
             let (bytes, cas) = host::shared_get(&self.keys.obs).unwrap_or_default();
             let mut shared = Tallies::decode(&bytes);
             shared.merge(&inner.tally);
@@ -431,7 +432,7 @@ impl Vm {
     /// Takes the process-wide tally (leaving it empty) for this period's report.
     pub(crate) fn take_tally(&self) -> Option<Tallies> {
         self.flush_tally();
-        for _ in 0..cas::CAS_TRIES {
+        for _ in 0..CAS_RETRIES {
             let (bytes, cas) = host::shared_get(&self.keys.obs)?;
             let shared = Tallies::decode(&bytes);
             if shared.is_empty() {

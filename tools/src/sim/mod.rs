@@ -53,9 +53,10 @@
 //! (LiteLLM's and Portkey's usual setup: configuration order, i.e. list price, cheapest
 //! first); latency-only learning (EWMA of its own observed latencies, failures counted as
 //! +5 s, 2 % exploration); market-router (the crate's own `market::validate` / `MarketView`,
-//! `select::rank`, and the filter's walk: `Attempts::pick` claiming half-open probes,
-//! `Attempts::conclude` judging each outcome, `HealthTable::observe_locally` and
-//! `ProviderHealth::observe` recording it, every outcome observed at the time it ends; one
+//! `select::rank`, and the filter's walk, the core's `walk::Walk` the filter drives: its
+//! `next` claiming half-open probes, `answered` judging each outcome, its health effects
+//! recorded by `HealthTable::observe_locally` and `ProviderHealth::observe` as the filter's
+//! `Vm::observe` does, every outcome observed at the time it ends; one
 //! worker, so the filter's 20 ms re-read of the shared health table has nothing to pick up;
 //! the configuration is the plugin's JSON with each provider's list price as its static offer
 //! and the default circuit, 3 failures / 30 s) in the configurations of [`VARIANTS`], the
@@ -72,13 +73,14 @@
 
 pub mod catalog;
 
-use market_router_core::attempt::{Attempts, Outcome, Step};
+use market_router_core::attempt::{Attempts, Outcome};
 use market_router_core::config::Config;
 use market_router_core::health::{Admission, HealthTable};
 use market_router_core::market::{validate, MarketView, Stored};
 use market_router_core::request::RequestInfo;
 use market_router_core::rng::Rng;
 use market_router_core::select::{self, Prefs, Ranking};
+use market_router_core::walk::{self, Effect, Verdict};
 use serde_json::{json, Value};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -935,8 +937,7 @@ pub struct MarketRouter {
 
 /// A market-router request in flight.
 pub struct MrFlight {
-    ranking: Ranking,
-    attempts: Attempts,
+    walk: walk::Walk,
 }
 
 impl MarketRouter {
@@ -1030,10 +1031,9 @@ impl Router for MarketRouter {
                 if let Some(f) = self.post_rank {
                     f(&mut ranking, &self.config);
                 }
-                Some(MrFlight {
-                    ranking,
-                    attempts: Attempts::new(&self.config, now),
-                })
+                let mut walk = walk::Walk::default();
+                walk.begin(ranking, Attempts::new(&self.config, now));
+                Some(MrFlight { walk })
             }
             Err(e) => {
                 self.no_route += 1;
@@ -1048,9 +1048,9 @@ impl Router for MarketRouter {
     }
     fn next(&mut self, f: &mut MrFlight, now_ms: u64) -> Option<(usize, u64)> {
         let now = T0 + now_ms;
-        // The filter's walk (`Attempts::pick`), claiming probes as `Vm::claim_probe` does.
+        // The filter's walk, claiming probes as `Vm::claim_probe` does.
         let (config, health) = (&self.config, &mut self.health);
-        let (candidate, timeout_ms) = f.attempts.pick(&mut f.ranking.candidates, now, |p| {
+        let a = f.walk.next(now, |p| {
             let rec = health.entry(&config.providers[p].name);
             if rec.admission(now) != Admission::Probe {
                 return false;
@@ -1058,40 +1058,49 @@ impl Router for MarketRouter {
             rec.claim_probe(now + config.failover.attempt_timeout_ms);
             true
         })?;
-        let c = &f.ranking.candidates[candidate];
-        let p = c.provider;
+        let probe = f.walk.ranking.as_ref()?.candidates[a.candidate].probe;
+        let p = a.provider;
         let admission = self
             .health
             .get(&self.config.providers[p].name)
             .admission(now);
         let kept_out = !matches!(admission, Admission::Open | Admission::Probe);
-        if f.attempts.count() > 0 && !c.probe && kept_out {
+        let started = f.walk.attempts.as_ref().map_or(0, |at| at.count());
+        if started > 0 && !probe && kept_out {
             self.kept_out_failovers += 1;
         }
-        f.attempts.start(p);
-        Some((p, timeout_ms))
+        f.walk.started(p, now, |_| {});
+        Some((p, a.timeout_ms))
     }
     fn done(
         &mut self,
         f: &mut MrFlight,
         req: &Request,
-        p: usize,
+        _p: usize,
         a: &AttemptResult,
         now_ms: u64,
     ) -> bool {
-        // The filter's judgement (`Attempts::conclude`) and health update (`Vm::observe`: a
+        // The filter's judgement (`Walk::answered`, on a host that can dispatch after a
+        // timeout, as Envoy can) and its health effects as `Vm::observe` records them (a
         // routine success stays in the worker's copy, anything else goes to the table).
-        let ttfb = (req.stream && a.ok()).then_some(a.ms as f64);
-        let (obs, step) = f.attempts.conclude(a.outcome, ttfb, &self.config.failover);
-        if let Some(obs) = obs {
-            let circuit = self.config.failover.circuit;
-            let name = &self.config.providers[p].name;
-            let now = T0 + now_ms;
-            if !self.health.observe_locally(name, obs, now, &circuit) {
-                self.health.entry(name).observe(obs, now, &circuit);
-            }
-        }
-        step == Step::FailOver
+        let now = T0 + now_ms;
+        let (config, health) = (&self.config, &mut self.health);
+        let circuit = config.failover.circuit;
+        let verdict = f
+            .walk
+            .answered(a.outcome, now, req.stream, &config.failover, true, |e| {
+                if let Effect::Observe {
+                    provider,
+                    observation,
+                } = e
+                {
+                    let name = &config.providers[provider].name;
+                    if !health.observe_locally(name, observation, now, &circuit) {
+                        health.entry(name).observe(observation, now, &circuit);
+                    }
+                }
+            });
+        verdict == Some(Verdict::FailOver)
     }
 }
 

@@ -19,7 +19,7 @@ impl Http {
         let config = &vm.config;
         // The order: ranked candidates within max_attempts, half-open probes claimed first.
         let mut order: Vec<usize> = Vec::new();
-        if let Some(ranking) = self.ranking.as_mut() {
+        if let Some(ranking) = self.walk.ranking.as_mut() {
             let mut i = 0;
             while i < ranking.candidates.len()
                 && order.len() < config.failover.max_attempts as usize
@@ -33,7 +33,7 @@ impl Http {
                 i += 1;
             }
         }
-        let (Some(ranking), Some(info)) = (&self.ranking, &self.info) else {
+        let (Some(ranking), Some(info)) = (&self.walk.ranking, &self.info) else {
             return self.reply_error(&ApiError::internal("lost request state"));
         };
         if order.is_empty() {
@@ -116,7 +116,7 @@ impl Http {
         Action::Continue
     }
 
-    /// The attempts the upstream role recorded, into `self.attempts` (and the last one's
+    /// The attempts the upstream role recorded, into `self.walk.attempts` (and the last one's
     /// usage, when it checked a non-streaming answer).
     fn load_tried(&mut self) {
         let list = host::property(&[native::TRIED_PROPERTY]).unwrap_or_default();
@@ -124,7 +124,7 @@ impl Http {
         if let Some(u) = tried.last().and_then(|t| t.usage) {
             self.usage = Some(u);
         }
-        if let Some(a) = self.attempts.as_mut() {
+        if let Some(a) = self.walk.attempts.as_mut() {
             a.current = None;
             a.tried = tried.into_iter().map(|t| (t.provider, t.outcome)).collect();
         }
@@ -137,7 +137,7 @@ impl Http {
         let status = host::response_header(":status")
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
-        let tried = self.attempts.as_ref().map_or(0, |a| a.tried.len());
+        let tried = self.walk.attempts.as_ref().map_or(0, |a| a.tried.len());
         // A 2xx is the provider's (Envoy's own replies on this route are errors).
         let details = if (200..300).contains(&status) {
             String::new()
@@ -191,7 +191,7 @@ impl Http {
             return Action::Continue;
         }
         // Every attempt failed (or the provider's answer is not retried): its own answer.
-        if self.attempts.as_ref().is_some_and(|a| {
+        if self.walk.attempts.as_ref().is_some_and(|a| {
             a.tried.last().is_some_and(|(_, o)| {
                 o.retryable(
                     &self.vm.config.failover.retry_on,
