@@ -91,6 +91,10 @@ pub struct KongConfig {
     pub keepalive_requests: Option<u32>,
     /// Raw `server { ... }` blocks added to `http {}` (e.g. a TLS front for a mock).
     pub extra_servers: Vec<String>,
+    /// nginx's gzip filter on the filter's answers (`gzip on` for JSON and event streams,
+    /// whatever their size; Kong: `nginx_proxy_gzip` and friends), like the compressor Envoy
+    /// ships in front of the filter.
+    pub compression: bool,
     /// Wait for this many `market-router configured` lines before the first request (the
     /// default: one per worker when the filter is market-router; 0 to skip, for a bad config).
     pub expect_configured: Option<usize>,
@@ -109,6 +113,7 @@ impl Default for KongConfig {
             log_level: "info".to_string(),
             keepalive_requests: None,
             extra_servers: Vec::new(),
+            compression: false,
             expect_configured: None,
         }
     }
@@ -166,6 +171,12 @@ impl KongConfig {
     /// Adds a raw `server {}` block.
     pub fn server(mut self, block: &str) -> Self {
         self.extra_servers.push(block.to_string());
+        self
+    }
+
+    /// Compresses the filter's answers with nginx's gzip filter.
+    pub fn compression(mut self, on: bool) -> Self {
+        self.compression = on;
         self
     }
 
@@ -228,6 +239,12 @@ impl KongConfig {
                 s,
                 "            proxy_wasm market_router {};",
                 quoted(config_json)
+            );
+        }
+        if self.compression {
+            let _ = writeln!(
+                s,
+                "            gzip on; gzip_min_length 1; gzip_proxied any; gzip_types application/json text/event-stream;"
             );
         }
         // Which worker answered (the circuit and affinity tests need both to take part).

@@ -8,6 +8,7 @@
 
 pub mod encoding;
 pub mod envoy;
+pub mod gateway;
 pub mod http;
 pub mod hyper_serve;
 pub mod kong;
@@ -17,6 +18,7 @@ pub mod refusing;
 pub mod testbed;
 
 pub use envoy::{listener_head, Envoy, EnvoyConfig, Filter, ProviderCluster, SidecarCluster};
+pub use gateway::Gateway;
 pub use http::{
     bind_and_serve, free_port, get, handler, post_json, request, serve, split_url, wait_ready,
     wait_ready_while, Conn, Handler, Reply, Request, Response, Server,

@@ -148,40 +148,6 @@ fn hanging() -> Up {
     })
 }
 
-/// The host in front of the providers.
-enum Gateway {
-    Envoy(Envoy),
-    Kong(Kong),
-}
-
-impl Gateway {
-    fn url(&self, path: &str) -> String {
-        match self {
-            Gateway::Envoy(e) => e.url(path),
-            Gateway::Kong(k) => k.url(path),
-        }
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        match self {
-            Gateway::Envoy(e) => e.log_tail(n),
-            Gateway::Kong(k) => {
-                let log = k.error_log();
-                let lines: Vec<&str> = log.lines().collect();
-                lines[lines.len().saturating_sub(n)..].join("\n")
-            }
-        }
-    }
-
-    /// Envoy's admin port.
-    fn port(&self) -> u16 {
-        match self {
-            Gateway::Envoy(e) => e.port(),
-            Gateway::Kong(k) => k.port(),
-        }
-    }
-}
-
 /// Envoy or Kong's host with the filter in front of providers `a`, `b`, `c`.
 struct Bed {
     mocks: [Option<MockProvider>; 3],
@@ -192,10 +158,7 @@ struct Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        if let (Gateway::Kong(k), false) = (&self.gateway, thread::panicking()) {
-            let crashes = k.crashes();
-            assert!(crashes.is_empty(), "Kong's host: {}", crashes.join("\n"));
-        }
+        self.gateway.assert_no_crash();
     }
 }
 
@@ -292,9 +255,9 @@ impl Bed {
     /// Asserts that the filter's counter `market_router.<counter>` reaches `want` (Envoy;
     /// Kong's host has no stats endpoint).
     fn assert_counter(&self, counter: &str, want: u64) {
-        let Gateway::Envoy(_) = self.gateway else {
+        if self.gateway.envoy().is_none() {
             return;
-        };
+        }
         assert_eq!(
             self.wait_stat(&format!("wasmcustom.market_router.{counter}"), want),
             Some(want),
@@ -304,7 +267,7 @@ impl Bed {
 
     /// Asserts the settled value of the filter's counter `market_router.<counter>` (Envoy).
     fn assert_settled(&self, counter: &str, want: u64) {
-        let Gateway::Envoy(envoy) = &self.gateway else {
+        let Some(envoy) = self.gateway.envoy() else {
             return;
         };
         assert_eq!(
@@ -317,9 +280,7 @@ impl Bed {
     }
 
     fn wait_stat(&self, name: &str, want: u64) -> Option<u64> {
-        let Gateway::Envoy(envoy) = &self.gateway else {
-            return None;
-        };
+        let envoy = self.gateway.envoy()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let v = envoy.stat(name).unwrap();
