@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 /// How long [`Kong::start`] waits for readiness (each worker compiles the module: 0.5-1 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// What nginx logs when a worker failed its start (e.g. the filter refused its configuration,
+/// "on_configure failure"): it is not respawned, so nothing will ever answer.
+const NOT_RESPAWNED: &str = "cannot be respawned";
+const NOT_RESPAWNED_WHY: &str = "a worker exited at start and cannot be respawned";
 /// How long a stop waits for the master to quit before signalling the workers.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -388,6 +392,9 @@ impl Kong {
         loop {
             self.proc.check_running().map_err(|e| self.fail(&e))?;
             let log = self.error_log();
+            if log.contains(NOT_RESPAWNED) {
+                return Err(self.fail(NOT_RESPAWNED_WHY));
+            }
             if want == 0 || log.matches("market-router configured").count() >= want {
                 break;
             }
@@ -403,8 +410,16 @@ impl Kong {
         let left = deadline.saturating_duration_since(Instant::now());
         let url = self.url("/__kong/ready");
         let proc = &mut self.proc;
-        wait_ready_while(&url, left, || proc.check_running())
-            .map_err(|e| self.fail(&format!("no answer from the listener: {e}")))?;
+        let log = self.dir.join("error.log");
+        wait_ready_while(&url, left, || {
+            proc.check_running()?;
+            let text = fs::read(&log).unwrap_or_default();
+            if String::from_utf8_lossy(&text).contains(NOT_RESPAWNED) {
+                return Err(NOT_RESPAWNED_WHY.to_string());
+            }
+            Ok(())
+        })
+        .map_err(|e| self.fail(&format!("no answer from the listener: {e}")))?;
         self.workers = children_of(self.proc.pid());
         Ok(())
     }

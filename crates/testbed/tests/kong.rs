@@ -322,6 +322,39 @@ fn loads_and_routes_each_model_to_its_provider() {
     assert!(kong.crashes().is_empty(), "{:?}", kong.crashes());
 }
 
+/// A bad plugin configuration is refused with one error line naming the field, the value and
+/// what is allowed; Kong's host then fails the worker ("on_configure failure", not
+/// respawned), so no request is served unrouted: fail closed, as Envoy refuses to start.
+#[test]
+fn invalid_plugin_configuration_is_refused_with_one_line() {
+    const LINE: &str = "market-router: invalid plugin configuration: field `routing.strategy` = \"fastes\": expected one of value, cheapest, fastest, most_reliable, balanced, weighted";
+    let bad = json!({
+        "providers": [{"name": "a", "cluster": "127.0.0.1:1", "models": {MODEL: MODEL}}],
+        "routing": {"strategy": "fastes"},
+        "failover": {"mode": "dispatch"}
+    });
+    let started = Instant::now();
+    let err = match Kong::start(
+        &KongConfig::new()
+            .market_router(&bad.to_string())
+            .expect_configured(0),
+    ) {
+        Ok(_) => panic!("Kong's host came up with a bad plugin configuration"),
+        Err(e) => e,
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "the bed waited for its timeout"
+    );
+    assert_eq!(err.matches(LINE).count(), 1, "{err}");
+    assert_eq!(
+        err.matches("invalid plugin configuration").count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("on_configure failure"), "{err}");
+}
+
 /// Every bad request gets its OpenAI-style error from the filter and reaches no provider.
 #[test]
 fn bad_requests_get_openai_errors_and_reach_no_provider() {
