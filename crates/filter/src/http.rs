@@ -464,7 +464,7 @@ impl Http {
         }
         if ranking.stale {
             vm.metrics.inc(Global::StaleDecisions);
-            debug!("#{} market-router: market data is stale; ranking with static offers where configured", self.id);
+            debug!("#{} market-router: market data is stale; ranking on its last figures (its offline counts as degraded)", self.id);
         }
         if let Some(session) = session.as_deref() {
             let (slot, tag) = headers::affinity_slot(session);

@@ -63,6 +63,10 @@
 //! first with no routing option set; and the oracle, which knows every attempt's outcome in
 //! advance and the true prices, and sends each request, once, to the cheapest provider that
 //! will answer it (by its prompt and the traffic's mean answer length: see [`run_oracle`]).
+//! The cost goal is judged against that oracle held to the p95 goal ([`run_oracle_within`]:
+//! the same, except that at most 5 % of requests may answer later than 0.8× round-robin's
+//! p95), the least any routing can pay and meet both goals; the unconstrained oracle's own p95
+//! is over that bound in some worlds (its row stays in the tables).
 //!
 //! For reference, not judged: the oracle that also knows each answer's length, and the informed
 //! oracle, which knows each provider's true state at every moment (not the requests' own luck)
@@ -1357,8 +1361,8 @@ pub fn run_oracle_within(w: &World, cap_ms: u64) -> Stats {
     st.requests = n;
     let mean_out = w.requests.iter().map(|r| r.out_tok as f64).sum::<f64>() / n.max(1) as f64;
     // Per request: (cheapest answer, cheapest answer within the cap, fastest failure).
-    let mut picks: Vec<(Option<(usize, AttemptResult)>, Option<(usize, AttemptResult)>, u64)> =
-        Vec::with_capacity(n);
+    type Pick = Option<(usize, AttemptResult)>;
+    let mut picks: Vec<(Pick, Pick, u64)> = Vec::with_capacity(n);
     let mut extra: Vec<(f64, usize)> = Vec::new();
     let mut late_anyway = 0usize;
     for (i, req) in w.requests.iter().enumerate() {
@@ -1658,9 +1662,11 @@ impl Report {
 
     /// Goal checks of one market-router variant (or any row).
     pub fn goals_of(&self, variant: &str) -> Vec<Goal> {
-        let (Some(mr), Some(rr), Some(or)) =
-            (self.row(variant), self.row(ROUND_ROBIN), self.row(ORACLE_P95))
-        else {
+        let (Some(mr), Some(rr), Some(or)) = (
+            self.row(variant),
+            self.row(ROUND_ROBIN),
+            self.row(ORACLE_P95),
+        ) else {
             return Vec::new();
         };
         let g = |goal, value: f64, target: f64, pass| Goal {
@@ -2101,30 +2107,39 @@ pub fn summary(reports: &[Report]) -> String {
             ));
         }
     }
-    s.push_str(
-        "\nevery strategy, all runs: effective cost / oracle's | TCO (× (1 + retry rate)) / \
-         oracle's | p95 / round-robin's | success % — min / median / max\n",
-    );
+    s.push_str(&format!(
+        "\nTCO per strategy, per world: min / median / max over seeds. TCO = Σ tokens × price × \
+         (1 + retry rate), $ per 1k requests; eff = the answers plus failed attempts' prompts \
+         where the provider bills them, $ per 1k requests; ratios against {ORACLE_P95} (the \
+         cost goal's reference) and round-robin's p95\n"
+    ));
     let labels: Vec<String> = first.rows.iter().map(|r| r.label.clone()).collect();
     let w = labels.iter().map(String::len).max().unwrap_or(10);
-    for label in &labels {
-        let per = |f: &dyn Fn(&Report, &Stats) -> f64| -> (f64, f64, f64) {
-            let xs: Vec<f64> = reports
-                .iter()
-                .filter_map(|r| r.row(label).map(|row| f(r, row)))
-                .collect();
-            spread(&xs)
-        };
-        let oracle = |r: &Report| r.row(ORACLE).map_or(f64::NAN, Stats::effective_per_1k);
-        let rr_p95 = |r: &Report| r.row(ROUND_ROBIN).map_or(0, |x| x.percentile(0.95)).max(1);
-        let eff = per(&|r, x| x.effective_per_1k() / oracle(r));
-        let tco = per(&|r, x| x.tco_per_1k() / oracle(r));
-        let p95 = per(&|r, x| x.percentile(0.95) as f64 / rr_p95(r) as f64);
-        let ok = per(&|_, x| x.success_pct());
+    for (name, rs) in &groups {
         s.push_str(&format!(
-            "  {label:<w$} | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.2} / {:.2} / {:.2} | {:.3} / {:.3} / {:.3}\n",
-            eff.0, eff.1, eff.2, tco.0, tco.1, tco.2, p95.0, p95.1, p95.2, ok.0, ok.1, ok.2
+            "  {name}\n    {:<w$} | {:^26} | {:^26} | {:^20} | {:^17} | success % min\n",
+            "strategy", "TCO $/1k", "eff $/1k", "eff / oracle", "p95 / RR"
         ));
+        for label in &labels {
+            let per = |f: &dyn Fn(&Report, &Stats) -> f64| -> (f64, f64, f64) {
+                let xs: Vec<f64> = rs
+                    .iter()
+                    .filter_map(|r| r.row(label).map(|row| f(r, row)))
+                    .collect();
+                spread(&xs)
+            };
+            let oracle = |r: &Report| r.row(ORACLE_P95).map_or(f64::NAN, Stats::effective_per_1k);
+            let rr_p95 = |r: &Report| r.row(ROUND_ROBIN).map_or(0, |x| x.percentile(0.95)).max(1);
+            let tco = per(&|_, x| x.tco_per_1k());
+            let eff = per(&|_, x| x.effective_per_1k());
+            let vs = per(&|r, x| x.effective_per_1k() / oracle(r));
+            let p95 = per(&|r, x| x.percentile(0.95) as f64 / rr_p95(r) as f64);
+            let ok = per(&|_, x| x.success_pct());
+            s.push_str(&format!(
+                "    {label:<w$} | {:.4} / {:.4} / {:.4} | {:.4} / {:.4} / {:.4} | {:.3} / {:.3} / {:.3} | {:.2} / {:.2} / {:.2} | {:.3}\n",
+                tco.0, tco.1, tco.2, eff.0, eff.1, eff.2, vs.0, vs.1, vs.2, p95.0, p95.1, p95.2, ok.0
+            ));
+        }
     }
     s
 }
