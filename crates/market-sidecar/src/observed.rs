@@ -19,9 +19,10 @@
 //! overrides stay in force. Samples leave the window whole, so the snapshot changes only when
 //! a report arrives or one expires (no per-second republishing).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 /// Upper bounds (ms) of the TTFB histogram buckets; a last bucket holds everything above.
 pub const TTFB_BOUNDS_MS: [u64; 7] = [100, 250, 500, 1000, 2500, 5000, 10000];
@@ -45,9 +46,11 @@ pub const MAX_KEYS: usize = 8192;
 pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 /// Largest report body accepted, bytes.
 pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+/// Most reports a replica keeps for sharing (see [`Fleet::accept`]); the oldest go first.
+pub const MAX_KNOWN: usize = 65_536;
 
 /// One report, as posted.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct Report {
     /// Must be 1.
     pub version: u32,
@@ -57,7 +60,7 @@ pub struct Report {
 }
 
 /// One (provider, model) of a report.
-#[derive(Debug, Deserialize, Clone, Default)]
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
 pub struct Entry {
     /// Plugin provider name.
     pub provider: String,
@@ -125,6 +128,40 @@ struct Sample {
     hist: [u64; BUCKETS],
 }
 
+/// A report a replica knows (received itself, or read from the shared store), kept while its
+/// figures count so that it can be shared again after the store lost it.
+#[derive(Debug, Clone)]
+pub struct Known {
+    /// When a replica received it.
+    pub at_ms: u64,
+    /// The report, serialized.
+    pub body: Arc<Vec<u8>>,
+    /// Whether the shared store holds it (in its current epoch).
+    pub shared: bool,
+    /// Until when it matters: the window, or a longer Retry-After window it opened.
+    keep_until_ms: u64,
+}
+
+/// The Retry-After windows a report opens: (provider, model, until ms).
+pub fn windows_of(report: &Report, at_ms: u64) -> Vec<(String, String, u64)> {
+    report
+        .observations
+        .iter()
+        .filter_map(|e| {
+            let failures: u64 = e.failures.values().sum();
+            e.retry_after_ms
+                .filter(|_| e.rate_limited > 0 || failures > 0)
+                .map(|ra| {
+                    (
+                        e.provider.clone(),
+                        e.model.clone(),
+                        at_ms + ra.min(MAX_RETRY_AFTER_MS),
+                    )
+                })
+        })
+        .collect()
+}
+
 #[derive(Debug, Default)]
 struct Track {
     samples: VecDeque<Sample>,
@@ -140,6 +177,8 @@ pub struct Fleet {
     pub reports: u64,
     /// Entries dropped (no room for a new key).
     pub dropped_entries: u64,
+    /// Reports by id, kept for sharing (only filled through [`Fleet::accept`]).
+    known: BTreeMap<String, Known>,
 }
 
 /// What the window holds for one offer.
@@ -219,7 +258,110 @@ impl Fleet {
             {
                 t.retry_until_ms = t.retry_until_ms.max(now + ra.min(MAX_RETRY_AFTER_MS));
             }
-            t.last_ms = now;
+            // Reports may come in any order (read back from the shared store): the latest counts.
+            t.last_ms = t.last_ms.max(now);
+        }
+    }
+
+    /// Adds a report known by `id`, received at `at_ms`, unless it is known already (a report
+    /// read back from the shared store, or shared again after the store lost it, counts once).
+    /// `shared`: it came from the store. Returns whether it was new.
+    pub fn accept(&mut self, id: &str, at_ms: u64, report: &Report, shared: bool) -> bool {
+        if let Some(k) = self.known.get_mut(id) {
+            k.shared |= shared;
+            return false;
+        }
+        self.add(report, at_ms);
+        let keep_until_ms = windows_of(report, at_ms)
+            .iter()
+            .map(|w| w.2)
+            .fold(at_ms + WINDOW_MS, u64::max);
+        let body = Arc::new(serde_json::to_vec(report).unwrap_or_default());
+        self.known.insert(
+            id.to_string(),
+            Known {
+                at_ms,
+                body,
+                shared,
+                keep_until_ms,
+            },
+        );
+        while self.known.len() > MAX_KNOWN {
+            let oldest = self
+                .known
+                .iter()
+                .min_by_key(|(_, k)| k.at_ms)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(id) => self.known.remove(&id),
+                None => break,
+            };
+        }
+        true
+    }
+
+    /// Reports not in the shared store yet, oldest first, at most `max`: (id, at_ms, body).
+    pub fn unshared(&self, max: usize) -> Vec<(String, u64, Arc<Vec<u8>>)> {
+        let mut v: Vec<_> = self
+            .known
+            .iter()
+            .filter(|(_, k)| !k.shared)
+            .map(|(id, k)| (id.clone(), k.at_ms, k.body.clone()))
+            .collect();
+        v.sort_by_key(|x| x.1);
+        v.truncate(max);
+        v
+    }
+
+    /// How many reports are known (kept for sharing).
+    pub fn known_count(&self) -> usize {
+        self.known.len()
+    }
+
+    /// How many known reports the shared store does not hold.
+    pub fn unshared_count(&self) -> usize {
+        self.known.values().filter(|k| !k.shared).count()
+    }
+
+    /// Marks a report as held by the shared store.
+    pub fn mark_shared(&mut self, id: &str) {
+        if let Some(k) = self.known.get_mut(id) {
+            k.shared = true;
+        }
+    }
+
+    /// The shared store lost its data (or was never joined): every known report is to be
+    /// shared again.
+    pub fn mark_all_unshared(&mut self) {
+        for k in self.known.values_mut() {
+            k.shared = false;
+        }
+    }
+
+    /// The open Retry-After windows: (provider, model, until ms).
+    pub fn windows(&self, now: u64) -> Vec<(String, String, u64)> {
+        self.tracks
+            .iter()
+            .filter(|(_, t)| t.retry_until_ms > now)
+            .map(|((p, m), t)| (p.clone(), m.clone(), t.retry_until_ms))
+            .collect()
+    }
+
+    /// Opens (or extends) a Retry-After window another replica learned of; returns whether it
+    /// changed anything.
+    pub fn open_window(&mut self, provider: &str, model: &str, until_ms: u64) -> bool {
+        let key = (provider.to_string(), model.to_string());
+        if !self.tracks.contains_key(&key) && self.tracks.len() >= MAX_KEYS {
+            self.dropped_entries += 1;
+            return false;
+        }
+        let t = self.tracks.entry(key).or_default();
+        let until = until_ms.min(u64::MAX / 2);
+        if until > t.retry_until_ms {
+            t.retry_until_ms = until;
+            true
+        } else {
+            false
         }
     }
 
@@ -227,16 +369,14 @@ impl Fleet {
     pub fn expire(&mut self, now: u64) -> bool {
         let mut changed = false;
         self.tracks.retain(|_, t| {
-            while t
-                .samples
-                .front()
-                .is_some_and(|s| now.saturating_sub(s.at_ms) >= WINDOW_MS)
-            {
-                t.samples.pop_front();
-                changed = true;
-            }
+            let before = t.samples.len();
+            // Samples read back from the shared store may be out of order.
+            t.samples
+                .retain(|s| now.saturating_sub(s.at_ms) < WINDOW_MS);
+            changed |= t.samples.len() != before;
             !t.samples.is_empty() || t.retry_until_ms > now
         });
+        self.known.retain(|_, k| k.keep_until_ms > now);
         changed
     }
 
@@ -541,5 +681,73 @@ mod tests {
         }
         assert_eq!(fleet.tracks.len(), MAX_KEYS);
         assert_eq!(fleet.dropped_entries, MAX_ENTRIES as u64);
+    }
+
+    #[test]
+    fn a_report_known_by_id_counts_once_in_any_order() {
+        // Two replicas learn the same reports, in different orders, some twice: same figures.
+        let r1 = report(vec![entry("a", 2, 1, &[0, 3])]);
+        let r2 = report(vec![entry("a", 0, 4, &[])]);
+        let mut x = Fleet::default();
+        assert!(x.accept("r1", 1_000, &r1, false));
+        assert!(x.accept("r2", 2_000, &r2, false));
+        let mut y = Fleet::default();
+        assert!(y.accept("r2", 2_000, &r2, true));
+        assert!(!y.accept("r2", 2_000, &r2, true));
+        assert!(y.accept("r1", 1_000, &r1, true));
+        assert_eq!(x.figures("a", "m", 3_000), y.figures("a", "m", 3_000));
+        let f = x.figures("a", "m", 3_000).unwrap();
+        assert_eq!((f.samples, f.as_of_ms), (7, 2_000));
+        // What x received itself is to be shared, oldest first; read back, it is shared.
+        let u = x.unshared(10);
+        assert_eq!(
+            u.iter()
+                .map(|(id, at, _)| (id.as_str(), *at))
+                .collect::<Vec<_>>(),
+            [("r1", 1_000), ("r2", 2_000)]
+        );
+        let back: Report = serde_json::from_slice(&u[0].2).unwrap();
+        assert_eq!(back.observations[0].successes, 2);
+        assert!(!x.accept("r1", 1_000, &r1, true));
+        x.mark_shared("r2");
+        assert_eq!(x.unshared_count(), 0);
+        // The store lost its data: everything known is to be shared again.
+        x.mark_all_unshared();
+        assert_eq!(x.unshared(1).len(), 1);
+        assert_eq!(x.unshared_count(), 2);
+        // Known reports leave with the window.
+        x.expire(2_000 + WINDOW_MS);
+        assert_eq!(x.unshared_count(), 0);
+    }
+
+    #[test]
+    fn retry_after_windows_are_kept_and_can_be_opened_from_elsewhere() {
+        let mut limited = entry("b", 1, 0, &[]);
+        limited.rate_limited = 2;
+        limited.retry_after_ms = Some(WINDOW_MS * 2);
+        let r = report(vec![limited, entry("a", 1, 0, &[])]);
+        assert_eq!(
+            windows_of(&r, 10),
+            vec![("b".to_string(), "m".to_string(), 10 + WINDOW_MS * 2)]
+        );
+        let mut x = Fleet::default();
+        x.accept("r", 10, &r, false);
+        // The report outlives the sample window while its Retry-After window is open.
+        x.expire(10 + WINDOW_MS);
+        assert_eq!(x.unshared_count(), 1);
+        assert_eq!(x.windows(10 + WINDOW_MS).len(), 1);
+        let mut y = Fleet::default();
+        assert!(y.open_window("b", "m", 10 + WINDOW_MS * 2));
+        assert!(!y.open_window("b", "m", 20));
+        assert_eq!(
+            y.figures("b", "m", 100).unwrap().availability,
+            Some("offline")
+        );
+        assert_eq!(
+            y.figures("b", "m", 11 + WINDOW_MS * 2)
+                .unwrap()
+                .availability,
+            None
+        );
     }
 }
