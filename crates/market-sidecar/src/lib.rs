@@ -221,7 +221,9 @@ impl App {
 
     /// The Redis link state, when Redis is configured.
     pub fn redis_status(&self) -> Option<shared::Status> {
-        lock(&self.redis).clone()
+        let mut s = lock(&self.redis).clone()?;
+        s.unshared = lock(&self.fleet).unshared_count();
+        Some(s)
     }
 
     fn set_redis_status(&self, f: impl FnOnce(&mut shared::Status)) {

@@ -461,8 +461,9 @@ fn weight(o: &Value, figure: &str, n: u64, has_value: bool) -> Option<f64> {
     Some(n as f64 / (n as f64 + k))
 }
 
-fn round(x: f64, step: f64) -> f64 {
-    (x / step).round() * step
+/// `x` to a multiple of `1 / per_unit` (dividing keeps 0.825 from printing as 0.8250000000000001).
+fn round(x: f64, per_unit: f64) -> f64 {
+    (x * per_unit).round() / per_unit
 }
 
 fn mark(o: &mut Map<String, Value>, figure: &str, f: &Figures, samples: u64) {
@@ -486,7 +487,7 @@ fn fold_offer(offer: &mut Value, f: &Figures) {
         let feed = o.get("uptime").and_then(Value::as_f64);
         if let Some(w) = weight(&snapshot, "uptime", f.samples, feed.is_some()) {
             let v = feed.map_or(u, |x| w * u + (1.0 - w) * x);
-            o.insert("uptime".into(), json!(round(v.clamp(0.0, 1.0), 0.0001)));
+            o.insert("uptime".into(), json!(round(v.clamp(0.0, 1.0), 10_000.0)));
             mark(o, "uptime", f, f.samples);
         }
     }

@@ -146,9 +146,11 @@ impl Keys {
     }
 }
 
-/// One connection and what this replica knows of Redis through it.
+/// One connection and what this replica knows of Redis (kept across reconnections: Redis
+/// only unreachable for a while still holds what it held).
 struct Link {
-    conn: MultiplexedConnection,
+    conn: Option<MultiplexedConnection>,
+    /// The epoch last seen.
     epoch: Option<String>,
     /// The last stream id read.
     cursor: String,
@@ -224,13 +226,19 @@ pub async fn run(app: Arc<App>, opts: Options) {
         app.enable_redis(&opts.replica);
     }
     let keys = Keys::new(&opts.prefix);
-    let mut link: Option<Link> = None;
+    let mut l = Link {
+        conn: None,
+        epoch: None,
+        cursor: "0-0".into(),
+        leader: false,
+        published: None,
+    };
     let mut failing = false;
     let mut first = true;
     loop {
         if first {
             first = false;
-        } else if link.is_some() {
+        } else if l.conn.is_some() {
             tokio::select! {
                 _ = app.sync_wake.notified() => {}
                 _ = tokio::time::sleep(opts.sync) => {}
@@ -238,27 +246,18 @@ pub async fn run(app: Arc<App>, opts: Options) {
         } else {
             tokio::time::sleep(opts.retry).await;
         }
-        if link.is_none() {
+        if l.conn.is_none() {
             match connect(&opts).await {
-                Ok(conn) => {
-                    link = Some(Link {
-                        conn,
-                        epoch: None,
-                        cursor: "0-0".into(),
-                        leader: false,
-                        published: None,
-                    })
-                }
+                Ok(conn) => l.conn = Some(conn),
                 Err(e) => {
                     lost(&app, &mut failing, &e.to_string());
                     continue;
                 }
             }
         }
-        let Some(l) = link.as_mut() else { continue };
         // A whole sync is bounded too: a Redis that accepts and never answers is down.
         let budget = opts.timeout * 4;
-        let result = match tokio::time::timeout(budget, sync(&app, &opts, &keys, l)).await {
+        let result = match tokio::time::timeout(budget, sync(&app, &opts, &keys, &mut l)).await {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer within {} ms", budget.as_millis())),
         };
@@ -272,7 +271,9 @@ pub async fn run(app: Arc<App>, opts: Options) {
                 }
             }
             Err(e) => {
-                link = None;
+                l.conn = None;
+                l.leader = false;
+                l.published = None;
                 lost(&app, &mut failing, &e);
             }
         }
@@ -286,6 +287,7 @@ fn lost(app: &App, failing: &mut bool, e: &str) {
     app.set_redis_status(|s| {
         s.connected = false;
         s.leader = false;
+        s.leader_id = None;
         s.serving_shared = false;
         s.errors += 1;
         s.unshared = unshared;
@@ -302,22 +304,25 @@ fn lost(app: &App, failing: &mut bool, e: &str) {
 }
 
 async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<()> {
+    let Some(mut conn) = l.conn.clone() else {
+        return Ok(());
+    };
     let now = now_ms();
     // 1. The epoch: a new one means Redis lost what it held.
     let mut epoch: Option<String> = redis::cmd("GET")
         .arg(&k.epoch)
-        .query_async(&mut l.conn)
+        .query_async(&mut conn)
         .await?;
     if epoch.is_none() {
         let _: Option<String> = redis::cmd("SET")
             .arg(&k.epoch)
             .arg(fresh_id(&opts.replica))
             .arg("NX")
-            .query_async(&mut l.conn)
+            .query_async(&mut conn)
             .await?;
         epoch = redis::cmd("GET")
             .arg(&k.epoch)
-            .query_async(&mut l.conn)
+            .query_async(&mut conn)
             .await?;
     }
     let mut rejoined = false;
@@ -363,7 +368,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
                 .arg(body.as_slice())
                 .ignore();
         }
-        pipe.query_async::<()>(&mut l.conn).await?;
+        pipe.query_async::<()>(&mut conn).await?;
         let mut fleet = lock(&app.fleet);
         for (id, ..) in &batch {
             fleet.mark_shared(id);
@@ -383,7 +388,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
                     .arg(*until)
                     .ignore();
             }
-            pipe.query_async::<()>(&mut l.conn).await?;
+            pipe.query_async::<()>(&mut conn).await?;
         }
     }
 
@@ -396,7 +401,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
             .arg("STREAMS")
             .arg(&k.reports)
             .arg(&l.cursor)
-            .query_async(&mut l.conn)
+            .query_async(&mut conn)
             .await?;
         let entries: Vec<_> = reply
             .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
@@ -429,7 +434,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
     }
     let windows: HashMap<Vec<u8>, u64> = redis::cmd("HGETALL")
         .arg(&k.retry)
-        .query_async(&mut l.conn)
+        .query_async(&mut conn)
         .await?;
     let mut opened = false;
     let mut ended: Vec<Vec<u8>> = Vec::new();
@@ -452,20 +457,19 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
         app.changed.notify_one();
     }
 
-    // 4. The lease.
+    // 4. The lease: renewed while it is this replica's (also right after a reconnection).
     let lease_ms = opts.lease.as_millis() as u64;
-    if l.leader {
-        let renewed: i64 = redis::Script::new(RENEW)
-            .key(&k.leader)
-            .arg(&opts.replica)
-            .arg(lease_ms)
-            .invoke_async(&mut l.conn)
-            .await?;
-        if renewed != 1 {
-            tracing::warn!("redis: lost the leader lease; following");
-            l.leader = false;
-        }
+    let renewed: i64 = redis::Script::new(RENEW)
+        .key(&k.leader)
+        .arg(&opts.replica)
+        .arg(lease_ms)
+        .invoke_async(&mut conn)
+        .await?;
+    if l.leader && renewed != 1 {
+        tracing::warn!("redis: lost the leader lease; following");
+        l.published = None;
     }
+    l.leader = renewed == 1;
     if !l.leader {
         let got: Option<String> = redis::cmd("SET")
             .arg(&k.leader)
@@ -473,7 +477,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
             .arg("NX")
             .arg("PX")
             .arg(lease_ms)
-            .query_async(&mut l.conn)
+            .query_async(&mut conn)
             .await?;
         if got.is_some() {
             tracing::info!(
@@ -486,7 +490,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
     }
     let leader_id: Option<String> = redis::cmd("GET")
         .arg(&k.leader)
-        .query_async(&mut l.conn)
+        .query_async(&mut conn)
         .await?;
     if l.leader && !ended.is_empty() {
         let mut del = redis::cmd("HDEL");
@@ -494,7 +498,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
         for f in &ended {
             del.arg(f.as_slice());
         }
-        del.query_async::<()>(&mut l.conn).await?;
+        del.query_async::<()>(&mut conn).await?;
     }
 
     // 5. The snapshot: the leader publishes its own, the others serve it.
@@ -510,7 +514,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
                     .arg(own.body.as_slice())
                     .arg(&own.etag)
                     .arg(own.generated_at_ms)
-                    .invoke_async(&mut l.conn)
+                    .invoke_async(&mut conn)
                     .await?;
                 if ok == 1 {
                     l.published = Some(own.etag.clone());
@@ -523,7 +527,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
         let etag: Option<String> = redis::cmd("HGET")
             .arg(&k.snapshot)
             .arg("etag")
-            .query_async(&mut l.conn)
+            .query_async(&mut conn)
             .await?;
         let current = read_shared_etag(app);
         let stale_after = 2 * app.config().republish.as_millis() as u64 + lease_ms;
@@ -544,7 +548,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
                         .arg("etag")
                         .arg("body")
                         .arg("generated_at_ms")
-                        .query_async(&mut l.conn)
+                        .query_async(&mut conn)
                         .await?;
                 match (etag, body, generated) {
                     (Some(etag), Some(body), Some(generated))
@@ -570,6 +574,7 @@ async fn sync(app: &App, opts: &Options, k: &Keys, l: &mut Link) -> RedisResult<
         s.pushed += pushed;
         s.pulled += pulled;
         s.unshared = unshared;
+        s.last_error = None;
     });
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod hyper_serve;
 pub mod kong;
 pub mod market_service;
 pub mod procs;
+pub mod redis;
 pub mod refusing;
 pub mod testbed;
 
@@ -26,6 +27,7 @@ pub use http::{
 pub use kong::{kong_nginx_bin, Kong, KongConfig, KongFilter};
 pub use market_service::{market_service_bin, venv_catalogs, MarketService};
 pub use procs::{crate_root, envoy_bin, example_bin, start_portkey, wasm_path, Proc, TempDir};
+pub use redis::{redis_or_skip, RedisServer};
 pub use refusing::RefusingPort;
 pub use testbed::{MockOpts, MockProvider, Sidecar};
 
