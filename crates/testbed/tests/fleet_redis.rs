@@ -127,7 +127,10 @@ fn etag(s: &MarketService) -> Value {
 }
 
 fn state(s: &MarketService) -> String {
-    health(s)["redis"]["state"].as_str().unwrap_or("").to_string()
+    health(s)["redis"]["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Waits until `cond` holds, or fails with `what()`.
@@ -175,6 +178,25 @@ fn wait_same_ranking(a: &Envoy, b: &Envoy) -> Value {
         },
     );
     route(a)
+}
+
+/// Both Envoys hold the same snapshot version (their rankings may still differ by what each
+/// saw itself: A's own health table remembers `cheap` failing).
+fn wait_same_snapshot(a: &Envoy, b: &Envoy) {
+    wait_until(
+        || {
+            format!(
+                "A and B hold different snapshots:\nA {:#}\nB {:#}",
+                route(a),
+                route(b)
+            )
+        },
+        || {
+            let (x, y) = (route(a), route(b));
+            x["snapshot"]["generated_at_ms"].is_u64()
+                && x["snapshot"]["generated_at_ms"] == y["snapshot"]["generated_at_ms"]
+        },
+    );
 }
 
 #[test]
@@ -339,7 +361,7 @@ fn redis_stopped_mid_run_both_keep_routing_on_their_own_views_and_converge_when_
         || samples(&r1, "cheap") == 5 + a_failed && samples(&r2, "cheap") == 5 + a_failed,
     );
     wait_converged(&r1, &r2);
-    wait_same_ranking(&a, &b);
+    wait_same_snapshot(&a, &b);
     for r in [&r1, &r2] {
         assert!(
             r.metric("market_sidecar_redis_data_lost_total")
