@@ -11,8 +11,10 @@
 //!   (a default: the fleet's figure alone);
 //! - `latency_ms.ttft_p50/p95`: quantiles of the summed histograms, blended the same way;
 //! - availability: `offline` when the last [`RECENT_MS`] hold at least [`MIN_FAILURES`]
-//!   failures and no success, or a Retry-After window is open; `degraded` when at least half
-//!   of at least [`MIN_FAILURES`] recent attempts failed;
+//!   failures and no success, or when the newest reports since the last one with a success
+//!   hold that many failures (a provider that starts failing, however well it did before), or
+//!   a Retry-After window is open; `degraded` when at least half of at least
+//!   [`MIN_FAILURES`] recent attempts failed;
 //! - provenance `{"source": "observed", "as_of_ms": <last report>, "samples": n}`.
 //!
 //! Cold start: an offer nobody has reported on keeps its feed figures unchanged. Operator
@@ -228,6 +230,23 @@ pub fn quantile(hist: &[u64; BUCKETS], q: f64) -> Option<f64> {
     None
 }
 
+/// Failures in the newest recent reports that saw no success, newest first until one did: a
+/// provider that starts failing is offline as soon as the fleet's latest reports say so,
+/// however well it did before. Ties in time are taken in a fixed order (successes first), so
+/// every replica holding the same reports reads the same streak.
+fn failure_streak(samples: &VecDeque<Sample>, now: u64) -> u64 {
+    let mut recent: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| now.saturating_sub(s.at_ms) < RECENT_MS && s.successes + s.failures > 0)
+        .collect();
+    recent.sort_by_key(|s| (std::cmp::Reverse(s.at_ms), std::cmp::Reverse(s.successes)));
+    recent
+        .iter()
+        .take_while(|s| s.successes == 0)
+        .map(|s| s.failures)
+        .sum()
+}
+
 impl Fleet {
     /// Adds a report received at `now`.
     pub fn add(&mut self, report: &Report, now: u64) {
@@ -401,7 +420,10 @@ impl Fleet {
                 *h += v;
             }
         }
-        let availability = if t.retry_until_ms > now || (rbad >= MIN_FAILURES && rok == 0) {
+        let availability = if t.retry_until_ms > now
+            || (rbad >= MIN_FAILURES && rok == 0)
+            || failure_streak(&t.samples, now) >= MIN_FAILURES
+        {
             Some("offline")
         } else if rbad >= MIN_FAILURES && rbad >= rok {
             Some("degraded")
@@ -748,6 +770,35 @@ mod tests {
             y.figures("b", "m", 11 + WINDOW_MS * 2)
                 .unwrap()
                 .availability,
+            None
+        );
+    }
+
+    #[test]
+    fn a_provider_that_starts_failing_is_offline_at_once_whatever_it_did_before() {
+        let mut fleet = Fleet::default();
+        // Healthy for a while, then two reports of failures only.
+        fleet.add(&report(vec![entry("a", 50, 0, &[])]), 1_000);
+        fleet.add(&report(vec![entry("a", 0, 2, &[])]), 2_000);
+        assert_eq!(fleet.figures("a", "m", 2_001).unwrap().availability, None);
+        fleet.add(&report(vec![entry("a", 0, 1, &[])]), 3_000);
+        assert_eq!(
+            fleet.figures("a", "m", 3_001).unwrap().availability,
+            Some("offline")
+        );
+        // One gateway still gets answers: the newest report has a success, no streak.
+        fleet.add(&report(vec![entry("a", 1, 0, &[])]), 3_000);
+        assert_eq!(fleet.figures("a", "m", 3_001).unwrap().availability, None);
+        // The streak ages out with the recent window.
+        let mut f = Fleet::default();
+        f.add(&report(vec![entry("a", 50, 0, &[])]), 0);
+        f.add(&report(vec![entry("a", 0, 3, &[])]), 10);
+        assert_eq!(
+            f.figures("a", "m", 11).unwrap().availability,
+            Some("offline")
+        );
+        assert_eq!(
+            f.figures("a", "m", 10 + RECENT_MS).unwrap().availability,
             None
         );
     }
