@@ -128,7 +128,7 @@ impl Root {
     /// routing the fleet, never worth a retry or a request's time.
     fn start_report(&mut self, vm: &Vm) {
         let Some(m) = &vm.config.market else { return };
-        if self.report.is_some() {
+        if self.report.is_some() || !m.report {
             return;
         }
         let Some(tally) = vm.take_tally() else { return };

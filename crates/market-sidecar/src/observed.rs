@@ -87,6 +87,10 @@ pub struct Entry {
     /// TTFB histogram, [`BUCKETS`] counts.
     #[serde(default)]
     pub ttfb_hist: Vec<u64>,
+    /// Failures after the period's last success (how it ended); absent: all of them when
+    /// the period saw no success, else none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_failures: Option<u64>,
 }
 
 /// Why a report was refused.
@@ -127,6 +131,8 @@ struct Sample {
     at_ms: u64,
     successes: u64,
     failures: u64,
+    /// Failures after the last success.
+    tail: u64,
     hist: [u64; BUCKETS],
 }
 
@@ -230,21 +236,25 @@ pub fn quantile(hist: &[u64; BUCKETS], q: f64) -> Option<f64> {
     None
 }
 
-/// Failures in the newest recent reports that saw no success, newest first until one did: a
-/// provider that starts failing is offline as soon as the fleet's latest reports say so,
-/// however well it did before. Ties in time are taken in a fixed order (successes first), so
-/// every replica holding the same reports reads the same streak.
+/// Failures since the fleet's last success: the newest recent reports' failures after their
+/// last success, newest first until a report that saw one. A provider that starts failing
+/// (even mid-period) is offline as soon as the fleet's latest reports say so, however well it
+/// did before. Ties in time are taken in a fixed order (successes first), so every replica
+/// holding the same reports reads the same streak.
 fn failure_streak(samples: &VecDeque<Sample>, now: u64) -> u64 {
     let mut recent: Vec<&Sample> = samples
         .iter()
         .filter(|s| now.saturating_sub(s.at_ms) < RECENT_MS && s.successes + s.failures > 0)
         .collect();
     recent.sort_by_key(|s| (std::cmp::Reverse(s.at_ms), std::cmp::Reverse(s.successes)));
-    recent
-        .iter()
-        .take_while(|s| s.successes == 0)
-        .map(|s| s.failures)
-        .sum()
+    let mut streak = 0;
+    for s in recent {
+        streak += s.tail;
+        if s.successes > 0 {
+            break;
+        }
+    }
+    streak
 }
 
 impl Fleet {
@@ -264,10 +274,15 @@ impl Fleet {
                 *h = *v;
             }
             if e.successes + failures > 0 || hist.iter().any(|h| *h > 0) {
+                let tail = e
+                    .tail_failures
+                    .unwrap_or(if e.successes == 0 { failures } else { 0 })
+                    .min(failures);
                 t.samples.push_back(Sample {
                     at_ms: now,
                     successes: e.successes,
                     failures,
+                    tail,
                     hist,
                 });
             }
@@ -789,6 +804,18 @@ mod tests {
         // One gateway still gets answers: the newest report has a success, no streak.
         fleet.add(&report(vec![entry("a", 1, 0, &[])]), 3_000);
         assert_eq!(fleet.figures("a", "m", 3_001).unwrap().availability, None);
+        // A period that went well, then down: its tail counts.
+        let mut mid = Fleet::default();
+        mid.add(&report(vec![entry("a", 50, 0, &[])]), 1_000);
+        let mut e = entry("a", 20, 2, &[]);
+        e.tail_failures = Some(2);
+        mid.add(&report(vec![e]), 2_000);
+        assert_eq!(mid.figures("a", "m", 2_001).unwrap().availability, None);
+        mid.add(&report(vec![entry("a", 0, 1, &[])]), 3_000);
+        assert_eq!(
+            mid.figures("a", "m", 3_001).unwrap().availability,
+            Some("offline")
+        );
         // The streak ages out with the recent window.
         let mut f = Fleet::default();
         f.add(&report(vec![entry("a", 50, 0, &[])]), 0);
