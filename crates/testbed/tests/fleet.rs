@@ -354,7 +354,10 @@ fn a_gateway_with_report_false_posts_nothing() {
     let before = sent(&reporting);
     let deadline = Instant::now() + WAIT;
     while sent(&reporting) < before + 2 {
-        assert!(Instant::now() < deadline, "the reporting gateway stopped posting");
+        assert!(
+            Instant::now() < deadline,
+            "the reporting gateway stopped posting"
+        );
         chat(&reporting);
         thread::sleep(Duration::from_millis(50));
     }

@@ -18,7 +18,7 @@
 //! bench_fleet [--quick] [--rounds N] [--secs S] [--runs K] [--out DIR]
 //! ```
 
-mod common;
+use market_router_testbed as common;
 
 use common::{
     crate_root, get, post_json, Args, Envoy, EnvoyConfig, MarketService, MockOpts, MockProvider,
