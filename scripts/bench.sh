@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make bench: installs and builds what the benchmark needs, then runs tools/src/bin/bench.rs, which
-# writes bench/results/latest.json and bench/results/latest.md, then tools/src/bin/bench_kong.rs
+# writes bench/results/latest.json and bench/results/latest.md, then tools/src/bin/bench_fleet.rs
+# (the fleet market; bench/results/fleet.json and fleet.md), then tools/src/bin/bench_kong.rs
 # (Kong's wasm host; bench/results/kong.json and kong.md).
 #
 # usage: scripts/bench.sh [driver arguments]     (make bench ARGS='...')
@@ -94,6 +95,19 @@ fi
 
 export MR_WASM="${MR_WASM:-$PWD/target/wasm32-wasip1/release/market_router.wasm}"
 cargo run --release -p market-router-tools --bin bench -- "${args[@]}"
+
+# The fleet market (tools/src/bin/bench_fleet.rs, bench/results/fleet.md): what reporting costs on the
+# request path (market.report on vs off, paired alternating rounds) and the time from a
+# provider's outage to fleet-wide avoidance (one service; two replicas on Redis); --quick
+# carries over. Needs redis-server (Debian's package).
+if ! have redis-server; then
+    log "installing redis-server"
+    apt_install redis-server || { log "error: redis-server is needed and could not be installed"; exit 1; }
+fi
+cargo build --release -p market-sidecar
+fleet_args=()
+for a in "${args[@]}"; do [ "$a" = --quick ] && fleet_args+=(--quick); done
+cargo run --release -p market-router-tools --bin bench_fleet -- "${fleet_args[@]}"
 
 # Kong's wasm host: nginx proxy_pass alone vs market-router in dispatch mode
 # (tools/src/bin/bench_kong.rs, bench/results/kong.md); --quick carries over.

@@ -13,7 +13,9 @@
 #   the module source    $NGX_WASM_SRC, a tarball of ngx_wasm_module (default
 #                        ../shared/hosts/ngx_wasm_module.tar.gz from the project root; outside
 #                        that setup, a `git archive` of the same commit of Kong/ngx_wasm_module)
-#   wasmtime             the C API from crates.io, version and features below
+#   wasmtime             the C API from crates.io through the wrapper crate in
+#                        scripts/kong-host/wasmtime-capi (version and features in its
+#                        Cargo.toml, every crate pinned by its Cargo.lock; built --locked)
 #   configure flags      below
 #   this script          its own sha256
 #
@@ -22,9 +24,10 @@
 #   NGX_WASM_SRC    the module tarball (see above)
 #   JOBS            parallel jobs for make and cargo (default 2)
 #
-# The wasmtime C API is built through a wrapper crate this script writes into the cache (a
-# staticlib re-exporting wasmtime-c-api-impl); cargo's target directory stays there too, so a
-# changed script or module rebuilds only nginx (about a minute), not wasmtime (minutes).
+# The wasmtime C API is built through the wrapper crate in scripts/kong-host/wasmtime-capi (a
+# staticlib re-exporting wasmtime-c-api-impl), copied into the cache; cargo's target directory
+# stays in the cache too, so a changed script or module rebuilds only nginx (about a minute),
+# not wasmtime (minutes), and a changed lock file rebuilds only the crates it changes.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -35,8 +38,8 @@ NGINX_VERSION=1.22.1
 NGINX_ORIG="nginx_${NGINX_VERSION}.orig.tar.gz"
 NGINX_SHA256=9ebb333a9e82b952acd3e2b4aeb1d4ff6406f72491bab6cd9fe69f0dea737f31
 DEBIAN_SUITE=bookworm
-WASMTIME_VERSION=26.0.1
-WASMTIME_FEATURES='"cranelift", "wasi", "wat", "cache", "parallel-compilation", "gc", "demangle", "threads"'
+WASMTIME_CRATE="$ROOT/scripts/kong-host/wasmtime-capi"
+WASMTIME_VERSION=$(sed -n 's/^wasmtime-c-api-impl = { version = "=\([0-9.]*\)".*/\1/p' "$WASMTIME_CRATE/Cargo.toml")
 CONFIGURE_FLAGS=(--with-http_ssl_module)
 DEB_PKGS=(cmake libpcre2-dev zlib1g-dev libssl-dev)
 
@@ -104,7 +107,12 @@ nginx_tarball() {
 
 # --- wasmtime's C API --------------------------------------------------------------------------
 
-wasmtime_dir() { echo "$CACHE/wasmtime-$WASMTIME_VERSION-$(echo "$WASMTIME_FEATURES" | sha256sum | cut -c1-12)"; }
+# sha256 of the wrapper crate: its manifest, lock file and source.
+wasmtime_crate_sha() {
+    (cd "$WASMTIME_CRATE" && sha256sum Cargo.toml Cargo.lock src/lib.rs) | sha256sum | cut -c1-12
+}
+
+wasmtime_dir() { echo "$CACHE/wasmtime-$WASMTIME_VERSION-$(wasmtime_crate_sha)"; }
 
 build_wasmtime() {
     local dir
@@ -113,38 +121,23 @@ build_wasmtime() {
         echo "$dir"
         return 0
     fi
+    [ -n "$WASMTIME_VERSION" ] || die "no wasmtime-c-api-impl version in $WASMTIME_CRATE/Cargo.toml"
     log "building wasmtime $WASMTIME_VERSION's C API (several minutes on 2 cores)"
+    rm -rf "$dir/crate"
     mkdir -p "$dir/crate/src"
-    cat >"$dir/crate/Cargo.toml" <<EOF
-# Written by market-router's scripts/kong-host.sh: wasmtime's C API as one static library.
-[package]
-name = "wasmtime-capi-static"
-version = "0.0.0"
-edition = "2021"
-publish = false
-
-[lib]
-crate-type = ["staticlib"]
-path = "src/lib.rs"
-
-[dependencies]
-wasmtime-c-api-impl = { version = "=$WASMTIME_VERSION", default-features = false, features = [$WASMTIME_FEATURES] }
-
-[profile.release]
-debug = false
-
-[workspace]
-EOF
-    echo 'pub use wasmtime_c_api::*;' >"$dir/crate/src/lib.rs"
-    (cd "$dir/crate" && cargo build --release -j "$JOBS" >&2)
+    cp "$WASMTIME_CRATE/Cargo.toml" "$WASMTIME_CRATE/Cargo.lock" "$dir/crate/"
+    cp "$WASMTIME_CRATE/src/lib.rs" "$dir/crate/src/"
+    local target="$CACHE/wasmtime-target"
+    (cd "$dir/crate" && CARGO_TARGET_DIR="$target" cargo build --release --locked -j "$JOBS" >&2)
+    # The build script's output of the crate just built (the newest, should older ones linger).
     local out
-    out=$(ls -d "$dir"/crate/target/release/build/wasmtime-c-api-impl-*/out/include 2>/dev/null |
+    out=$(ls -td "$target"/release/build/wasmtime-c-api-impl-*/out/include 2>/dev/null |
         head -n 1)
     [ -n "$out" ] || die "wasmtime's build left no include directory"
     rm -rf "$dir/include" "$dir/lib"
     mkdir -p "$dir/lib"
     cp -r "$out" "$dir/include"
-    cp "$dir/crate/target/release/libwasmtime_capi_static.a" "$dir/lib/libwasmtime.a"
+    cp "$target/release/libwasmtime_capi_static.a" "$dir/lib/libwasmtime.a"
     # 26.0.1's build script leaves WASMTIME_FEATURE_WAT out of conf.h; the module builds with
     # -Werror and needs it.
     # (The header has CRLF line ends.)
@@ -164,7 +157,7 @@ cache_key() {
     {
         echo "nginx $NGINX_SHA256"
         echo "module $(sha "$NGX_WASM_SRC")"
-        echo "wasmtime $WASMTIME_VERSION $WASMTIME_FEATURES"
+        echo "wasmtime $WASMTIME_VERSION crate $(wasmtime_crate_sha)"
         echo "configure ${CONFIGURE_FLAGS[*]}"
         echo "script $(sha "$SCRIPT")"
     } | sha256sum | cut -c1-16
@@ -206,7 +199,7 @@ build_host() {
     {
         echo "nginx $NGINX_VERSION ($NGINX_SHA256)"
         echo "ngx_wasm_module $(sha "$NGX_WASM_SRC")"
-        echo "wasmtime $WASMTIME_VERSION"
+        echo "wasmtime $WASMTIME_VERSION (wrapper crate and lock $(wasmtime_crate_sha))"
         echo "configure ${CONFIGURE_FLAGS[*]}"
     } >"$dir/inputs"
     rm -rf "$work"

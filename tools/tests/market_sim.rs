@@ -20,14 +20,15 @@ use std::process::Command;
 const SEEDS: &str = "1,2,3,4,5";
 const REQUESTS: u64 = 15_000;
 
-/// What every run must reach, asserted on each (world, seed). Success and the saving against
-/// round-robin are the goals as they stand; the cost against the oracle and the p95
-/// against round-robin are asserted at the bounds the default meets on every run today
-/// (1.08× and 0.90×); the 1.05× and 0.80× are printed in the summary with their pass
-/// counts (`make bench`), where some runs still miss them.
+/// What every run must reach, asserted on each (world, seed): the goals. The cost is
+/// judged against the oracle held to the p95 goal (`sim::ORACLE_P95`). The p95 bound stays at
+/// 0.90× round-robin's: in the qwen3-235b world the cheapest offer (wandb, 0.10/0.10 per Mtok)
+/// is slower than most, and on some seeds even the informed oracle — perfect, instant market
+/// data — pays over 1.05× for 0.80× (seed 4: 1.10× at 15,000 requests); the summary prints
+/// the 0.80× goal with its pass count.
 const MIN_SUCCESS_PCT: f64 = 99.9;
 const MAX_VS_RR: f64 = 0.60;
-const MAX_VS_ORACLE: f64 = 1.08;
+const MAX_VS_ORACLE: f64 = 1.05;
 const MAX_P95_VS_RR: f64 = 0.90;
 
 fn catalog() -> sim::catalog::Catalog {
@@ -124,6 +125,15 @@ fn the_default_configuration_meets_the_goals_on_every_world_and_seed() {
             );
             assert!(tco >= ans && eff >= ans, "{at}: {label}");
         }
+        // The cost goal's oracle meets the p95 goal itself, and pays at least what the
+        // unconstrained oracle pays.
+        let eff = |label: &str| f(&row(label)["effective_cost_per_1k_requests_usd"]);
+        let p95_of = |label: &str| f(&row(label)["p95_latency_ms"]);
+        assert!(
+            p95_of(sim::ORACLE_P95) <= 0.8 * p95_of(sim::ROUND_ROBIN),
+            "{at}: the p95 oracle's p95"
+        );
+        assert!(eff(sim::ORACLE_P95) >= eff(sim::ORACLE) * 0.999, "{at}");
         // The market was used: snapshots were taken and ranked on.
         for i in r["market_router_internals"].as_array().unwrap() {
             assert!(f(&i["snapshots_ok"]) > 0.0, "{at}: {}", i["variant"]);

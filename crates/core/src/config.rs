@@ -174,6 +174,8 @@ pub struct Market {
     pub max_age_ms: u64,
     /// Timeout of one snapshot fetch, ms.
     pub timeout_ms: u64,
+    /// Post fleet reports (`market.report`).
+    pub report: bool,
 }
 
 /// Weights of the balanced score.
@@ -475,6 +477,8 @@ pub mod defaults {
     pub const MARKET_MAX_AGE_MS: u64 = 60_000;
     /// `market.timeout_ms`
     pub const MARKET_TIMEOUT_MS: u64 = 1000;
+    /// `market.report`
+    pub const MARKET_REPORT: bool = true;
     /// `routing.strategy`
     pub const STRATEGY: Strategy = Strategy::Value;
     /// `routing.weights`
@@ -673,6 +677,7 @@ impl RawConfig {
                     refresh_ms,
                     max_age_ms,
                     timeout_ms: m.timeout_ms.map_or(defaults::MARKET_TIMEOUT_MS, |x| x.0),
+                    report: m.report.map_or(defaults::MARKET_REPORT, |x| x.0),
                 })
             }
         };
@@ -1131,7 +1136,7 @@ mod tests {
             "static_offer": {"price": {"input_per_mtok": 0.5, "output_per_mtok": 1.5},
                              "latency_ms": {"ttft_p50": 500}, "uptime": 0.99}}],
           "market": {"cluster": "market_sidecar", "authority": "market", "path": "/v1/market/snapshot",
-                     "refresh_ms": 5000, "max_age_ms": 60000, "timeout_ms": 1000},
+                     "refresh_ms": 5000, "max_age_ms": 60000, "timeout_ms": 1000, "report": false},
           "routing": {"strategy": "balanced", "weights": {"price": 0.5, "latency": 0.3, "reliability": 0.2},
             "constraints": {"max_price_per_mtok": 5.0, "min_uptime": 0.95, "max_ttft_ms": 3000,
                             "provider_types": ["company", "community"], "regions": ["us-east", "eu-west"]},
@@ -1151,7 +1156,11 @@ mod tests {
         assert_eq!(c.routing.affinity_header.as_deref(), Some("x-session-id"));
         assert!(!c.failover.retry_on.malformed);
         assert!(!c.decision_record);
-        assert_eq!(c.market.unwrap().refresh_ms, 5000);
+        let m = c.market.unwrap();
+        assert_eq!(m.refresh_ms, 5000);
+        assert!(!m.report);
+        let dflt = Config::parse(br#"{"providers": [{"name": "a", "cluster": "c", "models": {"m": "m"}}], "market": {"cluster": "s"}}"#).unwrap();
+        assert!(dflt.market.unwrap().report);
     }
 
     /// Each bad document → the exact error line.

@@ -46,10 +46,20 @@ pub struct Tally {
     /// TTFB histogram.
     #[serde(rename = "h", default)]
     pub hist: [u64; BUCKETS],
+    /// Failures since the last success (429s apart): how the period ended, which the totals
+    /// do not tell (a provider that went down mid-period).
+    #[serde(rename = "l", default)]
+    pub tail_failures: u64,
 }
 
 impl Tally {
+    /// Adds `o`, the newer of the two.
     fn merge(&mut self, o: &Tally) {
+        self.tail_failures = if o.successes > 0 {
+            o.tail_failures
+        } else {
+            self.tail_failures + o.tail_failures
+        };
         self.attempts += o.attempts;
         self.successes += o.successes;
         for (a, b) in self.failures.iter_mut().zip(o.failures) {
@@ -122,6 +132,7 @@ impl Tallies {
         match kind {
             None => {
                 t.successes += 1;
+                t.tail_failures = 0;
                 if let Some(ms) = ttfb_ms {
                     t.hist[bucket(ms)] += 1;
                 }
@@ -130,6 +141,7 @@ impl Tallies {
             Some(i) => {
                 if let Some(f) = t.failures.get_mut(i) {
                     *f += 1;
+                    t.tail_failures += 1;
                 }
             }
         }
@@ -154,6 +166,7 @@ impl Tallies {
             t.attempts += 1;
         }
         t.failures[2] += 1;
+        t.tail_failures += 1;
     }
 
     /// Adds `other` in (bounded the same way).
@@ -196,7 +209,7 @@ impl Tallies {
                     "provider": provider, "model": model, "attempts": t.attempts,
                     "successes": t.successes, "failures": failures,
                     "rate_limited": t.rate_limited, "retry_after_ms": t.retry_after_ms,
-                    "ttfb_hist": t.hist,
+                    "ttfb_hist": t.hist, "tail_failures": t.tail_failures,
                 })
             })
             .collect();
@@ -293,5 +306,44 @@ mod tests {
         assert_eq!(bucket(100), 0);
         assert_eq!(bucket(101), 1);
         assert_eq!(bucket(10_001), BUCKETS - 1);
+    }
+
+    #[test]
+    fn the_tail_says_how_the_period_ended() {
+        let fail = Outcome::Status {
+            status: 503,
+            retry_after_ms: None,
+        };
+        let mut older = Tallies::default();
+        for _ in 0..5 {
+            older.record("a", "m", &Outcome::Success(200), None);
+        }
+        older.record("a", "m", &fail, None);
+        older.record("a", "m", &fail, None);
+        assert_eq!(older.by_key[&key("a", "m")].tail_failures, 2);
+        // A 429 is no failure of the provider's health: the tail stays.
+        older.record(
+            "a",
+            "m",
+            &Outcome::Status {
+                status: 429,
+                retry_after_ms: None,
+            },
+            None,
+        );
+        assert_eq!(older.by_key[&key("a", "m")].tail_failures, 2);
+        // Merged with newer failures only, the streak goes on; with a newer success it is
+        // that tally's own tail.
+        let mut newer = Tallies::default();
+        newer.record("a", "m", &Outcome::Timeout, None);
+        let mut m = older.clone();
+        m.merge(&newer);
+        assert_eq!(m.by_key[&key("a", "m")].tail_failures, 3);
+        newer.record("a", "m", &Outcome::Success(200), None);
+        let mut m = older.clone();
+        m.merge(&newer);
+        assert_eq!(m.by_key[&key("a", "m")].tail_failures, 0);
+        let doc: serde_json::Value = serde_json::from_slice(&older.report_json()).unwrap();
+        assert_eq!(doc["observations"][0]["tail_failures"], 2);
     }
 }

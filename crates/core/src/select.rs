@@ -372,8 +372,11 @@ pub fn rank(
     })
 }
 
-/// The numbers provider `idx` is ranked on: fresh market data, else its static offer, else
-/// stale market data, else nothing known.
+/// The numbers provider `idx` is ranked on: market data, else its static offer, else nothing
+/// known. Market data older than `max_age_ms` is still ranked on (counted as stale): prices,
+/// latency and uptime minutes or hours old are closer to the truth than configured figures,
+/// which are as old as the configuration; its `offline` no longer excludes (it counts as
+/// degraded, and health judges the provider by its answers).
 fn candidate(
     idx: usize,
     configured_model: &str,
@@ -383,7 +386,7 @@ fn candidate(
     stale: bool,
 ) -> Candidate {
     match (offer, static_offer) {
-        (Some(o), so) if !stale || so.is_none() => Candidate {
+        (Some(o), _) => Candidate {
             provider: idx,
             provider_model: o
                 .provider_model
@@ -401,7 +404,11 @@ fn candidate(
             ttft_p95_ms: o.ttft_p95_ms.unwrap_or(f64::NAN),
             uptime: o.uptime,
             reliability: o.uptime,
-            availability: o.availability,
+            availability: if stale && o.availability == Availability::Offline {
+                Availability::Degraded
+            } else {
+                o.availability
+            },
             provider_type: o.provider_type,
             expected_cost_usd: 0.0,
             value_usd: 0.0,
@@ -950,7 +957,7 @@ mod tests {
     }
 
     #[test]
-    fn stale_market_prefers_static_offers_and_says_so() {
+    fn stale_market_data_outranks_static_offers_and_says_so() {
         let doc = r#"{"providers":[
             {"name":"a","cluster":"c1","models":{"m":"m"},
              "static_offer":{"price":{"input_per_mtok":9,"output_per_mtok":9},"latency_ms":{"ttft_p50":100},"uptime":0.99}},
@@ -959,7 +966,7 @@ mod tests {
         let c = Config::parse(doc.as_bytes()).unwrap();
         let snap = r#"{"version":1,"generated_at_ms":0,"offers":[
             {"provider":"a","model":"m","price":{"input_per_mtok":0.1,"output_per_mtok":0.1},"latency_ms":{"ttft_p50":100},"uptime":0.99,"availability":"online","provider_type":"company"},
-            {"provider":"b","model":"m","price":{"input_per_mtok":1,"output_per_mtok":1},"latency_ms":{"ttft_p50":100},"uptime":0.99,"availability":"online","provider_type":"company"}]}"#;
+            {"provider":"b","model":"m","price":{"input_per_mtok":1,"output_per_mtok":1},"latency_ms":{"ttft_p50":100},"uptime":0.99,"availability":"offline","provider_type":"company"}]}"#;
         let m = MarketView::new(validate(snap.as_bytes(), &c, 0, None).unwrap().stored, &c);
         let r = request::parse(br#"{"model":"m"}"#).unwrap();
         let fresh = rank(
@@ -985,12 +992,16 @@ mod tests {
         )
         .unwrap();
         assert!(stale.stale);
-        assert_eq!(
-            stale.candidates[0].provider, 1,
-            "a falls back to its pricier static offer"
-        );
+        assert!(fresh.excluded.contains(&(1, Reason::Offline)));
+        // The last market price (0.1) is still a better guess than a's static offer (9); b's
+        // `offline` from data past max_age_ms no longer excludes it: it ranks as degraded.
+        assert_eq!(stale.candidates[0].provider, 0);
+        assert_eq!(stale.candidates[0].input_per_mtok, 0.1);
         assert_eq!(stale.candidates[0].source, Source::StaleMarket);
-        assert_eq!(stale.candidates[1].source, Source::Static);
+        assert_eq!(stale.candidates[1].provider, 1);
+        assert_eq!(stale.candidates[1].source, Source::StaleMarket);
+        assert_eq!(stale.candidates[1].availability, Availability::Degraded);
+        assert!(stale.excluded.is_empty());
     }
 
     #[test]

@@ -147,6 +147,19 @@ pub(crate) fn dispatch(
     )
 }
 
+/// The body of the call response being delivered (`size` bytes). `None` when the host
+/// refuses it: Kong does for an answer whose connection closed before its announced body was
+/// complete (the SDK's `get_buffer` would panic there, hence the checked call).
+pub(crate) fn call_response_body(size: usize) -> Option<Vec<u8>> {
+    if size == 0 {
+        return Some(Vec::new());
+    }
+    match market_router_hostcall::get_buffer(BufferType::HttpCallResponseBody as u32, 0, size) {
+        Ok(b) => Some(b.unwrap_or_default()),
+        Err(_) => None,
+    }
+}
+
 /// Headers of the call response being delivered, names lowercase.
 pub(crate) fn call_response_headers() -> Vec<(String, String)> {
     lowercase_names(hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default())
@@ -264,17 +277,48 @@ pub(crate) struct HostCaps {
     /// has no value for it, nor for `request.id` without the header, `plugin_vm_id`, `node`,
     /// `cluster_name`, `route_name`, `response.flags` or upstream TLS details.
     pub(crate) decision_property: Option<&'static [&'static str]>,
-    /// The callback of an attempt that timed out can dispatch the next one. Not on Kong
-    /// (ngx_wasm_module 3bed278): there a buffer the filter fills in that callback comes out
-    /// empty (measured: a call dispatched there sends an empty buffer forever, "send()
-    /// returned zero" in a loop, and the client hangs; a local reply there is an empty
-    /// buffer, and nginx closes the client's connection). So on Kong a timed-out attempt
-    /// ends the request (no spin, the client's connection closes at the attempt timeout).
-    /// Failover after an HTTP error status or a refused connection works there.
-    pub(crate) redispatch_after_timeout: bool,
+    /// How the filter acts on an attempt whose answer brought no body from the host (a
+    /// timeout, a reset, a body cut short, a bodyless status): from the callback of another
+    /// call (see [`Bounce`]) rather than from the attempt's own. `None` where any callback
+    /// can act (Envoy).
+    pub(crate) bounce: Option<Bounce>,
     /// The host tells why a dispatched call failed (`:dispatch_status` among the call's
     /// headers, even when it has no others): Kong. See [`call_failure`].
     pub(crate) dispatch_status: bool,
+}
+
+/// Kong (ngx_wasm_module 3bed278; read in its source, then measured) recycles a request's
+/// buffers in two ways that break acting from the callback of a call whose answer brought no
+/// body:
+///
+/// 1. Once a call's callback returns, the host marks that call's request-body buffer empty
+///    and makes it the head of the request's free list. Sending had already put that buffer
+///    on the free list, and reading an answer body takes it back off; without an answer body
+///    it is the first buffer the callback's own allocations take. So a next attempt's body
+///    comes out empty and its request chain loops on itself (the worker spins on "send()
+///    returned zero", the client hangs), and a local reply comes out empty (nginx closes the
+///    client's connection).
+/// 2. A new call's socket takes a copy of the free list's head when it is dispatched, and
+///    later takes its read buffer from that copy while the list itself hands the same buffers
+///    out again (to the call's request headers, to its answer's body): with more than one
+///    buffer on the list at that moment, the answer is read into a buffer the host reuses
+///    underneath it and comes out garbled (the next attempt is then judged malformed).
+///
+/// So the filter first sends a *bounce* call: no body (the host has nothing of it to mark
+/// empty), to an address whose connect fails at once (`unix:/dev/null` is never a socket), so
+/// its callback runs on the next turn of the event loop, after the finished attempt's buffers
+/// were recycled. From there a local reply is safe. Before a next attempt it first sends
+/// `drain` calls with a one-byte body to the same address: each takes one buffer off the free
+/// list (the finished attempt's request headers and body are the two on it), so the next
+/// attempt's socket copies an empty list. Cost, only after such an attempt: up to `1 + drain`
+/// failed connects on loopback, each logged by nginx ("connect() to unix:/dev/null failed",
+/// "dispatch failed"), no extra wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounce {
+    /// Where the bounce and drain calls go (their connect must fail at once).
+    pub(crate) target: &'static str,
+    /// Drain calls sent before a next attempt.
+    pub(crate) drain: usize,
 }
 
 impl HostCaps {
@@ -284,7 +328,7 @@ impl HostCaps {
         pause_request_headers: true,
         route_failover: true,
         decision_property: Some(&["market_router.decision"]),
-        redispatch_after_timeout: true,
+        bounce: None,
         dispatch_status: false,
     };
 
@@ -298,7 +342,10 @@ impl HostCaps {
         pause_request_headers: false,
         route_failover: false,
         decision_property: Some(&["wasmx", "market_router_decision"]),
-        redispatch_after_timeout: false,
+        bounce: Some(Bounce {
+            target: "unix:/dev/null",
+            drain: 2,
+        }),
         dispatch_status: true,
     };
 

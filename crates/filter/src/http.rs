@@ -49,6 +49,9 @@ enum State {
     Replacing,
     /// An attempt by `dispatch_http_call` is in flight.
     Dispatched,
+    /// An attempt ended without a body from the host; a bounce call (see
+    /// [`host::HostCaps::bounce`]) is in flight, from whose callback the filter acts on it.
+    Bouncing,
     /// The answer is decided (delivered, replaced or a local reply).
     Done,
     /// Envoy mode: Envoy's router is making the attempts in the filter's order.
@@ -98,6 +101,19 @@ pub(crate) struct Http {
     routed_body: Option<usize>,
     /// Route mode: the answer waiting to take the held one's place (status, headers, body).
     pending: Option<Answer>,
+    /// A finished attempt waiting for its bounce call's callback.
+    bounced: Option<Finished>,
+    /// Drain calls to send before the next dispatch (see [`host::Bounce`]).
+    drain: usize,
+}
+
+/// A dispatched attempt as it ended: outcome, when, status, answer headers and body.
+struct Finished {
+    outcome: Outcome,
+    now: u64,
+    status: Option<u32>,
+    answer: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
 /// An answer to deliver: status, headers, body.
@@ -126,6 +142,8 @@ impl Http {
             routed_held: false,
             routed_body: None,
             pending: None,
+            bounced: None,
+            drain: 0,
         }
     }
 
@@ -446,7 +464,7 @@ impl Http {
         }
         if ranking.stale {
             vm.metrics.inc(Global::StaleDecisions);
-            debug!("#{} market-router: market data is stale; ranking with static offers where configured", self.id);
+            debug!("#{} market-router: market data is stale; ranking on its last figures (its offline counts as degraded)", self.id);
         }
         if let Some(session) = session.as_deref() {
             let (slot, tag) = headers::affinity_slot(session);
@@ -597,6 +615,14 @@ impl Http {
 
     /// Starts the next attempt by `dispatch_http_call`. False when none is left.
     fn dispatch_next(&mut self, now: u64) -> bool {
+        if self.drain > 0 {
+            if let Some(bounce) = host::caps().bounce {
+                for _ in 0..std::mem::take(&mut self.drain) {
+                    // Nothing waits for them: their callbacks find no matching token.
+                    let _ = host::dispatch(bounce.target, BOUNCE_HEADERS, b"-", BOUNCE_TIMEOUT_MS);
+                }
+            }
+        }
         while let Some((idx, timeout_ms)) = self.next_attempt(now) {
             let vm = Rc::clone(&self.vm);
             let config = &vm.config;
@@ -673,8 +699,9 @@ impl Http {
         let provider = self.walk.attempts.as_ref().and_then(|a| a.current)?;
         let name = vm.config.providers[provider].name.as_str();
         let stream = self.stream();
-        // Asked of the host only when it matters (a timed-out attempt).
-        let redispatch = outcome != Outcome::Timeout || host::caps().redispatch_after_timeout;
+        // Every host fails over after a timed-out attempt too (Kong from the callback of a
+        // bounce call: see `host::Bounce`), so the walk's Stop verdict never comes.
+        let redispatch = true;
         let model = self.info.as_ref().map_or("", |i| i.model.as_str());
         let affinity = self.affinity.as_ref();
         let verdict =
@@ -837,7 +864,20 @@ impl Http {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if self.token != Some(token_id) || self.state != State::Dispatched {
+        if self.token != Some(token_id) {
+            return;
+        }
+        if self.state == State::Bouncing {
+            self.token = None;
+            self.state = State::Dispatched;
+            self.drain = host::caps().bounce.map_or(0, |b| b.drain);
+            if let Some(f) = self.bounced.take() {
+                self.conclude_call(f);
+            }
+            self.drain = 0;
+            return;
+        }
+        if self.state != State::Dispatched {
             return;
         }
         self.token = None;
@@ -853,11 +893,19 @@ impl Http {
             .find(|(k, _)| k == ":status")
             .and_then(|(_, v)| v.parse::<u32>().ok());
         // A call that broke off (Kong says so) has no body to read.
-        let failure = host::call_failure(num_headers);
+        let mut failure = host::call_failure(num_headers);
         let body = if num_headers == 0 || failure.is_some() {
             Vec::new()
         } else {
-            host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default()
+            match host::call_response_body(body_size) {
+                Some(b) => b,
+                // Kong: the connection closed before the announced body was complete, which
+                // the host reports as a finished call whose body it then refuses to hand over.
+                None => {
+                    failure = Some("body cut short".to_string());
+                    Vec::new()
+                }
+            }
         };
         let retry_after = answer
             .iter()
@@ -884,13 +932,47 @@ impl Http {
             {
                 outcome = Outcome::Malformed
             }
+            // A stream with nothing in it is no answer either (Kong reports a chunked answer
+            // cut before its first complete chunk as a finished call with an empty body).
+            Outcome::Success(_) if body.is_empty() => outcome = Outcome::Malformed,
             Outcome::Status { .. } if !self.encoded => {
                 self.last_said = answer::provider_message(&body);
             }
             _ => {}
         }
-        match self.judge(outcome, now) {
-            Some(true) => self.deliver_dispatched(status.unwrap_or(502), &answer, &body),
+        let finished = Finished {
+            outcome,
+            now,
+            status,
+            answer,
+            body,
+        };
+        // Where the host cannot act from the callback of a call that brought no body, act
+        // from the callback of a bounce call instead.
+        if finished.body.is_empty() {
+            if let Some(bounce) = host::caps().bounce {
+                match host::dispatch(bounce.target, BOUNCE_HEADERS, &[], BOUNCE_TIMEOUT_MS) {
+                    Ok(token) => {
+                        self.token = Some(token);
+                        self.state = State::Bouncing;
+                        self.bounced = Some(finished);
+                        return;
+                    }
+                    Err(s) => warn!(
+                        "#{} market-router: cannot dispatch the bounce call ({s:?}); acting from this callback",
+                        self.id
+                    ),
+                }
+            }
+        }
+        self.conclude_call(finished);
+    }
+
+    /// Judges a finished dispatched attempt and acts: delivers it, fails over, or answers
+    /// with the final error.
+    fn conclude_call(&mut self, f: Finished) {
+        match self.judge(f.outcome, f.now) {
+            Some(true) => self.deliver_dispatched(f.status.unwrap_or(502), &f.answer, &f.body),
             Some(false) => {
                 let e = self.final_error();
                 self.fail_with(&e);
@@ -899,6 +981,15 @@ impl Http {
         }
     }
 }
+
+/// The bounce and drain calls (see [`host::Bounce`]): answered by nobody.
+const BOUNCE_HEADERS: &[(&str, &str)] = &[
+    (":method", "GET"),
+    (":path", "/"),
+    (":authority", "localhost"),
+];
+/// Bound of a bounce call (it fails at connect, well within a millisecond).
+const BOUNCE_TIMEOUT_MS: u64 = 1000;
 
 impl Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -1042,7 +1133,7 @@ impl Http {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match self.state {
-            State::Dispatched => {
+            State::Dispatched | State::Bouncing => {
                 if end_of_stream {
                     self.routed_body = Some(body_size);
                 }

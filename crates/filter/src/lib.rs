@@ -378,7 +378,7 @@ impl Vm {
         outcome: &crate::attempt::Outcome,
         ttfb_ms: Option<u64>,
     ) {
-        if self.config.market.is_none() {
+        if !self.config.market.as_ref().is_some_and(|m| m.report) {
             return;
         }
         let Some(p) = self.config.providers.get(provider) else {
@@ -391,7 +391,7 @@ impl Vm {
 
     /// Notes for the market report that a stream counted as a success broke off mid-body.
     pub(crate) fn tally_broken_stream(&self, provider: usize, model: &str) {
-        if self.config.market.is_none() {
+        if !self.config.market.as_ref().is_some_and(|m| m.report) {
             return;
         }
         let Some(p) = self.config.providers.get(provider) else {

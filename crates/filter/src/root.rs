@@ -89,7 +89,7 @@ impl Root {
         let was_stale = flag == b"1";
         if stale && !was_stale {
             warn!(
-                "market-router: market data is {age} ms old (market.max_age_ms {}); routing on the last good snapshot blended with static offers",
+                "market-router: market data is {age} ms old (market.max_age_ms {}); routing on the last good snapshot (static offers only where it has none)",
                 m.max_age_ms
             );
             let _ = host::shared_set(&vm.keys.market_stale, b"1", None);
@@ -128,7 +128,7 @@ impl Root {
     /// routing the fleet, never worth a retry or a request's time.
     fn start_report(&mut self, vm: &Vm) {
         let Some(m) = &vm.config.market else { return };
-        if self.report.is_some() {
+        if self.report.is_some() || !m.report {
             return;
         }
         let Some(tally) = vm.take_tally() else { return };

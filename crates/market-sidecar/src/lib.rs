@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod merge;
 pub mod observed;
 pub mod serve;
+pub mod shared;
 pub mod sources;
 
 use config::{Config, Location, Source};
@@ -105,8 +106,20 @@ pub struct Published {
     pub etag: String,
     /// Its `generated_at_ms`.
     pub generated_at_ms: u64,
-    /// The offers part, to tell whether anything changed.
+    /// The offers part, to tell whether anything changed (empty for one read from Redis).
     offers: Arc<Vec<u8>>,
+}
+
+impl Published {
+    /// A snapshot another replica built (read from the shared store).
+    pub fn from_shared(body: Vec<u8>, etag: String, generated_at_ms: u64) -> Published {
+        Published {
+            body: Arc::new(body),
+            etag,
+            generated_at_ms,
+            offers: Arc::new(Vec::new()),
+        }
+    }
 }
 
 /// Service-wide counters.
@@ -138,6 +151,16 @@ pub struct App {
     http: reqwest::Client,
     fleet: Mutex<observed::Fleet>,
     refused_reports: Mutex<u64>,
+    /// The snapshot the Redis leader published, served instead of this replica's own while
+    /// this replica follows (see [`shared`]).
+    shared_snapshot: RwLock<Option<Published>>,
+    /// Redis link state; `None` when no Redis is configured (one replica alone).
+    redis: Mutex<Option<shared::Status>>,
+    /// Wakes the Redis sync task (a report arrived, a snapshot was built).
+    sync_wake: Notify,
+    /// Prefix of the ids of the reports this replica receives (unique per process).
+    report_prefix: String,
+    report_seq: std::sync::atomic::AtomicU64,
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -165,6 +188,11 @@ impl App {
             http,
             fleet: Mutex::new(observed::Fleet::default()),
             refused_reports: Mutex::new(0),
+            shared_snapshot: RwLock::new(None),
+            redis: Mutex::new(None),
+            sync_wake: Notify::new(),
+            report_prefix: format!("{:x}-{:x}", std::process::id(), now_ms()),
+            report_seq: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -173,9 +201,35 @@ impl App {
         read(&self.config).clone()
     }
 
-    /// The snapshot being served, if any.
+    /// The snapshot being served, if any: the Redis leader's while this replica follows it,
+    /// else this replica's own.
     pub fn snapshot(&self) -> Option<Published> {
+        read(&self.shared_snapshot)
+            .clone()
+            .or_else(|| self.own_snapshot())
+    }
+
+    /// The snapshot this replica built itself (what it serves alone or as the Redis leader).
+    pub fn own_snapshot(&self) -> Option<Published> {
         read(&self.snapshot).clone()
+    }
+
+    /// Serves `p` (the leader's snapshot) instead of this replica's own, or stops (`None`).
+    pub fn set_shared_snapshot(&self, p: Option<Published>) {
+        *write(&self.shared_snapshot) = p;
+    }
+
+    /// The Redis link state, when Redis is configured.
+    pub fn redis_status(&self) -> Option<shared::Status> {
+        let mut s = lock(&self.redis).clone()?;
+        s.unshared = lock(&self.fleet).unshared_count();
+        Some(s)
+    }
+
+    fn set_redis_status(&self, f: impl FnOnce(&mut shared::Status)) {
+        if let Some(s) = lock(&self.redis).as_mut() {
+            f(s);
+        }
     }
 
     /// Statistics of the last build.
@@ -208,7 +262,17 @@ impl App {
         match observed::parse(body) {
             Ok(r) => {
                 let n = r.observations.len();
-                lock(&self.fleet).add(&r, now);
+                if lock(&self.redis).is_some() {
+                    // Kept by id, to be shared with the other replicas (and counted once).
+                    let seq = self
+                        .report_seq
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let id = format!("{}-{seq}", self.report_prefix);
+                    lock(&self.fleet).accept(&id, now, &r, false);
+                    self.sync_wake.notify_one();
+                } else {
+                    lock(&self.fleet).add(&r, now);
+                }
                 self.changed.notify_one();
                 Ok(n)
             }
@@ -388,7 +452,7 @@ impl App {
             fleet.fold(&mut offers, now);
         }
         let offers_bytes = serde_json::to_vec(&offers).unwrap_or_default();
-        if let Some(prev) = self.snapshot() {
+        if let Some(prev) = self.own_snapshot() {
             if *prev.offers == offers_bytes
                 && now.saturating_sub(prev.generated_at_ms) < cfg.republish.as_millis() as u64
             {
@@ -417,7 +481,7 @@ impl App {
             }
         }
         let etag = format!("\"{:016x}\"", fnv1a64(&body));
-        let before = self.snapshot().map(|p| p.offers.len());
+        let before = self.own_snapshot().map(|p| p.offers.len());
         if before != Some(offers_bytes.len()) {
             tracing::info!(
                 offers = stats.offers,
@@ -435,6 +499,7 @@ impl App {
         });
         *lock(&self.last_build) = stats;
         self.count(|c| c.published += 1);
+        self.sync_wake.notify_one();
         true
     }
 

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use market_sidecar::config::Config;
-use market_sidecar::{now_ms, serve, App};
+use market_sidecar::{now_ms, serve, shared, App};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,6 +30,53 @@ struct Args {
     /// Fetch every source once, print the snapshot to stdout and exit.
     #[arg(long)]
     once: bool,
+    /// Share observations and one snapshot with the other replicas through this Redis
+    /// (`redis://host:6379/0`). Without it the replica serves what it builds itself.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Prefix of this market's Redis keys.
+    #[arg(long, default_value = "market-router:")]
+    redis_prefix: String,
+    /// This replica's name in Redis (the leader lease's value); default: $HOSTNAME-<pid>.
+    #[arg(long)]
+    replica_id: Option<String>,
+    /// How often a replica syncs with Redis, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    redis_sync_ms: u64,
+    /// The leader lease, milliseconds: a leader gone is replaced after it.
+    #[arg(long, default_value_t = 2000)]
+    redis_lease_ms: u64,
+}
+
+fn redis_options(args: &Args) -> Result<Option<shared::Options>, String> {
+    let Some(url) = &args.redis_url else {
+        return Ok(None);
+    };
+    if !(10..=10_000).contains(&args.redis_sync_ms) {
+        return Err(format!(
+            "--redis-sync-ms {}: expected 10 to 10000",
+            args.redis_sync_ms
+        ));
+    }
+    if args.redis_lease_ms < 3 * args.redis_sync_ms || args.redis_lease_ms > 60_000 {
+        return Err(format!(
+            "--redis-lease-ms {}: expected at least 3 times --redis-sync-ms ({}) and at most 60000",
+            args.redis_lease_ms,
+            3 * args.redis_sync_ms
+        ));
+    }
+    let replica = args
+        .replica_id
+        .clone()
+        .unwrap_or_else(shared::default_replica);
+    if replica.is_empty() {
+        return Err("--replica-id: expected a non-empty name".into());
+    }
+    let mut o = shared::Options::new(url, replica)?;
+    o.prefix = args.redis_prefix.clone();
+    o.sync = Duration::from_millis(args.redis_sync_ms);
+    o.lease = Duration::from_millis(args.redis_lease_ms);
+    Ok(Some(o))
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -53,6 +100,7 @@ async fn run(args: Args) -> Result<(), String> {
     if !(args.reload_interval_s.is_finite() && args.reload_interval_s > 0.0) {
         return Err("--reload-interval-s: expected a positive number".into());
     }
+    let redis = redis_options(&args)?;
     let app = App::new(config)?;
     if args.once {
         let cfg = app.config();
@@ -75,6 +123,15 @@ async fn run(args: Args) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
     let tasks = app.start();
+    if let Some(o) = redis {
+        tracing::info!(
+            "sharing observations and the snapshot through Redis as replica {} (keys {}*)",
+            o.replica,
+            o.prefix
+        );
+        app.enable_redis(&o.replica);
+        tokio::spawn(shared::run(app.clone(), o));
+    }
     tokio::spawn(app.clone().run_builder());
     tokio::spawn(app.clone().run_reloader(
         args.config.clone(),

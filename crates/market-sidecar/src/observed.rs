@@ -11,17 +11,20 @@
 //!   (a default: the fleet's figure alone);
 //! - `latency_ms.ttft_p50/p95`: quantiles of the summed histograms, blended the same way;
 //! - availability: `offline` when the last [`RECENT_MS`] hold at least [`MIN_FAILURES`]
-//!   failures and no success, or a Retry-After window is open; `degraded` when at least half
-//!   of at least [`MIN_FAILURES`] recent attempts failed;
+//!   failures and no success, or when the newest reports since the last one with a success
+//!   hold that many failures (a provider that starts failing, however well it did before), or
+//!   a Retry-After window is open; `degraded` when at least half of at least
+//!   [`MIN_FAILURES`] recent attempts failed;
 //! - provenance `{"source": "observed", "as_of_ms": <last report>, "samples": n}`.
 //!
 //! Cold start: an offer nobody has reported on keeps its feed figures unchanged. Operator
 //! overrides stay in force. Samples leave the window whole, so the snapshot changes only when
 //! a report arrives or one expires (no per-second republishing).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 /// Upper bounds (ms) of the TTFB histogram buckets; a last bucket holds everything above.
 pub const TTFB_BOUNDS_MS: [u64; 7] = [100, 250, 500, 1000, 2500, 5000, 10000];
@@ -45,9 +48,11 @@ pub const MAX_KEYS: usize = 8192;
 pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 /// Largest report body accepted, bytes.
 pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+/// Most reports a replica keeps for sharing (see [`Fleet::accept`]); the oldest go first.
+pub const MAX_KNOWN: usize = 65_536;
 
 /// One report, as posted.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub struct Report {
     /// Must be 1.
     pub version: u32,
@@ -57,7 +62,7 @@ pub struct Report {
 }
 
 /// One (provider, model) of a report.
-#[derive(Debug, Deserialize, Clone, Default)]
+#[derive(Debug, Deserialize, Serialize, Clone, Default)]
 pub struct Entry {
     /// Plugin provider name.
     pub provider: String,
@@ -82,6 +87,10 @@ pub struct Entry {
     /// TTFB histogram, [`BUCKETS`] counts.
     #[serde(default)]
     pub ttfb_hist: Vec<u64>,
+    /// Failures after the period's last success (how it ended); absent: all of them when
+    /// the period saw no success, else none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_failures: Option<u64>,
 }
 
 /// Why a report was refused.
@@ -122,7 +131,43 @@ struct Sample {
     at_ms: u64,
     successes: u64,
     failures: u64,
+    /// Failures after the last success.
+    tail: u64,
     hist: [u64; BUCKETS],
+}
+
+/// A report a replica knows (received itself, or read from the shared store), kept while its
+/// figures count so that it can be shared again after the store lost it.
+#[derive(Debug, Clone)]
+pub struct Known {
+    /// When a replica received it.
+    pub at_ms: u64,
+    /// The report, serialized.
+    pub body: Arc<Vec<u8>>,
+    /// Whether the shared store holds it (in its current epoch).
+    pub shared: bool,
+    /// Until when it matters: the window, or a longer Retry-After window it opened.
+    keep_until_ms: u64,
+}
+
+/// The Retry-After windows a report opens: (provider, model, until ms).
+pub fn windows_of(report: &Report, at_ms: u64) -> Vec<(String, String, u64)> {
+    report
+        .observations
+        .iter()
+        .filter_map(|e| {
+            let failures: u64 = e.failures.values().sum();
+            e.retry_after_ms
+                .filter(|_| e.rate_limited > 0 || failures > 0)
+                .map(|ra| {
+                    (
+                        e.provider.clone(),
+                        e.model.clone(),
+                        at_ms + ra.min(MAX_RETRY_AFTER_MS),
+                    )
+                })
+        })
+        .collect()
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +185,8 @@ pub struct Fleet {
     pub reports: u64,
     /// Entries dropped (no room for a new key).
     pub dropped_entries: u64,
+    /// Reports by id, kept for sharing (only filled through [`Fleet::accept`]).
+    known: BTreeMap<String, Known>,
 }
 
 /// What the window holds for one offer.
@@ -189,6 +236,27 @@ pub fn quantile(hist: &[u64; BUCKETS], q: f64) -> Option<f64> {
     None
 }
 
+/// Failures since the fleet's last success: the newest recent reports' failures after their
+/// last success, newest first until a report that saw one. A provider that starts failing
+/// (even mid-period) is offline as soon as the fleet's latest reports say so, however well it
+/// did before. Ties in time are taken in a fixed order (successes first), so every replica
+/// holding the same reports reads the same streak.
+fn failure_streak(samples: &VecDeque<Sample>, now: u64) -> u64 {
+    let mut recent: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| now.saturating_sub(s.at_ms) < RECENT_MS && s.successes + s.failures > 0)
+        .collect();
+    recent.sort_by_key(|s| (std::cmp::Reverse(s.at_ms), std::cmp::Reverse(s.successes)));
+    let mut streak = 0;
+    for s in recent {
+        streak += s.tail;
+        if s.successes > 0 {
+            break;
+        }
+    }
+    streak
+}
+
 impl Fleet {
     /// Adds a report received at `now`.
     pub fn add(&mut self, report: &Report, now: u64) {
@@ -206,10 +274,15 @@ impl Fleet {
                 *h = *v;
             }
             if e.successes + failures > 0 || hist.iter().any(|h| *h > 0) {
+                let tail = e
+                    .tail_failures
+                    .unwrap_or(if e.successes == 0 { failures } else { 0 })
+                    .min(failures);
                 t.samples.push_back(Sample {
                     at_ms: now,
                     successes: e.successes,
                     failures,
+                    tail,
                     hist,
                 });
             }
@@ -219,7 +292,110 @@ impl Fleet {
             {
                 t.retry_until_ms = t.retry_until_ms.max(now + ra.min(MAX_RETRY_AFTER_MS));
             }
-            t.last_ms = now;
+            // Reports may come in any order (read back from the shared store): the latest counts.
+            t.last_ms = t.last_ms.max(now);
+        }
+    }
+
+    /// Adds a report known by `id`, received at `at_ms`, unless it is known already (a report
+    /// read back from the shared store, or shared again after the store lost it, counts once).
+    /// `shared`: it came from the store. Returns whether it was new.
+    pub fn accept(&mut self, id: &str, at_ms: u64, report: &Report, shared: bool) -> bool {
+        if let Some(k) = self.known.get_mut(id) {
+            k.shared |= shared;
+            return false;
+        }
+        self.add(report, at_ms);
+        let keep_until_ms = windows_of(report, at_ms)
+            .iter()
+            .map(|w| w.2)
+            .fold(at_ms + WINDOW_MS, u64::max);
+        let body = Arc::new(serde_json::to_vec(report).unwrap_or_default());
+        self.known.insert(
+            id.to_string(),
+            Known {
+                at_ms,
+                body,
+                shared,
+                keep_until_ms,
+            },
+        );
+        while self.known.len() > MAX_KNOWN {
+            let oldest = self
+                .known
+                .iter()
+                .min_by_key(|(_, k)| k.at_ms)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(id) => self.known.remove(&id),
+                None => break,
+            };
+        }
+        true
+    }
+
+    /// Reports not in the shared store yet, oldest first, at most `max`: (id, at_ms, body).
+    pub fn unshared(&self, max: usize) -> Vec<(String, u64, Arc<Vec<u8>>)> {
+        let mut v: Vec<_> = self
+            .known
+            .iter()
+            .filter(|(_, k)| !k.shared)
+            .map(|(id, k)| (id.clone(), k.at_ms, k.body.clone()))
+            .collect();
+        v.sort_by_key(|x| x.1);
+        v.truncate(max);
+        v
+    }
+
+    /// How many reports are known (kept for sharing).
+    pub fn known_count(&self) -> usize {
+        self.known.len()
+    }
+
+    /// How many known reports the shared store does not hold.
+    pub fn unshared_count(&self) -> usize {
+        self.known.values().filter(|k| !k.shared).count()
+    }
+
+    /// Marks a report as held by the shared store.
+    pub fn mark_shared(&mut self, id: &str) {
+        if let Some(k) = self.known.get_mut(id) {
+            k.shared = true;
+        }
+    }
+
+    /// The shared store lost its data (or was never joined): every known report is to be
+    /// shared again.
+    pub fn mark_all_unshared(&mut self) {
+        for k in self.known.values_mut() {
+            k.shared = false;
+        }
+    }
+
+    /// The open Retry-After windows: (provider, model, until ms).
+    pub fn windows(&self, now: u64) -> Vec<(String, String, u64)> {
+        self.tracks
+            .iter()
+            .filter(|(_, t)| t.retry_until_ms > now)
+            .map(|((p, m), t)| (p.clone(), m.clone(), t.retry_until_ms))
+            .collect()
+    }
+
+    /// Opens (or extends) a Retry-After window another replica learned of; returns whether it
+    /// changed anything.
+    pub fn open_window(&mut self, provider: &str, model: &str, until_ms: u64) -> bool {
+        let key = (provider.to_string(), model.to_string());
+        if !self.tracks.contains_key(&key) && self.tracks.len() >= MAX_KEYS {
+            self.dropped_entries += 1;
+            return false;
+        }
+        let t = self.tracks.entry(key).or_default();
+        let until = until_ms.min(u64::MAX / 2);
+        if until > t.retry_until_ms {
+            t.retry_until_ms = until;
+            true
+        } else {
+            false
         }
     }
 
@@ -227,16 +403,14 @@ impl Fleet {
     pub fn expire(&mut self, now: u64) -> bool {
         let mut changed = false;
         self.tracks.retain(|_, t| {
-            while t
-                .samples
-                .front()
-                .is_some_and(|s| now.saturating_sub(s.at_ms) >= WINDOW_MS)
-            {
-                t.samples.pop_front();
-                changed = true;
-            }
+            let before = t.samples.len();
+            // Samples read back from the shared store may be out of order.
+            t.samples
+                .retain(|s| now.saturating_sub(s.at_ms) < WINDOW_MS);
+            changed |= t.samples.len() != before;
             !t.samples.is_empty() || t.retry_until_ms > now
         });
+        self.known.retain(|_, k| k.keep_until_ms > now);
         changed
     }
 
@@ -261,7 +435,10 @@ impl Fleet {
                 *h += v;
             }
         }
-        let availability = if t.retry_until_ms > now || (rbad >= MIN_FAILURES && rok == 0) {
+        let availability = if t.retry_until_ms > now
+            || (rbad >= MIN_FAILURES && rok == 0)
+            || failure_streak(&t.samples, now) >= MIN_FAILURES
+        {
             Some("offline")
         } else if rbad >= MIN_FAILURES && rbad >= rok {
             Some("degraded")
@@ -321,8 +498,9 @@ fn weight(o: &Value, figure: &str, n: u64, has_value: bool) -> Option<f64> {
     Some(n as f64 / (n as f64 + k))
 }
 
-fn round(x: f64, step: f64) -> f64 {
-    (x / step).round() * step
+/// `x` to a multiple of `1 / per_unit` (dividing keeps 0.825 from printing as 0.8250000000000001).
+fn round(x: f64, per_unit: f64) -> f64 {
+    (x * per_unit).round() / per_unit
 }
 
 fn mark(o: &mut Map<String, Value>, figure: &str, f: &Figures, samples: u64) {
@@ -346,7 +524,7 @@ fn fold_offer(offer: &mut Value, f: &Figures) {
         let feed = o.get("uptime").and_then(Value::as_f64);
         if let Some(w) = weight(&snapshot, "uptime", f.samples, feed.is_some()) {
             let v = feed.map_or(u, |x| w * u + (1.0 - w) * x);
-            o.insert("uptime".into(), json!(round(v.clamp(0.0, 1.0), 0.0001)));
+            o.insert("uptime".into(), json!(round(v.clamp(0.0, 1.0), 10_000.0)));
             mark(o, "uptime", f, f.samples);
         }
     }
@@ -541,5 +719,114 @@ mod tests {
         }
         assert_eq!(fleet.tracks.len(), MAX_KEYS);
         assert_eq!(fleet.dropped_entries, MAX_ENTRIES as u64);
+    }
+
+    #[test]
+    fn a_report_known_by_id_counts_once_in_any_order() {
+        // Two replicas learn the same reports, in different orders, some twice: same figures.
+        let r1 = report(vec![entry("a", 2, 1, &[0, 3])]);
+        let r2 = report(vec![entry("a", 0, 4, &[])]);
+        let mut x = Fleet::default();
+        assert!(x.accept("r1", 1_000, &r1, false));
+        assert!(x.accept("r2", 2_000, &r2, false));
+        let mut y = Fleet::default();
+        assert!(y.accept("r2", 2_000, &r2, true));
+        assert!(!y.accept("r2", 2_000, &r2, true));
+        assert!(y.accept("r1", 1_000, &r1, true));
+        assert_eq!(x.figures("a", "m", 3_000), y.figures("a", "m", 3_000));
+        let f = x.figures("a", "m", 3_000).unwrap();
+        assert_eq!((f.samples, f.as_of_ms), (7, 2_000));
+        // What x received itself is to be shared, oldest first; read back, it is shared.
+        let u = x.unshared(10);
+        assert_eq!(
+            u.iter()
+                .map(|(id, at, _)| (id.as_str(), *at))
+                .collect::<Vec<_>>(),
+            [("r1", 1_000), ("r2", 2_000)]
+        );
+        let back: Report = serde_json::from_slice(&u[0].2).unwrap();
+        assert_eq!(back.observations[0].successes, 2);
+        assert!(!x.accept("r1", 1_000, &r1, true));
+        x.mark_shared("r2");
+        assert_eq!(x.unshared_count(), 0);
+        // The store lost its data: everything known is to be shared again.
+        x.mark_all_unshared();
+        assert_eq!(x.unshared(1).len(), 1);
+        assert_eq!(x.unshared_count(), 2);
+        // Known reports leave with the window.
+        x.expire(2_000 + WINDOW_MS);
+        assert_eq!(x.unshared_count(), 0);
+    }
+
+    #[test]
+    fn retry_after_windows_are_kept_and_can_be_opened_from_elsewhere() {
+        let mut limited = entry("b", 1, 0, &[]);
+        limited.rate_limited = 2;
+        limited.retry_after_ms = Some(WINDOW_MS * 2);
+        let r = report(vec![limited, entry("a", 1, 0, &[])]);
+        assert_eq!(
+            windows_of(&r, 10),
+            vec![("b".to_string(), "m".to_string(), 10 + WINDOW_MS * 2)]
+        );
+        let mut x = Fleet::default();
+        x.accept("r", 10, &r, false);
+        // The report outlives the sample window while its Retry-After window is open.
+        x.expire(10 + WINDOW_MS);
+        assert_eq!(x.unshared_count(), 1);
+        assert_eq!(x.windows(10 + WINDOW_MS).len(), 1);
+        let mut y = Fleet::default();
+        assert!(y.open_window("b", "m", 10 + WINDOW_MS * 2));
+        assert!(!y.open_window("b", "m", 20));
+        assert_eq!(
+            y.figures("b", "m", 100).unwrap().availability,
+            Some("offline")
+        );
+        assert_eq!(
+            y.figures("b", "m", 11 + WINDOW_MS * 2)
+                .unwrap()
+                .availability,
+            None
+        );
+    }
+
+    #[test]
+    fn a_provider_that_starts_failing_is_offline_at_once_whatever_it_did_before() {
+        let mut fleet = Fleet::default();
+        // Healthy for a while, then two reports of failures only.
+        fleet.add(&report(vec![entry("a", 50, 0, &[])]), 1_000);
+        fleet.add(&report(vec![entry("a", 0, 2, &[])]), 2_000);
+        assert_eq!(fleet.figures("a", "m", 2_001).unwrap().availability, None);
+        fleet.add(&report(vec![entry("a", 0, 1, &[])]), 3_000);
+        assert_eq!(
+            fleet.figures("a", "m", 3_001).unwrap().availability,
+            Some("offline")
+        );
+        // One gateway still gets answers: the newest report has a success, no streak.
+        fleet.add(&report(vec![entry("a", 1, 0, &[])]), 3_000);
+        assert_eq!(fleet.figures("a", "m", 3_001).unwrap().availability, None);
+        // A period that went well, then down: its tail counts.
+        let mut mid = Fleet::default();
+        mid.add(&report(vec![entry("a", 50, 0, &[])]), 1_000);
+        let mut e = entry("a", 20, 2, &[]);
+        e.tail_failures = Some(2);
+        mid.add(&report(vec![e]), 2_000);
+        assert_eq!(mid.figures("a", "m", 2_001).unwrap().availability, None);
+        mid.add(&report(vec![entry("a", 0, 1, &[])]), 3_000);
+        assert_eq!(
+            mid.figures("a", "m", 3_001).unwrap().availability,
+            Some("offline")
+        );
+        // The streak ages out with the recent window.
+        let mut f = Fleet::default();
+        f.add(&report(vec![entry("a", 50, 0, &[])]), 0);
+        f.add(&report(vec![entry("a", 0, 3, &[])]), 10);
+        assert_eq!(
+            f.figures("a", "m", 11).unwrap().availability,
+            Some("offline")
+        );
+        assert_eq!(
+            f.figures("a", "m", 10 + RECENT_MS).unwrap().availability,
+            None
+        );
     }
 }

@@ -106,13 +106,23 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         })
         .collect();
     let stats = app.last_build();
-    let body = json!({
+    let mut body = json!({
         "status": if snap.is_some() { "ok" } else { "starting" },
         "snapshot": snap.as_ref().map(|p| json!({
             "generated_at_ms": p.generated_at_ms, "etag": p.etag, "offers": stats.offers,
             "stale_offers": stats.stale_offers})),
         "sources": sources,
     });
+    if let Some(r) = app.redis_status() {
+        body["redis"] = json!({
+            "replica": r.replica,
+            "state": if !r.connected { "disconnected" } else if r.leader { "leader" } else { "follower" },
+            "leader": r.leader_id,
+            "serving": if r.serving_shared { "shared" } else { "own" },
+            "unshared_reports": r.unshared,
+            "last_error": r.last_error,
+        });
+    }
     let status = if snap.is_some() {
         StatusCode::OK
     } else {
@@ -275,6 +285,74 @@ pub fn render_metrics(app: &App) -> String {
         "Report entries dropped because the service tracks its maximum of (provider, model) keys.",
     );
     let _ = writeln!(m, "market_sidecar_report_entries_dropped_total {dropped}");
+    if let Some(r) = app.redis_status() {
+        head(
+            &mut m,
+            "market_sidecar_redis_up",
+            "gauge",
+            "1 while the last sync with Redis succeeded (replicas share observations and the snapshot), else 0.",
+        );
+        let _ = writeln!(m, "market_sidecar_redis_up {}", u8::from(r.connected));
+        head(
+            &mut m,
+            "market_sidecar_redis_leader",
+            "gauge",
+            "1 while this replica holds the leader lease (it publishes the snapshot the others serve).",
+        );
+        let _ = writeln!(m, "market_sidecar_redis_leader {}", u8::from(r.leader));
+        head(
+            &mut m,
+            "market_sidecar_redis_serving_shared",
+            "gauge",
+            "1 while this replica serves the leader's snapshot read from Redis, 0 while it serves its own.",
+        );
+        let _ = writeln!(
+            m,
+            "market_sidecar_redis_serving_shared {}",
+            u8::from(r.serving_shared)
+        );
+        head(
+            &mut m,
+            "market_sidecar_redis_reports_total",
+            "counter",
+            "Reports shared through Redis: pushed (received here), pulled (received by another replica).",
+        );
+        let _ = writeln!(
+            m,
+            "market_sidecar_redis_reports_total{{direction=\"pushed\"}} {}",
+            r.pushed
+        );
+        let _ = writeln!(
+            m,
+            "market_sidecar_redis_reports_total{{direction=\"pulled\"}} {}",
+            r.pulled
+        );
+        head(
+            &mut m,
+            "market_sidecar_redis_unshared_reports",
+            "gauge",
+            "Reports this replica holds that Redis does not (shared when it is back).",
+        );
+        let _ = writeln!(m, "market_sidecar_redis_unshared_reports {}", r.unshared);
+        head(
+            &mut m,
+            "market_sidecar_redis_errors_total",
+            "counter",
+            "Failed syncs and connection attempts.",
+        );
+        let _ = writeln!(m, "market_sidecar_redis_errors_total {}", r.errors);
+        head(
+            &mut m,
+            "market_sidecar_redis_data_lost_total",
+            "counter",
+            "Times Redis was found to have lost its data (a restart without persistence); replicas then share again what they know.",
+        );
+        let _ = writeln!(
+            m,
+            "market_sidecar_redis_data_lost_total {}",
+            r.epoch_changes
+        );
+    }
     let c = app.counters();
     head(
         &mut m,

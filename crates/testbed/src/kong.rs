@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 /// How long [`Kong::start`] waits for readiness (each worker compiles the module: 0.5-1 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// What nginx logs when a worker failed its start (e.g. the filter refused its configuration,
+/// "on_configure failure"): it is not respawned, so nothing will ever answer.
+const NOT_RESPAWNED: &str = "cannot be respawned";
+const NOT_RESPAWNED_WHY: &str = "a worker exited at start and cannot be respawned";
 /// How long a stop waits for the master to quit before signalling the workers.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -91,6 +95,10 @@ pub struct KongConfig {
     pub keepalive_requests: Option<u32>,
     /// Raw `server { ... }` blocks added to `http {}` (e.g. a TLS front for a mock).
     pub extra_servers: Vec<String>,
+    /// nginx's gzip filter on the filter's answers (`gzip on` for JSON and event streams,
+    /// whatever their size; Kong: `nginx_proxy_gzip` and friends), like the compressor Envoy
+    /// ships in front of the filter.
+    pub compression: bool,
     /// Wait for this many `market-router configured` lines before the first request (the
     /// default: one per worker when the filter is market-router; 0 to skip, for a bad config).
     pub expect_configured: Option<usize>,
@@ -109,6 +117,7 @@ impl Default for KongConfig {
             log_level: "info".to_string(),
             keepalive_requests: None,
             extra_servers: Vec::new(),
+            compression: false,
             expect_configured: None,
         }
     }
@@ -166,6 +175,12 @@ impl KongConfig {
     /// Adds a raw `server {}` block.
     pub fn server(mut self, block: &str) -> Self {
         self.extra_servers.push(block.to_string());
+        self
+    }
+
+    /// Compresses the filter's answers with nginx's gzip filter.
+    pub fn compression(mut self, on: bool) -> Self {
+        self.compression = on;
         self
     }
 
@@ -228,6 +243,12 @@ impl KongConfig {
                 s,
                 "            proxy_wasm market_router {};",
                 quoted(config_json)
+            );
+        }
+        if self.compression {
+            let _ = writeln!(
+                s,
+                "            gzip on; gzip_min_length 1; gzip_proxied any; gzip_types application/json text/event-stream;"
             );
         }
         // Which worker answered (the circuit and affinity tests need both to take part).
@@ -371,6 +392,9 @@ impl Kong {
         loop {
             self.proc.check_running().map_err(|e| self.fail(&e))?;
             let log = self.error_log();
+            if log.contains(NOT_RESPAWNED) {
+                return Err(self.fail(NOT_RESPAWNED_WHY));
+            }
             if want == 0 || log.matches("market-router configured").count() >= want {
                 break;
             }
@@ -386,8 +410,16 @@ impl Kong {
         let left = deadline.saturating_duration_since(Instant::now());
         let url = self.url("/__kong/ready");
         let proc = &mut self.proc;
-        wait_ready_while(&url, left, || proc.check_running())
-            .map_err(|e| self.fail(&format!("no answer from the listener: {e}")))?;
+        let log = self.dir.join("error.log");
+        wait_ready_while(&url, left, || {
+            proc.check_running()?;
+            let text = fs::read(&log).unwrap_or_default();
+            if String::from_utf8_lossy(&text).contains(NOT_RESPAWNED) {
+                return Err(NOT_RESPAWNED_WHY.to_string());
+            }
+            Ok(())
+        })
+        .map_err(|e| self.fail(&format!("no answer from the listener: {e}")))?;
         self.workers = children_of(self.proc.pid());
         Ok(())
     }

@@ -8,15 +8,18 @@
 
 pub mod encoding;
 pub mod envoy;
+pub mod gateway;
 pub mod http;
 pub mod hyper_serve;
 pub mod kong;
 pub mod market_service;
 pub mod procs;
+pub mod redis;
 pub mod refusing;
 pub mod testbed;
 
 pub use envoy::{listener_head, Envoy, EnvoyConfig, Filter, ProviderCluster, SidecarCluster};
+pub use gateway::Gateway;
 pub use http::{
     bind_and_serve, free_port, get, handler, post_json, request, serve, split_url, wait_ready,
     wait_ready_while, Conn, Handler, Reply, Request, Response, Server,
@@ -24,6 +27,7 @@ pub use http::{
 pub use kong::{kong_nginx_bin, Kong, KongConfig, KongFilter};
 pub use market_service::{market_service_bin, venv_catalogs, MarketService};
 pub use procs::{crate_root, envoy_bin, example_bin, start_portkey, wasm_path, Proc, TempDir};
+pub use redis::{redis_or_skip, RedisServer};
 pub use refusing::RefusingPort;
 pub use testbed::{MockOpts, MockProvider, Sidecar};
 

@@ -87,15 +87,22 @@ impl MarketService {
     /// Starts the service on `config` (a file) with a 0.2 s reload interval, and waits until it
     /// serves a snapshot (`/healthz` answers 200).
     pub fn start(config: &Path) -> Result<MarketService, String> {
+        MarketService::start_with(config, 0, &[])
+    }
+
+    /// Like [`MarketService::start`], on `port` (0: a free one) and with `extra` arguments
+    /// (`--redis-url ...`).
+    pub fn start_with(config: &Path, port: u16, extra: &[String]) -> Result<MarketService, String> {
         let bin = market_service_bin()?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--config".into(),
             config.to_string_lossy().into_owned(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            format!("127.0.0.1:{port}"),
             "--reload-interval-s".into(),
             "0.2".into(),
         ];
+        args.extend(extra.iter().cloned());
         let mut proc = Proc::spawn("market-service", &bin, args)?;
         let line = proc.wait_for_log("listening on ", START_TIMEOUT)?;
         let port = line
@@ -153,5 +160,15 @@ impl MarketService {
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Kills it (SIGKILL, by its PID), as a crash would.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// `/healthz` as JSON (whatever its status).
+    pub fn health(&self) -> Result<Value, String> {
+        get(&self.url("/healthz"), Duration::from_secs(5))?.json()
     }
 }

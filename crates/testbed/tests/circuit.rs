@@ -1,5 +1,6 @@
 //! The circuit breaker's half-open state through a real Envoy, in both failover modes, on one
-//! worker and on four: after the cooldown exactly one request probes the provider however many
+//! worker and on four, and in Kong's wasm host (dispatch mode, one nginx worker and two: the
+//! `_kong` twins): after the cooldown exactly one request probes the provider however many
 //! arrive at once, and a failed probe opens the circuit again for a whole cooldown.
 //!
 //! Needs the filter module (`make build`), the example binaries (`cargo build --examples`) and
@@ -54,8 +55,21 @@ fn open_circuit(bed: &Bed, threshold: u64) -> Instant {
     }
     let opened = Instant::now();
     assert_eq!(bed.hits("a"), threshold);
-    assert_eq!(bed.wait_counter("provider.a.circuit_open", 1), 1);
+    assert_eq!(bed.wait_circuit_opened("a", 1), 1);
+    // Other workers re-read the shared health table at most every 20 ms (HEALTH_CHECK_MS):
+    // give them that before the next request, which any worker may take.
+    thread::sleep(Duration::from_millis(60));
     opened
+}
+
+/// `mode` in Envoy with `workers` worker threads, or (`kong`) dispatch mode in Kong's wasm
+/// host with `workers` nginx workers.
+fn start(mode: &str, config: Value, workers: u32) -> Bed {
+    if mode == "kong" {
+        Bed::start_kong(&["a", "b", "c"], config, workers as usize)
+    } else {
+        Bed::start(&["a", "b", "c"], config, workers)
+    }
 }
 
 /// One request of a burst: when it was sent, when it was answered, who answered.
@@ -67,7 +81,7 @@ struct Shot {
 }
 
 fn burst(bed: &Bed, n: usize) -> Vec<Shot> {
-    let url = bed.envoy.url("/v1/chat/completions");
+    let url = bed.gateway.url("/v1/chat/completions");
     let go = Arc::new(Barrier::new(n));
     let handles: Vec<_> = (0..n)
         .map(|_| {
@@ -97,11 +111,7 @@ fn one_request_probes_a_half_open_circuit(mode: &str, workers: u32) {
     const COOLDOWN_MS: u64 = 1500;
     const PROBE_LATENCY_MS: u64 = 1500;
     const BURST: usize = 8;
-    let bed = Bed::start(
-        &["a", "b", "c"],
-        config(mode, 4000, 2, COOLDOWN_MS),
-        workers,
-    );
+    let bed = start(mode, config(mode, 4000, 2, COOLDOWN_MS), workers);
     let opened = open_circuit(&bed, 2);
 
     // Healthy again, but slow: the probe stays in flight while the burst arrives.
@@ -150,7 +160,7 @@ fn one_request_probes_a_half_open_circuit(mode: &str, workers: u32) {
         "{}",
         show(&r)
     );
-    assert_eq!(bed.counter("provider.a.circuit_open"), 1);
+    assert_eq!(bed.wait_circuit_opened("a", 1), 1);
     assert_eq!(bed.hits("c"), 0);
 }
 
@@ -165,6 +175,16 @@ fn one_request_probes_a_half_open_circuit_dispatch() {
 }
 
 #[test]
+fn one_request_probes_a_half_open_circuit_kong() {
+    one_request_probes_a_half_open_circuit("kong", 1);
+}
+
+#[test]
+fn one_request_probes_a_half_open_circuit_across_two_kong_workers() {
+    one_request_probes_a_half_open_circuit("kong", 2);
+}
+
+#[test]
 fn one_request_probes_a_half_open_circuit_across_four_workers() {
     one_request_probes_a_half_open_circuit("route", 4);
 }
@@ -174,7 +194,7 @@ fn one_request_probes_a_half_open_circuit_across_four_workers() {
 /// another whole cooldown before the next probe.
 fn a_failed_probe_reopens_the_circuit(mode: &str, workers: u32) {
     const COOLDOWN_MS: u64 = 2500;
-    let bed = Bed::start(&["a", "b", "c"], config(mode, 500, 2, COOLDOWN_MS), workers);
+    let bed = start(mode, config(mode, 500, 2, COOLDOWN_MS), workers);
     let opened = open_circuit(&bed, 2);
 
     // Requests until one probes `a` (a third hit), answered by `b` after failing over.
@@ -236,13 +256,11 @@ fn a_failed_probe_reopens_the_circuit(mode: &str, workers: u32) {
         3,
         "a was tried again before a new cooldown passed"
     );
-    assert_eq!(bed.wait_counter("provider.a.circuit_open", 2), 2);
+    assert_eq!(bed.wait_circuit_opened("a", 2), 2);
     let warnings = bed.log_lines("circuit opened for provider a");
     assert_eq!(warnings.len(), 2, "{warnings:#?}");
-    assert!(
-        warnings.iter().all(|l| l.contains("[warning]")),
-        "{warnings:#?}"
-    );
+    let level = if bed.is_kong() { "[warn]" } else { "[warning]" };
+    assert!(warnings.iter().all(|l| l.contains(level)), "{warnings:#?}");
     assert_eq!(bed.hits("c"), 0);
 }
 
@@ -259,4 +277,14 @@ fn a_failed_probe_reopens_the_circuit_dispatch() {
 #[test]
 fn a_failed_probe_reopens_the_circuit_across_four_workers() {
     a_failed_probe_reopens_the_circuit("dispatch", 4);
+}
+
+#[test]
+fn a_failed_probe_reopens_the_circuit_kong() {
+    a_failed_probe_reopens_the_circuit("kong", 1);
+}
+
+#[test]
+fn a_failed_probe_reopens_the_circuit_across_two_kong_workers() {
+    a_failed_probe_reopens_the_circuit("kong", 2);
 }

@@ -1,7 +1,8 @@
 //! Real clients nobody here wrote, against the filter in a real Envoy with the shipped
 //! compressor in front: the official OpenAI Python SDK (pinned in the project's `.venv` by
 //! `make clients`), the official Node SDK (`tests/clients/node`, installed by `npm ci`), and
-//! curl with its default options. Both failover modes.
+//! curl with its default options. Both failover modes, and dispatch mode in Kong's wasm host
+//! (`_kong`: providers addressed `127.0.0.1:<port>`, nginx's gzip filter in front).
 //!
 //! The SDK scripts (`tests/clients/python/sdk_check.py`, `tests/clients/node/sdk_check.mjs`)
 //! make a plain call, a stream with `stream_options.include_usage`, embeddings (a small and a
@@ -54,11 +55,13 @@ fn opts(name: &str) -> MockOpts {
 
 struct Bed {
     mocks: Vec<MockProvider>,
-    envoy: Envoy,
+    gateway: Gateway,
 }
 
 impl Bed {
+    /// `mode`: a failover mode in Envoy, or `kong` (dispatch mode in Kong's wasm host).
     fn start(mode: &str) -> Bed {
+        let kong = mode == "kong";
         let mocks: Vec<MockProvider> = PROVIDERS
             .iter()
             .map(|(n, _, _)| MockProvider::start(n, &opts(n)).unwrap())
@@ -68,9 +71,10 @@ impl Bed {
             .map(|(name, price, models)| {
                 let models: serde_json::Map<String, serde_json::Value> =
                     models.iter().map(|m| (m.to_string(), json!(m))).collect();
+                let port = mocks.iter().find(|m| m.name() == *name).map_or(0, |m| m.port());
                 json!({
                     "name": name,
-                    "cluster": format!("provider_{name}"),
+                    "cluster": if kong { format!("127.0.0.1:{port}") } else { format!("provider_{name}") },
                     "models": models,
                     "static_offer": {"price": {"input_per_mtok": price, "output_per_mtok": price}}
                 })
@@ -79,9 +83,21 @@ impl Bed {
         let config = json!({
             "providers": providers,
             "routing": {"strategy": "cheapest"},
-            "failover": {"mode": mode, "max_attempts": 2, "attempt_timeout_ms": 10000, "deadline_ms": 20000},
+            "failover": {"mode": if kong { "dispatch" } else { mode }, "max_attempts": 2, "attempt_timeout_ms": 10000, "deadline_ms": 20000},
             "limits": {"max_body_bytes": 8192}
         });
+        if kong {
+            let kong = Kong::start(
+                &KongConfig::new()
+                    .market_router(&config.to_string())
+                    .compression(true),
+            )
+            .unwrap();
+            return Bed {
+                mocks,
+                gateway: Gateway::Kong(kong),
+            };
+        }
         let mut cfg = EnvoyConfig::new()
             .market_router(&config.to_string())
             .compression(true);
@@ -92,11 +108,14 @@ impl Bed {
             ));
         }
         let envoy = Envoy::start(&cfg, 1).unwrap();
-        Bed { mocks, envoy }
+        Bed {
+            mocks,
+            gateway: Gateway::Envoy(envoy),
+        }
     }
 
     fn base(&self) -> String {
-        self.envoy.url("")
+        self.gateway.url("")
     }
 
     fn hits(&self) -> Vec<(String, u64)> {
@@ -211,6 +230,11 @@ fn python_sdk_dispatch() {
 }
 
 #[test]
+fn python_sdk_kong() {
+    python_sdk("kong");
+}
+
+#[test]
 fn node_sdk_route() {
     node_sdk("route");
 }
@@ -220,14 +244,19 @@ fn node_sdk_dispatch() {
     node_sdk("dispatch");
 }
 
+#[test]
+fn node_sdk_kong() {
+    node_sdk("kong");
+}
+
 /// curl with its default options (no Accept-Encoding, HTTP/1.1, `-d` for the body), and with
 /// `--compressed`, which asks for every coding curl knows.
 #[test]
 fn curl_with_default_options() {
-    for mode in ["route", "dispatch"] {
+    for mode in ["route", "dispatch", "kong"] {
         let bed = Bed::start(mode);
         let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
-        let url = bed.envoy.url("/v1/chat/completions");
+        let url = bed.gateway.url("/v1/chat/completions");
         for extra in [&[][..], &["--compressed"][..]] {
             let out = Command::new("curl")
                 .args(["-sS", "-i", "-H", "content-type: application/json", "-d"])

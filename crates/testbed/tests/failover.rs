@@ -1,8 +1,13 @@
 //! Failover and live health through a real Envoy, in every failover mode (`route`: first
 //! attempt through the host's route, re-dispatch on failure; `dispatch`: every attempt by
-//! `dispatch_http_call`; `envoy`: Envoy's router makes every attempt in the filter's order).
+//! `dispatch_http_call`; `envoy`: Envoy's router makes every attempt in the filter's order),
+//! and through Kong's wasm host (nginx + ngx_wasm_module, `make kong-host`) in dispatch mode,
+//! the one mode it runs.
 //!
-//! Every scenario is written once as a function taking the mode and run by a test per mode. The
+//! Every scenario is written once as a function taking the mode and run by a test per mode
+//! (the `_kong` tests are the dispatch scenarios' twins in Kong's host: providers addressed
+//! `127.0.0.1:<port>`, keys from `providers[].headers`; Kong's host has no stats endpoint, so
+//! the filter's counters are checked on Envoy only). The
 //! providers have static offers and the `cheapest` strategy, so the ranking is fixed: `a`
 //! (cheapest) first, then `b`, then `c`.
 //!
@@ -36,15 +41,22 @@ enum Mode {
     Dispatch,
     /// Envoy's router makes every attempt in the filter's order (`failover.mode: envoy`).
     Envoy,
+    /// Dispatch mode in Kong's wasm host.
+    Kong,
 }
 
 impl Mode {
     fn as_str(self) -> &'static str {
         match self {
             Mode::Route => "route",
-            Mode::Dispatch => "dispatch",
+            Mode::Dispatch | Mode::Kong => "dispatch",
             Mode::Envoy => "envoy",
         }
+    }
+
+    /// Every attempt is a `dispatch_http_call`.
+    fn dispatched(self) -> bool {
+        matches!(self, Mode::Dispatch | Mode::Kong)
     }
 }
 
@@ -67,14 +79,17 @@ impl Default for Knobs {
     }
 }
 
-/// The filter configuration: three providers with static offers, `a` cheapest.
-fn config(mode: Mode, k: Knobs) -> String {
-    let provider = |name: &str, input: f64, output: f64, duo: bool| {
+/// The filter configuration: three providers with static offers, `a` cheapest. On Kong each
+/// provider is its mock's `127.0.0.1:<port>` (`ports`) and carries its key (`keys`) in
+/// `headers`; on Envoy it is cluster `provider_<name>`, which injects the key itself.
+fn config(mode: Mode, k: Knobs, ports: [u16; 3], keys: [Option<&str>; 3]) -> String {
+    let provider = |i: usize, input: f64, output: f64, duo: bool| {
+        let name = ["a", "b", "c"][i];
         let mut models = json!({ MODEL: MODEL });
         if duo {
             models[DUO] = json!(DUO);
         }
-        json!({
+        let mut p = json!({
             "name": name,
             "cluster": format!("provider_{name}"),
             "models": models,
@@ -83,13 +98,20 @@ fn config(mode: Mode, k: Knobs) -> String {
                 "latency_ms": {"ttft_p50": 300},
                 "uptime": 0.99
             }
-        })
+        });
+        if mode == Mode::Kong {
+            p["cluster"] = json!(format!("127.0.0.1:{}", ports[i]));
+            if let Some(key) = keys[i] {
+                p["headers"] = json!({"authorization": format!("Bearer {key}")});
+            }
+        }
+        p
     };
     json!({
         "providers": [
-            provider("a", 0.1, 0.2, true),
-            provider("b", 0.5, 1.0, true),
-            provider("c", 2.0, 4.0, false),
+            provider(0, 0.1, 0.2, true),
+            provider(1, 0.5, 1.0, true),
+            provider(2, 2.0, 4.0, false),
         ],
         "routing": {"strategy": "cheapest"},
         "failover": {
@@ -126,12 +148,18 @@ fn hanging() -> Up {
     })
 }
 
-/// Envoy with the filter in front of providers `a`, `b`, `c`.
+/// Envoy or Kong's host with the filter in front of providers `a`, `b`, `c`.
 struct Bed {
     mocks: [Option<MockProvider>; 3],
-    envoy: Envoy,
+    gateway: Gateway,
     /// The ports of `Up::Dead` providers, held (bound, never listening) for the test's life.
     _dead: Vec<RefusingPort>,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.gateway.assert_no_crash();
+    }
 }
 
 impl Bed {
@@ -145,6 +173,7 @@ impl Bed {
         let mut mocks: [Option<MockProvider>; 3] = [None, None, None];
         let mut dead = Vec::new();
         let mut cfg = EnvoyConfig::new();
+        let mut ports = [0u16; 3];
         for (i, up) in ups.into_iter().enumerate() {
             let port = match up {
                 Up::Mock(opts) => {
@@ -160,6 +189,7 @@ impl Bed {
                     port
                 }
             };
+            ports[i] = port;
             let mut cluster = ProviderCluster::new(&format!("provider_{}", names[i]), port);
             if let Some(key) = keys[i] {
                 cluster = cluster.with_key(key);
@@ -169,14 +199,19 @@ impl Bed {
         if let Some(idle) = k.route_idle_timeout {
             cfg = cfg.route_idle_timeout(idle);
         }
-        let cfg = match mode {
-            Mode::Envoy => cfg.market_router_envoy(&config(mode, k)),
-            _ => cfg.market_router(&config(mode, k)),
+        let filter = config(mode, k, ports, keys);
+        let gateway = match mode {
+            Mode::Kong => {
+                Gateway::Kong(Kong::start(&KongConfig::new().market_router(&filter)).unwrap())
+            }
+            Mode::Envoy => {
+                Gateway::Envoy(Envoy::start(&cfg.market_router_envoy(&filter), 1).unwrap())
+            }
+            _ => Gateway::Envoy(Envoy::start(&cfg.market_router(&filter), 1).unwrap()),
         };
-        let envoy = Envoy::start(&cfg, 1).unwrap();
         Bed {
             mocks,
-            envoy,
+            gateway,
             _dead: dead,
         }
     }
@@ -203,8 +238,8 @@ impl Bed {
     }
 
     fn chat_with(&self, headers: &[(&str, &str)], body: &Value) -> Response {
-        post_json(&self.envoy.url("/v1/chat/completions"), headers, body, T)
-            .unwrap_or_else(|e| panic!("request failed: {e}\n{}", self.envoy.log_tail(30)))
+        post_json(&self.gateway.url("/v1/chat/completions"), headers, body, T)
+            .unwrap_or_else(|e| panic!("request failed: {e}\n{}", self.gateway.log_tail(30)))
     }
 
     fn chat(&self) -> Response {
@@ -217,8 +252,12 @@ impl Bed {
         self.mock(name).set_behavior(&behavior).unwrap();
     }
 
-    /// Asserts that the filter's counter `market_router.<counter>` reaches `want`.
+    /// Asserts that the filter's counter `market_router.<counter>` reaches `want` (Envoy;
+    /// Kong's host has no stats endpoint).
     fn assert_counter(&self, counter: &str, want: u64) {
+        if self.gateway.envoy().is_none() {
+            return;
+        }
         assert_eq!(
             self.wait_stat(&format!("wasmcustom.market_router.{counter}"), want),
             Some(want),
@@ -226,10 +265,25 @@ impl Bed {
         );
     }
 
+    /// Asserts the settled value of the filter's counter `market_router.<counter>` (Envoy).
+    fn assert_settled(&self, counter: &str, want: u64) {
+        let Some(envoy) = self.gateway.envoy() else {
+            return;
+        };
+        assert_eq!(
+            envoy
+                .stat_settled(&format!("wasmcustom.market_router.{counter}"))
+                .unwrap(),
+            Some(want),
+            "counter {counter}"
+        );
+    }
+
     fn wait_stat(&self, name: &str, want: u64) -> Option<u64> {
+        let envoy = self.gateway.envoy()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let v = self.envoy.stat(name).unwrap();
+            let v = envoy.stat(name).unwrap();
             if v == Some(want) || Instant::now() >= deadline {
                 return v;
             }
@@ -373,12 +427,7 @@ fn primary_503_fails_over(mode: Mode) {
     assert_answer_from(&r, "b", 2);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
     bed.assert_counter("recovered_by_failover", 1);
-    assert_eq!(
-        bed.envoy
-            .stat_settled("wasmcustom.market_router.provider.a.failover")
-            .unwrap(),
-        Some(1)
-    );
+    bed.assert_settled("provider.a.failover", 1);
 }
 
 #[test]
@@ -389,6 +438,11 @@ fn primary_503_fails_over_route() {
 #[test]
 fn primary_503_fails_over_dispatch() {
     primary_503_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_503_fails_over_kong() {
+    primary_503_fails_over(Mode::Kong);
 }
 
 #[test]
@@ -462,6 +516,11 @@ fn primary_429_retry_after_keeps_it_out_dispatch() {
 }
 
 #[test]
+fn primary_429_retry_after_keeps_it_out_kong() {
+    primary_429_retry_after_keeps_it_out(Mode::Kong);
+}
+
+#[test]
 fn primary_429_retry_after_keeps_it_out_envoy() {
     primary_429_retry_after_keeps_it_out(Mode::Envoy);
 }
@@ -471,12 +530,7 @@ fn primary_refused_fails_over(mode: Mode) {
     let r = bed.chat();
     assert_answer_from(&r, "b", 2);
     assert_eq!(bed.all_hits(), [None, Some(1), Some(0)]);
-    assert_eq!(
-        bed.envoy
-            .stat_settled("wasmcustom.market_router.provider.a.failure")
-            .unwrap(),
-        Some(1)
-    );
+    bed.assert_settled("provider.a.failure", 1);
 }
 
 #[test]
@@ -487,6 +541,11 @@ fn primary_refused_fails_over_route() {
 #[test]
 fn primary_refused_fails_over_dispatch() {
     primary_refused_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_refused_fails_over_kong() {
+    primary_refused_fails_over(Mode::Kong);
 }
 
 #[test]
@@ -528,6 +587,11 @@ fn primary_hang_times_out_and_fails_over_dispatch() {
 }
 
 #[test]
+fn primary_hang_times_out_and_fails_over_kong() {
+    primary_hang_times_out_and_fails_over(Mode::Kong);
+}
+
+#[test]
 fn primary_hang_times_out_and_fails_over_envoy() {
     primary_hang_times_out_and_fails_over(Mode::Envoy);
 }
@@ -562,6 +626,11 @@ fn primary_reset_mid_response_fails_over_dispatch() {
 }
 
 #[test]
+fn primary_reset_mid_response_fails_over_kong() {
+    primary_reset_mid_response_fails_over(Mode::Kong);
+}
+
+#[test]
 fn primary_reset_mid_response_fails_over_envoy() {
     primary_reset_mid_response_fails_over(Mode::Envoy);
 }
@@ -582,6 +651,11 @@ fn primary_malformed_200_fails_over_route() {
 #[test]
 fn primary_malformed_200_fails_over_dispatch() {
     primary_malformed_200_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn primary_malformed_200_fails_over_kong() {
+    primary_malformed_200_fails_over(Mode::Kong);
 }
 
 #[test]
@@ -628,6 +702,11 @@ fn all_503_is_a_503_listing_each_attempt_dispatch() {
 }
 
 #[test]
+fn all_503_is_a_503_listing_each_attempt_kong() {
+    all_503_is_a_503_listing_each_attempt(Mode::Kong);
+}
+
+#[test]
 fn all_503_is_a_503_listing_each_attempt_envoy() {
     all_503_is_a_503_listing_each_attempt(Mode::Envoy);
 }
@@ -654,6 +733,11 @@ fn all_refused_is_a_503_route() {
 #[test]
 fn all_refused_is_a_503_dispatch() {
     all_refused_is_a_503(Mode::Dispatch);
+}
+
+#[test]
+fn all_refused_is_a_503_kong() {
+    all_refused_is_a_503(Mode::Kong);
 }
 
 #[test]
@@ -694,6 +778,11 @@ fn all_hanging_is_a_504_within_the_deadline_route() {
 #[test]
 fn all_hanging_is_a_504_within_the_deadline_dispatch() {
     all_hanging_is_a_504_within_the_deadline(Mode::Dispatch);
+}
+
+#[test]
+fn all_hanging_is_a_504_within_the_deadline_kong() {
+    all_hanging_is_a_504_within_the_deadline(Mode::Kong);
 }
 
 #[test]
@@ -793,6 +882,11 @@ fn stream_with_primary_down_gets_complete_sse_dispatch() {
 }
 
 #[test]
+fn stream_with_primary_down_gets_complete_sse_kong() {
+    stream_with_primary_down_gets_complete_sse(Mode::Kong);
+}
+
+#[test]
 fn stream_with_primary_down_gets_complete_sse_envoy() {
     stream_with_primary_down_gets_complete_sse(Mode::Envoy);
 }
@@ -822,12 +916,7 @@ fn client_error_is_not_retried(mode: Mode) {
     assert_eq!(v["error"]["message"], "a: simulated 400 Bad Request");
     assert_eq!(bed.all_hits(), [Some(1), Some(0), Some(0)]);
     // A client error says nothing about the provider.
-    assert_eq!(
-        bed.envoy
-            .stat_settled("wasmcustom.market_router.provider.a.failure")
-            .unwrap(),
-        Some(0)
-    );
+    bed.assert_settled("provider.a.failure", 0);
 }
 
 #[test]
@@ -838,6 +927,11 @@ fn client_error_is_not_retried_route() {
 #[test]
 fn client_error_is_not_retried_dispatch() {
     client_error_is_not_retried(Mode::Dispatch);
+}
+
+#[test]
+fn client_error_is_not_retried_kong() {
+    client_error_is_not_retried(Mode::Kong);
 }
 
 #[test]
@@ -912,6 +1006,11 @@ fn circuit_opens_then_recovers_dispatch() {
 }
 
 #[test]
+fn circuit_opens_then_recovers_kong() {
+    circuit_opens_then_recovers(Mode::Kong);
+}
+
+#[test]
 fn circuit_opens_then_recovers_envoy() {
     circuit_opens_then_recovers(Mode::Envoy);
 }
@@ -959,7 +1058,7 @@ fn auth_and_headers_follow_the_fallback(mode: Mode) {
     // `a` got its own key (it answered 503, not 401).
     let last_a = bed.mock("a").last_request().unwrap();
     assert!(carried_key(&last_a, KEY_A), "a did not receive its own key");
-    if mode != Mode::Dispatch {
+    if !mode.dispatched() {
         // Envoy passes `te` on the routed attempt, so its absence at b below is the filter's
         // doing; the filter strips `proxy-authorization` from the routed attempt too, and the
         // route drops the cluster header once the router has read it.
@@ -1013,6 +1112,11 @@ fn auth_and_headers_follow_the_fallback_route() {
 #[test]
 fn auth_and_headers_follow_the_fallback_dispatch() {
     auth_and_headers_follow_the_fallback(Mode::Dispatch);
+}
+
+#[test]
+fn auth_and_headers_follow_the_fallback_kong() {
+    auth_and_headers_follow_the_fallback(Mode::Kong);
 }
 
 #[test]
@@ -1075,6 +1179,11 @@ fn attempts_are_bounded_dispatch() {
 }
 
 #[test]
+fn attempts_are_bounded_kong() {
+    attempts_are_bounded(Mode::Kong);
+}
+
+#[test]
 fn attempts_are_bounded_envoy() {
     attempts_are_bounded(Mode::Envoy);
 }
@@ -1116,7 +1225,7 @@ fn stream_broken_after_first_bytes_is_passed_through_route() {
     bed.behave("a", json!({"reset_mid": true}));
     let body = stream_body(MODEL).to_string();
     let raw = raw_exchange(
-        bed.envoy.port(),
+        bed.gateway.port(),
         "/v1/chat/completions",
         body.as_bytes(),
         Duration::from_secs(5),
@@ -1141,17 +1250,21 @@ fn stream_broken_after_first_bytes_is_passed_through_route() {
 
 /// In dispatch mode a stream is buffered whole, so the same break is an ordinary reset and
 /// the request fails over.
-#[test]
-fn stream_broken_after_first_bytes_fails_over_dispatch() {
-    let bed = Bed::start(Mode::Dispatch, Knobs::default(), [ok(), ok(), ok()]);
+fn stream_broken_after_first_bytes_fails_over(mode: Mode) {
+    let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
     bed.behave("a", json!({"reset_mid": true}));
     let r = bed.chat_with(&[], &stream_body(MODEL));
     assert_sse_from_b(&bed, &r);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
-    assert_eq!(
-        bed.envoy
-            .stat_settled("wasmcustom.market_router.stream_failed_midway")
-            .unwrap(),
-        Some(0)
-    );
+    bed.assert_settled("stream_failed_midway", 0);
+}
+
+#[test]
+fn stream_broken_after_first_bytes_fails_over_dispatch() {
+    stream_broken_after_first_bytes_fails_over(Mode::Dispatch);
+}
+
+#[test]
+fn stream_broken_after_first_bytes_fails_over_kong() {
+    stream_broken_after_first_bytes_fails_over(Mode::Kong);
 }

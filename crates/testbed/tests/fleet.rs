@@ -295,3 +295,85 @@ fn kong_reports_what_it_sees_to_the_market_service() {
     }
     assert!(kong.crashes().is_empty(), "{}", kong.crashes().join("\n"));
 }
+
+/// `market.report: false`: the gateway still reads the market but tells it nothing (no tally,
+/// no report), while a reporting gateway beside it posts every period.
+#[test]
+fn a_gateway_with_report_false_posts_nothing() {
+    let dir = TempDir::new("fleet-noreport").unwrap();
+    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
+        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
+         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
+        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
+    ]});
+    fs::write(dir.join("feed.json"), snapshot.to_string()).unwrap();
+    let config = json!({
+        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 0.2}],
+        "providers": {"cheap": {}, "other": {}},
+        "models": {MODEL: {}},
+    });
+    fs::write(dir.join("service.json"), config.to_string()).unwrap();
+    let service = MarketService::start(&dir.join("service.json")).unwrap();
+    let broken = MockProvider::start("cheap", &MockOpts::default().status(503)).unwrap();
+    let other = MockProvider::start("other", &MockOpts::default()).unwrap();
+    let silent = {
+        let plugin = json!({
+            "providers": [
+                {"name": "cheap", "cluster": "provider_cheap", "models": {MODEL: MODEL}},
+                {"name": "other", "cluster": "provider_other", "models": {MODEL: MODEL}},
+            ],
+            "market": {"cluster": CLUSTER, "refresh_ms": REFRESH_MS, "max_age_ms": 60_000,
+                       "timeout_ms": 1000, "report": false},
+            "routing": {"strategy": "cheapest"},
+        });
+        let cfg = EnvoyConfig::new()
+            .provider(ProviderCluster::new("provider_cheap", broken.port()))
+            .provider(ProviderCluster::new("provider_other", other.port()))
+            .sidecar(CLUSTER, service.port())
+            .market_router(&plugin.to_string());
+        Envoy::start(&cfg, 2).unwrap()
+    };
+    let reporting = envoy(&service, other.port(), other.port());
+    let deadline = Instant::now() + WAIT;
+    while route(&silent)["candidates"][0]["provider"] != "cheap" {
+        assert!(Instant::now() < deadline, "{:#}", route(&silent));
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The silent gateway fails over from its broken `cheap`; the reporting one is healthy.
+    for _ in 0..4 {
+        assert_eq!(chat(&silent), "other");
+        chat(&reporting);
+    }
+    // Several periods pass (the reporting gateway posts twice more)...
+    let sent = |e: &Envoy| {
+        e.stat("wasmcustom.market_router.report.sent")
+            .unwrap()
+            .unwrap_or(0)
+    };
+    let before = sent(&reporting);
+    let deadline = Instant::now() + WAIT;
+    while sent(&reporting) < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the reporting gateway stopped posting"
+        );
+        chat(&reporting);
+        thread::sleep(Duration::from_millis(50));
+    }
+    // ...and the silent one posted nothing: the service heard only of `cheap` answering well
+    // (the reporting gateway's), never of it failing.
+    assert_eq!(sent(&silent), 0);
+    assert_eq!(
+        silent
+            .stat("wasmcustom.market_router.report.dropped")
+            .unwrap()
+            .unwrap_or(0),
+        0
+    );
+    let c = offer(&service.snapshot().unwrap(), "cheap");
+    assert_eq!(c["availability"], "online", "{c:#}");
+    assert_eq!(c["provenance"]["uptime"]["source"], "observed", "{c:#}");
+    assert!(c["uptime"].as_f64().unwrap() >= 0.99, "{c:#}");
+    assert!(broken.hits().unwrap() >= 3);
+}

@@ -98,14 +98,6 @@ fn merge(base: &mut Value, extra: Value) {
     }
 }
 
-/// A port that refuses connections: bound by a mock that is then stopped.
-fn dead_port() -> u16 {
-    let m = MockProvider::start("gone", &MockOpts::default()).unwrap();
-    let port = m.port();
-    drop(m);
-    port
-}
-
 fn show(r: &Response) -> String {
     format!(
         "status {} provider {:?} attempts {:?} body {}",
@@ -116,19 +108,16 @@ fn show(r: &Response) -> String {
     )
 }
 
-/// Kong's host with the filter, in front of mocks `a`, `b`, `c` (cheapest first) or dead ports.
+/// Kong's host with the filter, in front of mocks `a`, `b`, `c` (cheapest first).
 struct Bed {
     // Dropped first, so nginx never sees its upstreams vanish mid-test.
     kong: Kong,
     mocks: Vec<(String, Option<MockProvider>)>,
-    /// Whether the no-crash check on drop applies.
-    check_crashes: bool,
 }
 
 /// What stands behind one provider.
 enum Up {
     Mock(MockOpts),
-    Dead,
 }
 
 fn ok() -> Up {
@@ -142,13 +131,9 @@ impl Bed {
         let mut providers = Vec::new();
         for (i, up) in ups.into_iter().enumerate() {
             let name = names[i];
-            let (port, mock) = match up {
-                Up::Mock(opts) => {
-                    let m = MockProvider::start(name, &opts).unwrap();
-                    (m.port(), Some(m))
-                }
-                Up::Dead => (dead_port(), None),
-            };
+            let Up::Mock(opts) = up;
+            let m = MockProvider::start(name, &opts).unwrap();
+            let (port, mock) = (m.port(), Some(m));
             providers.push(provider(name, port, 0.1 * 5f64.powi(i as i32)));
             mocks.push((name.to_string(), mock));
         }
@@ -159,11 +144,7 @@ impl Bed {
                 .market_router(&config.to_string()),
         )
         .unwrap();
-        Bed {
-            kong,
-            mocks,
-            check_crashes: true,
-        }
+        Bed { kong, mocks }
     }
 
     fn mock(&self, name: &str) -> &MockProvider {
@@ -205,7 +186,7 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        if !thread::panicking() && self.check_crashes {
+        if !thread::panicking() {
             self.assert_no_crash();
         }
     }
@@ -253,33 +234,6 @@ fn assert_api_error(r: &Response, status: u16, code: &str, what: &str) -> String
     let msg = v["error"]["message"].as_str().unwrap_or("").to_string();
     assert!(!msg.is_empty(), "{what}: {v}");
     msg
-}
-
-fn assert_all_failed(r: &Response, status: u16, attempts: &[(&str, &str)]) {
-    assert_eq!(r.status, status, "{}", show(r));
-    assert_eq!(
-        r.header("x-market-router-attempts"),
-        Some(attempts.len().to_string().as_str()),
-        "{}",
-        show(r)
-    );
-    let v = r.json().unwrap();
-    assert_eq!(v["error"]["code"], "all_providers_failed", "{}", show(r));
-    let listed: Vec<String> = attempts.iter().map(|(p, o)| format!("{p}: {o}")).collect();
-    let mut want = format!(
-        "all {} attempt(s) for model `{MODEL}` failed: {}",
-        attempts.len(),
-        listed.join("; ")
-    );
-    // When the last attempt got an error answer, what its provider said follows.
-    if let Some((p, o)) = attempts.last().filter(|(_, o)| o.starts_with("status ")) {
-        let status: u16 = o["status ".len()..].parse().unwrap();
-        want.push_str(&format!(
-            "; {p} answered: {p}: simulated {status} {}",
-            common::http::reason(status)
-        ));
-    }
-    assert_eq!(v["error"]["message"], want.as_str());
 }
 
 fn chunk(bytes: &[u8]) -> Vec<u8> {
@@ -366,6 +320,39 @@ fn loads_and_routes_each_model_to_its_provider() {
         (404, r#"{"error":"fallthrough"}"#.to_string())
     );
     assert!(kong.crashes().is_empty(), "{:?}", kong.crashes());
+}
+
+/// A bad plugin configuration is refused with one error line naming the field, the value and
+/// what is allowed; Kong's host then fails the worker ("on_configure failure", not
+/// respawned), so no request is served unrouted: fail closed, as Envoy refuses to start.
+#[test]
+fn invalid_plugin_configuration_is_refused_with_one_line() {
+    const LINE: &str = "market-router: invalid plugin configuration: field `routing.strategy` = \"fastes\": expected one of value, cheapest, fastest, most_reliable, balanced, weighted";
+    let bad = json!({
+        "providers": [{"name": "a", "cluster": "127.0.0.1:1", "models": {MODEL: MODEL}}],
+        "routing": {"strategy": "fastes"},
+        "failover": {"mode": "dispatch"}
+    });
+    let started = Instant::now();
+    let err = match Kong::start(
+        &KongConfig::new()
+            .market_router(&bad.to_string())
+            .expect_configured(0),
+    ) {
+        Ok(_) => panic!("Kong's host came up with a bad plugin configuration"),
+        Err(e) => e,
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "the bed waited for its timeout"
+    );
+    assert_eq!(err.matches(LINE).count(), 1, "{err}");
+    assert_eq!(
+        err.matches("invalid plugin configuration").count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("on_configure failure"), "{err}");
 }
 
 /// Every bad request gets its OpenAI-style error from the filter and reaches no provider.
@@ -466,185 +453,9 @@ fn bodies_up_to_the_limit_reach_the_provider_whole() {
 // Failover (dispatch mode)
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn primary_503_fails_over() {
-    let bed = Bed::start(
-        vec![Up::Mock(MockOpts::default().status(503)), ok(), ok()],
-        json!({}),
-        1,
-    );
-    assert_answer_from(&bed.chat(), "b", 2);
-    assert_eq!(bed.hits(), vec![Some(1), Some(1), Some(0)]);
-}
-
-#[test]
-fn primary_429_retry_after_keeps_it_out() {
-    let bed = Bed::start(vec![ok(), ok(), ok()], json!({}), 1);
-    bed.mock("a")
-        .set_behavior(&json!({"status": 429, "retry_after": 2}))
-        .unwrap();
-    let sent = Instant::now();
-    assert_answer_from(&bed.chat(), "b", 2);
-    bed.mock("a").set_behavior(&json!({})).unwrap();
-    // Healthy again, but it asked for 2 s: skipped inside the window.
-    let mut inside = 0;
-    while sent.elapsed() < Duration::from_millis(1500) {
-        assert_answer_from(&bed.chat(), "b", 1);
-        inside += 1;
-        thread::sleep(Duration::from_millis(100));
-    }
-    assert!(inside >= 3, "only {inside} requests inside the window");
-    assert_eq!(
-        bed.mock("a").hits().unwrap(),
-        1,
-        "a tried inside its window"
-    );
-    // And back after it (bounded wait).
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = bed.chat();
-        assert_eq!(r.status, 200, "{}", show(&r));
-        if r.header("x-market-router-provider") == Some("a") {
-            assert!(sent.elapsed() >= Duration::from_millis(1900));
-            break;
-        }
-        assert!(Instant::now() < deadline, "a never came back");
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-#[test]
-fn primary_refused_fails_over() {
-    let bed = Bed::start(vec![Up::Dead, ok(), ok()], json!({}), 1);
-    assert_answer_from(&bed.chat(), "b", 2);
-    assert_eq!(bed.hits(), vec![None, Some(1), Some(0)]);
-}
-
-/// Kong limitation: a timed-out attempt ends the request. In the callback of a timed-out
-/// call the host empties every buffer the filter fills: a next attempt would send an empty
-/// request forever (measured before this rule: the client hung and the worker spun logging
-/// "send() returned zero"), and the filter's own 504 comes out empty, so nginx closes the
-/// client's connection. What is checked: the request ends within the attempt timeout (no
-/// hang), nothing else is tried, the worker does not spin, and the next request is served.
-/// Envoy fails over here (tests/failover.rs).
-#[test]
-fn primary_hang_ends_the_request_at_the_attempt_timeout() {
-    let hang = MockOpts {
-        hang: true,
-        ..MockOpts::default()
-    };
-    let bed = Bed::start(vec![Up::Mock(hang), ok(), ok()], json!({}), 1);
-    let start = Instant::now();
-    let r = post_json(&bed.kong.url(CHAT), &[], &chat_body(MODEL), T);
-    let elapsed = start.elapsed();
-    match &r {
-        Err(e) => assert!(e.contains("connection closed"), "{e}"),
-        Ok(r) => assert_eq!(r.status, 504, "{}", show(r)),
-    }
-    assert!(
-        elapsed >= Duration::from_millis(ATTEMPT_TIMEOUT_MS - 50),
-        "ended after {elapsed:?}: a was not waited for"
-    );
-    assert!(elapsed < Duration::from_millis(DEADLINE_MS), "{elapsed:?}");
-    assert_eq!(bed.hits(), vec![Some(1), Some(0), Some(0)]);
-    let log = bed.kong.error_log();
-    assert!(
-        log.contains("cannot dispatch after a timed-out call"),
-        "{log}"
-    );
-    assert!(!log.contains("send() returned zero"), "the worker spins");
-    bed.mock("a").set_behavior(&json!({})).unwrap();
-    assert_answer_from(&bed.chat(), "a", 1);
-}
-
-/// Kong limitation: an answer cut mid-body (the provider closes the connection after part of
-/// a chunked body) is reported complete by the host, which then refuses to hand over its
-/// body; proxy-wasm SDK 0.2.5 turns that refusal into a panic, so the filter traps and nginx
-/// sends the request on to the location's own `proxy_pass` (here the 404 fallthrough). The
-/// worker survives and the next request is routed. Envoy fails over here.
-#[test]
-fn primary_cut_mid_body_falls_through_to_the_location() {
-    let mut bed = Bed::start(vec![ok(), ok(), ok()], json!({}), 1);
-    // This test expects the trap: the no-crash check does not apply.
-    bed.check_crashes = false;
-    bed.mock("a")
-        .set_behavior(&json!({"reset_mid": true}))
-        .unwrap();
-    let r = bed.chat();
-    assert_eq!(
-        (r.status, r.text()),
-        (404, r#"{"error":"fallthrough"}"#.to_string())
-    );
-    assert_eq!(bed.hits(), vec![Some(1), Some(0), Some(0)]);
-    let log = bed.kong.error_log();
-    assert!(log.contains("unexpected status: 2"), "{log}");
-    assert!(!log.contains("exited on signal"), "{log}");
-    bed.mock("a").set_behavior(&json!({})).unwrap();
-    assert_answer_from(&bed.chat(), "a", 1);
-}
-
-#[test]
-fn primary_malformed_200_fails_over() {
-    let bed = Bed::start(vec![ok(), ok(), ok()], json!({}), 1);
-    bed.mock("a")
-        .set_behavior(&json!({"malformed": true}))
-        .unwrap();
-    assert_answer_from(&bed.chat(), "b", 2);
-    assert_eq!(bed.hits(), vec![Some(1), Some(1), Some(0)]);
-}
-
-#[test]
-fn all_failing_is_one_clear_error() {
-    let s503 = || Up::Mock(MockOpts::default().status(503));
-    let bed = Bed::start(vec![s503(), s503(), s503()], json!({}), 1);
-    assert_all_failed(
-        &bed.chat(),
-        503,
-        &[
-            ("a", "status 503"),
-            ("b", "status 503"),
-            ("c", "status 503"),
-        ],
-    );
-    drop(bed);
-
-    let bed = Bed::start(vec![Up::Dead, Up::Dead, Up::Dead], json!({}), 1);
-    let r = bed.chat();
-    assert_eq!(r.status, 503, "{}", show(&r));
-    assert_eq!(r.json().unwrap()["error"]["code"], "all_providers_failed");
-    drop(bed);
-
-    // Every provider refusing: the 503 above. Every provider hanging: see
-    // primary_hang_ends_the_request_at_the_attempt_timeout.
-}
-
-/// A streaming request whose primary fails gets the fallback's complete event stream.
-#[test]
-fn stream_is_answered_and_fails_over() {
-    let bed = Bed::start(
-        vec![Up::Mock(MockOpts::default().status(503)), ok()],
-        json!({}),
-        1,
-    );
-    let r = bed.post(&[], &stream_body(MODEL));
-    assert_eq!(r.status, 200, "{}", show(&r));
-    assert_eq!(r.header("x-market-router-provider"), Some("b"));
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("text/event-stream")),
-        "{:?}",
-        r.headers
-    );
-    let data = r.sse_data();
-    assert_eq!(
-        data.last().map(String::as_str),
-        Some("[DONE]"),
-        "{}",
-        r.text()
-    );
-    assert_eq!(r.sse_content(), format!("Hello from b (model {MODEL})"));
-    assert_eq!(bed.mock("b").last_request().unwrap()["stream"], true);
-}
+// The dispatch-mode failover scenarios (503, 429 with Retry-After, refused, hang, cut
+// mid-body, malformed, all failing, streaming, client errors, the circuit, credentials and
+// headers, bounded attempts) run in Kong's host as the `_kong` twins of tests/failover.rs.
 
 /// Two nginx workers share one health table: after `failure_threshold` failures seen by
 /// either worker, neither sends to the provider until its cooldown ends.
@@ -1037,8 +848,8 @@ fn tls_provider_with_the_key_from_headers() {
 }
 
 /// 300 requests of every kind (routed, failed over, streamed, bad, explained) over two
-/// workers while a provider flaps: every one answered, no trap or panic logged, no worker
-/// lost.
+/// workers while a provider flaps (503, cut mid-body, healthy): every one answered, no trap or
+/// panic logged, no worker lost.
 #[test]
 fn no_trap_or_panic_over_a_bounded_loop() {
     let bed = Bed::start(
@@ -1051,10 +862,11 @@ fn no_trap_or_panic_over_a_bounded_loop() {
     let mut statuses = BTreeMap::<u16, u32>::new();
     for i in 0..300u32 {
         if i % 50 == 0 {
-            let flap = if (i / 50) % 2 == 0 {
-                json!({"status": 503})
-            } else {
-                json!({})
+            // Failing with an answer, cut mid-body (failed over through a bounce call), healthy.
+            let flap = match (i / 50) % 3 {
+                0 => json!({"status": 503}),
+                1 => json!({"reset_mid": true}),
+                _ => json!({}),
             };
             bed.mock("a").set_behavior(&flap).unwrap();
         }

@@ -186,7 +186,7 @@ fn last_resort_tries_held_back_providers_soonest_free_first() {
     assert_eq!(r.status, 200, "{}", show(&r));
     assert_eq!(provider_of(&r), Some("a"), "{}", show(&r));
     let warn = bed.log_lines("every provider is held back by health; trying them anyway");
-    assert!(!warn.is_empty(), "{}", bed.envoy.log_tail(20));
+    assert!(!warn.is_empty(), "{}", bed.gateway.log_tail(20));
     assert!(warn.iter().all(|l| l.contains("[warning]")), "{warn:#?}");
 }
 
@@ -458,7 +458,7 @@ fn wait_offers(bed: &Bed, prefix: &str, n: u64) -> Value {
     assert!(
         ok,
         "no snapshot of {n} offers: {last}\n{}",
-        bed.envoy.log_tail(20)
+        bed.gateway.log_tail(20)
     );
     last
 }
@@ -493,7 +493,7 @@ fn max_snapshot_bytes_refuses_a_big_snapshot() {
             !bed.log_lines("limits.max_snapshot_bytes (2048)").is_empty()
         }),
         "no refusal logged: {}",
-        bed.envoy.log_tail(20)
+        bed.gateway.log_tail(20)
     );
     assert!(bed.counter("snapshot.refresh_failed") > failed_before);
     let v = route_json(&bed, &format!("model={MODEL}"));
@@ -517,7 +517,7 @@ fn snapshot_gauges_report_offers_and_age() {
     let bed = market_bed(&[MODEL, "other-model"], snap, json!({}), None);
     wait_offers(&bed, "/market-router/v1", 3);
     let gauge = |name: &str| {
-        bed.envoy
+        bed.envoy()
             .stat(&format!("wasmcustom.market_router.snapshot.{name}"))
             .unwrap()
             .unwrap_or_else(|| panic!("no gauge snapshot.{name}"))

@@ -915,11 +915,11 @@ fn invalid_offers_are_dropped_and_the_rest_used() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. Stale data falls back to static offers
+// 6. Stale data: the last market figures still rank, ahead of static offers
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn stale_snapshot_uses_static_offers() {
+fn stale_snapshot_still_ranks_on_its_figures() {
     let names = ["cheap", "fast"];
     let mut ps = providers(&names);
     // cheap's own list price is far above its market price; fast has no static offer.
@@ -955,27 +955,31 @@ fn stale_snapshot_uses_static_offers() {
         0
     );
 
-    // An hour old: older than max_age_ms.
+    // An hour old: older than max_age_ms, and saying cheap was offline then. The last market
+    // price (0.1) is still a better guess than cheap's static offer (2.0), and an `offline`
+    // an hour old no longer excludes: cheap ranks as degraded, health judges its answers.
     let mut old = snapshot(&offers);
     let generated = now_ms() - 3_600_000;
     old["generated_at_ms"] = json!(generated);
+    old["offers"][0]["availability"] = json!("offline");
     bed.write(&old);
     let v = bed.wait_route("the stale snapshot", |v| {
         v["snapshot"]["generated_at_ms"] == generated
     });
     assert_eq!(v["snapshot"]["stale"], true, "{v}");
-    assert_eq!(ranked(&v), ["fast", "cheap"], "{v}");
+    assert_eq!(ranked(&v), ["cheap", "fast"], "{v}");
     let c = candidate(&v, "cheap");
-    assert_eq!(c["source"], "static");
-    assert_eq!(c["input_per_mtok"], 2.0);
-    assert_eq!(c["output_per_mtok"], 3.0);
+    assert_eq!(c["source"], "stale_market");
+    assert_eq!(c["input_per_mtok"], 0.1);
+    assert_eq!(c["output_per_mtok"], 0.2);
+    assert_eq!(c["availability"], "degraded");
     assert_eq!(candidate(&v, "fast")["source"], "stale_market");
 
     bed.reset_mocks();
     for _ in 0..4 {
         let r = bed.chat(&[]);
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.header("x-market-router-provider"), Some("fast"));
+        assert_eq!(r.header("x-market-router-provider"), Some("cheap"));
         let age: u64 = r
             .header("x-market-router-snapshot-age-ms")
             .unwrap()
@@ -983,7 +987,7 @@ fn stale_snapshot_uses_static_offers() {
             .unwrap();
         assert!(age >= 3_600_000, "snapshot age {age}");
     }
-    assert_eq!(bed.hits(), counts(&[("cheap", 0), ("fast", 4)]));
+    assert_eq!(bed.hits(), counts(&[("cheap", 4), ("fast", 0)]));
     assert_eq!(
         bed.stat("wasmcustom.market_router.snapshot.stale_decisions"),
         4

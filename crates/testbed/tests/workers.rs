@@ -83,7 +83,7 @@ fn retry_after_seen_on_one_worker_keeps_every_worker_off() {
     let sent = Instant::now();
     thread::sleep(Duration::from_millis(100));
 
-    let url = Arc::new(bed.envoy.url("/v1/chat/completions"));
+    let url = Arc::new(bed.gateway.url("/v1/chat/completions"));
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let url = Arc::clone(&url);
@@ -224,7 +224,7 @@ fn a_new_snapshot_is_seen_by_every_worker() {
             )
         }),
         "the first snapshot was never loaded; Envoy log tail:\n{}",
-        bed.envoy.log_tail(20)
+        bed.gateway.log_tail(20)
     );
     // Every worker on the first snapshot (the same room as below).
     thread::sleep(Duration::from_secs(1));
@@ -308,7 +308,7 @@ fn session_affinity_holds_across_workers() {
 fn contended_health_writes_never_cost_a_request() {
     let bed = Bed::start(&["a", "b"], static_config(1000, 30_000), WORKERS);
     bed.behave("a", json!({"status": 503}));
-    let url = Arc::new(bed.envoy.url("/v1/chat/completions"));
+    let url = Arc::new(bed.gateway.url("/v1/chat/completions"));
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let url = Arc::clone(&url);

@@ -63,6 +63,10 @@
 //! first with no routing option set; and the oracle, which knows every attempt's outcome in
 //! advance and the true prices, and sends each request, once, to the cheapest provider that
 //! will answer it (by its prompt and the traffic's mean answer length: see [`run_oracle`]).
+//! The cost goal is judged against that oracle held to the p95 goal ([`run_oracle_within`]:
+//! the same, except that at most 5 % of requests may answer later than 0.8× round-robin's
+//! p95), the least any routing can pay and meet both goals; the unconstrained oracle's own p95
+//! is over that bound in some worlds (its row stays in the tables).
 //!
 //! For reference, not judged: the oracle that also knows each answer's length, and the informed
 //! oracle, which knows each provider's true state at every moment (not the requests' own luck)
@@ -1342,6 +1346,77 @@ pub fn run_oracle(w: &World, knows_lengths: bool) -> Stats {
     st
 }
 
+/// The oracle held to the latency goal: knows every attempt's outcome in advance, like
+/// [`run_oracle`], and routes each request, once, to the cheapest provider that will answer it
+/// — except that no more than 5 % of requests may answer later than `cap_ms` (0.8 × round-
+/// robin's p95, the goal's bound). Where the cheapest answer would be later, the request goes
+/// to the cheapest provider that will answer within `cap_ms`, unless it is among the late
+/// requests the bound allows, which are those whose fix costs most. That is the least any
+/// routing can pay and still meet the p95 goal: the fair reference for the cost goal, which the
+/// unconstrained oracle is not where the cheapest providers are slow (its own p95 is then over
+/// the bound).
+pub fn run_oracle_within(w: &World, cap_ms: u64) -> Stats {
+    let mut st = Stats::new(ORACLE_P95.into(), w.providers.len());
+    let n = w.requests.len();
+    st.requests = n;
+    let mean_out = w.requests.iter().map(|r| r.out_tok as f64).sum::<f64>() / n.max(1) as f64;
+    // Per request: (cheapest answer, cheapest answer within the cap, fastest failure).
+    type Pick = Option<(usize, AttemptResult)>;
+    let mut picks: Vec<(Pick, Pick, u64)> = Vec::with_capacity(n);
+    let mut extra: Vec<(f64, usize)> = Vec::new();
+    let mut late_anyway = 0usize;
+    for (i, req) in w.requests.iter().enumerate() {
+        let out = req.max_tokens.map_or(mean_out, |m| mean_out.min(m as f64));
+        let key = |p: usize| {
+            let (pi, po) = w.price(p, req.model, req.at_ms);
+            req.in_tok as f64 * pi + out * po
+        };
+        let results: Vec<(usize, AttemptResult)> = w
+            .serving(req.model)
+            .into_iter()
+            .map(|p| (p, w.attempt(req, p, req.at_ms, ATTEMPT_TIMEOUT_MS)))
+            .collect();
+        let cmp = |x: &&(usize, AttemptResult), y: &&(usize, AttemptResult)| {
+            key(x.0).total_cmp(&key(y.0)).then(x.1.ms.cmp(&y.1.ms))
+        };
+        let best = results.iter().filter(|(_, a)| a.ok()).min_by(cmp).copied();
+        let fast = results
+            .iter()
+            .filter(|(_, a)| a.ok() && a.ms <= cap_ms)
+            .min_by(cmp)
+            .copied();
+        let fail_ms = results.iter().map(|(_, a)| a.ms).min().unwrap_or(0);
+        match (best, fast) {
+            (Some((p, a)), Some((q, _))) if a.ms > cap_ms => extra.push((key(q) - key(p), i)),
+            (Some((_, a)), None) if a.ms > cap_ms => late_anyway += 1,
+            (None, _) if fail_ms > cap_ms => late_anyway += 1,
+            _ => {}
+        }
+        picks.push((best, fast, fail_ms));
+    }
+    // Nearest-rank p95 <= cap: at most n − ⌈0.95 n⌉ requests later than the cap.
+    let allowed = n - ((0.95 * n as f64).ceil() as usize).min(n);
+    let mut keep_late = allowed.saturating_sub(late_anyway);
+    extra.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut fix = vec![false; n];
+    for (_, i) in extra {
+        if keep_late > 0 {
+            keep_late -= 1;
+        } else {
+            fix[i] = true;
+        }
+    }
+    for (i, (best, fast, fail_ms)) in picks.into_iter().enumerate() {
+        st.attempts += 1;
+        match (best, fast) {
+            (Some(_), Some((p, a))) if fix[i] => st.record(p, &a, a.ms),
+            (Some((p, a)), _) => st.record(p, &a, a.ms),
+            (None, _) => st.record_failure(fail_ms),
+        }
+    }
+    st
+}
+
 /// Upper tail of the standard normal, P(Z > x).
 fn normal_tail(x: f64) -> f64 {
     // Abramowitz & Stegun 7.1.26 on erfc, |error| < 1.5e-7.
@@ -1445,6 +1520,8 @@ pub fn run_informed_oracle(w: &World, cap_ms: u64) -> Stats {
 
 /// Row label of the oracle.
 pub const ORACLE: &str = "oracle (cheapest that will answer)";
+/// Row label of the oracle held to the p95 goal: the cost goal's reference.
+pub const ORACLE_P95: &str = "oracle (cheapest within the p95 goal)";
 /// Row label of the oracle that also knows each answer's length (reference, not judged).
 pub const ORACLE_LENGTHS: &str = "oracle knowing answer lengths";
 /// Row label of round-robin.
@@ -1585,9 +1662,11 @@ impl Report {
 
     /// Goal checks of one market-router variant (or any row).
     pub fn goals_of(&self, variant: &str) -> Vec<Goal> {
-        let (Some(mr), Some(rr), Some(or)) =
-            (self.row(variant), self.row(ROUND_ROBIN), self.row(ORACLE))
-        else {
+        let (Some(mr), Some(rr), Some(or)) = (
+            self.row(variant),
+            self.row(ROUND_ROBIN),
+            self.row(ORACLE_P95),
+        ) else {
             return Vec::new();
         };
         let g = |goal, value: f64, target: f64, pass| Goal {
@@ -1877,6 +1956,7 @@ pub fn simulate(o: Options, cat: &catalog::Catalog) -> Result<Report, String> {
     }
     let rr_p95 = rows[0].percentile(0.95);
     rows.push(oracle);
+    rows.push(run_oracle_within(&w, rr_p95 * 8 / 10));
     rows.push(run_oracle(&w, true));
     if o.informed_oracle {
         rows.push(run_informed_oracle(&w, rr_p95 * 8 / 10));
@@ -2027,30 +2107,39 @@ pub fn summary(reports: &[Report]) -> String {
             ));
         }
     }
-    s.push_str(
-        "\nevery strategy, all runs: effective cost / oracle's | TCO (× (1 + retry rate)) / \
-         oracle's | p95 / round-robin's | success % — min / median / max\n",
-    );
+    s.push_str(&format!(
+        "\nTCO per strategy, per world: min / median / max over seeds. TCO = Σ tokens × price × \
+         (1 + retry rate), $ per 1k requests; eff = the answers plus failed attempts' prompts \
+         where the provider bills them, $ per 1k requests; ratios against {ORACLE_P95} (the \
+         cost goal's reference) and round-robin's p95\n"
+    ));
     let labels: Vec<String> = first.rows.iter().map(|r| r.label.clone()).collect();
     let w = labels.iter().map(String::len).max().unwrap_or(10);
-    for label in &labels {
-        let per = |f: &dyn Fn(&Report, &Stats) -> f64| -> (f64, f64, f64) {
-            let xs: Vec<f64> = reports
-                .iter()
-                .filter_map(|r| r.row(label).map(|row| f(r, row)))
-                .collect();
-            spread(&xs)
-        };
-        let oracle = |r: &Report| r.row(ORACLE).map_or(f64::NAN, Stats::effective_per_1k);
-        let rr_p95 = |r: &Report| r.row(ROUND_ROBIN).map_or(0, |x| x.percentile(0.95)).max(1);
-        let eff = per(&|r, x| x.effective_per_1k() / oracle(r));
-        let tco = per(&|r, x| x.tco_per_1k() / oracle(r));
-        let p95 = per(&|r, x| x.percentile(0.95) as f64 / rr_p95(r) as f64);
-        let ok = per(&|_, x| x.success_pct());
+    for (name, rs) in &groups {
         s.push_str(&format!(
-            "  {label:<w$} | {:.3} / {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.2} / {:.2} / {:.2} | {:.3} / {:.3} / {:.3}\n",
-            eff.0, eff.1, eff.2, tco.0, tco.1, tco.2, p95.0, p95.1, p95.2, ok.0, ok.1, ok.2
+            "  {name}\n    {:<w$} | {:^26} | {:^26} | {:^20} | {:^17} | success % min\n",
+            "strategy", "TCO $/1k", "eff $/1k", "eff / oracle", "p95 / RR"
         ));
+        for label in &labels {
+            let per = |f: &dyn Fn(&Report, &Stats) -> f64| -> (f64, f64, f64) {
+                let xs: Vec<f64> = rs
+                    .iter()
+                    .filter_map(|r| r.row(label).map(|row| f(r, row)))
+                    .collect();
+                spread(&xs)
+            };
+            let oracle = |r: &Report| r.row(ORACLE_P95).map_or(f64::NAN, Stats::effective_per_1k);
+            let rr_p95 = |r: &Report| r.row(ROUND_ROBIN).map_or(0, |x| x.percentile(0.95)).max(1);
+            let tco = per(&|_, x| x.tco_per_1k());
+            let eff = per(&|_, x| x.effective_per_1k());
+            let vs = per(&|r, x| x.effective_per_1k() / oracle(r));
+            let p95 = per(&|r, x| x.percentile(0.95) as f64 / rr_p95(r) as f64);
+            let ok = per(&|_, x| x.success_pct());
+            s.push_str(&format!(
+                "    {label:<w$} | {:.4} / {:.4} / {:.4} | {:.4} / {:.4} / {:.4} | {:.3} / {:.3} / {:.3} | {:.2} / {:.2} / {:.2} | {:.3}\n",
+                tco.0, tco.1, tco.2, eff.0, eff.1, eff.2, vs.0, vs.1, vs.2, p95.0, p95.1, p95.2, ok.0
+            ));
+        }
     }
     s
 }

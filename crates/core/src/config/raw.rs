@@ -207,6 +207,13 @@ pub struct RawMarket {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(extend("default" = d::MARKET_TIMEOUT_MS)))]
     pub timeout_ms: Option<Int<1, 60_000>>,
+    /// Whether this gateway posts what it sees of each provider (attempts, failures, 429s,
+    /// time to first byte) to the market service once per refresh_ms (POST
+    /// /v1/market/reports on the same cluster), so that the fleet avoids a provider one gateway
+    /// sees failing. false keeps observations local: nothing is tallied or posted.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(extend("default" = d::MARKET_REPORT)))]
+    pub report: Option<Flag>,
 }
 
 /// `routing`.

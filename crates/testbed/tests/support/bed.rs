@@ -61,10 +61,11 @@ pub enum Up {
     Dead,
 }
 
-/// Mocks, an optional sidecar and Envoy with the filter.
+/// Mocks, an optional sidecar and Envoy (or Kong's wasm host: [`Bed::start_kong`]) with the
+/// filter.
 pub struct Bed {
-    // Dropped first: Envoy never sees its upstreams vanish mid-test.
-    pub envoy: Envoy,
+    // Dropped first: the host never sees its upstreams vanish mid-test.
+    pub gateway: Gateway,
     pub sidecar: Option<Sidecar>,
     pub mocks: BTreeMap<String, MockProvider>,
     pub snapshot: Option<PathBuf>,
@@ -156,12 +157,75 @@ impl Bed {
             );
         }
         Bed {
-            envoy,
+            gateway: Gateway::Envoy(envoy),
             sidecar,
             mocks,
             snapshot,
             _dead: dead,
             _dir: dir,
+        }
+    }
+
+    /// Kong's wasm host with `workers` nginx workers and the filter in dispatch mode, in front
+    /// of healthy mocks for `names`: `config`'s clusters `provider_<name>` become the mocks'
+    /// `127.0.0.1:<port>` (Kong's host has no clusters) and its failover mode `dispatch`.
+    pub fn start_kong(names: &[&str], mut config: Value, workers: usize) -> Bed {
+        let dir = TempDir::new("bed").unwrap();
+        let mut mocks = BTreeMap::new();
+        for name in names {
+            let m = MockProvider::start(name, &MockOpts::default()).unwrap();
+            mocks.insert(name.to_string(), m);
+        }
+        for p in config["providers"].as_array_mut().into_iter().flatten() {
+            let name = p["name"].as_str().unwrap_or_default().to_string();
+            if let Some(m) = mocks.get(&name) {
+                p["cluster"] = json!(format!("127.0.0.1:{}", m.port()));
+            }
+        }
+        config["failover"]["mode"] = json!("dispatch");
+        let kong = Kong::start(
+            &KongConfig::new()
+                .workers(workers)
+                .market_router(&config.to_string()),
+        )
+        .unwrap();
+        Bed {
+            gateway: Gateway::Kong(kong),
+            sidecar: None,
+            mocks,
+            snapshot: None,
+            _dead: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// The Envoy this bed runs (fails on a Kong bed).
+    pub fn envoy(&self) -> &Envoy {
+        self.gateway
+            .envoy()
+            .unwrap_or_else(|| panic!("this bed runs Kong's wasm host, not Envoy"))
+    }
+
+    /// Whether this bed runs Kong's wasm host.
+    pub fn is_kong(&self) -> bool {
+        self.gateway.envoy().is_none()
+    }
+
+    /// Times provider `name`'s circuit opened, polled until it reaches `want` (5 s at most):
+    /// Envoy's counter `provider.<name>.circuit_open`, or on Kong (no stats endpoint) the
+    /// filter's log lines saying so.
+    pub fn wait_circuit_opened(&self, name: &str, want: u64) -> u64 {
+        if !self.is_kong() {
+            return self.wait_counter(&format!("provider.{name}.circuit_open"), want);
+        }
+        let line = format!("circuit opened for provider {name}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self.log_lines(&line).len() as u64;
+            if n >= want || Instant::now() >= deadline {
+                return n;
+            }
+            thread::sleep(Duration::from_millis(25));
         }
     }
 
@@ -188,8 +252,8 @@ impl Bed {
 
     /// POSTs `body` to `path` on Envoy's listener (a fresh connection each time).
     pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Response {
-        post_json(&self.envoy.url(path), headers, body, T)
-            .unwrap_or_else(|e| panic!("request failed: {e}\n{}", self.envoy.log_tail(30)))
+        post_json(&self.gateway.url(path), headers, body, T)
+            .unwrap_or_else(|e| panic!("request failed: {e}\n{}", self.gateway.log_tail(30)))
     }
 
     /// A chat request for `model`.
@@ -201,7 +265,7 @@ impl Bed {
     /// checked against the mock's own answer).
     pub fn routed(&self, model: &str, headers: &[(&str, &str)]) -> String {
         let r = self.chat(model, headers);
-        assert_eq!(r.status, 200, "{}\n{}", show(&r), self.envoy.log_tail(20));
+        assert_eq!(r.status, 200, "{}\n{}", show(&r), self.gateway.log_tail(20));
         let p = r
             .header("x-market-router-provider")
             .unwrap_or_else(|| panic!("no provider header: {}", show(&r)))
@@ -212,12 +276,12 @@ impl Bed {
 
     /// GET on the listener.
     pub fn get(&self, path: &str) -> Response {
-        get(&self.envoy.url(path), T).unwrap()
+        get(&self.gateway.url(path), T).unwrap()
     }
 
     /// The filter's counter `market_router.<name>`, once settled; fails when it does not exist.
     pub fn counter(&self, name: &str) -> u64 {
-        self.envoy
+        self.envoy()
             .counter(&format!("wasmcustom.market_router.{name}"))
             .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -229,7 +293,7 @@ impl Bed {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let v = self
-                .envoy
+                .envoy()
                 .stat(&full)
                 .unwrap()
                 .unwrap_or_else(|| panic!("Envoy has no stat `{full}`"));
@@ -244,7 +308,7 @@ impl Bed {
     pub fn connections_by_worker(&self) -> BTreeMap<String, u64> {
         let r = get(
             &self
-                .envoy
+                .envoy()
                 .admin_url("/stats?filter=worker_[0-9]+\\.downstream_cx_total$"),
             T,
         )
@@ -270,11 +334,13 @@ impl Bed {
             .count()
     }
 
-    /// Lines of Envoy's log containing `needle`.
+    /// Lines of the host's log (Envoy's, or nginx's error.log) containing `needle`.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
-        self.envoy
-            .log_contents()
-            .lines()
+        let log = match &self.gateway {
+            Gateway::Envoy(e) => e.log_contents(),
+            Gateway::Kong(k) => k.error_log(),
+        };
+        log.lines()
             .filter(|l| l.contains(needle))
             .map(String::from)
             .collect()
@@ -339,4 +405,10 @@ pub fn market_provider(name: &str, models: &[&str]) -> Value {
 /// The `market` section for the bed's sidecar.
 pub fn market_section(refresh_ms: u64) -> Value {
     json!({"cluster": SIDECAR_CLUSTER, "refresh_ms": refresh_ms, "max_age_ms": 600_000, "timeout_ms": 2000})
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.gateway.assert_no_crash();
+    }
 }
