@@ -511,13 +511,13 @@ impl EnvoyConfig {
                 _ => match &self.upstream_role {
                     Some(config_json) => {
                         let wasm = wasm_path().to_string_lossy().into_owned();
-                        let m = market_router::envoy_config::Module {
+                        let m = market_router_core::envoy_config::Module {
                             wasm_file: &wasm,
                             config_json,
                         };
                         let pieces = serde_json::json!({
-                            "cluster_upstream_http_filters": market_router::envoy_config::upstream_http_filters(&m),
-                            "cluster_circuit_breakers": market_router::envoy_config::cluster_circuit_breakers(),
+                            "cluster_upstream_http_filters": market_router_core::envoy_config::upstream_http_filters(&m),
+                            "cluster_circuit_breakers": market_router_core::envoy_config::cluster_circuit_breakers(),
                         });
                         self.write_envoy_mode_cluster(&mut y, p, &pieces)
                     }
