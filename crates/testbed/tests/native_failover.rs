@@ -746,3 +746,48 @@ fn route_mode_filter_sharing_a_vm_with_the_upstream_role_is_refused() {
         assert_eq!(hits, [0, 0, 0]);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A client that goes away before the answer says nothing about the provider
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn client_cancelling_before_the_answer_is_not_a_provider_failure() {
+    // The circuit opens after 5 failures in this suite's configuration: 6 cancelled requests
+    // to a slow provider must not open it, nor count failures.
+    let cfg = ordered_config();
+    let bed = Bed::healthy(&cfg);
+    bed.behave("a", json!({"latency_ms": 2000}));
+    let body = chat().to_string();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(("127.0.0.1", bed.envoy.port())).unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // Until the attempt reached the provider, then away.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let before = bed.mock("a").hits().unwrap();
+        while bed.mock("a").hits().unwrap() == before && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        thread::sleep(Duration::from_millis(100));
+        drop(s);
+    }
+    bed.behave("a", json!({}));
+    // Let the cut attempts end in Envoy.
+    thread::sleep(Duration::from_millis(500));
+    let r = bed.post(&[], &chat());
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some("a"),
+        "a stays first: {}\n{}",
+        show(&r),
+        bed.envoy.log_tail(30)
+    );
+    assert_eq!(r.header("x-market-router-attempts"), Some("1"));
+    assert_eq!(bed.counter("provider.a.failure").unwrap_or(0), 0);
+    assert_eq!(bed.counter("provider.a.circuit_open").unwrap_or(0), 0);
+}
