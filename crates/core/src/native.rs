@@ -17,7 +17,7 @@
 //! downstream role reads when the answer comes back (decision record, response headers).
 
 use crate::attempt::Outcome;
-use crate::config::Config;
+use crate::config::{Config, ConfigError, FailoverMode};
 use crate::metrics::Usage;
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,48 @@ pub const COMMON_CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", 
 /// Whether a plugin with this root id plays the upstream role.
 pub fn is_upstream_root_id(root_id: &str) -> bool {
     root_id == UPSTREAM_ROOT_ID || root_id.ends_with("_upstream")
+}
+
+/// One configured plugin of a VM, for [`check_roles`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Role {
+    /// Whether it plays the upstream role.
+    pub upstream: bool,
+    /// Its `failover.mode`.
+    pub mode: FailoverMode,
+}
+
+/// Whether a plugin playing `me` may run in a VM whose other plugins play `others`.
+///
+/// The upstream role exists for envoy mode only. And a route- or dispatch-mode filter must not
+/// share its VM with the upstream role: its `dispatch_http_call` to a provider cluster runs that
+/// cluster's upstream filters inside the call, so the VM would be entered again while it is
+/// busy (the proxy-wasm SDK panics on that, killing the VM for the worker).
+pub fn check_roles(me: Role, others: &[Role]) -> Result<(), ConfigError> {
+    let mode = |m: FailoverMode| format!("\"{}\"", m.as_str());
+    if me.upstream && me.mode != FailoverMode::Envoy {
+        return Err(ConfigError {
+            field: "failover.mode".into(),
+            value: mode(me.mode),
+            expected: format!(
+                "expected \"envoy\" for the upstream role (root id {UPSTREAM_ROOT_ID}); route and dispatch modes need no filter on the provider clusters: remove it there"
+            ),
+        });
+    }
+    let all = || std::iter::once(&me).chain(others);
+    if all().any(|r| r.upstream) {
+        if let Some(d) = all().find(|r| !r.upstream && r.mode != FailoverMode::Envoy) {
+            return Err(ConfigError {
+                field: "failover.mode".into(),
+                value: mode(d.mode),
+                expected: format!(
+                    "expected \"envoy\": this VM also runs the upstream role (root id {UPSTREAM_ROOT_ID}) on the provider clusters, which a dispatched {}-mode attempt would enter while the VM is busy; use envoy mode, remove the upstream filter from the clusters, or give it its own vm_id",
+                    d.mode.as_str()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The order as the `header_to_metadata` value: base64 of a protobuf `Value` holding a list of
@@ -487,6 +529,47 @@ mod tests {
         ));
         assert!(!sse_error_first(b"data: [DONE]\n\n"));
         assert!(!sse_error_first(b""));
+    }
+
+    #[test]
+    fn upstream_role_only_in_envoy_mode_and_never_beside_a_dispatching_filter() {
+        let up = |mode| Role {
+            upstream: true,
+            mode,
+        };
+        let down = |mode| Role {
+            upstream: false,
+            mode,
+        };
+        use FailoverMode::*;
+        assert!(check_roles(up(Envoy), &[down(Envoy)]).is_ok());
+        assert!(check_roles(down(Envoy), &[up(Envoy)]).is_ok());
+        assert!(check_roles(down(Route), &[]).is_ok());
+        assert!(check_roles(down(Dispatch), &[down(Route)]).is_ok());
+        for m in [Route, Dispatch] {
+            let e = check_roles(up(m), &[]).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "field `failover.mode` = \"{}\": expected \"envoy\" for the upstream role",
+                    m.as_str()
+                )),
+                "{e}"
+            );
+            // Whichever of the two is configured second is refused.
+            for e in [
+                check_roles(up(Envoy), &[down(Envoy), down(m)]),
+                check_roles(down(m), &[up(Envoy)]),
+            ] {
+                let e = e.unwrap_err().to_string();
+                assert!(
+                    e.starts_with(&format!(
+                        "field `failover.mode` = \"{}\": expected \"envoy\": this VM also runs the upstream role",
+                        m.as_str()
+                    )),
+                    "{e}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -186,6 +186,38 @@ thread_local! {
     static CONFIGURED: RefCell<Option<(Vec<u8>, Rc<Vm>)>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// The role of each configured plugin of this VM, by root context id.
+    static ROLES: RefCell<Vec<(u32, crate::native::Role)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Registers the role of the plugin of root context `id` (replacing an earlier one of it),
+/// unless it cannot run beside the VM's other plugins (`native::check_roles`).
+pub(crate) fn register_role(
+    id: u32,
+    role: crate::native::Role,
+) -> Result<(), crate::config::ConfigError> {
+    ROLES.with(|r| {
+        let Ok(mut roles) = r.try_borrow_mut() else {
+            return Ok(());
+        };
+        roles.retain(|(i, _)| *i != id);
+        let others: Vec<_> = roles.iter().map(|(_, r)| *r).collect();
+        crate::native::check_roles(role, &others)?;
+        roles.push((id, role));
+        Ok(())
+    })
+}
+
+/// Forgets the role of the plugin of root context `id` (the host removed it).
+pub(crate) fn unregister_role(id: u32) {
+    ROLES.with(|r| {
+        if let Ok(mut roles) = r.try_borrow_mut() {
+            roles.retain(|(i, _)| *i != id);
+        }
+    });
+}
+
 /// The VM state for a plugin configuration: plugins of one VM with the same configuration
 /// (envoy mode's downstream and upstream roles) share one, so what an attempt records is seen
 /// by the next request's ranking at once, not after the next shared-data read.

@@ -303,6 +303,11 @@ impl Root {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        super::unregister_role(self.id);
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -346,6 +351,24 @@ impl RootContext for Root {
                 return false;
             }
         };
+        let upstream = super::upstream::is_upstream_plugin();
+        let role = crate::native::Role {
+            upstream,
+            mode: config.failover.mode,
+        };
+        if let Err(e) = super::register_role(self.id, role) {
+            error!("market-router: invalid plugin configuration: {e}");
+            if upstream {
+                // Refused: the host creates no context for it, so no dispatched call enters it.
+                return false;
+            }
+            // The listener's filter conflicts with another plugin of its VM, which Envoy only
+            // shows after the base VM's checks (each plugin alone) passed: Envoy runs on, and
+            // every LLM request gets an OpenAI-style 503 pointing to this line (never a
+            // dispatch into the upstream role).
+            self.vm = None;
+            return true;
+        }
         let seed = host::now_ms() ^ (u64::from(self.id) << 32);
         let vm = super::shared_vm(&bytes, config, seed);
         if vm.config.market.is_some() {
@@ -368,7 +391,7 @@ impl RootContext for Root {
                 .as_ref()
                 .map_or("none", |m| m.cluster.as_str())
         );
-        self.upstream = super::upstream::is_upstream_plugin();
+        self.upstream = upstream;
         self.vm = Some(vm);
         true
     }

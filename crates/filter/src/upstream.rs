@@ -136,6 +136,18 @@ impl Upstream {
 impl Context for Upstream {
     fn on_done(&mut self) -> bool {
         if self.provider.is_some() && !self.recorded {
+            // Cut because the client went away first: says nothing about the provider (a
+            // user stopping a request must not open its circuit).
+            if host::property(&["response", "code_details"]).as_deref()
+                == Some("downstream_remote_disconnect")
+            {
+                self.recorded = true;
+                debug!(
+                    "#{} market-router: attempt cut: the client went away before the answer",
+                    self.id
+                );
+                return true;
+            }
             let now = host::now_ms();
             let outcome = self.lost_outcome(now);
             self.record(outcome, now);

@@ -128,6 +128,9 @@ pub struct EnvoyConfig {
     pub compression: bool,
     /// Explicit routes for other paths (wasm variants): `(path, cluster)`.
     pub explicit_routes: Vec<(String, String)>,
+    /// Outside envoy mode: give every provider cluster envoy mode's upstream role with this
+    /// plugin configuration anyway (a deployment that left it there).
+    pub upstream_role: Option<String>,
 }
 
 impl Default for EnvoyConfig {
@@ -150,6 +153,7 @@ impl Default for EnvoyConfig {
             file_flush_interval: None,
             compression: false,
             explicit_routes: Vec::new(),
+            upstream_role: None,
         }
     }
 }
@@ -333,6 +337,13 @@ impl EnvoyConfig {
         })
     }
 
+    /// Puts envoy mode's upstream role, with this configuration, on every provider cluster
+    /// although the filter is not in envoy mode.
+    pub fn upstream_role(mut self, config_json: &str) -> Self {
+        self.upstream_role = Some(config_json.to_string());
+        self
+    }
+
     /// Envoy mode's generated pieces (`None` in the other variants).
     fn envoy_mode(&self) -> Option<(market_router_core::config::Config, serde_json::Value)> {
         let Filter::MarketRouterEnvoy { config_json } = &self.filter else {
@@ -497,7 +508,23 @@ impl EnvoyConfig {
                 Some((config, pieces)) if config.providers.iter().any(|c| c.cluster == p.name) => {
                     self.write_envoy_mode_cluster(&mut y, p, pieces)
                 }
-                _ => self.write_cluster(&mut y, &p.name, p.port, p.api_key.as_deref(), p.http2),
+                _ => match &self.upstream_role {
+                    Some(config_json) => {
+                        let wasm = wasm_path().to_string_lossy().into_owned();
+                        let m = market_router_core::envoy_config::Module {
+                            wasm_file: &wasm,
+                            config_json,
+                        };
+                        let pieces = serde_json::json!({
+                            "cluster_upstream_http_filters": market_router_core::envoy_config::upstream_http_filters(&m),
+                            "cluster_circuit_breakers": market_router_core::envoy_config::cluster_circuit_breakers(),
+                        });
+                        self.write_envoy_mode_cluster(&mut y, p, &pieces)
+                    }
+                    None => {
+                        self.write_cluster(&mut y, &p.name, p.port, p.api_key.as_deref(), p.http2)
+                    }
+                },
             }
         }
         if let Some(s) = &self.sidecar {

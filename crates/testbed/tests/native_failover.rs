@@ -662,3 +662,132 @@ fn non_streaming_answer_is_bounded_by_the_attempt_timeout_not_the_ttft_bound() {
     assert_eq!(r.header("x-market-router-attempts"), Some("1"));
     assert_eq!(bed.hits(), [1, 0, 0]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The upstream role outside envoy mode: refused, never a crash
+// ---------------------------------------------------------------------------------------------
+
+/// A route- or dispatch-mode filter beside the upstream role on the provider clusters: a
+/// dispatched attempt to such a cluster runs the upstream role inside the dispatching call (the
+/// SDK panics on that, "already borrowed", killing the VM for the worker; a failover answered an
+/// empty 503). Returns the Envoy log (startup refused) or the running Envoy.
+fn with_upstream_role(
+    downstream_mode: &str,
+    upstream_mode: &str,
+) -> (Result<Envoy, String>, Vec<MockProvider>) {
+    let with_mode =
+        |mode: &str| config(&[p(0.1), p(0.5), p(2.0)], json!({"mode": mode}), json!({}));
+    let mut cfg = EnvoyConfig::new()
+        .market_router(&with_mode(downstream_mode))
+        .upstream_role(&with_mode(upstream_mode));
+    let mut mocks = Vec::new();
+    for name in NAMES {
+        let m = MockProvider::start(name, &MockOpts::default()).unwrap();
+        cfg = cfg.provider(ProviderCluster::new(&format!("provider_{name}"), m.port()));
+        mocks.push(m);
+    }
+    (Envoy::start(&cfg, 1), mocks)
+}
+
+#[test]
+fn upstream_role_outside_envoy_mode_is_refused_with_one_line() {
+    // Both roles with one configuration (as market-router-envoy-config embeds it): the
+    // upstream role's own check refuses it on the base VM and Envoy does not start.
+    for mode in ["route", "dispatch"] {
+        let (envoy, mocks) = with_upstream_role(mode, mode);
+        let err = match envoy {
+            Err(e) => e,
+            Ok(envoy) => {
+                mocks[0].set_behavior(&json!({"status": 503})).unwrap();
+                let r = post_json(&envoy.url("/v1/chat/completions"), &[], &chat(), T);
+                panic!(
+                    "Envoy accepted a {mode}-mode upstream role; a failover then gave {:?}\n{}",
+                    r.map(|r| (r.status, r.text())),
+                    envoy.log_tail(40)
+                );
+            }
+        };
+        let want = format!(
+            "market-router: invalid plugin configuration: field `failover.mode` = \"{mode}\": expected \"envoy\" for the upstream role"
+        );
+        let lines = err.lines().filter(|l| l.contains(&want)).count();
+        assert_eq!(lines, 1, "{err}");
+        assert!(!err.contains("already borrowed"), "{err}");
+    }
+}
+
+#[test]
+fn route_mode_filter_sharing_a_vm_with_the_upstream_role_is_refused() {
+    // The upstream role in envoy mode, the listener's filter in route mode, one VM. Each passes
+    // the base VM's check alone; the VM they share refuses the listener's filter with the line,
+    // and LLM requests get an OpenAI-style 503 instead of a dispatch into the upstream role.
+    for mode in ["route", "dispatch"] {
+        let (envoy, mocks) = with_upstream_role(mode, "envoy");
+        let envoy = envoy.unwrap();
+        mocks[0].set_behavior(&json!({"status": 503})).unwrap();
+        let r = post_json(&envoy.url("/v1/chat/completions"), &[], &chat(), T).unwrap();
+        let log = envoy.log_contents();
+        assert_eq!(r.status, 503, "{}\n{log}", r.text());
+        let e = r.json().unwrap();
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no valid configuration"),
+            "{e}"
+        );
+        let want = format!("market-router: invalid plugin configuration: field `failover.mode` = \"{mode}\": expected \"envoy\": this VM also runs the upstream role");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&want)).collect();
+        // Once per VM that configured both (the main thread's and the worker's).
+        assert!(!lines.is_empty() && lines.len() <= 2, "{log}");
+        assert!(!log.contains("already borrowed"), "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+        let hits: Vec<u64> = mocks.iter().map(|m| m.hits().unwrap()).collect();
+        assert_eq!(hits, [0, 0, 0]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A client that goes away before the answer says nothing about the provider
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn client_cancelling_before_the_answer_is_not_a_provider_failure() {
+    // The circuit opens after 5 failures in this suite's configuration: 6 cancelled requests
+    // to a slow provider must not open it, nor count failures.
+    let cfg = ordered_config();
+    let bed = Bed::healthy(&cfg);
+    bed.behave("a", json!({"latency_ms": 2000}));
+    let body = chat().to_string();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(("127.0.0.1", bed.envoy.port())).unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // Until the attempt reached the provider, then away.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let before = bed.mock("a").hits().unwrap();
+        while bed.mock("a").hits().unwrap() == before && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        thread::sleep(Duration::from_millis(100));
+        drop(s);
+    }
+    bed.behave("a", json!({}));
+    // Let the cut attempts end in Envoy.
+    thread::sleep(Duration::from_millis(500));
+    let r = bed.post(&[], &chat());
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some("a"),
+        "a stays first: {}\n{}",
+        show(&r),
+        bed.envoy.log_tail(30)
+    );
+    assert_eq!(r.header("x-market-router-attempts"), Some("1"));
+    assert_eq!(bed.counter("provider.a.failure").unwrap_or(0), 0);
+    assert_eq!(bed.counter("provider.a.circuit_open").unwrap_or(0), 0);
+}
