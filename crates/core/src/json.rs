@@ -487,3 +487,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "json_tests.rs"]
+mod exact_tests;
