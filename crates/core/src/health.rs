@@ -18,8 +18,12 @@ const TTFB_NOISE_MS: f64 = 10.0;
 pub const MAX_RETRY_AFTER_MS: u64 = 600_000;
 
 /// Circuit state.
+///
+/// Stored as `{"s":"closed"}`, `{"s":"open","until":MS}` or `{"s":"half_open","until":MS}`,
+/// through [`CircuitWire`] rather than serde's internally tagged enums, which buffer the
+/// object before reading it (about 7 KB more `.wasm` for this one type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(tag = "s", rename_all = "snake_case")]
+#[serde(try_from = "CircuitWire", into = "CircuitWire")]
 pub enum CircuitState {
     /// Normal.
     #[default]
@@ -34,6 +38,54 @@ pub enum CircuitState {
         /// When the probe counts as lost.
         until: u64,
     },
+}
+
+/// The stored form of [`CircuitState`]: the state's name under `s`, its time under `until`.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct CircuitWire {
+    s: CircuitKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until: Option<u64>,
+}
+
+/// The name of a circuit state.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CircuitKind {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl TryFrom<CircuitWire> for CircuitState {
+    type Error = &'static str;
+    fn try_from(w: CircuitWire) -> Result<Self, Self::Error> {
+        match (w.s, w.until) {
+            (CircuitKind::Closed, _) => Ok(CircuitState::Closed),
+            (CircuitKind::Open, Some(until)) => Ok(CircuitState::Open { until }),
+            (CircuitKind::HalfOpen, Some(until)) => Ok(CircuitState::HalfOpen { until }),
+            (_, None) => Err("missing field `until`"),
+        }
+    }
+}
+
+impl From<CircuitState> for CircuitWire {
+    fn from(c: CircuitState) -> Self {
+        match c {
+            CircuitState::Closed => CircuitWire {
+                s: CircuitKind::Closed,
+                until: None,
+            },
+            CircuitState::Open { until } => CircuitWire {
+                s: CircuitKind::Open,
+                until: Some(until),
+            },
+            CircuitState::HalfOpen { until } => CircuitWire {
+                s: CircuitKind::HalfOpen,
+                until: Some(until),
+            },
+        }
+    }
 }
 
 /// Health of one provider.
@@ -236,6 +288,27 @@ pub fn parse_retry_after(v: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn circuit_wire_format() {
+        for (c, json) in [
+            (CircuitState::Closed, r#"{"s":"closed"}"#),
+            (CircuitState::Open { until: 9 }, r#"{"s":"open","until":9}"#),
+            (
+                CircuitState::HalfOpen { until: 5000 },
+                r#"{"s":"half_open","until":5000}"#,
+            ),
+        ] {
+            assert_eq!(serde_json::to_string(&c).ok().as_deref(), Some(json));
+            assert_eq!(serde_json::from_str::<CircuitState>(json).ok(), Some(c));
+        }
+        assert_eq!(
+            serde_json::from_str::<CircuitState>(r#"{"until":3,"s":"open","x":1}"#).ok(),
+            Some(CircuitState::Open { until: 3 })
+        );
+        assert!(serde_json::from_str::<CircuitState>(r#"{"s":"open"}"#).is_err());
+        assert!(serde_json::from_str::<CircuitState>(r#"{"s":"ajar","until":1}"#).is_err());
+    }
 
     const C: Circuit = Circuit {
         failure_threshold: 3,
