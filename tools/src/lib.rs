@@ -3,3 +3,4 @@
 //! `sim` module, shared with `tools/tests/market_sim.rs`.
 
 pub mod sim;
+pub mod wrk;

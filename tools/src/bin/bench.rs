@@ -36,7 +36,6 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::rc::Rc;
@@ -200,19 +199,7 @@ fn parse_opts() -> Result<Opts, String> {
 // Small helpers
 // ---------------------------------------------------------------------------------------------
 
-fn median(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
+use market_router_tools::wrk::median;
 
 /// Percentile (nearest rank) of sorted values.
 fn pct(sorted: &[u64], p: f64) -> u64 {
@@ -697,49 +684,15 @@ end
         conns: u32,
         secs: u64,
     ) -> Result<WrkOut, String> {
-        let mut child = Command::new(&self.bin)
-            .arg("-t")
-            .arg(threads.to_string())
-            .arg("-c")
-            .arg(conns.to_string())
-            .arg("-d")
-            .arg(format!("{secs}s"))
-            .arg("--timeout")
-            .arg("5s")
-            .arg("-s")
-            .arg(script)
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(secs + 20);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err("wrk did not finish in time".into());
-                }
-            }
-        };
-        let mut out = String::new();
-        let mut err = String::new();
-        if let Some(mut s) = child.stdout.take() {
-            let _ = s.read_to_string(&mut out);
-        }
-        if let Some(mut s) = child.stderr.take() {
-            let _ = s.read_to_string(&mut err);
-        }
-        let line = out
-            .lines()
-            .find_map(|l| l.strip_prefix("BENCHJSON "))
-            .ok_or_else(|| format!("wrk ({status}) printed no summary: {out}{err}"))?;
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| format!("wrk summary {line:?}: {e}"))?;
+        let v = market_router_tools::wrk::run(
+            &self.bin,
+            threads,
+            conns,
+            secs,
+            script,
+            url,
+            "BENCHJSON ",
+        )?;
         let n = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         let c = |k: &str| v[k].as_u64().unwrap_or(0);
         Ok(WrkOut {

@@ -26,9 +26,8 @@ use common::{
 };
 use serde_json::{json, Value};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -43,19 +42,7 @@ fn log(msg: &str) {
     eprintln!("bench_fleet: {msg}");
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
+use market_router_tools::wrk::median;
 
 fn r3(x: f64) -> Value {
     json!((x * 1000.0).round() / 1000.0)
@@ -166,43 +153,7 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 fn wrk(bin: &Path, script: &Path, url: &str, secs: u64) -> Result<WrkRun, String> {
-    let mut child = Command::new(bin)
-        .args([
-            "-t",
-            "1",
-            "-c",
-            "16",
-            "-d",
-            &format!("{secs}s"),
-            "--timeout",
-            "5s",
-            "-s",
-        ])
-        .arg(script)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(secs + 20);
-    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("wrk did not finish in time".into());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let mut out = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    let line = out
-        .lines()
-        .find_map(|l| l.strip_prefix("FLEETJSON "))
-        .ok_or_else(|| format!("wrk printed no summary: {out}"))?;
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("{line:?}: {e}"))?;
+    let v = market_router_tools::wrk::run(bin, 1, 16, secs, script, url, "FLEETJSON ")?;
     let n = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     Ok(WrkRun {
         rps: n("requests") / (n("duration_us") / 1e6),

@@ -17,11 +17,9 @@ use common::{crate_root, Args, Kong, KongConfig, TempDir};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":50,"completion_tokens":8,"total_tokens":58}}"#;
 const MODEL: &str = "gpt-4o-mini";
@@ -40,19 +38,7 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
+use market_router_tools::wrk::median;
 
 /// user + system clock ticks of `pid`.
 fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -105,41 +91,7 @@ end
 }
 
 fn wrk(bin: &Path, script: &Path, url: &str, conns: u32, secs: u64) -> Result<WrkOut, String> {
-    let mut child = Command::new(bin)
-        .args([
-            "-t",
-            "1",
-            "-c",
-            &conns.to_string(),
-            "-d",
-            &format!("{secs}s"),
-        ])
-        .args(["--timeout", "5s", "-s"])
-        .arg(script)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run wrk: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(secs + 20);
-    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("wrk did not finish in time".into());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let mut out = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    let line = out
-        .lines()
-        .find_map(|l| l.strip_prefix("BENCHJSON "))
-        .ok_or_else(|| format!("wrk printed no summary: {out}"))?;
-    let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let v = market_router_tools::wrk::run(bin, 1, conns, secs, script, url, "BENCHJSON ")?;
     let requests = v["requests"].as_u64().unwrap_or(0);
     let secs = v["duration_us"].as_f64().unwrap_or(f64::NAN) / 1e6;
     Ok(WrkOut {

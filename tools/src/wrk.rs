@@ -1,0 +1,91 @@
+//! What the benchmarks share: running wrk with a Lua script that prints one JSON summary line,
+//! and the median of a set of figures.
+
+use serde_json::Value;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// One wrk run: `threads` threads, `conns` connections, `secs` seconds, 5 s request timeout,
+/// `script` (a Lua script whose `done` prints `<prefix><json>`) against `url`. Returns that
+/// JSON; a run that outlives `secs` by 20 s is killed and is an error.
+pub fn run(
+    bin: &Path,
+    threads: u32,
+    conns: u32,
+    secs: u64,
+    script: &Path,
+    url: &str,
+    prefix: &str,
+) -> Result<Value, String> {
+    let mut child = Command::new(bin)
+        .arg("-t")
+        .arg(threads.to_string())
+        .arg("-c")
+        .arg(conns.to_string())
+        .arg("-d")
+        .arg(format!("{secs}s"))
+        .args(["--timeout", "5s", "-s"])
+        .arg(script)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(secs + 20);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("wrk did not finish in time".into());
+            }
+        }
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .ok_or_else(|| format!("wrk ({status}) printed no summary: {out}{err}"))?;
+    serde_json::from_str(line).map_err(|e| format!("wrk summary {line:?}: {e}"))
+}
+
+/// The median of the finite values; NaN when there are none.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_non_finite_sets() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[f64::NAN, 5.0, f64::INFINITY]), 5.0);
+        assert!(median(&[f64::NAN]).is_nan());
+    }
+}
