@@ -13,6 +13,7 @@ pub mod decision;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod envoy_config;
 pub mod errors;
+pub mod exchange;
 pub mod explain;
 pub mod headers;
 pub mod health;

@@ -52,6 +52,11 @@ pub enum Effect {
     },
     /// A global counter goes up by one.
     CountGlobal(Global),
+    /// The market report notes an answer that broke off after it began to reach the client.
+    TallyBroken {
+        /// Provider index.
+        provider: usize,
+    },
     /// The session (if any) is pinned to the provider that answered.
     Remember {
         /// Provider index.
@@ -155,6 +160,42 @@ impl Walk {
                 retry_after_ms: None,
             },
         });
+    }
+
+    /// Event: the request ended (`on_log`) with its answer broken off: `delivered`, after the
+    /// walk delivered it (a stream or an unheld answer: the client has bytes already, nothing
+    /// can be replayed), else while a 2xx was held (the host answered the client itself).
+    /// Gives the provider that broke off; `None` when there was none.
+    pub fn broke_off(&mut self, delivered: bool, mut out: impl FnMut(Effect)) -> Option<usize> {
+        let attempts = self.attempts.as_mut()?;
+        let failure = |provider| Effect::Count {
+            provider,
+            counter: PerProvider::Failure,
+        };
+        let observe = |provider| Effect::Observe {
+            provider,
+            observation: Observation::Failure {
+                retry_after_ms: None,
+            },
+        };
+        if delivered {
+            out(Effect::CountGlobal(Global::StreamFailedMidway));
+            let provider = attempts.tried.last()?.0;
+            out(failure(provider));
+            out(Effect::TallyBroken { provider });
+            out(observe(provider));
+            return Some(provider);
+        }
+        let provider = attempts.current?;
+        attempts.finish(Outcome::Reset);
+        out(failure(provider));
+        out(Effect::Tally {
+            provider,
+            outcome: Outcome::Reset,
+            ttfb_ms: None,
+        });
+        out(observe(provider));
+        Some(provider)
     }
 
     /// Event: the attempt in flight ended with `outcome` at `now_ms` (`stream`: the request

@@ -1,17 +1,23 @@
-//! HTTP context: one request's walk from body to chosen provider and back.
+//! HTTP context: one request's walk from body to chosen provider and back, as host callbacks.
 //!
 //! Route mode: the body callback ranks providers and sets the cluster header; the route sends
 //! the request; the response callbacks classify the outcome and, when it is retryable, hold
 //! the response and re-dispatch the buffered request to the next provider, replacing the
 //! answer. Dispatch mode: every attempt is a `dispatch_http_call` from the request phase.
+//! What each callback means in each phase is the core's (`exchange`: phases and steps,
+//! `walk`: attempts and verdicts); this file reads what they ask for and carries out their
+//! steps and effects with host calls.
 
 mod native;
 
 use super::Vm;
 use crate::answer;
-use crate::attempt::{classify_dispatched, classify_routed, Attempts, Outcome};
+use crate::attempt::{Attempts, Outcome};
 use crate::config::FailoverMode;
 use crate::errors::ApiError;
+use crate::exchange::{
+    self, AfterRouted, Broke, Call, Exchange, OnBody, OnHeaders, Phase, Place, Reply,
+};
 use crate::explain;
 use crate::headers;
 use crate::host;
@@ -26,40 +32,6 @@ use serde_json::json;
 use std::borrow::Cow;
 use std::rc::Rc;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Not an LLM request: hands off.
-    Passthrough,
-    /// Holding headers while the body arrives.
-    Reading,
-    /// First attempt sent through the host's route.
-    Routed,
-    /// Route mode: holding a 2xx answer until its body is complete (validity, usage, cost).
-    Validating,
-    /// Route mode: a streaming answer is flowing to the client.
-    Streaming,
-    /// Route mode: a non-streaming 2xx too big to hold (or compressed) flows to the client;
-    /// its end is kept to read the usage.
-    Unheld,
-    /// Route mode: the last attempt's error answer is read for what the provider said, then
-    /// replaced by the final error.
-    ReadingError,
-    /// Route mode: a fallback's answer (or the final error) is ready and waits for the end of
-    /// the held routed answer, whose place it takes.
-    Replacing,
-    /// An attempt by `dispatch_http_call` is in flight.
-    Dispatched,
-    /// An attempt ended without a body from the host; a bounce call (see
-    /// [`host::HostCaps::bounce`]) is in flight, from whose callback the filter acts on it.
-    Bouncing,
-    /// The answer is decided (delivered, replaced or a local reply).
-    Done,
-    /// Envoy mode: Envoy's router is making the attempts in the filter's order.
-    Native,
-    /// Envoy mode: holding a 2xx answer until its body is complete (usage, cost).
-    NativeHolding,
-}
-
 struct Affinity {
     key: String,
     tag: String,
@@ -69,7 +41,8 @@ struct Affinity {
 pub(crate) struct Http {
     id: u32,
     vm: Rc<Vm>,
-    state: State,
+    /// The request's HTTP phases (core): where it stands, what its held answer keeps.
+    ex: Exchange,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     info: Option<RequestInfo>,
@@ -81,26 +54,10 @@ pub(crate) struct Http {
     snapshot_age_ms: Option<u64>,
     /// Usage of the delivered answer, when known.
     usage: Option<Usage>,
-    /// Route mode: status and time (ms) of the 2xx held while its body arrives.
-    held: Option<(u32, u64)>,
     /// What the last failing provider said (cleaned), for the final error.
     last_said: Option<String>,
     /// Route mode: the last bytes of an unheld answer, where its usage sits.
     tail: Vec<u8>,
-    /// The delivered answer came compressed: its body is not read.
-    encoded: bool,
-    /// Route mode: the 2xx at hand is delivered unheld (too big to hold, or compressed).
-    unheld: bool,
-    /// Route mode: the routed attempt's error answer has a body still to come.
-    error_body: bool,
-    /// Route mode: the routed answer is held while fallbacks run, and has a body whose place
-    /// the final answer can take (so it goes through the host's encoders, its compressor
-    /// among them, which a local reply sent while the response is held would skip).
-    routed_held: bool,
-    /// Route mode: size of the held routed answer's body once it is complete.
-    routed_body: Option<usize>,
-    /// Route mode: the answer waiting to take the held one's place (status, headers, body).
-    pending: Option<Answer>,
     /// A finished attempt waiting for its bounce call's callback.
     bounced: Option<Finished>,
     /// Drain calls to send before the next dispatch (see [`host::Bounce`]).
@@ -116,15 +73,12 @@ struct Finished {
     body: Vec<u8>,
 }
 
-/// An answer to deliver: status, headers, body.
-type Answer = (u32, Vec<(String, String)>, Vec<u8>);
-
 impl Http {
     pub(crate) fn new(id: u32, vm: Rc<Vm>) -> Self {
         Self {
             id,
             vm,
-            state: State::Passthrough,
+            ex: Exchange::default(),
             headers: Vec::new(),
             body: Vec::new(),
             info: None,
@@ -133,15 +87,8 @@ impl Http {
             affinity: None,
             snapshot_age_ms: None,
             usage: None,
-            held: None,
             last_said: None,
             tail: Vec::new(),
-            encoded: false,
-            unheld: false,
-            error_body: false,
-            routed_held: false,
-            routed_body: None,
-            pending: None,
             bounced: None,
             drain: 0,
         }
@@ -181,7 +128,7 @@ impl Http {
             host::set_response_header(&k, &v);
         }
         self.record_decision(None, Some(e.status));
-        self.state = State::Done;
+        self.ex.phase = Phase::Done;
         Action::Continue
     }
 
@@ -205,7 +152,7 @@ impl Http {
     }
 
     fn send(&mut self, status: u32, hs: &[(String, String)], body: &[u8]) {
-        self.state = State::Done;
+        self.ex.phase = Phase::Done;
         let refs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         if !host::send_response(status, &refs, body) {
             warn!(
@@ -513,7 +460,7 @@ impl Http {
 
     /// Keeps the end of the response body chunk at hand (an unheld answer's usage is there).
     fn keep_tail(&mut self, body_size: usize) {
-        if self.encoded || body_size == 0 {
+        if self.ex.encoded || body_size == 0 {
             return;
         }
         let n = body_size.min(answer::TAIL_BYTES);
@@ -578,12 +525,7 @@ impl Http {
         }
         // An answer the filter reads must come in plain bytes; the host's compressor encodes
         // what reaches the client as the client asked.
-        let reads_answer = if info.stream {
-            info.include_usage
-        } else {
-            config.failover.retry_on.malformed || config.response_headers
-        };
-        if reads_answer {
+        if exchange::reads_answer(config, info.stream, info.include_usage) {
             host::set_request_header("accept-encoding", Some(answer::IDENTITY));
         }
         if !info.stream {
@@ -609,7 +551,7 @@ impl Http {
             // Bounded by the route's timeouts, not by `timeout_ms`.
             self.walk.unbounded();
         }
-        self.state = State::Routed;
+        self.ex.phase = Phase::Routed;
         Action::Continue
     }
 
@@ -673,7 +615,7 @@ impl Http {
                         self.walk.attempts.as_ref().map_or(0, |a| a.count())
                     );
                     self.token = Some(token);
-                    self.state = State::Dispatched;
+                    self.ex.phase = Phase::Dispatched;
                     return true;
                 }
                 Err(s) => {
@@ -683,12 +625,6 @@ impl Http {
             }
         }
         false
-    }
-
-    /// Notes for the market report an answer that broke off after it began.
-    fn tally_reset(&self, provider: usize) {
-        let model = self.info.as_ref().map_or("", |i| i.model.as_str());
-        self.vm.tally(provider, model, &Outcome::Reset, None);
     }
 
     /// Records an outcome and says whether the answer at hand should reach the client.
@@ -745,7 +681,7 @@ impl Http {
         self.account(p);
         // A streamed or unheld answer's record is written once it ends (or breaks), with its
         // usage.
-        if !((self.stream() || self.unheld) && (200..300).contains(&status)) {
+        if !self.ex.record_at_end(status, self.stream()) {
             self.record_decision(Some(p), Some(status));
         }
     }
@@ -753,7 +689,7 @@ impl Http {
     /// Replaces the response with a dispatched attempt's answer.
     fn deliver_dispatched(&mut self, status: u32, answer: &[(String, String)], body: &[u8]) {
         let provider = self.served_by().unwrap_or(0);
-        if (200..300).contains(&status) && !self.encoded {
+        if (200..300).contains(&status) && !self.ex.encoded {
             self.usage = metrics::usage_of_answer(body).or_else(|| metrics::usage_in_sse(body));
         }
         let mut hs = headers::answer_headers(answer);
@@ -768,24 +704,24 @@ impl Http {
     /// Route mode: the final answer takes the held routed answer's place, now or once the
     /// held one is complete. False when it cannot (no held answer with a body): then it is
     /// sent as a local reply.
-    fn replace_held(&mut self, status: u32, hs: Vec<(String, String)>, body: &[u8]) -> bool {
-        if !self.routed_held {
-            return false;
-        }
-        match self.routed_body {
-            Some(size) => {
-                if !self.apply_replacement(status, &hs, body, size) {
+    fn replace_held(&mut self, status: u32, headers: Vec<(String, String)>, body: &[u8]) -> bool {
+        let reply = Reply {
+            status,
+            headers,
+            body: body.to_vec(),
+        };
+        match self.ex.place(reply) {
+            (Place::Now(size), Some(r)) => {
+                if !self.apply_replacement(r.status, &r.headers, &r.body, size) {
                     return false;
                 }
-                self.state = State::Done;
+                self.ex.phase = Phase::Done;
                 host::resume_response();
+                true
             }
-            None => {
-                self.pending = Some((status, hs, body.to_vec()));
-                self.state = State::Replacing;
-            }
+            (Place::Later, _) => true,
+            _ => false,
         }
-        true
     }
 
     /// Replaces the held response's headers and its `size`-byte body.
@@ -813,7 +749,7 @@ impl Http {
 
     /// The final error, in place of the held answer when there is one, else as a local reply.
     fn fail_with(&mut self, e: &ApiError) {
-        if self.routed_held {
+        if self.ex.routed_held {
             let hs = self.error_headers(e);
             self.record_decision(None, Some(e.status));
             if self.replace_held(e.status, hs.clone(), &e.body()) {
@@ -827,29 +763,18 @@ impl Http {
 
     /// Route mode: what to do with the routed attempt's outcome at response time.
     fn after_routed(&mut self, outcome: Outcome, status: u32, now: u64) -> Action {
-        match self.judge(outcome, now) {
-            Some(true) => {
+        let verdict = self.judge(outcome, now);
+        match self.ex.after_verdict(verdict, status, self.stream()) {
+            AfterRouted::Deliver => {
                 self.deliver_routed(status);
-                let ok = (200..300).contains(&status);
-                self.state = if ok && self.stream() {
-                    State::Streaming
-                } else if ok && self.unheld {
-                    State::Unheld
-                } else {
-                    State::Done
-                };
                 Action::Continue
             }
             // The routed attempt was the last: read what its provider said, then answer.
-            Some(false) if self.error_body => {
-                self.state = State::ReadingError;
-                Action::Pause
-            }
-            Some(false) => {
+            AfterRouted::ReadError | AfterRouted::InFlight => Action::Pause,
+            AfterRouted::FinalError => {
                 let e = self.final_error();
                 self.reply_error(&e)
             }
-            None => Action::Pause,
         }
     }
 }
@@ -867,9 +792,9 @@ impl Http {
         if self.token != Some(token_id) {
             return;
         }
-        if self.state == State::Bouncing {
+        if self.ex.phase == Phase::Bouncing {
             self.token = None;
-            self.state = State::Dispatched;
+            self.ex.phase = Phase::Dispatched;
             self.drain = host::caps().bounce.map_or(0, |b| b.drain);
             if let Some(f) = self.bounced.take() {
                 self.conclude_call(f);
@@ -877,7 +802,7 @@ impl Http {
             self.drain = 0;
             return;
         }
-        if self.state != State::Dispatched {
+        if self.ex.phase != Phase::Dispatched {
             return;
         }
         self.token = None;
@@ -907,38 +832,26 @@ impl Http {
                 }
             }
         };
-        let retry_after = answer
-            .iter()
-            .find(|(k, _)| k == "retry-after")
-            .map(|(_, v)| v.as_str());
-        let mut outcome = match failure.as_deref() {
-            Some("timeout") => Outcome::Timeout,
-            // No answer at all: the connection failed (Kong says `broken connection`).
-            Some(_) if status.is_none() => Outcome::ConnectFailure,
-            Some(_) => Outcome::Reset,
-            None => classify_dispatched(status, &body, retry_after),
+        let find = |name: &str| {
+            answer
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
         };
         // A provider that compresses although asked for identity: its answer is delivered as
         // it came (not read, so not judged malformed; priced from the estimate).
-        self.encoded = answer::is_encoded(
-            answer
-                .iter()
-                .find(|(k, _)| k == "content-encoding")
-                .map(|(_, v)| v.as_str()),
-        );
-        match outcome {
-            Outcome::Success(_)
-                if !self.stream() && !self.encoded && metrics::inspect_answer(&body).is_err() =>
-            {
-                outcome = Outcome::Malformed
-            }
-            // A stream with nothing in it is no answer either (Kong reports a chunked answer
-            // cut before its first complete chunk as a finished call with an empty body).
-            Outcome::Success(_) if body.is_empty() => outcome = Outcome::Malformed,
-            Outcome::Status { .. } if !self.encoded => {
-                self.last_said = answer::provider_message(&body);
-            }
-            _ => {}
+        self.ex.encoded = answer::is_encoded(find("content-encoding"));
+        let call = Call {
+            status,
+            failure: failure.as_deref(),
+            body: &body,
+            retry_after: find("retry-after"),
+            encoded: self.ex.encoded,
+            stream: self.stream(),
+        };
+        let outcome = call.outcome(|b| metrics::inspect_answer(b).is_ok());
+        if call.says_why(outcome) {
+            self.last_said = answer::provider_message(&body);
         }
         let finished = Finished {
             outcome,
@@ -954,7 +867,7 @@ impl Http {
                 match host::dispatch(bounce.target, BOUNCE_HEADERS, &[], BOUNCE_TIMEOUT_MS) {
                     Ok(token) => {
                         self.token = Some(token);
-                        self.state = State::Bouncing;
+                        self.ex.phase = Phase::Bouncing;
                         self.bounced = Some(finished);
                         return;
                     }
@@ -1041,7 +954,7 @@ impl Http {
         if end_of_stream || self.header("content-length") == Some("0") {
             return self.on_body_complete(Vec::new());
         }
-        self.state = State::Reading;
+        self.ex.phase = Phase::Reading;
         // Kong never resumes a pause from here; its body callback comes anyway.
         if host::caps().pause_request_headers {
             Action::Pause
@@ -1051,7 +964,7 @@ impl Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.state != State::Reading {
+        if self.ex.phase != Phase::Reading {
             return Action::Continue;
         }
         if body_size > self.vm.config.max_body_bytes {
@@ -1069,86 +982,46 @@ impl Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if self.state == State::Native {
+        if self.ex.phase == Phase::Native {
             return self.native_response_headers(end_of_stream);
         }
-        // Validating: the held 2xx broke off mid-body and the host now sends its own reply.
-        let abandoned = self.state == State::Validating;
-        if self.state != State::Routed && !abandoned {
+        if !matches!(self.ex.phase, Phase::Routed | Phase::Validating) {
             return Action::Continue;
         }
         let now = host::now_ms();
         let status = host::response_header(":status")
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
-        if abandoned {
-            self.state = State::Routed;
-            let details = host::property(&["response", "code_details"]);
-            let outcome = match classify_routed(status, details.as_deref(), None) {
-                Outcome::Success(_) | Outcome::Status { .. } => Outcome::Reset,
-                other => other,
-            };
-            return self.after_routed(outcome, status, now);
+        let (stream, include_usage) = self
+            .info
+            .as_ref()
+            .map_or((false, false), |i| (i.stream, i.include_usage));
+        let step = self.ex.on_headers(
+            status,
+            end_of_stream,
+            stream,
+            include_usage,
+            &self.vm.config,
+            now,
+            &HostResponse,
+        );
+        match step {
+            OnHeaders::Ignore => Action::Continue,
+            OnHeaders::Hold => Action::Pause,
+            OnHeaders::Judge { outcome, status } => self.after_routed(outcome, status, now),
         }
-        if (200..300).contains(&status) {
-            let config = &self.vm.config;
-            let encoded =
-                || answer::is_encoded(host::response_header("content-encoding").as_deref());
-            // Non-streaming answers are held until complete: to check they are well-formed
-            // (retry_on malformed) and to price them from their usage (cost header).
-            if !self.stream() && (config.failover.retry_on.malformed || config.response_headers) {
-                self.held = Some((status, now));
-                // Compressed although asked for identity, or bigger than the host can hold:
-                // it flows to the client unheld, priced from its usage if its end shows it.
-                self.encoded = encoded();
-                if self.encoded
-                    || !answer::fits(
-                        host::response_header("content-length").as_deref(),
-                        answer::HOLD_LIMIT_BYTES,
-                    )
-                {
-                    self.unheld = true;
-                    return self.after_routed(Outcome::Success(status), status, now);
-                }
-                if end_of_stream {
-                    return self.after_routed(Outcome::Malformed, status, now);
-                }
-                self.state = State::Validating;
-                return Action::Pause;
-            }
-            if self.stream() && self.info.as_ref().is_some_and(|i| i.include_usage) {
-                self.encoded = encoded();
-            }
-            return self.after_routed(Outcome::Success(status), status, now);
-        }
-        let details = host::property(&["response", "code_details"]);
-        let retry_after = host::response_header("retry-after");
-        let outcome = classify_routed(status, details.as_deref(), retry_after.as_deref());
-        self.error_body = !end_of_stream
-            && matches!(outcome, Outcome::Status { .. })
-            && !answer::is_encoded(host::response_header("content-encoding").as_deref());
-        self.routed_held = !end_of_stream;
-        self.after_routed(outcome, status, now)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        match self.state {
-            State::Dispatched | State::Bouncing => {
-                if end_of_stream {
-                    self.routed_body = Some(body_size);
-                }
-                Action::Pause
-            }
-            State::NativeHolding => self.native_response_body(body_size, end_of_stream),
-            State::Replacing => {
-                if !end_of_stream {
-                    return Action::Pause;
-                }
-                self.state = State::Done;
-                let Some((status, hs, body)) = self.pending.take() else {
-                    return Action::Continue;
-                };
-                if !self.apply_replacement(status, &hs, &body, body_size) {
+        if self.ex.phase == Phase::NativeHolding {
+            return self.native_response_body(body_size, end_of_stream);
+        }
+        let include_usage = self.info.as_ref().is_some_and(|i| i.include_usage);
+        match self.ex.on_body(body_size, end_of_stream, include_usage) {
+            OnBody::Continue => Action::Continue,
+            OnBody::Pause => Action::Pause,
+            OnBody::Replace(r, size) => {
+                if !self.apply_replacement(r.status, &r.headers, &r.body, size) {
                     warn!(
                         "#{} market-router: the host refused to replace the held answer",
                         self.id
@@ -1156,75 +1029,55 @@ impl Http {
                 }
                 Action::Continue
             }
-            State::Validating => {
+            OnBody::Overflow => {
+                // Status and time as seen at the held headers.
+                let (status, now) = self.ex.held.unwrap_or((200, host::now_ms()));
+                self.keep_tail(body_size);
+                self.after_routed(Outcome::Success(status), status, now)
+            }
+            OnBody::Inspect => {
                 // Status and time as seen at the held headers: the body follows at once.
-                let (status, now) = self.held.unwrap_or((200, host::now_ms()));
-                if !end_of_stream {
-                    if body_size <= answer::HOLD_LIMIT_BYTES {
-                        return Action::Pause;
-                    }
-                    // A chunked answer grew past what may be held: it flows on from here,
-                    // what is held so far first.
-                    self.keep_tail(body_size);
-                    self.unheld = true;
-                    return self.after_routed(Outcome::Success(status), status, now);
-                }
+                let (status, now) = self.ex.held.unwrap_or((200, host::now_ms()));
                 let body =
                     host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
                 let inspected = metrics::inspect_answer(&body);
-                let malformed = self.vm.config.failover.retry_on.malformed && inspected.is_err();
+                let retry_malformed = self.vm.config.failover.retry_on.malformed;
+                let outcome = Exchange::validated(inspected.is_ok(), retry_malformed, status);
                 self.usage = inspected.ok().flatten();
-                let outcome = if malformed {
-                    Outcome::Malformed
-                } else {
-                    Outcome::Success(status)
-                };
-                self.routed_held = true;
-                self.routed_body = Some(body_size);
                 self.after_routed(outcome, status, now)
             }
-            State::Unheld => {
+            OnBody::Tail { end } => {
                 self.keep_tail(body_size);
-                if end_of_stream {
-                    self.state = State::Done;
+                if let Some(status) = end {
                     self.usage = answer::usage_in_tail(&self.tail);
                     if let Some(p) = self.served_by() {
-                        let status = self.held.map_or(200, |h| h.0);
                         self.account(p);
                         self.record_decision(Some(p), Some(status));
                     }
                 }
                 Action::Continue
             }
-            State::ReadingError => {
-                if !end_of_stream && body_size <= answer::HOLD_LIMIT_BYTES {
-                    return Action::Pause;
-                }
-                let n = body_size.min(answer::ERROR_READ_BYTES);
-                self.last_said = host::buffer(BufferType::HttpResponseBody, n)
+            OnBody::ReadError { bytes, in_place } => {
+                self.last_said = host::buffer(BufferType::HttpResponseBody, bytes)
                     .and_then(|b| answer::provider_message(&b));
                 let e = self.final_error();
-                if end_of_stream {
+                if in_place {
                     return self.replace_error(&e, body_size);
                 }
                 self.reply_error(&e)
             }
-            State::Streaming => {
-                // Look for the final usage chunk, which OpenAI-compatible providers send when
-                // the request asks for it (`stream_options.include_usage`); otherwise no chunk
-                // is read (one host read per chunk adds up over a long stream) and the cost
-                // stays the pre-route estimate. Only a chunk that mentions usage is parsed.
-                let wants_usage =
-                    !self.encoded && self.info.as_ref().is_some_and(|i| i.include_usage);
-                if wants_usage && body_size > 0 {
+            OnBody::Chunk { read_usage, end } => {
+                // The final usage chunk, which OpenAI-compatible providers send when the
+                // request asks for it (`stream_options.include_usage`): only a chunk that
+                // mentions usage is parsed.
+                if read_usage {
                     if let Some(chunk) = host::buffer(BufferType::HttpResponseBody, body_size) {
                         if let Some(u) = metrics::usage_in_sse(&chunk) {
                             self.usage = Some(u);
                         }
                     }
                 }
-                if end_of_stream {
-                    self.state = State::Done;
+                if end {
                     if let Some(p) = self.served_by() {
                         self.account(p);
                         self.record_decision(Some(p), Some(200));
@@ -1232,56 +1085,43 @@ impl Http {
                 }
                 Action::Continue
             }
-            _ => Action::Continue,
         }
     }
 
     fn on_log(&mut self) {
-        if !matches!(
-            self.state,
-            State::Streaming | State::Unheld | State::Validating
-        ) {
-            return;
-        }
-        let now = host::now_ms();
-        let failure = crate::health::Observation::Failure {
-            retry_after_ms: None,
+        let delivered = match self.ex.on_log() {
+            Broke::Nothing => return,
+            Broke::Delivered => true,
+            Broke::Held => false,
         };
-        match self.state {
-            // A stream that ended without its end-of-stream body callback (reset mid-response):
-            // the client already has bytes, so nothing can be replayed; count it.
-            State::Streaming | State::Unheld => {
-                self.vm.metrics.inc(Global::StreamFailedMidway);
-                if let Some(p) = self.served_by() {
-                    self.vm.metrics.add(p, PerProvider::Failure, 1);
-                    let model = self.info.as_ref().map_or("", |i| i.model.as_str());
-                    self.vm.tally_broken_stream(p, model);
-                    self.vm
-                        .observe(&self.vm.config.providers[p].name, failure, now);
-                    self.record_decision(Some(p), Some(200));
-                }
-            }
-            // A held 2xx that broke off mid-body: Envoy answers the client itself (502) without
-            // passing the reply back through this filter, so it can only be counted.
-            State::Validating => {
-                let Some(p) = self.walk.attempts.as_ref().and_then(|a| a.current) else {
-                    return;
-                };
-                if let Some(a) = self.walk.attempts.as_mut() {
-                    a.finish(Outcome::Reset);
-                }
-                warn!(
-                    "#{} market-router: provider {} broke off its answer mid-body; the host answered 502",
-                    self.id, self.vm.config.providers[p].name
-                );
-                self.vm.metrics.add(p, PerProvider::Failure, 1);
-                self.tally_reset(p);
-                self.vm
-                    .observe(&self.vm.config.providers[p].name, failure, now);
-                self.record_decision(Some(p), Some(502));
-            }
-            _ => {}
+        let now = host::now_ms();
+        let vm = Rc::clone(&self.vm);
+        let model = self.info.as_ref().map_or("", |i| i.model.as_str());
+        let affinity = self.affinity.as_ref();
+        let broke = self
+            .walk
+            .broke_off(delivered, |e| apply(&vm, model, affinity, now, e));
+        let Some(p) = broke else { return };
+        if !delivered {
+            warn!(
+                "#{} market-router: provider {} broke off its answer mid-body; the host answered 502",
+                self.id, vm.config.providers[p].name
+            );
         }
+        self.record_decision(Some(p), Some(if delivered { 200 } else { 502 }));
+    }
+}
+
+/// The routed answer's headers and reason, read from the host when the core asks.
+struct HostResponse;
+
+impl exchange::ResponseView for HostResponse {
+    fn header(&self, name: &str) -> Option<String> {
+        host::response_header(name)
+    }
+
+    fn code_details(&self) -> Option<String> {
+        host::property(&["response", "code_details"])
     }
 }
 
@@ -1299,6 +1139,7 @@ fn apply(vm: &Vm, model: &str, affinity: Option<&Affinity>, now: u64, effect: Ef
         } => vm.tally(provider, model, &outcome, ttfb_ms),
         Effect::Count { provider, counter } => vm.metrics.add(provider, counter, 1),
         Effect::CountGlobal(counter) => vm.metrics.inc(counter),
+        Effect::TallyBroken { provider } => vm.tally_broken_stream(provider, model),
         Effect::Remember { provider } => remember(affinity, &vm.config.providers[provider].name),
     }
 }

@@ -1,8 +1,9 @@
 //! Envoy mode, downstream role: rank, hand Envoy the order and the bounds, and read back what
 //! the attempts (the upstream role, `filter/upstream.rs`) recorded when the answer arrives.
 
-use super::{Http, State};
+use super::Http;
 use crate::errors::ApiError;
+use crate::exchange::Phase;
 use crate::headers::PREF_HEADERS;
 use crate::host;
 use crate::metrics::{self, Global};
@@ -112,7 +113,7 @@ impl Http {
         if !ok {
             return self.reply_error(&ApiError::internal("the host refused the routing headers"));
         }
-        self.state = State::Native;
+        self.ex.phase = Phase::Native;
         Action::Continue
     }
 
@@ -161,7 +162,7 @@ impl Http {
                 self.id,
                 native::UPSTREAM_ROOT_ID
             );
-            self.state = State::Done;
+            self.ex.phase = Phase::Done;
             return Action::Continue;
         }
         if (200..300).contains(&status) {
@@ -178,15 +179,15 @@ impl Http {
                 && self.usage.is_none()
                 && !end_of_stream
             {
-                self.state = State::NativeHolding;
-                self.held = Some((status, host::now_ms()));
+                self.ex.phase = Phase::NativeHolding;
+                self.ex.held = Some((status, host::now_ms()));
                 return Action::Pause;
             }
             self.deliver_routed(status);
-            self.state = if self.stream() {
-                State::Streaming
+            self.ex.phase = if self.stream() {
+                Phase::Streaming
             } else {
-                State::Done
+                Phase::Done
             };
             return Action::Continue;
         }
@@ -206,7 +207,7 @@ impl Http {
             );
         }
         self.deliver_routed(status);
-        self.state = State::Done;
+        self.ex.phase = Phase::Done;
         Action::Continue
     }
 
@@ -215,11 +216,11 @@ impl Http {
         if !end_of_stream {
             return Action::Pause;
         }
-        let (status, _) = self.held.unwrap_or((200, 0));
+        let (status, _) = self.ex.held.unwrap_or((200, 0));
         let body = host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
         self.usage = metrics::inspect_answer(&body).ok().flatten();
         self.deliver_routed(status);
-        self.state = State::Done;
+        self.ex.phase = Phase::Done;
         Action::Continue
     }
 }
