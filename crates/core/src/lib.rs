@@ -26,4 +26,5 @@ pub mod report;
 pub mod request;
 pub mod rng;
 pub mod select;
+pub mod served;
 pub mod walk;

@@ -21,9 +21,10 @@ use crate::exchange::{
 use crate::explain;
 use crate::headers;
 use crate::host;
-use crate::metrics::{self, Global, PerProvider, Usage};
+use crate::metrics::{self, Global, Usage};
 use crate::request::{self, RequestInfo};
 use crate::select::{self, NoRoute, Prefs};
+use crate::served::Served;
 use crate::walk::{Effect, Verdict, Walk};
 use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -137,18 +138,7 @@ impl Http {
         if let Some(c) = Global::rejected(e.reason) {
             self.vm.metrics.inc(c);
         }
-        let mut hs: Vec<(String, String)> =
-            vec![("content-type".into(), "application/json".into())];
-        if let Some(a) = &self.walk.attempts {
-            if self.vm.config.response_headers {
-                hs.push(("x-market-router-attempts".into(), a.tried.len().to_string()));
-            }
-            // Standard HTTP, not one of our x-market-router-* headers: always sent.
-            if let Some(s) = a.min_retry_after_s() {
-                hs.push(("retry-after".into(), s.to_string()));
-            }
-        }
-        hs
+        self.served().error_headers()
     }
 
     fn send(&mut self, status: u32, hs: &[(String, String)], body: &[u8]) {
@@ -162,76 +152,25 @@ impl Http {
         }
     }
 
+    /// What is known of the request's answer (core): cost, our headers, decision record.
+    fn served(&self) -> Served<'_> {
+        Served {
+            config: &self.vm.config,
+            walk: &self.walk,
+            model: self.info.as_ref().map(|i| i.model.as_str()),
+            usage: self.usage,
+            snapshot_age_ms: self.snapshot_age_ms,
+        }
+    }
+
     /// Provider index of the last finished attempt.
     fn served_by(&self) -> Option<usize> {
-        self.walk
-            .attempts
-            .as_ref()
-            .and_then(|a| a.tried.last().map(|(p, _)| *p))
-    }
-
-    /// Price of the candidate for `provider` in this request's ranking.
-    fn prices(&self, provider: usize) -> Option<(f64, f64, f64)> {
-        let c = self
-            .walk
-            .ranking
-            .as_ref()?
-            .candidates
-            .iter()
-            .find(|c| c.provider == provider)?;
-        Some((c.input_per_mtok, c.output_per_mtok, c.expected_cost_usd))
-    }
-
-    /// Cost of the answer: from its usage, else the ranking's estimate (flagged as such).
-    fn cost(&self, provider: usize) -> Option<(f64, bool)> {
-        let (i, o, estimate) = self.prices(provider)?;
-        match self.usage {
-            Some(u) if i.is_finite() && o.is_finite() => Some((u.cost_usd(i, o), false)),
-            _ if estimate.is_finite() => Some((estimate, true)),
-            _ => None,
-        }
+        self.served().provider()
     }
 
     /// Our response headers for an answer from `provider`, handed to `emit` one by one.
-    fn our_headers(&self, provider: usize, mut emit: impl FnMut(&'static str, &str)) {
-        if !self.vm.config.response_headers {
-            return;
-        }
-        let name = self
-            .vm
-            .config
-            .providers
-            .get(provider)
-            .map_or("", |p| p.name.as_str());
-        let mut num = [0u8; 20];
-        let attempts = self
-            .walk
-            .attempts
-            .as_ref()
-            .map_or(1, |a| a.tried.len().max(1));
-        emit("x-market-router-provider", name);
-        emit(
-            "x-market-router-attempts",
-            headers::decimal(attempts as u64, &mut num),
-        );
-        if let Some(r) = &self.walk.ranking {
-            emit("x-market-router-strategy", r.strategy.as_str());
-        }
-        if let Some(age) = self.snapshot_age_ms {
-            emit(
-                "x-market-router-snapshot-age-ms",
-                headers::decimal(age, &mut num),
-            );
-        }
-        if let Some((usd, estimated)) = self.cost(provider) {
-            let mut buf = [0u8; 32];
-            if let Some(v) = headers::usd8(usd, &mut buf) {
-                emit("x-market-router-cost-usd", v);
-                if estimated {
-                    emit("x-market-router-cost-estimated", "true");
-                }
-            }
-        }
+    fn our_headers(&self, provider: usize, emit: impl FnMut(&'static str, &str)) {
+        self.served().headers(provider, emit);
     }
 
     /// Writes the decision record (Envoy filter state `wasm.market_router.decision`).
@@ -239,52 +178,14 @@ impl Http {
         if !self.vm.config.decision_record {
             return;
         }
-        let config = &self.vm.config;
-        let name = |i: usize| config.providers.get(i).map_or("?", |p| p.name.as_str());
-        let tried: Vec<(&str, &'static str)> = self
-            .walk
-            .attempts
-            .as_ref()
-            .map(|a| a.tried.iter().map(|(p, o)| (name(*p), o.label())).collect())
-            .unwrap_or_default();
-        let score = provider.and_then(|p| {
-            self.walk
-                .ranking
-                .as_ref()?
-                .candidates
-                .iter()
-                .find(|c| c.provider == p)
-                .map(|c| (c.score * 1e4).round() / 1e4)
-        });
-        let cost = provider.and_then(|p| self.cost(p));
-        let record = crate::decision::Decision {
-            model: self.info.as_ref().map(|i| i.model.as_str()),
-            provider: provider.map(name),
-            status,
-            tried,
-            strategy: self.walk.ranking.as_ref().map(|r| r.strategy.as_str()),
-            score,
-            cost_usd: cost.map(|c| c.0),
-            cost_estimated: cost.map(|c| c.1),
-            prompt_tokens: self.usage.map(|u| u.prompt_tokens),
-            completion_tokens: self.usage.map(|u| u.completion_tokens),
-            snapshot_age_ms: self.snapshot_age_ms,
-        };
+        let record = self.served().decision(provider, status);
         host::set_decision_property(&record.to_json());
     }
 
     /// Counts the delivered answer's tokens and cost.
     fn account(&self, provider: usize) {
-        let Some(u) = self.usage else { return };
-        let m = &self.vm.metrics;
-        m.add(provider, PerProvider::TokensIn, u.prompt_tokens);
-        m.add(provider, PerProvider::TokensOut, u.completion_tokens);
-        if let Some((usd, false)) = self.cost(provider) {
-            m.add(
-                provider,
-                PerProvider::CostMicroUsd,
-                (usd * 1e6).round() as u64,
-            );
+        for (counter, n) in self.served().counts(provider).into_iter().flatten() {
+            self.vm.metrics.add(provider, counter, n);
         }
     }
 
@@ -470,16 +371,7 @@ impl Http {
     }
 
     fn final_error(&self) -> ApiError {
-        let model = self.info.as_ref().map_or("", |i| i.model.as_str());
-        match &self.walk.attempts {
-            Some(a) if !a.tried.is_empty() => {
-                a.final_error(&self.vm.config, model, self.last_said.as_deref())
-            }
-            _ => ApiError::no_provider(format!(
-                "no provider for model `{}` could be tried",
-                crate::errors::clip(model, 200)
-            )),
-        }
+        self.served().final_error(self.last_said.as_deref())
     }
 
     /// Picks the next attempt: (candidate index, timeout), claiming half-open probes.
