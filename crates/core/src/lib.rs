@@ -22,6 +22,7 @@ pub mod json;
 pub mod market;
 pub mod metrics;
 pub mod native;
+pub mod outbound;
 pub mod report;
 pub mod request;
 pub mod rng;

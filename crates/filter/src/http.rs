@@ -22,6 +22,7 @@ use crate::explain;
 use crate::headers;
 use crate::host;
 use crate::metrics::{self, Global, Usage};
+use crate::outbound;
 use crate::request::{self, RequestInfo};
 use crate::select::{self, NoRoute, Prefs};
 use crate::served::Served;
@@ -408,28 +409,16 @@ impl Http {
             }
         }
         // (The cluster and preference headers are gone already: see the request headers.)
-        for (k, _) in &self.headers {
-            if k == "proxy-authorization"
-                || (k == "authorization" && !config.failover.forward_client_authorization)
-            {
-                host::set_request_header(k, None);
-            }
-        }
-        // An answer the filter reads must come in plain bytes; the host's compressor encodes
-        // what reaches the client as the client asked.
-        if exchange::reads_answer(config, info.stream, info.include_usage) {
-            host::set_request_header("accept-encoding", Some(answer::IDENTITY));
-        }
-        if !info.stream {
-            host::set_request_header(
-                "x-envoy-upstream-rq-timeout-ms",
-                Some(&timeout_ms.to_string()),
-            );
-        }
-
-        for (k, v) in &provider.headers {
-            host::set_request_header(k, Some(v));
-        }
+        outbound::routed_edits(
+            config,
+            provider,
+            &self.headers,
+            (info.stream, info.include_usage),
+            timeout_ms,
+            |k, v| {
+                host::set_request_header(k, v);
+            },
+        );
         debug!(
             "#{} market-router: routing model {} to {}",
             self.id, info.model, provider.name
@@ -473,24 +462,7 @@ impl Http {
                 };
             let path = self.header(":path").unwrap_or("/v1/chat/completions");
             let fwd = headers::forwarded(config, &self.headers);
-            let mut hs: Vec<(&str, &str)> = vec![
-                (":method", "POST"),
-                (":path", path),
-                (":authority", provider.authority.as_str()),
-                (":scheme", provider.scheme.as_str()),
-                ("accept-encoding", answer::IDENTITY),
-            ];
-            hs.extend(
-                fwd.iter()
-                    .filter(|(k, _)| !provider.headers.iter().any(|(h, _)| h == k))
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            );
-            hs.extend(
-                provider
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            );
+            let hs = outbound::dispatch_headers(provider, path, &fwd);
             let result = host::dispatch(&provider.cluster, &hs, &body, timeout_ms);
             let name = provider.name.as_str();
             if self.walk.attempts.is_none() {

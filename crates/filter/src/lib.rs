@@ -15,8 +15,8 @@ mod upstream;
 
 // The core's modules, at the paths the glue names them by (`crate::config`, ...).
 use market_router_core::{
-    answer, attempt, config, errors, exchange, explain, headers, health, market, native, report,
-    request, rng, select, served, walk,
+    answer, attempt, config, errors, exchange, explain, headers, health, market, native, outbound,
+    report, request, rng, select, served, walk,
 };
 
 use crate::config::Config;
