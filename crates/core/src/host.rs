@@ -1,11 +1,14 @@
-//! The host as the core sees it: a narrow trait whose calls each return a typed `Result`, the
-//! shared-data rules built on it (the bounded overwrite loop, the bounded compare-and-swap
-//! update), and [`MockHost`], an in-memory host with Envoy's or Kong's CAS rules and
-//! scripted conflicts and refusals, for native tests.
+//! The host as the core sees it: narrow traits whose calls each return a typed `Result`
+//! ([`Host`]: shared data; [`HttpHost`]: one request's headers, body, local reply and
+//! dispatched calls), the shared-data rules built on them (the bounded overwrite loop, the
+//! bounded compare-and-swap update), and [`MockHost`], an in-memory host with Envoy's or
+//! Kong's CAS rules, scripted conflicts and refusals, that records what a request did, for
+//! native tests.
 //!
-//! The filter implements [`Host`] over `proxy_wasm::hostcalls`, mapping each `Status` to a
+//! The filter implements both over `proxy_wasm::hostcalls`, mapping each `Status` to a
 //! [`HostError`].
 
+use crate::exchange::Reply;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
@@ -43,6 +46,47 @@ pub trait Host {
     fn get_shared(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError>;
     /// Writes `value`; with `Some(cas)` only if the value still has that CAS.
     fn set_shared(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError>;
+}
+
+/// One request's side of the host: its headers and body, a local reply, calls dispatched for
+/// it.
+pub trait HttpHost {
+    /// Sets (with `None` removes) a request header.
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
+    /// Replaces the request body's first `size` bytes with `body`.
+    fn set_request_body(&self, size: usize, body: &[u8]) -> Result<(), HostError>;
+    /// A response header (`None`: not there).
+    fn response_header(&self, name: &str) -> Result<Option<String>, HostError>;
+    /// Sets a response header.
+    fn set_response_header(&self, name: &str, value: &str) -> Result<(), HostError>;
+    /// Answers the request from here (a local reply).
+    fn send_reply(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(), HostError>;
+    /// Starts a call to `cluster`; its token names the callback that answers it.
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, HostError>;
+}
+
+/// A call a [`MockHost`] was asked to dispatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatched {
+    /// Target cluster.
+    pub cluster: String,
+    /// Headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Timeout, ms.
+    pub timeout_ms: u64,
 }
 
 /// Why a shared-data write did not happen.
@@ -161,6 +205,20 @@ pub struct MockHost {
     refuse_reads: Cell<Option<HostError>>,
     writes: Cell<usize>,
     tries: Cell<usize>,
+    /// The response's headers.
+    response: RefCell<Vec<(String, String)>>,
+    /// Request header edits, in order (`None`: removed).
+    edits: RefCell<Vec<(String, Option<String>)>>,
+    /// The request body as last replaced.
+    body: RefCell<Option<Vec<u8>>>,
+    /// Clusters a dispatch to is refused so (Envoy: an unknown cluster is `BadArgument`).
+    refuse_dispatch: RefCell<Vec<(String, HostError)>>,
+    /// Every request header edit is refused so.
+    refuse_headers: Cell<Option<HostError>>,
+    /// Calls dispatched.
+    calls: RefCell<Vec<Dispatched>>,
+    /// Local replies sent: status, headers, body.
+    replies: RefCell<Vec<Reply>>,
 }
 
 impl MockHost {
@@ -201,6 +259,48 @@ impl MockHost {
     pub fn refusing_reads(self, e: HostError) -> Self {
         self.refuse_reads.set(Some(e));
         self
+    }
+
+    /// The response carries header `name: value`.
+    pub fn with_response_header(self, name: &str, value: &str) -> Self {
+        self.response
+            .borrow_mut()
+            .push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// A dispatch to `cluster` is refused with `e`.
+    pub fn refusing_dispatch_to(self, cluster: &str, e: HostError) -> Self {
+        self.refuse_dispatch
+            .borrow_mut()
+            .push((cluster.to_string(), e));
+        self
+    }
+
+    /// Every request header edit is refused with `e`.
+    pub fn refusing_request_headers(self, e: HostError) -> Self {
+        self.refuse_headers.set(Some(e));
+        self
+    }
+
+    /// The request header edits made, in order (`None`: removed).
+    pub fn request_edits(&self) -> Vec<(String, Option<String>)> {
+        self.edits.borrow().clone()
+    }
+
+    /// The request body, if it was replaced.
+    pub fn request_body(&self) -> Option<Vec<u8>> {
+        self.body.borrow().clone()
+    }
+
+    /// The calls dispatched (refused ones not among them).
+    pub fn dispatched(&self) -> Vec<Dispatched> {
+        self.calls.borrow().clone()
+    }
+
+    /// The local replies sent: status, headers, body.
+    pub fn replies(&self) -> Vec<Reply> {
+        self.replies.borrow().clone()
     }
 
     /// What `key` holds.
@@ -257,6 +357,85 @@ impl Host for MockHost {
         data.insert(key.to_string(), (value.to_vec(), next));
         self.writes.set(self.writes.get() + 1);
         Ok(())
+    }
+}
+
+fn owned(headers: &[(&str, &str)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl HttpHost for MockHost {
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        if let Some(e) = self.refuse_headers.get() {
+            return Err(e);
+        }
+        self.edits
+            .borrow_mut()
+            .push((name.to_string(), value.map(str::to_string)));
+        Ok(())
+    }
+
+    fn set_request_body(&self, _size: usize, body: &[u8]) -> Result<(), HostError> {
+        *self.body.borrow_mut() = Some(body.to_vec());
+        Ok(())
+    }
+
+    fn response_header(&self, name: &str) -> Result<Option<String>, HostError> {
+        Ok(self
+            .response
+            .borrow()
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone()))
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
+        let mut response = self.response.borrow_mut();
+        response.retain(|(k, _)| k != name);
+        response.push((name.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    fn send_reply(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(), HostError> {
+        self.replies.borrow_mut().push(Reply {
+            status,
+            headers: owned(headers),
+            body: body.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, HostError> {
+        if let Some((_, e)) = self
+            .refuse_dispatch
+            .borrow()
+            .iter()
+            .find(|(c, _)| c == cluster)
+        {
+            return Err(*e);
+        }
+        let mut calls = self.calls.borrow_mut();
+        calls.push(Dispatched {
+            cluster: cluster.to_string(),
+            headers: owned(headers),
+            body: body.to_vec(),
+            timeout_ms,
+        });
+        Ok(calls.len() as u32)
     }
 }
 

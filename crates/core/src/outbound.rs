@@ -1,10 +1,128 @@
-//! What an attempt sends to a provider: the header edits on the routed request (route mode:
-//! the host's route sends it), and the headers of a dispatched call (dispatch mode and
-//! fallbacks). The body's model rewrite is `request::rewrite_model`.
+//! What an attempt sends to a provider, and sending it: the routed first attempt (route
+//! mode: the cluster header, the model rewrite and the header edits, then the host's route
+//! sends it) and dispatched attempts (dispatch mode and fallbacks: the next candidate the walk
+//! gives, past the ones the host refuses to call), over [`HttpHost`].
 
 use crate::answer;
 use crate::config::{Config, Provider};
 use crate::headers;
+use crate::host::{HostError, HttpHost};
+use crate::request::{self, RequestInfo};
+use crate::walk::{Effect, Walk};
+use std::borrow::Cow;
+
+/// The client's request as the attempts send it on.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The filter's configuration.
+    pub config: &'a Config,
+    /// What the body said.
+    pub info: &'a RequestInfo,
+    /// The body as the client sent it.
+    pub body: &'a [u8],
+    /// The client's request headers (those the filter owns already removed).
+    pub client: &'a [(String, String)],
+}
+
+/// Why the routed first attempt did not go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRouted {
+    /// The walk has no attempt to make: the final error.
+    NoneLeft,
+    /// The host refused a step (what it refused): an internal error.
+    Refused(&'static str),
+}
+
+/// Route mode, first attempt: points the host's route at the walk's next candidate (cluster
+/// header, model rewrite, header edits) and starts the attempt; the host sends it on once the
+/// callback returns. Gives the provider.
+pub fn route_first(
+    host: &impl HttpHost,
+    walk: &mut Walk,
+    req: &Outgoing<'_>,
+    now: u64,
+    claim_probe: impl FnMut(usize) -> bool,
+    out: impl FnMut(Effect),
+) -> Result<usize, NotRouted> {
+    let config = req.config;
+    let a = walk.next(now, claim_probe).ok_or(NotRouted::NoneLeft)?;
+    let provider = &config.providers[a.provider];
+    let provider_model = walk
+        .ranking
+        .as_ref()
+        .map_or("", |r| r.candidates[a.candidate].provider_model.as_str());
+    host.set_request_header(&config.routing.cluster_header, Some(&provider.cluster))
+        .map_err(|_| NotRouted::Refused("the host refused the cluster header"))?;
+    if let Some(new_body) = request::rewrite_model(req.body, req.info, provider_model) {
+        host.set_request_body(req.body.len(), &new_body)
+            .map_err(|_| NotRouted::Refused("the host refused the body rewrite"))?;
+        if req.client.iter().any(|(k, _)| k == "content-length") {
+            let mut num = [0u8; 20];
+            let len = headers::decimal(new_body.len() as u64, &mut num);
+            let _ = host.set_request_header("content-length", Some(len));
+        }
+    }
+    let stream = (req.info.stream, req.info.include_usage);
+    routed_edits(
+        config,
+        provider,
+        req.client,
+        stream,
+        a.timeout_ms,
+        |k, v| {
+            let _ = host.set_request_header(k, v);
+        },
+    );
+    walk.started(a.provider, now, out);
+    if req.info.stream {
+        // Bounded by the route's timeouts, not by the attempt's.
+        walk.unbounded();
+    }
+    Ok(a.provider)
+}
+
+/// Starts the walk's next attempt as a dispatched call, going past candidates the host
+/// refuses to call (each a connect failure the walk counts, reported to `refused`). Gives the
+/// call's token; `None` when no attempt is left.
+pub fn dispatch_next(
+    host: &impl HttpHost,
+    walk: &mut Walk,
+    req: &Outgoing<'_>,
+    now: u64,
+    mut claim_probe: impl FnMut(usize) -> bool,
+    mut out: impl FnMut(Effect),
+    mut refused: impl FnMut(usize, HostError),
+) -> Option<u32> {
+    let config = req.config;
+    let path = req
+        .client
+        .iter()
+        .find(|(k, _)| k == ":path")
+        .map_or("/v1/chat/completions", |(_, v)| v.as_str());
+    let forwarded = headers::forwarded(config, req.client);
+    while let Some(a) = walk.next(now, &mut claim_probe) {
+        let provider = &config.providers[a.provider];
+        let provider_model = walk
+            .ranking
+            .as_ref()
+            .map_or("", |r| r.candidates[a.candidate].provider_model.as_str());
+        let body: Cow<'_, [u8]> = match request::rewrite_model(req.body, req.info, provider_model) {
+            Some(b) => Cow::Owned(b),
+            None => Cow::Borrowed(req.body),
+        };
+        let hs = dispatch_headers(provider, path, &forwarded);
+        let result = host.dispatch(&provider.cluster, &hs, &body, a.timeout_ms);
+        walk.started(a.provider, now, &mut out);
+        match result {
+            Ok(token) => return Some(token),
+            Err(e) => {
+                refused(a.provider, e);
+                walk.refused(&mut out);
+            }
+        }
+    }
+    None
+}
 
 /// The routed request's header edits for an attempt on `provider` (after the cluster header
 /// and the body rewrite), handed to `set` in order: a value sets the header, `None` removes
@@ -110,6 +228,207 @@ mod tests {
 
     fn set(k: &str, v: &str) -> (String, Option<String>) {
         (k.to_string(), Some(v.to_string()))
+    }
+
+    use crate::attempt::{Attempts, Outcome};
+    use crate::config::Strategy;
+    use crate::host::MockHost;
+    use crate::metrics::PerProvider;
+    use crate::select::{Candidate, Ranking, Source};
+
+    fn two(extra: &str) -> Config {
+        let doc = format!(
+            r#"{{"providers":[{{"name":"a","cluster":"ca","models":{{"m":"m-a"}}}},{{"name":"b","cluster":"cb","models":{{"m":"m"}}}}]{extra}}}"#
+        );
+        Config::parse(doc.as_bytes()).unwrap()
+    }
+
+    fn cand(provider: usize, provider_model: &str) -> Candidate {
+        Candidate {
+            provider,
+            provider_model: provider_model.into(),
+            source: Source::Static,
+            input_per_mtok: 1.0,
+            output_per_mtok: 1.0,
+            ttft_ms: 1.0,
+            ttft_p50_ms: 1.0,
+            ttft_p95_ms: f64::NAN,
+            uptime: 1.0,
+            reliability: 1.0,
+            availability: crate::market::Availability::Online,
+            provider_type: crate::config::ProviderType::Company,
+            expected_cost_usd: 0.0,
+            score: 1.0,
+            probe: false,
+            beyond_ttft_target: false,
+            value_usd: 1.0,
+        }
+    }
+
+    fn walk(c: &Config) -> Walk {
+        let mut w = Walk::default();
+        w.begin(
+            Ranking {
+                strategy: Strategy::Value,
+                candidates: vec![cand(0, "m-a"), cand(1, "m")],
+                excluded: Vec::new(),
+                stale: false,
+                last_resort: false,
+                ttft_target_ms: None,
+                ttft_target_source: None,
+            },
+            Attempts::new(c, 1_000),
+        );
+        w
+    }
+
+    const BODY: &[u8] = br#"{"model":"m","messages":[]}"#;
+
+    fn req_headers() -> Vec<(String, String)> {
+        [
+            (":path", "/v1/chat/completions"),
+            ("content-length", "27"),
+            ("authorization", "Bearer client"),
+            ("x-trace", "t1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    fn send<T>(c: &Config, stream: bool, f: impl FnOnce(&Outgoing<'_>) -> T) -> T {
+        let info = crate::request::parse(BODY).unwrap();
+        let info = RequestInfo { stream, ..info };
+        let client = req_headers();
+        f(&Outgoing {
+            config: c,
+            info: &info,
+            body: BODY,
+            client: &client,
+        })
+    }
+
+    #[test]
+    fn the_routed_first_attempt_names_the_cluster_and_rewrites_the_model() {
+        let c = two("");
+        let (host, mut w, mut effects) = (MockHost::envoy(), walk(&c), Vec::new());
+        let routed = send(&c, false, |r| {
+            route_first(&host, &mut w, r, 1_000, |_| true, |e| effects.push(e))
+        });
+        assert_eq!(routed, Ok(0));
+        let body = br#"{"model":"m-a","messages":[]}"#;
+        assert_eq!(host.request_body().as_deref(), Some(&body[..]));
+        let edits = host.request_edits();
+        assert_eq!(
+            edits[0],
+            ("x-market-router-cluster".into(), Some("ca".into()))
+        );
+        assert_eq!(edits[1], ("content-length".into(), Some("29".into())));
+        assert!(edits.contains(&("authorization".into(), None)));
+        assert_eq!(w.attempts.as_ref().unwrap().current, Some(0));
+        assert_eq!(
+            effects,
+            [Effect::Count {
+                provider: 0,
+                counter: PerProvider::Attempts
+            }]
+        );
+    }
+
+    #[test]
+    fn a_refused_cluster_header_is_an_internal_error_and_an_empty_walk_the_final_error() {
+        let c = two("");
+        let host = MockHost::envoy().refusing_request_headers(HostError::BadArgument);
+        let mut w = walk(&c);
+        let routed = send(&c, false, |r| {
+            route_first(&host, &mut w, r, 1_000, |_| true, |_| {})
+        });
+        assert_eq!(
+            routed,
+            Err(NotRouted::Refused("the host refused the cluster header"))
+        );
+        let mut none = Walk::default();
+        let routed = send(&c, false, |r| {
+            route_first(&MockHost::envoy(), &mut none, r, 1_000, |_| true, |_| {})
+        });
+        assert_eq!(routed, Err(NotRouted::NoneLeft));
+    }
+
+    #[test]
+    fn a_dispatch_goes_past_a_refused_cluster_to_the_next_provider() {
+        let c = two("");
+        let host = MockHost::envoy().refusing_dispatch_to("ca", HostError::BadArgument);
+        let (mut w, mut effects, mut refused) = (walk(&c), Vec::new(), Vec::new());
+        let token = send(&c, false, |r| {
+            dispatch_next(
+                &host,
+                &mut w,
+                r,
+                1_000,
+                |_| true,
+                |e| effects.push(e),
+                |p, e| refused.push((p, e)),
+            )
+        });
+        assert_eq!(token, Some(1));
+        assert_eq!(refused, [(0, HostError::BadArgument)]);
+        let calls = host.dispatched();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].cluster, "cb");
+        assert_eq!(calls[0].body, BODY);
+        assert_eq!(calls[0].timeout_ms, c.failover.attempt_timeout_ms);
+        assert!(calls[0].headers.contains(&("x-trace".into(), "t1".into())));
+        let a = w.attempts.as_ref().unwrap();
+        assert_eq!(
+            (a.tried.clone(), a.current),
+            (vec![(0, Outcome::ConnectFailure)], Some(1))
+        );
+        assert!(effects.contains(&Effect::Count {
+            provider: 0,
+            counter: PerProvider::Failover
+        }));
+    }
+
+    #[test]
+    fn all_refused_leaves_no_attempt_and_counts_each() {
+        let c = two("");
+        let host = MockHost::envoy()
+            .refusing_dispatch_to("ca", HostError::BadArgument)
+            .refusing_dispatch_to("cb", HostError::InternalFailure);
+        let (mut w, mut refused) = (walk(&c), Vec::new());
+        let token = send(&c, false, |r| {
+            dispatch_next(
+                &host,
+                &mut w,
+                r,
+                1_000,
+                |_| true,
+                |_| {},
+                |p, e| refused.push((p, e)),
+            )
+        });
+        assert_eq!(token, None);
+        assert_eq!(
+            refused,
+            [(0, HostError::BadArgument), (1, HostError::InternalFailure)]
+        );
+        assert!(host.dispatched().is_empty());
+        assert_eq!(w.attempts.as_ref().unwrap().tried.len(), 2);
+    }
+
+    #[test]
+    fn a_probe_another_request_holds_is_not_dispatched() {
+        let c = two("");
+        let mut w = walk(&c);
+        if let Some(r) = w.ranking.as_mut() {
+            r.candidates[0].probe = true;
+        }
+        let host = MockHost::envoy();
+        let token = send(&c, true, |r| {
+            dispatch_next(&host, &mut w, r, 1_000, |_| false, |_| {}, |_, _| {})
+        });
+        assert_eq!(token, Some(1));
+        assert_eq!(host.dispatched()[0].cluster, "cb");
     }
 
     #[test]

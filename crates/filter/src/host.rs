@@ -3,7 +3,7 @@
 //! methods panic on host errors, and a panic kills the VM for every request on the worker.
 
 pub(crate) use market_router_core::host::SetError;
-use market_router_core::host::{self as core_host, Host, HostError};
+use market_router_core::host::{self as core_host, Host, HostError, HttpHost};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 use std::time::{Duration, UNIX_EPOCH};
@@ -116,6 +116,44 @@ impl Host for Wasm {
 
     fn set_shared(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), HostError> {
         hostcalls::set_shared_data(key, Some(value), cas).map_err(host_error)
+    }
+}
+
+impl HttpHost for Wasm {
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(host_error)
+    }
+
+    fn set_request_body(&self, size: usize, body: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body).map_err(host_error)
+    }
+
+    fn response_header(&self, name: &str) -> Result<Option<String>, HostError> {
+        hostcalls::get_map_value(MapType::HttpResponseHeaders, name).map_err(host_error)
+    }
+
+    fn set_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
+        hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value))
+            .map_err(host_error)
+    }
+
+    fn send_reply(
+        &self,
+        status: u32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(), HostError> {
+        hostcalls::send_http_response(status, headers.to_vec(), Some(body)).map_err(host_error)
+    }
+
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u32, HostError> {
+        dispatch(cluster, headers, body, timeout_ms).map_err(host_error)
     }
 }
 

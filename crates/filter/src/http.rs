@@ -22,7 +22,7 @@ use crate::explain;
 use crate::headers;
 use crate::host;
 use crate::metrics::{self, Global, Usage};
-use crate::outbound;
+use crate::outbound::{self, NotRouted, Outgoing};
 use crate::request::{self, RequestInfo};
 use crate::select::{self, NoRoute, Prefs};
 use crate::served::Served;
@@ -31,7 +31,6 @@ use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
 use serde_json::json;
-use std::borrow::Cow;
 use std::rc::Rc;
 
 struct Affinity {
@@ -375,65 +374,42 @@ impl Http {
         self.served().final_error(self.last_said.as_deref())
     }
 
-    /// Picks the next attempt: (candidate index, timeout), claiming half-open probes.
-    fn next_attempt(&mut self, now: u64) -> Option<(usize, u64)> {
-        let vm = &self.vm;
-        self.walk
-            .next(now, |p| vm.claim_probe(&vm.config.providers[p].name, now))
-            .map(|a| (a.candidate, a.timeout_ms))
-    }
-
     /// Route mode, first attempt: point the route at the primary and let the request go.
     fn route_first(&mut self, now: u64) -> Action {
-        let Some((idx, timeout_ms)) = self.next_attempt(now) else {
-            let e = self.final_error();
-            return self.reply_error(&e);
-        };
         let vm = Rc::clone(&self.vm);
-        let config = &vm.config;
-        let (Some(ranking), Some(info)) = (&self.walk.ranking, &self.info) else {
+        let Some(info) = &self.info else {
             return self.reply_error(&ApiError::internal("lost request state"));
         };
-        let cand = &ranking.candidates[idx];
-        let provider_idx = cand.provider;
-        let provider = &config.providers[provider_idx];
-        if !host::set_request_header(&config.routing.cluster_header, Some(&provider.cluster)) {
-            return self.reply_error(&ApiError::internal("the host refused the cluster header"));
-        }
-        if let Some(new_body) = request::rewrite_model(&self.body, info, &cand.provider_model) {
-            if !host::set_buffer(BufferType::HttpRequestBody, self.body.len(), &new_body) {
-                return self.reply_error(&ApiError::internal("the host refused the body rewrite"));
-            }
-            if self.header("content-length").is_some() {
-                host::set_request_header("content-length", Some(&new_body.len().to_string()));
-            }
-        }
-        // (The cluster and preference headers are gone already: see the request headers.)
-        outbound::routed_edits(
-            config,
-            provider,
-            &self.headers,
-            (info.stream, info.include_usage),
-            timeout_ms,
-            |k, v| {
-                host::set_request_header(k, v);
-            },
-        );
-        debug!(
-            "#{} market-router: routing model {} to {}",
-            self.id, info.model, provider.name
-        );
+        let req = Outgoing {
+            config: &vm.config,
+            info,
+            body: &self.body,
+            client: &self.headers,
+        };
         let (model, affinity) = (info.model.as_str(), self.affinity.as_ref());
-        let stream = info.stream;
-        self.walk.started(provider_idx, now, |e| {
-            apply(&vm, model, affinity, now, e);
-        });
-        if stream {
-            // Bounded by the route's timeouts, not by `timeout_ms`.
-            self.walk.unbounded();
+        let routed = outbound::route_first(
+            &host::Wasm,
+            &mut self.walk,
+            &req,
+            now,
+            |p| vm.claim_probe(&vm.config.providers[p].name, now),
+            |e| apply(&vm, model, affinity, now, e),
+        );
+        match routed {
+            Ok(p) => {
+                debug!(
+                    "#{} market-router: routing model {} to {}",
+                    self.id, model, vm.config.providers[p].name
+                );
+                self.ex.phase = Phase::Routed;
+                Action::Continue
+            }
+            Err(NotRouted::NoneLeft) => {
+                let e = self.final_error();
+                self.reply_error(&e)
+            }
+            Err(NotRouted::Refused(what)) => self.reply_error(&ApiError::internal(what)),
         }
-        self.ex.phase = Phase::Routed;
-        Action::Continue
     }
 
     /// Starts the next attempt by `dispatch_http_call`. False when none is left.
@@ -446,49 +422,45 @@ impl Http {
                 }
             }
         }
-        while let Some((idx, timeout_ms)) = self.next_attempt(now) {
-            let vm = Rc::clone(&self.vm);
-            let config = &vm.config;
-            let (Some(ranking), Some(info)) = (&self.walk.ranking, &self.info) else {
-                return false;
-            };
-            let cand = &ranking.candidates[idx];
-            let provider_idx = cand.provider;
-            let provider = &config.providers[provider_idx];
-            let body: Cow<'_, [u8]> =
-                match request::rewrite_model(&self.body, info, &cand.provider_model) {
-                    Some(b) => Cow::Owned(b),
-                    None => Cow::Borrowed(&self.body),
-                };
-            let path = self.header(":path").unwrap_or("/v1/chat/completions");
-            let fwd = headers::forwarded(config, &self.headers);
-            let hs = outbound::dispatch_headers(provider, path, &fwd);
-            let result = host::dispatch(&provider.cluster, &hs, &body, timeout_ms);
-            let name = provider.name.as_str();
-            if self.walk.attempts.is_none() {
-                return false;
-            }
-            let (model, affinity) = (info.model.as_str(), self.affinity.as_ref());
-            let effect = |e| apply(&vm, model, affinity, now, e);
-            self.walk.started(provider_idx, now, effect);
-            match result {
-                Ok(token) => {
-                    debug!(
-                        "#{} market-router: attempt {} → {name}",
-                        self.id,
-                        self.walk.attempts.as_ref().map_or(0, |a| a.count())
-                    );
-                    self.token = Some(token);
-                    self.ex.phase = Phase::Dispatched;
-                    return true;
-                }
-                Err(s) => {
-                    warn!("#{} market-router: cannot dispatch to {name} ({s:?}); trying the next provider", self.id);
-                    self.walk.refused(effect);
-                }
-            }
+        let vm = Rc::clone(&self.vm);
+        let Some(info) = &self.info else {
+            return false;
+        };
+        let req = Outgoing {
+            config: &vm.config,
+            info,
+            body: &self.body,
+            client: &self.headers,
+        };
+        let (id, model, affinity) = (self.id, info.model.as_str(), self.affinity.as_ref());
+        let token = outbound::dispatch_next(
+            &host::Wasm,
+            &mut self.walk,
+            &req,
+            now,
+            |p| vm.claim_probe(&vm.config.providers[p].name, now),
+            |e| apply(&vm, model, affinity, now, e),
+            |p, e| {
+                let name = &vm.config.providers[p].name;
+                warn!("#{id} market-router: cannot dispatch to {name} ({e}); trying the next provider");
+            },
+        );
+        let Some(token) = token else {
+            return false;
+        };
+        if log::log_enabled!(log::Level::Debug) {
+            let a = self.walk.attempts.as_ref();
+            let name = a
+                .and_then(|a| a.current)
+                .map_or("?", |p| vm.config.providers[p].name.as_str());
+            debug!(
+                "#{id} market-router: attempt {} → {name}",
+                a.map_or(0, |a| a.count())
+            );
         }
-        false
+        self.token = Some(token);
+        self.ex.phase = Phase::Dispatched;
+        true
     }
 
     /// Records an outcome and says whether the answer at hand should reach the client.
