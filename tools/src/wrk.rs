@@ -77,9 +77,14 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The median of the finite values; `None` when there are none.
+pub fn median_of(v: &[f64]) -> Option<f64> {
+    Some(median(v)).filter(|m| !m.is_nan())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, median_of};
 
     #[test]
     fn median_of_odd_even_and_non_finite_sets() {
@@ -87,5 +92,8 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&[f64::NAN, 5.0, f64::INFINITY]), 5.0);
         assert!(median(&[f64::NAN]).is_nan());
+        assert_eq!(median_of(&[2.0, 1.0]), Some(1.5));
+        assert_eq!(median_of(&[]), None);
+        assert_eq!(median_of(&[f64::NAN]), None);
     }
 }

@@ -20,8 +20,9 @@
 
 use market_router_testbed as common;
 
+use clap::Parser;
 use common::{
-    crate_root, get, post_json, Args, Envoy, EnvoyConfig, MarketService, MockOpts, MockProvider,
+    crate_root, get, post_json, Envoy, EnvoyConfig, MarketService, MockOpts, MockProvider,
     ProviderCluster, RedisServer, TempDir,
 };
 use serde_json::{json, Value};
@@ -55,17 +56,41 @@ struct Opts {
     out: PathBuf,
 }
 
+/// `bench_fleet`'s command line; defaults that depend on `--quick` are resolved in
+/// [`parse_opts`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench_fleet",
+    about = "The fleet market: what market reporting costs on the request path, and the time from a provider's outage to fleet-wide avoidance (writes fleet.json, fleet.md)"
+)]
+struct Cli {
+    /// Fewer, shorter rounds and runs
+    #[arg(long)]
+    quick: bool,
+    /// Paired report-on/off rounds [default: 6, 2 with --quick]
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
+    /// Seconds of each wrk run [default: 5, 2 with --quick]
+    #[arg(long, value_name = "S")]
+    secs: Option<u64>,
+    /// Outage runs per setup [default: 5, 3 with --quick]
+    #[arg(long, value_name = "K")]
+    runs: Option<usize>,
+    /// Where fleet.json and fleet.md go [default: bench/results]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
 fn parse_opts() -> Result<Opts, String> {
-    let a = Args::from_env();
-    a.check_known(&["--rounds", "--secs", "--runs", "--out"], &["--quick"])?;
-    let quick = a.flag("--quick");
+    let cli = Cli::parse();
+    let quick = cli.quick;
     Ok(Opts {
-        rounds: a.parse_or("--rounds", if quick { 2 } else { 6 })?,
-        secs: a.parse_or("--secs", if quick { 2 } else { 5 })?,
-        runs: a.parse_or("--runs", if quick { 3 } else { 5 })?,
-        out: a
-            .value("--out")?
-            .map_or_else(|| crate_root().join("bench/results"), PathBuf::from),
+        rounds: cli.rounds.unwrap_or(if quick { 2 } else { 6 }),
+        secs: cli.secs.unwrap_or(if quick { 2 } else { 5 }),
+        runs: cli.runs.unwrap_or(if quick { 3 } else { 5 }),
+        out: cli
+            .out
+            .unwrap_or_else(|| crate_root().join("bench/results")),
     })
 }
 
