@@ -8,6 +8,7 @@
 
 pub mod encoding;
 pub mod envoy;
+pub mod fleet;
 pub mod gateway;
 pub mod http;
 pub mod hyper_serve;

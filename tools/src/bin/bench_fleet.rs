@@ -21,20 +21,17 @@
 use market_router_testbed as common;
 
 use clap::Parser;
+use common::fleet::{self, MODEL};
 use common::{
-    crate_root, get, post_json, Envoy, EnvoyConfig, MarketService, MockOpts, MockProvider,
-    ProviderCluster, RedisServer, TempDir,
+    crate_root, get, post_json, Envoy, MarketService, MockOpts, MockProvider, RedisServer, TempDir,
 };
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const MODEL: &str = "gpt-oss-120b";
-const CLUSTER: &str = "market_service";
 /// The filters' market period in the outage runs.
 const REFRESH_MS: u64 = 500;
 const T: Duration = Duration::from_secs(10);
@@ -43,7 +40,7 @@ fn log(msg: &str) {
     eprintln!("bench_fleet: {msg}");
 }
 
-use market_router_tools::wrk::median;
+use market_router_tools::wrk::{git_commit, median, which};
 
 fn r3(x: f64) -> Value {
     json!((x * 1000.0).round() / 1000.0)
@@ -96,20 +93,7 @@ fn parse_opts() -> Result<Opts, String> {
 
 /// The feeds' view: `cheap` first for everyone.
 fn service_config(dir: &TempDir) -> Result<PathBuf, String> {
-    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
-        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
-        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
-    ]});
-    fs::write(dir.join("feed.json"), snapshot.to_string()).map_err(|e| e.to_string())?;
-    let config = json!({
-        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 600}],
-        "providers": {"cheap": {}, "other": {}},
-        "models": {MODEL: {}},
-    });
-    fs::write(dir.join("service.json"), config.to_string()).map_err(|e| e.to_string())?;
-    Ok(dir.join("service.json"))
+    fleet::service_config(dir, 600.0)
 }
 
 fn envoy(
@@ -120,21 +104,8 @@ fn envoy(
     report: bool,
     workers: u32,
 ) -> Result<Envoy, String> {
-    let plugin = json!({
-        "providers": [
-            {"name": "cheap", "cluster": "provider_cheap", "models": {MODEL: MODEL}},
-            {"name": "other", "cluster": "provider_other", "models": {MODEL: MODEL}},
-        ],
-        "market": {"cluster": CLUSTER, "refresh_ms": refresh_ms, "max_age_ms": 60_000,
-                   "timeout_ms": 1000, "report": report},
-        "routing": {"strategy": "cheapest"},
-    });
-    let cfg = EnvoyConfig::new()
-        .provider(ProviderCluster::new("provider_cheap", cheap_port))
-        .provider(ProviderCluster::new("provider_other", other_port))
-        .sidecar(CLUSTER, service.port())
-        .market_router(&plugin.to_string());
-    Envoy::start(&cfg, workers)
+    let plugin = fleet::plugin(refresh_ms, Some(report));
+    fleet::envoy(service.port(), cheap_port, other_port, &plugin, workers)
 }
 
 fn first_choice(e: &Envoy) -> Result<String, String> {
@@ -168,13 +139,6 @@ struct WrkRun {
     rps: f64,
     p50_us: f64,
     bad: u64,
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn wrk(bin: &Path, script: &Path, url: &str, secs: u64) -> Result<WrkRun, String> {
@@ -450,17 +414,6 @@ fn markdown(meta: &Value, cost: &Value, outage: &Value) -> String {
     }
     md.push_str("\nTwo replicas: A reports to replica 1, B reads replica 2; the report travels through the Redis stream to the leader, whose snapshot the follower serves.\n");
     md
-}
-
-fn git_commit() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(crate_root())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn run() -> Result<(), String> {

@@ -56,14 +56,7 @@ fn main() {
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-use market_router_tools::wrk::median;
+use market_router_tools::wrk::{median, which};
 
 /// user + system clock ticks of `pid`.
 fn cpu_ticks(pid: u32) -> Option<u64> {
