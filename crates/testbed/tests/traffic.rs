@@ -2,8 +2,8 @@
 //! failover modes: clients that accept compressed answers, providers that compress (when
 //! asked, and when not), answers bigger than Envoy's buffer, chunked answers without a length,
 //! what the client hears when every attempt fails, and routing headers a client must not be
-//! able to use to pick a cluster. The `_kong` twins run the dispatch scenarios nginx's gzip
-//! filter can serve (gzip only) in Kong's wasm host.
+//! able to use to pick a cluster. The `_kong` twins run the dispatch scenarios in Kong's wasm
+//! host, nginx's gzip filter (gzip only) as the compressor in front.
 //!
 //! Needs the filter module (`make build`), the example binaries (`cargo build --examples`) and
 //! Envoy (`make envoy`).
