@@ -366,6 +366,11 @@ fn streaming_fallback(primary: Value, outcome: &str) {
     assert_eq!(bed.counter("provider.a.failover"), Some(1));
     assert_eq!(bed.counter("provider.b.success"), Some(1));
     assert_eq!(bed.counter("recovered_by_failover"), Some(1));
+    assert_eq!(
+        bed.counter("route_drift").unwrap_or(0),
+        0,
+        "a failover is no drift"
+    );
 }
 
 #[test]
@@ -409,6 +414,11 @@ fn refused_primary_fails_over_and_streams() {
         d[0]["tried"],
         json!([["a", "connect_failure"], ["b", "success"]])
     );
+    assert_eq!(
+        bed.counter("route_drift").unwrap_or(0),
+        0,
+        "a failover is no drift"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -446,6 +456,11 @@ fn slow_to_start_provider_is_left_at_its_ttft_bound_and_a_flowing_stream_is_neve
     assert!(total >= 300 + 1200, "the stream ended after {total} ms");
     let d = bed.decisions(1);
     assert_eq!(d[0]["tried"], json!([["a", "timeout"], ["b", "success"]]));
+    assert_eq!(
+        bed.counter("route_drift").unwrap_or(0),
+        0,
+        "a failover is no drift"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -960,7 +975,10 @@ fn a_failed_providers_message_and_the_answers_usage_reach_the_decision_record() 
     let d = bed.decisions(1).pop().expect("a decision record");
     assert_eq!(d["provider"], "b", "{d}");
     assert_eq!(d["tried"], json!([["a", "5xx"], ["b", "success"]]), "{d}");
-    assert_eq!(d["provider_error"], "a: simulated 503 Service Unavailable", "{d}");
+    assert_eq!(
+        d["provider_error"], "a: simulated 503 Service Unavailable",
+        "{d}"
+    );
     assert_eq!(d["prompt_tokens"], usage["prompt_tokens"], "{d}");
     assert_eq!(d["completion_tokens"], usage["completion_tokens"], "{d}");
     assert_eq!(d["cost_estimated"], false, "{d}");
