@@ -28,9 +28,10 @@
 
 use market_router_testbed as common;
 
+use clap::Parser;
 use common::{
-    crate_root, envoy_bin, get, wait_ready_while, wasm_path, Args, Envoy, EnvoyConfig, Filter,
-    Proc, ProviderCluster, TempDir,
+    crate_root, envoy_bin, get, wait_ready_while, wasm_path, Envoy, EnvoyConfig, Filter, Proc,
+    ProviderCluster, TempDir,
 };
 use market_router_tools::wrk;
 use serde_json::{json, Value};
@@ -41,8 +42,6 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-const USAGE: &str = "usage: bench_envoy_mode [--rounds N] [--secs S] [--body BYTES] \
-[--variants a,c,n,nl,p,q,qh] [--out FILE.md] [--nginx PATH] [--wrk PATH] [--empty-wasm PATH]";
 const MODEL: &str = "gpt-4o-mini";
 const CLUSTER_HEADER: &str = "x-market-router-cluster";
 const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":50,"completion_tokens":8,"total_tokens":58}}"#;
@@ -78,14 +77,6 @@ fn main() {
 
 fn log(msg: &str) {
     eprintln!("bench_envoy_mode: {msg}");
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 /// Pins `pid` (every thread with `all`) to `cpus`.
@@ -352,51 +343,69 @@ fn measure(
     })
 }
 
+/// `bench_envoy_mode`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench_envoy_mode",
+    about = "Envoy mode's healthy-path cost in paired simultaneous runs against the empty filter: the floor of Envoy's mechanism, route mode, envoy mode (prints a Markdown table)"
+)]
+struct Cli {
+    /// Rounds of paired runs
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    rounds: usize,
+    /// Seconds of each run
+    #[arg(long, value_name = "S", default_value_t = 3)]
+    secs: u64,
+    /// Request body size, bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 200)]
+    body: usize,
+    /// Variants besides b: a, c, n, nl, p, q, qh; `<key>=<module path>` runs one with another build of the module
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "q,c,n"
+    )]
+    variants: Vec<String>,
+    /// Also write the table here (and its JSON beside it)
+    #[arg(long, value_name = "FILE.md")]
+    out: Option<PathBuf>,
+    /// A CPU profile (perf record) of each variant's Envoy under load into this directory
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
+    /// nginx binary (default: from PATH)
+    #[arg(long, value_name = "PATH")]
+    nginx: Option<PathBuf>,
+    /// wrk binary (default: from PATH)
+    #[arg(long, value_name = "PATH")]
+    wrk: Option<PathBuf>,
+    /// The empty filter's module (default: bench/empty-filter's release build)
+    #[arg(long = "empty-wasm", value_name = "PATH")]
+    empty_wasm: Option<PathBuf>,
+}
+
 fn run() -> Result<(), String> {
-    let args = Args::from_env();
-    if args.flag("--help") || args.flag("-h") {
-        println!("{USAGE}");
-        return Ok(());
-    }
-    let valued = [
-        "--rounds",
-        "--secs",
-        "--body",
-        "--variants",
-        "--out",
-        "--nginx",
-        "--wrk",
-        "--empty-wasm",
-        "--perf",
-    ];
-    args.check_known(&valued, &["--help", "-h"])
-        .map_err(|e| format!("{e}\n{USAGE}"))?;
-    let rounds: usize = args.parse_or("--rounds", 5)?;
-    let secs: u64 = args.parse_or("--secs", 3)?;
-    let body: usize = args.parse_or("--body", 200)?;
-    let keys: Vec<String> = args
-        .value("--variants")?
-        .unwrap_or_else(|| "q,c,n".into())
-        .split(',')
+    let cli = Cli::parse();
+    let (rounds, secs, body) = (cli.rounds, cli.secs, cli.body);
+    let keys: Vec<String> = cli
+        .variants
+        .iter()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty() && s != "b")
         .collect();
-    let nginx = args
-        .value("--nginx")?
-        .map(PathBuf::from)
-        .or_else(|| which("nginx"))
+    let nginx = cli
+        .nginx
+        .clone()
+        .or_else(|| wrk::which("nginx"))
         .ok_or("nginx not found (apt-get install nginx-light, or --nginx PATH)")?;
-    let wrk_bin = args
-        .value("--wrk")?
-        .map(PathBuf::from)
-        .or_else(|| which("wrk"))
+    let wrk_bin = cli
+        .wrk
+        .clone()
+        .or_else(|| wrk::which("wrk"))
         .ok_or("wrk not found (apt-get install wrk, or --wrk PATH)")?;
-    let empty = args
-        .value("--empty-wasm")?
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            crate_root().join("bench/empty-filter/target/wasm32-wasip1/release/empty_filter.wasm")
-        });
+    let empty = cli.empty_wasm.clone().unwrap_or_else(|| {
+        crate_root().join("bench/empty-filter/target/wasm32-wasip1/release/empty_filter.wasm")
+    });
     if !empty.is_file() {
         return Err(format!(
             "the empty filter {} is missing (cargo build --release --target wasm32-wasip1 --manifest-path bench/empty-filter/Cargo.toml)",
@@ -452,13 +461,13 @@ fn run() -> Result<(), String> {
         }
     }
     // With --perf DIR: a CPU profile of each variant's Envoy under load (not timed).
-    if let Some(pdir) = args.value("--perf")? {
+    if let Some(pdir) = &cli.perf {
         for (k, e) in variants
             .iter()
             .map(|(k, e)| (k.as_str(), e))
             .chain(std::iter::once(("b", &b)))
         {
-            let data = Path::new(&pdir).join(format!("{k}.data"));
+            let data = pdir.join(format!("{k}.data"));
             let mut perf = Command::new("perf")
                 .args(["record", "-q", "-e", "cpu-clock", "-F", "4000", "-g", "-o"])
                 .arg(&data)
@@ -546,8 +555,7 @@ fn run() -> Result<(), String> {
         }));
     }
     print!("{md}");
-    if let Some(out) = args.value("--out")? {
-        let out = PathBuf::from(out);
+    if let Some(out) = &cli.out {
         fs::write(&out, &md).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         let j = json!({"envoy": version, "body_bytes": body, "rounds": rounds, "secs": secs, "variants": json_rows});
         fs::write(
