@@ -556,7 +556,7 @@ fn run() -> Result<(), String> {
     }
     print!("{md}");
     if let Some(out) = &cli.out {
-        fs::write(&out, &md).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+        fs::write(out, &md).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         let j = json!({"envoy": version, "body_bytes": body, "rounds": rounds, "secs": secs, "variants": json_rows});
         fs::write(
             out.with_extension("json"),
