@@ -327,6 +327,7 @@ impl Http {
             prompt_tokens: self.usage.map(|u| u.prompt_tokens),
             completion_tokens: self.usage.map(|u| u.completion_tokens),
             snapshot_age_ms: self.snapshot_age_ms,
+            provider_error: self.last_said.as_deref(),
         };
         host::set_decision_property(&record.to_json());
     }
