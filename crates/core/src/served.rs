@@ -25,6 +25,8 @@ pub struct Served<'a> {
     pub usage: Option<Usage>,
     /// Age of the market snapshot at decision time, ms.
     pub snapshot_age_ms: Option<u64>,
+    /// What the last failing provider said (cleaned), for the record.
+    pub provider_error: Option<&'a str>,
 }
 
 impl<'a> Served<'a> {
@@ -133,6 +135,7 @@ impl<'a> Served<'a> {
             prompt_tokens: self.usage.map(|u| u.prompt_tokens),
             completion_tokens: self.usage.map(|u| u.completion_tokens),
             snapshot_age_ms: self.snapshot_age_ms,
+            provider_error: self.provider_error,
         }
     }
 

@@ -68,6 +68,7 @@ fn served<'a>(config: &'a Config, walk: &'a Walk, usage: Option<Usage>) -> Serve
         model: Some("m"),
         usage,
         snapshot_age_ms: Some(1500),
+        provider_error: None,
     }
 }
 

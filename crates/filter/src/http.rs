@@ -165,6 +165,7 @@ impl Http {
             model: self.info.as_ref().map(|i| i.model.as_str()),
             usage: self.usage,
             snapshot_age_ms: self.snapshot_age_ms,
+            provider_error: self.last_said.as_deref(),
         }
     }
 
