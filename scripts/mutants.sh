@@ -11,6 +11,7 @@
 #
 # Environment:
 #   MUTANTS_TIMEOUT=60    seconds allowed for one mutant's test run
+#   MUTANTS_JOBS=1        mutants built and tested at once (cargo-mutants --jobs)
 #   MUTANTS_VERSION=27.1.0  cargo-mutants version installed when it is missing
 #   MUTANTS_SUMMARY_ONLY=1  rewrite the summary from earlier outputs, run nothing
 # scripts/mutants-notes.md, when present, is appended to the summary (what the last run
@@ -34,6 +35,7 @@ MODULES=(health attempt cas select market config config/raw config/leaf json req
 MODULES=("${MODULES[@]/#/crates/core/src/}")
 MODULES=("${MODULES[@]/%/.rs}")
 TIMEOUT=${MUTANTS_TIMEOUT:-60}
+JOBS=${MUTANTS_JOBS:-1}
 VERSION=${MUTANTS_VERSION:-27.1.0}
 OUT=target/mutants
 SUMMARY=bench/results/mutants.md
@@ -72,7 +74,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
             for r in "${res[@]}"; do re_args+=(--re "$r"); done
             rm -rf "$OUT/$name/retest"
             CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
-                cargo mutants --package market-router-core --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+                cargo mutants --package market-router-core --file "$m" --jobs "$JOBS" --timeout "$TIMEOUT" --no-shuffle \
                 "${re_args[@]}" ${MUTANTS_ARGS:-} --output "$OUT/$name/retest" --cargo-arg=--lib || {
                 rc=$?
                 [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
@@ -81,7 +83,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
         fi
         # Exit status 2 means mutants were missed: that is a result, not a failure here.
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
-            cargo mutants --package market-router-core --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+            cargo mutants --package market-router-core --file "$m" --jobs "$JOBS" --timeout "$TIMEOUT" --no-shuffle \
             "${iterate[@]}" ${MUTANTS_ARGS:-} --output "$OUT/$name" --cargo-arg=--lib || {
             rc=$?
             [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
