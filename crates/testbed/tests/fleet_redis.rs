@@ -411,7 +411,13 @@ fn a_replica_restart_loses_no_shared_observation_and_no_request() {
         || format!("B {:#}", route(&b)),
         || route(&b)["candidates"][0]["provider"] == "other",
     );
-    assert_eq!(chat(&b), "other");
+    // The worker that answered /route has the new snapshot; B's other worker picks it up at its
+    // next market check (every 250 ms from the request path): wait until B's traffic itself
+    // goes to `other`, request after request, whichever worker takes it.
+    wait_until(
+        || format!("B still sends to cheap {:#}", route(&b)),
+        || (0..4).all(|_| chat(&b) == "other"),
+    );
     // Back on the same port as a new process: it reads the shared log and serves the same
     // snapshot as replica 2, with every observation made before the crash.
     let r1 = replica(&config, port, &redis, "r1-restarted");
