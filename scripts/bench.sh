@@ -9,7 +9,7 @@
 #   --rounds N             alternating rounds of the overhead runs (default 3)
 #   --sections LIST        overhead,streaming,failover,memory (default: all four)
 #   --sat-secs S / --lat-secs S / --failover-secs S, --no-knobs, --perf / --no-perf,
-#   --out DIR              see tools/src/bin/bench.rs
+#   --out DIR              see `target/release/bench --help`
 #   --no-market-sim        skip the market simulation (routing quality, run first)
 #
 # Needs (installed here when missing, from Debian): wrk (load generator) and nginx (the fast

@@ -2,5 +2,6 @@
 //! Envoy-mode config printer are binaries (`src/bin/`); the simulator's model is this library's
 //! `sim` module, shared with `tools/tests/market_sim.rs`.
 
+pub mod bench;
 pub mod sim;
 pub mod wrk;

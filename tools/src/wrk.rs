@@ -1,9 +1,10 @@
 //! What the benchmarks share: running wrk with a Lua script that prints one JSON summary line,
-//! and the median of a set of figures.
+//! the median of a set of figures, finding a tool on PATH, the commit measured.
 
+use market_router_testbed::crate_root;
 use serde_json::Value;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -77,9 +78,35 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The median of the finite values; `None` when there are none.
+pub fn median_of(v: &[f64]) -> Option<f64> {
+    Some(median(v)).filter(|m| !m.is_nan())
+}
+
+/// `name` on PATH, or in /usr/sbin or /sbin.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The short commit of the checkout; `unknown` outside git.
+pub fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(crate_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, median_of};
 
     #[test]
     fn median_of_odd_even_and_non_finite_sets() {
@@ -87,5 +114,8 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(&[f64::NAN, 5.0, f64::INFINITY]), 5.0);
         assert!(median(&[f64::NAN]).is_nan());
+        assert_eq!(median_of(&[2.0, 1.0]), Some(1.5));
+        assert_eq!(median_of(&[]), None);
+        assert_eq!(median_of(&[f64::NAN]), None);
     }
 }

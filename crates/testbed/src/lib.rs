@@ -8,6 +8,7 @@
 
 pub mod encoding;
 pub mod envoy;
+pub mod fleet;
 pub mod gateway;
 pub mod http;
 pub mod hyper_serve;
@@ -49,66 +50,4 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Minimal command-line parsing for the mock and tool binaries: `--flag value` and bare `--switch`.
-pub struct Args {
-    items: Vec<String>,
-}
-
-impl Args {
-    /// The process arguments, without the program name.
-    pub fn from_env() -> Args {
-        Args {
-            items: std::env::args().skip(1).collect(),
-        }
-    }
-
-    /// Arguments from a list.
-    pub fn from_vec(items: Vec<String>) -> Args {
-        Args { items }
-    }
-
-    /// Whether `--name` is present.
-    pub fn flag(&self, name: &str) -> bool {
-        self.items.iter().any(|a| a == name)
-    }
-
-    /// The value after `--name`, if any.
-    pub fn value(&self, name: &str) -> Result<Option<String>, String> {
-        match self.items.iter().position(|a| a == name) {
-            None => Ok(None),
-            Some(i) => match self.items.get(i + 1) {
-                Some(v) if !v.starts_with("--") => Ok(Some(v.clone())),
-                _ => Err(format!("{name} needs a value")),
-            },
-        }
-    }
-
-    /// The value after `--name` parsed as `T`, or `default`.
-    pub fn parse_or<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
-        match self.value(name)? {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("{name}: invalid value {v:?}")),
-        }
-    }
-
-    /// Errors on any argument that is neither a `valued` flag (followed by its value) nor a
-    /// `switch`.
-    pub fn check_known(&self, valued: &[&str], switches: &[&str]) -> Result<(), String> {
-        let mut i = 0;
-        while i < self.items.len() {
-            let a = &self.items[i];
-            if valued.contains(&a.as_str()) {
-                i += 2;
-            } else if switches.contains(&a.as_str()) {
-                i += 1;
-            } else {
-                return Err(format!("unknown argument {a:?}"));
-            }
-        }
-        Ok(())
-    }
 }

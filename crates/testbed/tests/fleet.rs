@@ -6,80 +6,37 @@
 
 use market_router_testbed as common;
 
+use common::fleet::{self, offer, MODEL};
 use common::{
-    get, post_json, Envoy, EnvoyConfig, Kong, KongConfig, MarketService, MockOpts, MockProvider,
-    ProviderCluster, TempDir,
+    get, post_json, Envoy, Kong, KongConfig, MarketService, MockOpts, MockProvider, TempDir,
 };
 use serde_json::{json, Value};
-use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(30);
-const MODEL: &str = "gpt-oss-120b";
-const CLUSTER: &str = "market_service";
 /// The filters' market period.
 const REFRESH_MS: u64 = 500;
 
 fn envoy(service: &MarketService, cheap_port: u16, other_port: u16) -> Envoy {
-    let plugin = json!({
-        "providers": [
-            {"name": "cheap", "cluster": "provider_cheap", "models": {MODEL: MODEL}},
-            {"name": "other", "cluster": "provider_other", "models": {MODEL: MODEL}},
-        ],
-        "market": {"cluster": CLUSTER, "refresh_ms": REFRESH_MS, "max_age_ms": 60_000, "timeout_ms": 1000},
-        "routing": {"strategy": "cheapest"},
-    });
-    let cfg = EnvoyConfig::new()
-        .provider(ProviderCluster::new("provider_cheap", cheap_port))
-        .provider(ProviderCluster::new("provider_other", other_port))
-        .sidecar(CLUSTER, service.port())
-        .market_router(&plugin.to_string());
-    Envoy::start(&cfg, 2).unwrap()
+    let plugin = fleet::plugin(REFRESH_MS, None);
+    fleet::envoy(service.port(), cheap_port, other_port, &plugin, 2).unwrap()
 }
 
 fn route(e: &Envoy) -> Value {
-    let r = get(&e.url(&format!("/market-router/v1/route?model={MODEL}")), T).unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json().unwrap()
+    fleet::route(e).unwrap()
 }
 
 fn chat(e: &Envoy) -> String {
-    let body =
-        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
-    let r = post_json(&e.url("/v1/chat/completions"), &[], &body, T).unwrap();
-    assert_eq!(r.status, 200, "{}\n{}", r.text(), e.log_tail(30));
-    r.header("x-market-router-provider").unwrap().to_string()
-}
-
-fn offer(snap: &Value, provider: &str) -> Value {
-    snap["offers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["provider"] == provider)
-        .cloned()
-        .unwrap_or(Value::Null)
+    fleet::chat(e).unwrap()
 }
 
 #[test]
 fn a_provider_failing_for_envoy_a_is_avoided_by_envoy_b_without_a_request() {
     let dir = TempDir::new("fleet").unwrap();
     // The feeds' view: `cheap` is cheapest and online, so every gateway picks it first.
-    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
-        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
-        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
-    ]});
-    fs::write(dir.join("feed.json"), snapshot.to_string()).unwrap();
-    let config = json!({
-        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 0.2}],
-        "providers": {"cheap": {}, "other": {}},
-        "models": {MODEL: {}},
-    });
-    fs::write(dir.join("service.json"), config.to_string()).unwrap();
+    fleet::service_config(&dir, 0.2).unwrap();
     let service = MarketService::start(&dir.join("service.json")).unwrap();
 
     // Envoy A reaches a `cheap` that fails; Envoy B's `cheap` is healthy and counts every
@@ -167,19 +124,7 @@ fn a_provider_failing_for_envoy_a_is_avoided_by_envoy_b_without_a_request() {
 #[test]
 fn reports_are_dropped_and_counted_when_the_service_is_down_and_requests_never_suffer() {
     let dir = TempDir::new("fleet-down").unwrap();
-    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
-        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
-        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
-    ]});
-    fs::write(dir.join("feed.json"), snapshot.to_string()).unwrap();
-    let config = json!({
-        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 0.2}],
-        "providers": {"cheap": {}, "other": {}},
-        "models": {MODEL: {}},
-    });
-    fs::write(dir.join("service.json"), config.to_string()).unwrap();
+    fleet::service_config(&dir, 0.2).unwrap();
     let mut service = Some(MarketService::start(&dir.join("service.json")).unwrap());
     let cheap = MockProvider::start("cheap", &MockOpts::default()).unwrap();
     let other = MockProvider::start("other", &MockOpts::default()).unwrap();
@@ -215,19 +160,7 @@ fn reports_are_dropped_and_counted_when_the_service_is_down_and_requests_never_s
 #[test]
 fn kong_reports_what_it_sees_to_the_market_service() {
     let dir = TempDir::new("fleet-kong").unwrap();
-    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
-        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
-        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
-    ]});
-    fs::write(dir.join("feed.json"), snapshot.to_string()).unwrap();
-    let config = json!({
-        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 0.2}],
-        "providers": {"cheap": {}, "other": {}},
-        "models": {MODEL: {}},
-    });
-    fs::write(dir.join("service.json"), config.to_string()).unwrap();
+    fleet::service_config(&dir, 0.2).unwrap();
     let service = MarketService::start(&dir.join("service.json")).unwrap();
     let broken = MockProvider::start("cheap", &MockOpts::default().status(503)).unwrap();
     let other = MockProvider::start("other", &MockOpts::default()).unwrap();
@@ -301,39 +234,18 @@ fn kong_reports_what_it_sees_to_the_market_service() {
 #[test]
 fn a_gateway_with_report_false_posts_nothing() {
     let dir = TempDir::new("fleet-noreport").unwrap();
-    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
-        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
-        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
-    ]});
-    fs::write(dir.join("feed.json"), snapshot.to_string()).unwrap();
-    let config = json!({
-        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 0.2}],
-        "providers": {"cheap": {}, "other": {}},
-        "models": {MODEL: {}},
-    });
-    fs::write(dir.join("service.json"), config.to_string()).unwrap();
+    fleet::service_config(&dir, 0.2).unwrap();
     let service = MarketService::start(&dir.join("service.json")).unwrap();
     let broken = MockProvider::start("cheap", &MockOpts::default().status(503)).unwrap();
     let other = MockProvider::start("other", &MockOpts::default()).unwrap();
-    let silent = {
-        let plugin = json!({
-            "providers": [
-                {"name": "cheap", "cluster": "provider_cheap", "models": {MODEL: MODEL}},
-                {"name": "other", "cluster": "provider_other", "models": {MODEL: MODEL}},
-            ],
-            "market": {"cluster": CLUSTER, "refresh_ms": REFRESH_MS, "max_age_ms": 60_000,
-                       "timeout_ms": 1000, "report": false},
-            "routing": {"strategy": "cheapest"},
-        });
-        let cfg = EnvoyConfig::new()
-            .provider(ProviderCluster::new("provider_cheap", broken.port()))
-            .provider(ProviderCluster::new("provider_other", other.port()))
-            .sidecar(CLUSTER, service.port())
-            .market_router(&plugin.to_string());
-        Envoy::start(&cfg, 2).unwrap()
-    };
+    let silent = fleet::envoy(
+        service.port(),
+        broken.port(),
+        other.port(),
+        &fleet::plugin(REFRESH_MS, Some(false)),
+        2,
+    )
+    .unwrap();
     let reporting = envoy(&service, other.port(), other.port());
     let deadline = Instant::now() + WAIT;
     while route(&silent)["candidates"][0]["provider"] != "cheap" {

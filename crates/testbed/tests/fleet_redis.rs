@@ -10,40 +10,21 @@
 
 use market_router_testbed as common;
 
-use common::{
-    get, post_json, redis_or_skip, Envoy, EnvoyConfig, MarketService, MockOpts, MockProvider,
-    ProviderCluster, RedisServer, TempDir,
-};
+use common::fleet::{self, offer};
+use common::{redis_or_skip, Envoy, MarketService, MockOpts, MockProvider, RedisServer, TempDir};
 use serde_json::{json, Value};
-use std::fs;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const T: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(30);
-const MODEL: &str = "gpt-oss-120b";
-const CLUSTER: &str = "market_service";
 /// The filters' market period.
 const REFRESH_MS: u64 = 500;
 
 /// The feeds' view (one snapshot file, read once: its figures do not move during a test):
 /// `cheap` is cheapest and online, so every gateway picks it first.
 fn service_config(dir: &TempDir) -> std::path::PathBuf {
-    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
-        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
-        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
-    ]});
-    fs::write(dir.join("feed.json"), snapshot.to_string()).unwrap();
-    let config = json!({
-        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 600}],
-        "providers": {"cheap": {}, "other": {}},
-        "models": {MODEL: {}},
-    });
-    fs::write(dir.join("service.json"), config.to_string()).unwrap();
-    dir.join("service.json")
+    fleet::service_config(dir, 600.0).unwrap()
 }
 
 fn replica(config: &Path, port: u16, redis: &RedisServer, name: &str) -> MarketService {
@@ -57,26 +38,12 @@ fn replica(config: &Path, port: u16, redis: &RedisServer, name: &str) -> MarketS
 }
 
 fn envoy(service: &MarketService, cheap_port: u16, other_port: u16) -> Envoy {
-    let plugin = json!({
-        "providers": [
-            {"name": "cheap", "cluster": "provider_cheap", "models": {MODEL: MODEL}},
-            {"name": "other", "cluster": "provider_other", "models": {MODEL: MODEL}},
-        ],
-        "market": {"cluster": CLUSTER, "refresh_ms": REFRESH_MS, "max_age_ms": 60_000, "timeout_ms": 1000},
-        "routing": {"strategy": "cheapest"},
-    });
-    let cfg = EnvoyConfig::new()
-        .provider(ProviderCluster::new("provider_cheap", cheap_port))
-        .provider(ProviderCluster::new("provider_other", other_port))
-        .sidecar(CLUSTER, service.port())
-        .market_router(&plugin.to_string());
-    Envoy::start(&cfg, 2).unwrap()
+    let plugin = fleet::plugin(REFRESH_MS, None);
+    fleet::envoy(service.port(), cheap_port, other_port, &plugin, 2).unwrap()
 }
 
 fn route(e: &Envoy) -> Value {
-    let r = get(&e.url(&format!("/market-router/v1/route?model={MODEL}")), T).unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json().unwrap()
+    fleet::route(e).unwrap()
 }
 
 /// The ranking as the Envoy explains it: candidates in order, exclusions with their reason.
@@ -94,21 +61,7 @@ fn ranking(v: &Value) -> (Vec<Value>, Vec<Value>) {
 }
 
 fn chat(e: &Envoy) -> String {
-    let body =
-        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
-    let r = post_json(&e.url("/v1/chat/completions"), &[], &body, T).unwrap();
-    assert_eq!(r.status, 200, "{}\n{}", r.text(), e.log_tail(30));
-    r.header("x-market-router-provider").unwrap().to_string()
-}
-
-fn offer(snap: &Value, provider: &str) -> Value {
-    snap["offers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["provider"] == provider)
-        .cloned()
-        .unwrap_or(Value::Null)
+    fleet::chat(e).unwrap()
 }
 
 /// Fleet samples behind an offer's uptime (0: nobody reported on it).

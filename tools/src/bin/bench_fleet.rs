@@ -20,20 +20,18 @@
 
 use market_router_testbed as common;
 
+use clap::Parser;
+use common::fleet::{self, MODEL};
 use common::{
-    crate_root, get, post_json, Args, Envoy, EnvoyConfig, MarketService, MockOpts, MockProvider,
-    ProviderCluster, RedisServer, TempDir,
+    crate_root, get, post_json, Envoy, MarketService, MockOpts, MockProvider, RedisServer, TempDir,
 };
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const MODEL: &str = "gpt-oss-120b";
-const CLUSTER: &str = "market_service";
 /// The filters' market period in the outage runs.
 const REFRESH_MS: u64 = 500;
 const T: Duration = Duration::from_secs(10);
@@ -42,7 +40,7 @@ fn log(msg: &str) {
     eprintln!("bench_fleet: {msg}");
 }
 
-use market_router_tools::wrk::median;
+use market_router_tools::wrk::{git_commit, median, which};
 
 fn r3(x: f64) -> Value {
     json!((x * 1000.0).round() / 1000.0)
@@ -55,36 +53,47 @@ struct Opts {
     out: PathBuf,
 }
 
+/// `bench_fleet`'s command line; defaults that depend on `--quick` are resolved in
+/// [`parse_opts`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench_fleet",
+    about = "The fleet market: what market reporting costs on the request path, and the time from a provider's outage to fleet-wide avoidance (writes fleet.json, fleet.md)"
+)]
+struct Cli {
+    /// Fewer, shorter rounds and runs
+    #[arg(long)]
+    quick: bool,
+    /// Paired report-on/off rounds [default: 6, 2 with --quick]
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
+    /// Seconds of each wrk run [default: 5, 2 with --quick]
+    #[arg(long, value_name = "S")]
+    secs: Option<u64>,
+    /// Outage runs per setup [default: 5, 3 with --quick]
+    #[arg(long, value_name = "K")]
+    runs: Option<usize>,
+    /// Where fleet.json and fleet.md go [default: bench/results]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
 fn parse_opts() -> Result<Opts, String> {
-    let a = Args::from_env();
-    a.check_known(&["--rounds", "--secs", "--runs", "--out"], &["--quick"])?;
-    let quick = a.flag("--quick");
+    let cli = Cli::parse();
+    let quick = cli.quick;
     Ok(Opts {
-        rounds: a.parse_or("--rounds", if quick { 2 } else { 6 })?,
-        secs: a.parse_or("--secs", if quick { 2 } else { 5 })?,
-        runs: a.parse_or("--runs", if quick { 3 } else { 5 })?,
-        out: a
-            .value("--out")?
-            .map_or_else(|| crate_root().join("bench/results"), PathBuf::from),
+        rounds: cli.rounds.unwrap_or(if quick { 2 } else { 6 }),
+        secs: cli.secs.unwrap_or(if quick { 2 } else { 5 }),
+        runs: cli.runs.unwrap_or(if quick { 3 } else { 5 }),
+        out: cli
+            .out
+            .unwrap_or_else(|| crate_root().join("bench/results")),
     })
 }
 
 /// The feeds' view: `cheap` first for everyone.
 fn service_config(dir: &TempDir) -> Result<PathBuf, String> {
-    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
-        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
-        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
-    ]});
-    fs::write(dir.join("feed.json"), snapshot.to_string()).map_err(|e| e.to_string())?;
-    let config = json!({
-        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": 600}],
-        "providers": {"cheap": {}, "other": {}},
-        "models": {MODEL: {}},
-    });
-    fs::write(dir.join("service.json"), config.to_string()).map_err(|e| e.to_string())?;
-    Ok(dir.join("service.json"))
+    fleet::service_config(dir, 600.0)
 }
 
 fn envoy(
@@ -95,21 +104,8 @@ fn envoy(
     report: bool,
     workers: u32,
 ) -> Result<Envoy, String> {
-    let plugin = json!({
-        "providers": [
-            {"name": "cheap", "cluster": "provider_cheap", "models": {MODEL: MODEL}},
-            {"name": "other", "cluster": "provider_other", "models": {MODEL: MODEL}},
-        ],
-        "market": {"cluster": CLUSTER, "refresh_ms": refresh_ms, "max_age_ms": 60_000,
-                   "timeout_ms": 1000, "report": report},
-        "routing": {"strategy": "cheapest"},
-    });
-    let cfg = EnvoyConfig::new()
-        .provider(ProviderCluster::new("provider_cheap", cheap_port))
-        .provider(ProviderCluster::new("provider_other", other_port))
-        .sidecar(CLUSTER, service.port())
-        .market_router(&plugin.to_string());
-    Envoy::start(&cfg, workers)
+    let plugin = fleet::plugin(refresh_ms, Some(report));
+    fleet::envoy(service.port(), cheap_port, other_port, &plugin, workers)
 }
 
 fn first_choice(e: &Envoy) -> Result<String, String> {
@@ -143,13 +139,6 @@ struct WrkRun {
     rps: f64,
     p50_us: f64,
     bad: u64,
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn wrk(bin: &Path, script: &Path, url: &str, secs: u64) -> Result<WrkRun, String> {
@@ -425,17 +414,6 @@ fn markdown(meta: &Value, cost: &Value, outage: &Value) -> String {
     }
     md.push_str("\nTwo replicas: A reports to replica 1, B reads replica 2; the report travels through the Redis stream to the leader, whose snapshot the follower serves.\n");
     md
-}
-
-fn git_commit() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(crate_root())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn run() -> Result<(), String> {

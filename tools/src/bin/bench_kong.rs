@@ -13,7 +13,8 @@
 
 use market_router_testbed as common;
 
-use common::{crate_root, Args, Kong, KongConfig, TempDir};
+use clap::Parser;
+use common::{crate_root, Kong, KongConfig, TempDir};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::fs;
@@ -24,21 +25,38 @@ use std::time::Duration;
 const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":50,"completion_tokens":8,"total_tokens":58}}"#;
 const MODEL: &str = "gpt-4o-mini";
 
+/// `bench_kong`'s command line; defaults that depend on `--quick` are resolved in [`run`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench_kong",
+    about = "Kong's wasm host: nginx proxy_pass alone against market-router in dispatch mode (writes kong.json, kong.md)"
+)]
+struct Cli {
+    /// One round of short runs
+    #[arg(long)]
+    quick: bool,
+    /// Alternating rounds [default: 3, 1 with --quick]
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
+    /// Seconds of each saturation run [default: 3, 2 with --quick]
+    #[arg(long, value_name = "S")]
+    sat_secs: Option<u64>,
+    /// Seconds of each one-connection latency run [default: 2, 1 with --quick]
+    #[arg(long, value_name = "S")]
+    lat_secs: Option<u64>,
+    /// Where kong.json and kong.md go [default: bench/results]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
 fn main() {
-    if let Err(e) = run() {
+    if let Err(e) = run(Cli::parse()) {
         eprintln!("bench_kong: error: {e}");
         std::process::exit(1);
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-use market_router_tools::wrk::median;
+use market_router_tools::wrk::{median, which};
 
 /// user + system clock ticks of `pid`.
 fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -102,19 +120,14 @@ fn wrk(bin: &Path, script: &Path, url: &str, conns: u32, secs: u64) -> Result<Wr
     })
 }
 
-fn run() -> Result<(), String> {
-    let args = Args::from_env();
-    args.check_known(
-        &["--rounds", "--sat-secs", "--lat-secs", "--out"],
-        &["--quick"],
-    )?;
-    let quick = args.flag("--quick");
-    let rounds: usize = args.parse_or("--rounds", if quick { 1 } else { 3 })?;
-    let sat_secs: u64 = args.parse_or("--sat-secs", if quick { 2 } else { 3 })?;
-    let lat_secs: u64 = args.parse_or("--lat-secs", if quick { 1 } else { 2 })?;
-    let out_dir = args
-        .value("--out")?
-        .map_or_else(|| crate_root().join("bench").join("results"), PathBuf::from);
+fn run(cli: Cli) -> Result<(), String> {
+    let quick = cli.quick;
+    let rounds: usize = cli.rounds.unwrap_or(if quick { 1 } else { 3 });
+    let sat_secs: u64 = cli.sat_secs.unwrap_or(if quick { 2 } else { 3 });
+    let lat_secs: u64 = cli.lat_secs.unwrap_or(if quick { 1 } else { 2 });
+    let out_dir = cli
+        .out
+        .unwrap_or_else(|| crate_root().join("bench").join("results"));
     let wrk_bin = which("wrk").ok_or("wrk is not installed (scripts/bench.sh installs it)")?;
     let dir = TempDir::new("bench-kong")?;
     let script = wrk_script(dir.path())?;

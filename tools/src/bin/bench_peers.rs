@@ -33,10 +33,12 @@
 
 use market_router_testbed as common;
 
+use clap::Parser;
 use common::{
-    crate_root, lock, request, unix_now, wait_ready_while, Args, Conn, Envoy, EnvoyConfig,
-    MockOpts, MockProvider, Proc, ProviderCluster, TempDir,
+    crate_root, lock, request, unix_now, wait_ready_while, Conn, Envoy, EnvoyConfig, MockOpts,
+    MockProvider, Proc, ProviderCluster, TempDir,
 };
+use market_router_tools::wrk::median_of;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -47,11 +49,6 @@ use std::process::{Command, ExitCode};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
-
-const USAGE: &str = "usage: bench_peers [--rounds N] [--conns N] [--throughput-s S] \
-[--latency-s S] [--failover-s S] [--envoy-concurrency N] [--out-dir DIR] [--only envoy,envoy_mr,litellm,portkey] \
-[--litellm BIN --litellm-version V | --litellm-unavailable REASON] \
-[--portkey SERVER_JS --portkey-version V --node-preload FILE | --portkey-unavailable REASON]";
 
 /// Model the healthy pair (`a`, `b`) serves.
 const MODEL: &str = "bench-model";
@@ -81,78 +78,99 @@ struct Options {
     only: Option<Vec<String>>,
 }
 
-fn secs_arg(a: &Args, name: &str, default: f64) -> Result<Duration, String> {
-    let s: f64 = a.parse_or(name, default)?;
-    if !(0.1..=120.0).contains(&s) {
-        return Err(format!("{name}: {s} is outside 0.1..120"));
+/// Seconds, 0.1..120.
+fn secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !(0.1..=120.0).contains(&v) {
+        return Err(format!("{v} is outside 0.1..120"));
     }
-    Ok(Duration::from_secs_f64(s))
+    Ok(v)
+}
+
+/// `bench_peers`' command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench_peers",
+    about = "Envoy alone, market-router in Envoy, LiteLLM and Portkey in one run: throughput, latency, failover (writes peers.json, peers.md)"
+)]
+struct Cli {
+    /// Alternating rounds, 1..20
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+    rounds: u64,
+    /// Connections of the throughput runs, 1..256
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    conns: u64,
+    /// Seconds of each throughput run, 0.1..120
+    #[arg(long = "throughput-s", value_name = "S", default_value_t = 5.0, value_parser = secs)]
+    throughput_s: f64,
+    /// Seconds of each latency run, 0.1..120
+    #[arg(long = "latency-s", value_name = "S", default_value_t = 3.0, value_parser = secs)]
+    latency_s: f64,
+    /// Seconds of each failover run, 0.1..120
+    #[arg(long = "failover-s", value_name = "S", default_value_t = 3.0, value_parser = secs)]
+    failover_s: f64,
+    /// Envoy's --concurrency
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    envoy_concurrency: u32,
+    /// Where peers.json and peers.md go [default: bench/results]
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Gateways to measure, comma-separated (envoy, envoy_mr, litellm, portkey) [default: all]
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// The LiteLLM proxy binary
+    #[arg(long, value_name = "BIN")]
+    litellm: Option<PathBuf>,
+    /// LiteLLM's version, for the report
+    #[arg(long, value_name = "V")]
+    litellm_version: Option<String>,
+    /// Why LiteLLM is not measured (reported instead of its figures)
+    #[arg(long, value_name = "REASON")]
+    litellm_unavailable: Option<String>,
+    /// Portkey's server JS file (needs --node-preload)
+    #[arg(long, value_name = "SERVER_JS", requires = "node_preload")]
+    portkey: Option<PathBuf>,
+    /// Portkey's version, for the report
+    #[arg(long, value_name = "V")]
+    portkey_version: Option<String>,
+    /// The file node preloads for Portkey
+    #[arg(long, value_name = "FILE")]
+    node_preload: Option<PathBuf>,
+    /// Why Portkey is not measured (reported instead of its figures)
+    #[arg(long, value_name = "REASON")]
+    portkey_unavailable: Option<String>,
 }
 
 fn parse_options() -> Result<Options, String> {
-    let a = Args::from_env();
-    a.check_known(
-        &[
-            "--rounds",
-            "--conns",
-            "--throughput-s",
-            "--latency-s",
-            "--failover-s",
-            "--envoy-concurrency",
-            "--out-dir",
-            "--litellm",
-            "--litellm-version",
-            "--litellm-unavailable",
-            "--portkey",
-            "--portkey-version",
-            "--node-preload",
-            "--portkey-unavailable",
-            "--only",
-        ],
-        &[],
-    )?;
-    let litellm = match (a.value("--litellm")?, a.value("--litellm-unavailable")?) {
-        (Some(bin), _) => Ok((
-            PathBuf::from(bin),
-            a.value("--litellm-version")?.unwrap_or_default(),
-        )),
+    let a = Cli::parse();
+    let litellm = match (a.litellm, a.litellm_unavailable) {
+        (Some(bin), _) => Ok((bin, a.litellm_version.unwrap_or_default())),
         (None, Some(reason)) => Err(reason),
         (None, None) => Err("not requested (no --litellm)".to_string()),
     };
-    let portkey = match (a.value("--portkey")?, a.value("--portkey-unavailable")?) {
+    let portkey = match (a.portkey, a.portkey_unavailable) {
         (Some(js), _) => {
-            let preload = a
-                .value("--node-preload")?
-                .ok_or("--portkey needs --node-preload")?;
-            Ok((
-                PathBuf::from(js),
-                a.value("--portkey-version")?.unwrap_or_default(),
-                PathBuf::from(preload),
-            ))
+            let preload = a.node_preload.ok_or("--portkey needs --node-preload")?;
+            Ok((js, a.portkey_version.unwrap_or_default(), preload))
         }
         (None, Some(reason)) => Err(reason),
         (None, None) => Err("not requested (no --portkey)".to_string()),
     };
-    let rounds: usize = a.parse_or("--rounds", 3)?;
-    let conns: usize = a.parse_or("--conns", 16)?;
-    if !(1..=20).contains(&rounds) || !(1..=256).contains(&conns) {
-        return Err("--rounds must be 1..20 and --conns 1..256".into());
-    }
     Ok(Options {
-        rounds,
-        conns,
-        throughput: secs_arg(&a, "--throughput-s", 5.0)?,
-        latency: secs_arg(&a, "--latency-s", 3.0)?,
-        failover: secs_arg(&a, "--failover-s", 3.0)?,
-        envoy_concurrency: a.parse_or("--envoy-concurrency", 1)?,
+        rounds: a.rounds as usize,
+        conns: a.conns as usize,
+        throughput: Duration::from_secs_f64(a.throughput_s),
+        latency: Duration::from_secs_f64(a.latency_s),
+        failover: Duration::from_secs_f64(a.failover_s),
+        envoy_concurrency: a.envoy_concurrency,
         out_dir: a
-            .value("--out-dir")?
-            .map_or_else(|| crate_root().join("bench").join("results"), PathBuf::from),
+            .out_dir
+            .unwrap_or_else(|| crate_root().join("bench").join("results")),
         litellm,
         portkey,
         only: a
-            .value("--only")?
-            .map(|v| v.split(',').map(|k| k.trim().to_string()).collect()),
+            .only
+            .map(|v| v.iter().map(|k| k.trim().to_string()).collect()),
     })
 }
 
@@ -274,20 +292,6 @@ fn pct_ms(samples: &[u64], p: f64) -> Option<f64> {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
-}
-
-fn median(xs: &[f64]) -> Option<f64> {
-    if xs.is_empty() {
-        return None;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -649,7 +653,7 @@ fn results_json(g: &Gateway, r: &Results) -> Value {
         "version": g.version,
         "notes": g.notes,
         "throughput": {
-            "rps_median": opt(median(&r.rps)),
+            "rps_median": opt(median_of(&r.rps)),
             "rps_per_round": r.rps.iter().map(|x| round3(*x)).collect::<Vec<_>>(),
             "requests": r.throughput.total,
             "statuses": r.throughput.statuses,
@@ -869,10 +873,6 @@ fn run() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

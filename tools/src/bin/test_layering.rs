@@ -21,9 +21,9 @@
 
 use market_router_testbed as common;
 
+use clap::Parser;
 use common::{
-    crate_root, request, Args, Envoy, EnvoyConfig, MockOpts, MockProvider, ProviderCluster,
-    Response,
+    crate_root, request, Envoy, EnvoyConfig, MockOpts, MockProvider, ProviderCluster, Response,
 };
 use serde_json::{json, Value};
 use std::fs;
@@ -32,7 +32,6 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: test_layering --portkey SERVER_JS --node-preload FILE";
 const MODEL: &str = "gpt-4o-mini";
 const T: Duration = Duration::from_secs(20);
 const ACCESS_LOG: &str = "ACCESS path=%REQ(:PATH)% status=%RESPONSE_CODE% \
@@ -288,25 +287,26 @@ fn run(server_js: &Path, preload: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `test_layering`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "test_layering",
+    about = "market-router in Envoy layered with Portkey's gateway in front: both answer, and the access log shows the path"
+)]
+struct Cli {
+    /// Portkey's server JS file
+    #[arg(long, value_name = "SERVER_JS")]
+    portkey: PathBuf,
+    /// The file node preloads for Portkey
+    #[arg(long, value_name = "FILE")]
+    node_preload: PathBuf,
+}
+
 fn main() -> ExitCode {
-    let args = Args::from_env();
-    let parsed = args
-        .check_known(&["--portkey", "--node-preload"], &[])
-        .and_then(|()| {
-            Ok((
-                args.value("--portkey")?.ok_or("--portkey is required")?,
-                args.value("--node-preload")?
-                    .ok_or("--node-preload is required")?,
-            ))
-        });
-    let (js, preload) = match parsed {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("test_layering: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&PathBuf::from(js), &PathBuf::from(preload)) {
+    // A bad command line exits 2 (clap's code), help 0.
+    let cli = Cli::parse();
+    let (js, preload) = (cli.portkey, cli.node_preload);
+    match run(&js, &preload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("test-layering: FAILED: {e}");

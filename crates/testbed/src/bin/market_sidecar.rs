@@ -15,15 +15,14 @@
 
 use market_router_testbed as common;
 
-use common::{fnv1a64, lock, Args, Reply, Request};
+use clap::Parser;
+use common::{fnv1a64, lock, Reply, Request};
 use serde_json::{json, Value};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
-
-const USAGE: &str = "usage: market_sidecar --port P --file snapshot.json [--path /v1/market/snapshot] [--bind ADDR]";
 
 /// Fault behaviour; replaced as a whole by `POST /__sidecar/behavior`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -204,26 +203,37 @@ impl Sidecar {
     }
 }
 
-fn run() -> Result<(), String> {
-    let args = Args::from_env();
-    if args.flag("--help") || args.flag("-h") {
-        println!("{USAGE}");
-        return Ok(());
-    }
-    args.check_known(&["--port", "--file", "--path", "--bind"], &[])?;
-    let port: u16 = args.parse_or("--port", 0)?;
-    let bind = args
-        .value("--bind")?
-        .unwrap_or_else(|| "127.0.0.1".to_string());
-    let file = args.value("--file")?.ok_or("--file is required")?;
-    let path = args
-        .value("--path")?
-        .unwrap_or_else(|| "/v1/market/snapshot".to_string());
+/// `market_sidecar`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "market_sidecar",
+    about = "The example market sidecar: serves a snapshot file (ETag, 304), with faults the tests set"
+)]
+struct Cli {
+    /// Port to listen on (0: any free port, printed at start)
+    #[arg(long, value_name = "P", default_value_t = 0)]
+    port: u16,
+    /// The snapshot file, read on every request
+    #[arg(long, value_name = "FILE")]
+    file: PathBuf,
+    /// The path it serves the snapshot at
+    #[arg(long, value_name = "PATH", default_value = "/v1/market/snapshot")]
+    path: String,
+    /// Address to bind
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    bind: String,
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let port = cli.port;
+    let bind = cli.bind;
+    let file = cli.file;
+    let path = cli.path;
     if !path.starts_with('/') {
         return Err(format!("--path {path:?}: expected a path starting with /"));
     }
     let sidecar = Arc::new(Sidecar {
-        file: PathBuf::from(file),
+        file,
         path,
         behavior: Mutex::new(Behavior::default()),
         stats: Mutex::new(Stats::default()),
@@ -233,8 +243,8 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("market_sidecar: {e}\n{USAGE}");
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("market_sidecar: {e}");
         std::process::exit(2);
     }
 }

@@ -23,18 +23,14 @@
 
 use market_router_testbed as common;
 
-use common::{lock, unix_now, Args, Reply, Request};
+use clap::Parser;
+use common::{lock, unix_now, Reply, Request};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
-
-const USAGE: &str = "usage: mock_provider --port P --name NAME [--bind ADDR] [--status CODE] \
-[--retry-after SECS] [--latency-ms N] [--ttft-ms N] [--chunk-ms N] [--hang] [--reset-mid] \
-[--malformed] [--api-key KEY] [--quiet] [--no-compress] [--compress-always CODING] \
-[--answer-bytes N] [--chunked]";
 
 /// How long a hanging request holds its connection at most.
 const HANG_MAX: Duration = Duration::from_secs(120);
@@ -737,71 +733,99 @@ fn full_or_cut(v: &Value, cut: bool) -> Reply {
     }
 }
 
-fn run() -> Result<(), String> {
-    let args = Args::from_env();
-    if args.flag("--help") || args.flag("-h") {
-        println!("{USAGE}");
-        return Ok(());
-    }
-    args.check_known(
-        &[
-            "--port",
-            "--name",
-            "--bind",
-            "--status",
-            "--retry-after",
-            "--latency-ms",
-            "--ttft-ms",
-            "--chunk-ms",
-            "--api-key",
-            "--compress-always",
-            "--answer-bytes",
-        ],
-        &[
-            "--hang",
-            "--reset-mid",
-            "--malformed",
-            "--quiet",
-            "--no-compress",
-            "--chunked",
-        ],
-    )?;
-    let port: u16 = args.parse_or("--port", 0)?;
-    let bind = args
-        .value("--bind")?
-        .unwrap_or_else(|| "127.0.0.1".to_string());
-    let name = args.value("--name")?.unwrap_or_else(|| "mock".to_string());
+/// `mock_provider`'s command line: its starting behaviour (`POST /__behavior` changes it).
+#[derive(Debug, Parser)]
+#[command(
+    name = "mock_provider",
+    about = "An OpenAI-compatible mock provider (HTTP/1.1 and h2c on one port) whose behaviour the tests set: status, latency, streaming pace, hangs, resets, compression"
+)]
+struct Cli {
+    /// Port to listen on (0: any free port, printed at start)
+    #[arg(long, value_name = "P", default_value_t = 0)]
+    port: u16,
+    /// Its name, in x-mock-provider and its answers
+    #[arg(long, value_name = "NAME", default_value = "mock")]
+    name: String,
+    /// Address to bind
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    bind: String,
+    /// Status of every answer, 200..599
+    #[arg(long, value_name = "CODE", default_value_t = 200, value_parser = check_status_arg)]
+    status: u16,
+    /// Retry-After seconds on error answers
+    #[arg(long, value_name = "SECS")]
+    retry_after: Option<u64>,
+    /// Delay before a non-streamed answer, ms
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    latency_ms: u64,
+    /// Delay before a streamed answer's first event, ms
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    ttft_ms: u64,
+    /// Delay between streamed events, ms
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    chunk_ms: u64,
+    /// Hold every request without answering (up to two minutes)
+    #[arg(long)]
+    hang: bool,
+    /// Reset the connection in the middle of a streamed answer
+    #[arg(long)]
+    reset_mid: bool,
+    /// Answer with a malformed body
+    #[arg(long)]
+    malformed: bool,
+    /// The API key requests must carry (Authorization: Bearer KEY)
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Log nothing per request
+    #[arg(long)]
+    quiet: bool,
+    /// Never compress answers, whatever accept-encoding says
+    #[arg(long)]
+    no_compress: bool,
+    /// Compress every answer with this coding, even when not accepted (gzip, deflate, br, zstd)
+    #[arg(long, value_name = "CODING")]
+    compress_always: Option<String>,
+    /// Pad non-streamed answers to about this many bytes
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    answer_bytes: u64,
+    /// Send non-streamed answers chunked (no content-length)
+    #[arg(long)]
+    chunked: bool,
+}
+
+fn check_status_arg(s: &str) -> Result<u16, String> {
+    check_status(s.parse::<u64>().map_err(|e| format!("{s:?}: {e}"))?)
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let port = cli.port;
+    let bind = cli.bind;
+    let name = cli.name;
     let behavior = Behavior {
-        status: check_status(args.parse_or("--status", 200u64)?)?,
-        retry_after: args
-            .value("--retry-after")?
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| format!("--retry-after: invalid value {v:?}"))
-            })
-            .transpose()?,
-        latency_ms: args.parse_or("--latency-ms", 0)?,
-        ttft_ms: args.parse_or("--ttft-ms", 0)?,
-        chunk_ms: args.parse_or("--chunk-ms", 0)?,
-        hang: args.flag("--hang"),
-        reset_mid: args.flag("--reset-mid"),
-        malformed: args.flag("--malformed"),
-        compress: !args.flag("--no-compress"),
-        compress_always: match args.value("--compress-always")? {
+        status: cli.status,
+        retry_after: cli.retry_after,
+        latency_ms: cli.latency_ms,
+        ttft_ms: cli.ttft_ms,
+        chunk_ms: cli.chunk_ms,
+        hang: cli.hang,
+        reset_mid: cli.reset_mid,
+        malformed: cli.malformed,
+        compress: !cli.no_compress,
+        compress_always: match cli.compress_always {
             Some(c) => {
                 common::encoding::Encoder::new(&c)?;
                 Some(c)
             }
             None => None,
         },
-        answer_bytes: args.parse_or("--answer-bytes", 0)?,
-        chunked: args.flag("--chunked"),
+        answer_bytes: cli.answer_bytes,
+        chunked: cli.chunked,
         ..Behavior::default()
     };
     let mock = Arc::new(Mock {
         name: name.clone(),
-        api_key: args.value("--api-key")?,
-        quiet: args.flag("--quiet"),
+        api_key: cli.api_key,
+        quiet: cli.quiet,
         behavior: Mutex::new(behavior),
         stats: Mutex::new(Stats::default()),
         models_seen: Mutex::new(BTreeSet::new()),
@@ -813,8 +837,8 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("mock_provider: {e}\n{USAGE}");
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("mock_provider: {e}");
         std::process::exit(2);
     }
 }

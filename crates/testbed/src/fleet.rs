@@ -1,0 +1,109 @@
+//! The fleet test bed: one market service fed a fixed snapshot in which `cheap` is the
+//! cheapest offer and `other` the next, and Envoys routing `MODEL` between a `cheap` and an
+//! `other` provider through that market. Shared by the fleet suites (`tests/fleet.rs`,
+//! `tests/fleet_redis.rs`) and `bench_fleet`.
+
+use crate::{get, post_json, Envoy, EnvoyConfig, ProviderCluster, TempDir};
+use serde_json::{json, Value};
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The model every fleet request asks for.
+pub const MODEL: &str = "gpt-oss-120b";
+/// The market service's cluster in the Envoys.
+pub const CLUSTER: &str = "market_service";
+/// Timeout of one request to an Envoy.
+const T: Duration = Duration::from_secs(10);
+
+/// Writes the feed (`cheap` cheapest and online, `other` ten times its price) and a market
+/// service configuration reading it every `period_s` seconds into `dir`; returns the
+/// configuration's path.
+pub fn service_config(dir: &TempDir, period_s: f64) -> Result<PathBuf, String> {
+    let snapshot = json!({"version": 1, "generated_at_ms": 1, "offers": [
+        {"provider": "cheap", "model": MODEL, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.2},
+         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"},
+        {"provider": "other", "model": MODEL, "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+         "latency_ms": {"ttft_p50": 300}, "uptime": 0.99, "availability": "online", "provider_type": "company"}
+    ]});
+    fs::write(dir.join("feed.json"), snapshot.to_string())
+        .map_err(|e| format!("cannot write feed.json: {e}"))?;
+    let config = json!({
+        "sources": [{"name": "feed", "kind": "snapshot", "file": "feed.json", "period_s": period_s}],
+        "providers": {"cheap": {}, "other": {}},
+        "models": {MODEL: {}},
+    });
+    fs::write(dir.join("service.json"), config.to_string())
+        .map_err(|e| format!("cannot write service.json: {e}"))?;
+    Ok(dir.join("service.json"))
+}
+
+/// The plugin configuration: `cheap` and `other` on clusters `provider_cheap` and
+/// `provider_other`, the market at [`CLUSTER`] every `refresh_ms`, `market.report` as given
+/// (absent: the default), strategy `cheapest`.
+pub fn plugin(refresh_ms: u64, report: Option<bool>) -> Value {
+    let mut plugin = json!({
+        "providers": [
+            {"name": "cheap", "cluster": "provider_cheap", "models": {MODEL: MODEL}},
+            {"name": "other", "cluster": "provider_other", "models": {MODEL: MODEL}},
+        ],
+        "market": {"cluster": CLUSTER, "refresh_ms": refresh_ms, "max_age_ms": 60_000, "timeout_ms": 1000},
+        "routing": {"strategy": "cheapest"},
+    });
+    if let Some(report) = report {
+        plugin["market"]["report"] = json!(report);
+    }
+    plugin
+}
+
+/// An Envoy with `plugin` whose `cheap` and `other` are the mocks on `cheap_port` and
+/// `other_port`, and whose market is the service on `service_port`.
+pub fn envoy(
+    service_port: u16,
+    cheap_port: u16,
+    other_port: u16,
+    plugin: &Value,
+    workers: u32,
+) -> Result<Envoy, String> {
+    let cfg = EnvoyConfig::new()
+        .provider(ProviderCluster::new("provider_cheap", cheap_port))
+        .provider(ProviderCluster::new("provider_other", other_port))
+        .sidecar(CLUSTER, service_port)
+        .market_router(&plugin.to_string());
+    Envoy::start(&cfg, workers)
+}
+
+/// The Envoy's ranking for [`MODEL`] (`/market-router/v1/route`); an error unless 200.
+pub fn route(e: &Envoy) -> Result<Value, String> {
+    let r = get(&e.url(&format!("/market-router/v1/route?model={MODEL}")), T)?;
+    if r.status != 200 {
+        return Err(format!("route: status {}: {}", r.status, r.text()));
+    }
+    r.json()
+}
+
+/// A chat request through the Envoy: the provider that answered (`x-market-router-provider`);
+/// an error (with the Envoy's log tail) unless 200 with that header.
+pub fn chat(e: &Envoy) -> Result<String, String> {
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
+    let r = post_json(&e.url("/v1/chat/completions"), &[], &body, T)?;
+    match r.header("x-market-router-provider") {
+        Some(p) if r.status == 200 => Ok(p.to_string()),
+        p => Err(format!(
+            "chat: status {}, provider {p:?}: {}\n{}",
+            r.status,
+            r.text(),
+            e.log_tail(30)
+        )),
+    }
+}
+
+/// The offer of `provider` in a snapshot; null when there is none.
+pub fn offer(snap: &Value, provider: &str) -> Value {
+    snap["offers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|o| o["provider"] == provider))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
