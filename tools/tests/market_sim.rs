@@ -22,10 +22,10 @@ const REQUESTS: u64 = 15_000;
 
 /// What every run must reach, asserted on each (world, seed): the goals. The cost is
 /// judged against the oracle held to the p95 goal (`sim::ORACLE_P95`). The p95 bound stays at
-/// 0.90× round-robin's: in the qwen3-235b world the cheapest offer (wandb, 0.10/0.10 per Mtok)
-/// is slower than most, and on some seeds even the informed oracle — perfect, instant market
-/// data — pays over 1.05× for 0.80× (seed 4: 1.10× at 15,000 requests); the summary prints
-/// the 0.80× goal with its pass count.
+/// 0.90× round-robin's, not the goal's 0.80×: the default misses 0.80× on qwen3-235b seed 4
+/// (0.92 at the bench's 50,000 requests), where the cheapest offer (wandb, 0.10/0.10 per Mtok)
+/// is slower than most, and on 7 of the 25 runs of seeds 6-10 (bench/results/
+/// market-sim-seeds-6-10.txt); the summary prints the 0.80× goal with its pass count.
 const MIN_SUCCESS_PCT: f64 = 99.9;
 const MAX_VS_RR: f64 = 0.60;
 const MAX_VS_ORACLE: f64 = 1.05;
@@ -134,6 +134,17 @@ fn the_default_configuration_meets_the_goals_on_every_world_and_seed() {
             "{at}: the p95 oracle's p95"
         );
         assert!(eff(sim::ORACLE_P95) >= eff(sim::ORACLE) * 0.999, "{at}");
+        // The same oracle knowing answer lengths meets the p95 goal too, pays no more than the
+        // judged one, and no less than the unconstrained oracle that knows lengths.
+        assert!(
+            p95_of(sim::ORACLE_P95_LENGTHS) <= 0.8 * p95_of(sim::ROUND_ROBIN),
+            "{at}: the strict bound's p95"
+        );
+        assert!(
+            eff(sim::ORACLE_P95_LENGTHS) <= eff(sim::ORACLE_P95) * 1.001,
+            "{at}"
+        );
+        assert!(eff(sim::ORACLE_P95_LENGTHS) >= floor * 0.999, "{at}");
         // The market was used: snapshots were taken and ranked on.
         for i in r["market_router_internals"].as_array().unwrap() {
             assert!(f(&i["snapshots_ok"]) > 0.0, "{at}: {}", i["variant"]);

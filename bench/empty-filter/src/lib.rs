@@ -14,6 +14,9 @@
 //! - `floor`: the least a body-routing filter with response-phase failover does: hold the
 //!   request headers until the body is complete, read the body, set the cluster header, read
 //!   the response status.
+//! - `order=<value>`: the least envoy mode's downstream role does: hold the request headers
+//!   until the body is complete, read the body, set the order header to `<value>` and
+//!   `x-envoy-max-retries`. As the upstream role (root id ending in `_upstream`) it does nothing.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -36,6 +39,9 @@ struct Knobs {
     read_one: bool,
 }
 
+/// The order header envoy mode hands to header_to_metadata (`order=` knob).
+const ORDER_HEADER: &str = "x-market-router-order";
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Metrics {
     histogram: Option<u32>,
@@ -45,6 +51,7 @@ struct Metrics {
 struct EmptyRoot {
     knobs: Knobs,
     metrics: Metrics,
+    order: Option<std::rc::Rc<str>>,
 }
 
 impl Context for EmptyRoot {}
@@ -65,12 +72,22 @@ impl RootContext for EmptyRoot {
                         "replay" => self.knobs.replay = true,
                         "floor" => self.knobs.floor = true,
                         "read_one" => self.knobs.read_one = true,
+                        k if k.starts_with("order=") => {
+                            self.order = Some(k["order=".len()..].into());
+                        }
                         _ => {}
                     }
                 }
             }
         }
-        if self.knobs.floor {
+        let upstream = hostcalls::get_property(vec!["plugin_root_id"])
+            .ok()
+            .flatten()
+            .is_some_and(|id| id.ends_with(b"_upstream"));
+        if upstream {
+            self.order = None;
+        }
+        if self.knobs.floor || self.order.is_some() {
             self.knobs.pause_request = true;
         }
         if self.knobs.replay {
@@ -91,6 +108,7 @@ impl RootContext for EmptyRoot {
         Some(Box::new(EmptyHttp {
             knobs: self.knobs,
             metrics: self.metrics,
+            order: self.order.clone(),
         }))
     }
 
@@ -102,6 +120,7 @@ impl RootContext for EmptyRoot {
 struct EmptyHttp {
     knobs: Knobs,
     metrics: Metrics,
+    order: Option<std::rc::Rc<str>>,
 }
 
 impl EmptyHttp {
@@ -138,6 +157,16 @@ impl HttpContext for EmptyHttp {
                 MapType::HttpRequestHeaders,
                 "x-market-router-cluster",
                 Some("provider_a"),
+            );
+        }
+        if let Some(order) = &self.order {
+            let _ = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size);
+            let _ =
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, ORDER_HEADER, Some(order));
+            let _ = hostcalls::set_map_value(
+                MapType::HttpRequestHeaders,
+                "x-envoy-max-retries",
+                Some("1"),
             );
         }
         if self.knobs.replay {

@@ -31,6 +31,9 @@ pub struct Decision<'a> {
     pub completion_tokens: Option<u64>,
     /// Age of the market snapshot at decision time, ms.
     pub snapshot_age_ms: Option<u64>,
+    /// What the last provider that answered with an error said (its error message, cleaned
+    /// and clipped), when one did.
+    pub provider_error: Option<&'a str>,
 }
 
 impl Decision<'_> {
@@ -72,6 +75,8 @@ impl Decision<'_> {
         integer(&mut out, self.completion_tokens);
         out.extend_from_slice(b",\"snapshot_age_ms\":");
         integer(&mut out, self.snapshot_age_ms);
+        out.extend_from_slice(b",\"provider_error\":");
+        string(&mut out, self.provider_error);
         out.push(b'}');
         out
     }
@@ -122,6 +127,7 @@ mod tests {
             prompt_tokens: Some(50),
             completion_tokens: Some(8),
             snapshot_age_ms: Some(1234),
+            provider_error: Some("beta: overloaded"),
         };
         let v: Value = serde_json::from_slice(&d.to_json()).unwrap();
         assert_eq!(
@@ -130,7 +136,7 @@ mod tests {
                    "attempts": 2, "tried": [["beta", "503"], ["alpha", "ok"]],
                    "strategy": "balanced", "score": 0.8123, "cost_usd": 0.0000123,
                    "cost_estimated": false, "prompt_tokens": 50, "completion_tokens": 8,
-                   "snapshot_age_ms": 1234})
+                   "snapshot_age_ms": 1234, "provider_error": "beta: overloaded"})
         );
     }
 
@@ -146,6 +152,7 @@ mod tests {
         assert_eq!(v["score"], Value::Null);
         assert_eq!(v["attempts"], 0);
         assert_eq!(v["tried"], json!([]));
+        assert_eq!(v["provider_error"], Value::Null);
         assert!((v["cost_usd"].as_f64().unwrap() - 1e-12).abs() < 1e-24);
     }
 }

@@ -41,11 +41,14 @@ pub enum Global {
     ReportsSent,
     /// Reports dropped: the market service down, refusing, or not answering.
     ReportsDropped,
+    /// Envoy mode: an attempt or an answer showing that the route's priority groups and
+    /// clusters do not match the plugin's providers (see `market-router-envoy-config`).
+    RouteDrift,
 }
 
 impl Global {
     /// All global counters.
-    pub const ALL: [Global; 17] = [
+    pub const ALL: [Global; 18] = [
         Global::Requests,
         Global::RejectedBadRequest,
         Global::RejectedUnknownModel,
@@ -63,6 +66,7 @@ impl Global {
         Global::StreamFailedMidway,
         Global::ReportsSent,
         Global::ReportsDropped,
+        Global::RouteDrift,
     ];
 
     /// The counter of the answers the filter gives itself for `reason`, if one counts them.
@@ -97,6 +101,7 @@ impl Global {
             Global::StreamFailedMidway => "market_router.stream_failed_midway",
             Global::ReportsSent => "market_router.report.sent",
             Global::ReportsDropped => "market_router.report.dropped",
+            Global::RouteDrift => "market_router.route_drift",
         }
     }
 }

@@ -31,6 +31,9 @@ pub const METADATA_KEY: &str = "priority_groups";
 pub const PLAN_PROPERTY: &str = "market_router.plan";
 /// Filter state (property) holding the attempts made so far.
 pub const TRIED_PROPERTY: &str = "market_router.tried";
+/// Filter state (property) holding what the last failing attempt's provider said (its error
+/// message, cleaned), for the decision record.
+pub const SAID_PROPERTY: &str = "market_router.said";
 /// Root id of the upstream role (the downstream filter uses any other, e.g. `market_router`).
 pub const UPSTREAM_ROOT_ID: &str = "market_router_upstream";
 

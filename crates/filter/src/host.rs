@@ -43,6 +43,11 @@ pub(crate) fn response_header(name: &str) -> Option<String> {
         .flatten()
 }
 
+/// Removes a response header; false when the host refused.
+pub(crate) fn remove_response_header(name: &str) -> bool {
+    hostcalls::set_map_value(MapType::HttpResponseHeaders, name, None).is_ok()
+}
+
 /// Sets a response header; false when the host refused.
 pub(crate) fn set_response_header(name: &str, value: &str) -> bool {
     hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)).is_ok()
@@ -285,6 +290,13 @@ pub(crate) struct HostCaps {
     /// The host tells why a dispatched call failed (`:dispatch_status` among the call's
     /// headers, even when it has no others): Kong. See [`call_failure`].
     pub(crate) dispatch_status: bool,
+    /// The host adds a newline to the body of every local reply, and counts it in the
+    /// reply's `content-length` (ngx_wasm_module 3bed278: `ngx_http_wasm_stash_local_response`
+    /// appends an LF). Harmless after JSON; fatal to a compressed answer passed on as it came
+    /// (gzip, br and zstd decoders refuse the trailing byte). Where it is set, such a reply
+    /// is sent without its `content-length` and the newline is cut off again in the reply's
+    /// own body callback.
+    pub(crate) local_reply_newline: bool,
 }
 
 /// Kong (ngx_wasm_module 3bed278; read in its source, then measured) recycles a request's
@@ -330,6 +342,7 @@ impl HostCaps {
         decision_property: Some(&["market_router.decision"]),
         bounce: None,
         dispatch_status: false,
+        local_reply_newline: false,
     };
 
     /// Kong's ngx_wasm_module (nginx on wasmtime). Other differences are settings of the
@@ -347,6 +360,7 @@ impl HostCaps {
             drain: 2,
         }),
         dispatch_status: true,
+        local_reply_newline: true,
     };
 
     /// Probes the host, from an HTTP context: nginx variables (`ngx.*` properties) exist only

@@ -105,6 +105,10 @@ pub(crate) struct Http {
     bounced: Option<Finished>,
     /// Drain calls to send before the next dispatch (see [`host::Bounce`]).
     drain: usize,
+    /// Length of a compressed answer sent as a local reply on a host that adds a newline
+    /// to it (see [`host::HostCaps::local_reply_newline`]): cut back to this in the reply's
+    /// response callbacks.
+    exact_len: Option<usize>,
 }
 
 /// A dispatched attempt as it ended: outcome, when, status, answer headers and body.
@@ -144,6 +148,7 @@ impl Http {
             pending: None,
             bounced: None,
             drain: 0,
+            exact_len: None,
         }
     }
 
@@ -322,6 +327,7 @@ impl Http {
             prompt_tokens: self.usage.map(|u| u.prompt_tokens),
             completion_tokens: self.usage.map(|u| u.completion_tokens),
             snapshot_age_ms: self.snapshot_age_ms,
+            provider_error: self.last_said.as_deref(),
         };
         host::set_decision_property(&record.to_json());
     }
@@ -761,8 +767,48 @@ impl Http {
         self.account(provider);
         self.record_decision(Some(provider), Some(status));
         if !self.replace_held(status, hs.clone(), body) {
+            if self.encoded && !body.is_empty() && host::caps().local_reply_newline {
+                hs.retain(|(k, _)| k != "content-length");
+                self.exact_len = Some(body.len());
+            }
             self.send(status, &hs, body);
         }
+    }
+
+    /// The response callbacks of a local reply whose host adds a newline to its body (see
+    /// [`host::HostCaps::local_reply_newline`]): no `content-length` (the host set one with
+    /// the newline counted), and the body cut back to `len` bytes.
+    fn exact_reply_headers(&mut self) -> Action {
+        if !host::remove_response_header("content-length") {
+            warn!(
+                "#{} market-router: the host kept the local reply's content-length",
+                self.id
+            );
+        }
+        Action::Continue
+    }
+
+    fn exact_reply_body(&mut self, len: usize, body_size: usize, end_of_stream: bool) -> Action {
+        if !end_of_stream || body_size != len + 1 {
+            if end_of_stream {
+                warn!(
+                    "#{} market-router: a local reply of {len} bytes came out as {body_size}",
+                    self.id
+                );
+            }
+            return Action::Continue;
+        }
+        self.exact_len = None;
+        let cut = host::buffer(BufferType::HttpResponseBody, body_size)
+            .filter(|b| b.len() == body_size && b.ends_with(b"\n"))
+            .is_some_and(|b| host::set_buffer(BufferType::HttpResponseBody, body_size, &b[..len]));
+        if !cut {
+            warn!(
+                "#{} market-router: could not cut the host's newline off a local reply",
+                self.id
+            );
+        }
+        Action::Continue
     }
 
     /// Route mode: the final answer takes the held routed answer's place, now or once the
@@ -1069,6 +1115,9 @@ impl Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.exact_len.is_some() {
+            return self.exact_reply_headers();
+        }
         if self.state == State::Native {
             return self.native_response_headers(end_of_stream);
         }
@@ -1132,6 +1181,9 @@ impl Http {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(len) = self.exact_len {
+            return self.exact_reply_body(len, body_size, end_of_stream);
+        }
         match self.state {
             State::Dispatched | State::Bouncing => {
                 if end_of_stream {

@@ -17,7 +17,30 @@ use crate::request;
 use log::{debug, error, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
+use std::cell::Cell;
 use std::rc::Rc;
+
+thread_local! {
+    /// When this VM last logged a drift (ms; 0: never).
+    static DRIFT_LOGGED_MS: Cell<u64> = const { Cell::new(0) };
+}
+/// A drift is logged at most this often per VM (each one is counted).
+const DRIFT_LOG_EVERY_MS: u64 = 60_000;
+
+/// Envoy's route and the plugin's providers do not match: counted every time
+/// (`market_router.route_drift`), logged at error at most once a minute per VM, in one line
+/// naming what to regenerate.
+pub(crate) fn drift(vm: &Vm, what: &str) {
+    vm.metrics.inc(crate::metrics::Global::RouteDrift);
+    let now = host::now_ms();
+    let last = DRIFT_LOGGED_MS.with(Cell::get);
+    if last == 0 || now >= last + DRIFT_LOG_EVERY_MS {
+        DRIFT_LOGGED_MS.with(|c| c.set(now.max(1)));
+        error!(
+            "market-router: envoy mode: {what}; the route's priority groups and clusters do not match the plugin's providers: regenerate them from this plugin configuration with market-router-envoy-config (counted in market_router.route_drift; logged at most once a minute)"
+        );
+    }
+}
 
 /// Whether this plugin instance plays the upstream role (its root id says so).
 pub(crate) fn is_upstream_plugin() -> bool {
@@ -31,6 +54,9 @@ enum Hold {
     FirstChunk,
     /// A 2xx non-streaming answer's headers, until the whole body (malformed check).
     WholeBody,
+    /// An error answer's headers, until its body (or its first `ERROR_READ_BYTES`): what the
+    /// provider said goes to the decision record.
+    ErrorBody,
 }
 
 pub(crate) struct Upstream {
@@ -80,6 +106,10 @@ impl Upstream {
         let stream = self.plan.as_ref().is_some_and(|pl| pl.stream);
         let ttfb = (stream && matches!(outcome, Success(_)))
             .then(|| now.saturating_sub(self.started_ms) as f64);
+        // For the market report, as route mode notes each attempt.
+        if let Some(plan) = &self.plan {
+            vm.tally(p, &plan.model, &outcome, ttfb.map(|t| t as u64));
+        }
         if let Some(obs) = outcome.observation(ttfb) {
             if matches!(obs, Observation::Failure { .. }) {
                 vm.metrics.add(p, PerProvider::Failure, 1);
@@ -168,24 +198,41 @@ impl HttpContext for Upstream {
         let config = &vm.config;
         let cluster = host::property(&["xds", "cluster_name"]).unwrap_or_default();
         let Some(p) = config.providers.iter().position(|p| p.cluster == cluster) else {
-            error!(
-                "market-router: the route sent an attempt to cluster `{cluster}`, which no provider in the plugin configuration uses; the route's priority groups and the plugin's providers do not match (regenerate them with market-router-envoy-config)"
+            drift(
+                &vm,
+                &format!("the route sent an attempt to cluster `{cluster}`, which no provider in the plugin configuration uses"),
             );
             return Action::Continue;
         };
-        if plan.model_for(p).is_none() {
-            error!(
-                "#{} market-router: the route tried provider {} (cluster `{cluster}`), which is not in this request's order; the route's priority groups and the plugin's providers do not match (regenerate them with market-router-envoy-config)",
-                self.id, config.providers[p].name
-            );
+        self.tried = host::property(&[native::TRIED_PROPERTY])
+            .map(String::into_bytes)
+            .unwrap_or_default();
+        // Envoy walks the route's priority groups in the order handed over: attempt N must be
+        // on the order's N-th provider (the last one if Envoy tries more).
+        let before = if self.tried.is_empty() {
+            0
+        } else {
+            self.tried.iter().filter(|b| **b == b',').count() + 1
+        };
+        if let Some(&(want, _)) = plan.providers.get(before).or(plan.providers.last()) {
+            if want != p {
+                let w = &config.providers[want];
+                drift(
+                    &vm,
+                    &format!(
+                        "attempt {} of a request went to cluster `{cluster}` (provider {}) where the order named provider {} (cluster `{}`)",
+                        before + 1,
+                        config.providers[p].name,
+                        w.name,
+                        w.cluster
+                    ),
+                );
+            }
         }
         self.provider = Some(p);
         self.started_ms = host::now_ms();
         vm.metrics.add(p, PerProvider::Attempts, 1);
         let provider = &config.providers[p];
-        self.tried = host::property(&[native::TRIED_PROPERTY])
-            .map(String::into_bytes)
-            .unwrap_or_default();
         if provider.authority != provider.cluster {
             host::set_request_header(":authority", Some(&provider.authority));
         }
@@ -298,6 +345,13 @@ impl HttpContext for Upstream {
             },
             now,
         );
+        // Held until its body says why (an error body is small; a compressed one is not read).
+        if !end_of_stream
+            && !crate::answer::is_encoded(host::response_header("content-encoding").as_deref())
+        {
+            self.hold = Hold::ErrorBody;
+            return Action::Pause;
+        }
         Action::Continue
     }
 
@@ -327,9 +381,29 @@ impl HttpContext for Upstream {
                 }
                 Action::Continue
             }
+            Hold::ErrorBody => {
+                if !end_of_stream && body_size < crate::answer::ERROR_READ_BYTES {
+                    return Action::Pause;
+                }
+                self.hold = Hold::None;
+                let n = body_size.min(crate::answer::ERROR_READ_BYTES);
+                if let Some(said) = host::buffer(BufferType::HttpResponseBody, n)
+                    .and_then(|b| crate::answer::provider_message(&b))
+                {
+                    host::set_property(native::SAID_PROPERTY, said.as_bytes());
+                }
+                Action::Continue
+            }
             Hold::WholeBody => {
                 if !end_of_stream {
-                    return Action::Pause;
+                    if body_size <= crate::answer::HOLD_LIMIT_BYTES {
+                        return Action::Pause;
+                    }
+                    // A chunked answer grew past what may be held: it flows on unchecked
+                    // (the downstream role prices it from the usage at its end).
+                    self.hold = Hold::None;
+                    self.record(Success(self.status), host::now_ms());
+                    return Action::Continue;
                 }
                 let now = host::now_ms();
                 let body =

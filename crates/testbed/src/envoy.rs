@@ -131,6 +131,9 @@ pub struct EnvoyConfig {
     /// Outside envoy mode: give every provider cluster envoy mode's upstream role with this
     /// plugin configuration anyway (a deployment that left it there).
     pub upstream_role: Option<String>,
+    /// Envoy mode: the LLM route generated from this plugin configuration instead of the
+    /// module's (a route that drifted from the plugin's providers).
+    pub envoy_route_from: Option<String>,
 }
 
 impl Default for EnvoyConfig {
@@ -154,6 +157,7 @@ impl Default for EnvoyConfig {
             compression: false,
             explicit_routes: Vec::new(),
             upstream_role: None,
+            envoy_route_from: None,
         }
     }
 }
@@ -344,6 +348,13 @@ impl EnvoyConfig {
         self
     }
 
+    /// Envoy mode: generates the LLM route from `config_json` instead of the module's
+    /// configuration (a route that does not match the plugin's providers).
+    pub fn envoy_route_from(mut self, config_json: &str) -> Self {
+        self.envoy_route_from = Some(config_json.to_string());
+        self
+    }
+
     /// Envoy mode's generated pieces (`None` in the other variants).
     fn envoy_mode(&self) -> Option<(market_router_core::config::Config, serde_json::Value)> {
         let Filter::MarketRouterEnvoy { config_json } = &self.filter else {
@@ -355,7 +366,11 @@ impl EnvoyConfig {
             wasm_file: &wasm,
             config_json,
         };
-        let pieces = market_router_core::envoy_config::pieces(&config, &m);
+        let mut pieces = market_router_core::envoy_config::pieces(&config, &m);
+        if let Some(other) = &self.envoy_route_from {
+            let c = market_router_core::config::Config::parse(other.as_bytes()).ok()?;
+            pieces["llm_route"] = market_router_core::envoy_config::llm_route(&c);
+        }
         Some((config, pieces))
     }
 

@@ -288,6 +288,21 @@ impl KongConfig {
     }
 }
 
+/// Two distinct free loopback ports.
+fn two_free_ports() -> (u16, u16) {
+    let held = [
+        std::net::TcpListener::bind("127.0.0.1:0"),
+        std::net::TcpListener::bind("127.0.0.1:0"),
+    ];
+    let port = |l: &std::io::Result<std::net::TcpListener>| {
+        l.as_ref()
+            .ok()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(free_port, |a| a.port())
+    };
+    (port(&held[0]), port(&held[1]))
+}
+
 fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
@@ -364,7 +379,9 @@ impl Kong {
         }
         let dir = TempDir::new("kong")?;
         fs::create_dir_all(dir.join("logs")).map_err(|e| format!("cannot create logs/: {e}"))?;
-        let (port, fallthrough) = (free_port(), free_port());
+        // Picked while both are held: two free_port() calls in a row can return one port
+        // twice (then nginx refuses the second server and the bed never gets ready).
+        let (port, fallthrough) = two_free_ports();
         let conf = cfg.render(port, fallthrough, dir.path());
         let conf_path = dir.join("nginx.conf");
         fs::write(&conf_path, &conf).map_err(|e| format!("cannot write nginx.conf: {e}"))?;

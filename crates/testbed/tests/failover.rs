@@ -4,8 +4,9 @@
 //! and through Kong's wasm host (nginx + ngx_wasm_module, `make kong-host`) in dispatch mode,
 //! the one mode it runs.
 //!
-//! Every scenario is written once as a function taking the mode and run by a test per mode
-//! (the `_kong` tests are the dispatch scenarios' twins in Kong's host: providers addressed
+//! Every scenario is written once as a function taking the mode and run by a test per mode,
+//! `<scenario>::<mode>` (see [`twins!`]; the `::kong` tests are the dispatch scenarios' twins
+//! in Kong's host: providers addressed
 //! `127.0.0.1:<port>`, keys from `providers[].headers`; Kong's host has no stats endpoint, so
 //! the filter's counters are checked on Envoy only). The
 //! providers have static offers and the `cheapest` strategy, so the ranking is fixed: `a`
@@ -58,6 +59,32 @@ impl Mode {
     fn dispatched(self) -> bool {
         matches!(self, Mode::Dispatch | Mode::Kong)
     }
+
+    /// The mode a [`twins!`] test is named after.
+    fn named(name: &str) -> Mode {
+        match name {
+            "route" => Mode::Route,
+            "dispatch" => Mode::Dispatch,
+            "envoy" => Mode::Envoy,
+            "kong" => Mode::Kong,
+            other => panic!("no mode {other}"),
+        }
+    }
+}
+
+/// One `#[test]` per mode running scenario `$scenario` (a function taking the mode), named
+/// `<scenario>::<mode>`: `primary_503_fails_over::kong` is that scenario's Kong twin.
+macro_rules! twins {
+    ($scenario:ident: $($mode:ident),+ $(,)?) => {
+        mod $scenario {
+            $(
+                #[test]
+                fn $mode() {
+                    super::$scenario(super::Mode::named(stringify!($mode)));
+                }
+            )+
+        }
+    };
 }
 
 /// Settings that vary between scenarios.
@@ -430,25 +457,7 @@ fn primary_503_fails_over(mode: Mode) {
     bed.assert_settled("provider.a.failover", 1);
 }
 
-#[test]
-fn primary_503_fails_over_route() {
-    primary_503_fails_over(Mode::Route);
-}
-
-#[test]
-fn primary_503_fails_over_dispatch() {
-    primary_503_fails_over(Mode::Dispatch);
-}
-
-#[test]
-fn primary_503_fails_over_kong() {
-    primary_503_fails_over(Mode::Kong);
-}
-
-#[test]
-fn primary_503_fails_over_envoy() {
-    primary_503_fails_over(Mode::Envoy);
-}
+twins!(primary_503_fails_over: route, dispatch, kong, envoy);
 
 fn primary_429_retry_after_keeps_it_out(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
@@ -505,25 +514,7 @@ fn primary_429_retry_after_keeps_it_out(mode: Mode) {
     assert_eq!(bed.hits("c"), 0);
 }
 
-#[test]
-fn primary_429_retry_after_keeps_it_out_route() {
-    primary_429_retry_after_keeps_it_out(Mode::Route);
-}
-
-#[test]
-fn primary_429_retry_after_keeps_it_out_dispatch() {
-    primary_429_retry_after_keeps_it_out(Mode::Dispatch);
-}
-
-#[test]
-fn primary_429_retry_after_keeps_it_out_kong() {
-    primary_429_retry_after_keeps_it_out(Mode::Kong);
-}
-
-#[test]
-fn primary_429_retry_after_keeps_it_out_envoy() {
-    primary_429_retry_after_keeps_it_out(Mode::Envoy);
-}
+twins!(primary_429_retry_after_keeps_it_out: route, dispatch, kong, envoy);
 
 fn primary_refused_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [Up::Dead, ok(), ok()]);
@@ -533,25 +524,7 @@ fn primary_refused_fails_over(mode: Mode) {
     bed.assert_settled("provider.a.failure", 1);
 }
 
-#[test]
-fn primary_refused_fails_over_route() {
-    primary_refused_fails_over(Mode::Route);
-}
-
-#[test]
-fn primary_refused_fails_over_dispatch() {
-    primary_refused_fails_over(Mode::Dispatch);
-}
-
-#[test]
-fn primary_refused_fails_over_kong() {
-    primary_refused_fails_over(Mode::Kong);
-}
-
-#[test]
-fn primary_refused_fails_over_envoy() {
-    primary_refused_fails_over(Mode::Envoy);
-}
+twins!(primary_refused_fails_over: route, dispatch, kong, envoy);
 
 fn primary_hang_times_out_and_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [hanging(), ok(), ok()]);
@@ -576,25 +549,7 @@ fn primary_hang_times_out_and_fails_over(mode: Mode) {
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
 }
 
-#[test]
-fn primary_hang_times_out_and_fails_over_route() {
-    primary_hang_times_out_and_fails_over(Mode::Route);
-}
-
-#[test]
-fn primary_hang_times_out_and_fails_over_dispatch() {
-    primary_hang_times_out_and_fails_over(Mode::Dispatch);
-}
-
-#[test]
-fn primary_hang_times_out_and_fails_over_kong() {
-    primary_hang_times_out_and_fails_over(Mode::Kong);
-}
-
-#[test]
-fn primary_hang_times_out_and_fails_over_envoy() {
-    primary_hang_times_out_and_fails_over(Mode::Envoy);
-}
+twins!(primary_hang_times_out_and_fails_over: route, dispatch, kong, envoy);
 
 fn primary_reset_mid_response_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
@@ -620,20 +575,7 @@ fn primary_reset_mid_response_is_counted_route() {
     bed.assert_counter("provider.a.failure", 1);
 }
 
-#[test]
-fn primary_reset_mid_response_fails_over_dispatch() {
-    primary_reset_mid_response_fails_over(Mode::Dispatch);
-}
-
-#[test]
-fn primary_reset_mid_response_fails_over_kong() {
-    primary_reset_mid_response_fails_over(Mode::Kong);
-}
-
-#[test]
-fn primary_reset_mid_response_fails_over_envoy() {
-    primary_reset_mid_response_fails_over(Mode::Envoy);
-}
+twins!(primary_reset_mid_response_fails_over: dispatch, kong, envoy);
 
 fn primary_malformed_200_fails_over(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
@@ -643,25 +585,7 @@ fn primary_malformed_200_fails_over(mode: Mode) {
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
 }
 
-#[test]
-fn primary_malformed_200_fails_over_route() {
-    primary_malformed_200_fails_over(Mode::Route);
-}
-
-#[test]
-fn primary_malformed_200_fails_over_dispatch() {
-    primary_malformed_200_fails_over(Mode::Dispatch);
-}
-
-#[test]
-fn primary_malformed_200_fails_over_kong() {
-    primary_malformed_200_fails_over(Mode::Kong);
-}
-
-#[test]
-fn primary_malformed_200_fails_over_envoy() {
-    primary_malformed_200_fails_over(Mode::Envoy);
-}
+twins!(primary_malformed_200_fails_over: route, dispatch, kong, envoy);
 
 // ---------------------------------------------------------------------------------------------
 // 7: every provider down
@@ -691,25 +615,7 @@ fn all_503_is_a_503_listing_each_attempt(mode: Mode) {
     bed.assert_counter("all_failed", 1);
 }
 
-#[test]
-fn all_503_is_a_503_listing_each_attempt_route() {
-    all_503_is_a_503_listing_each_attempt(Mode::Route);
-}
-
-#[test]
-fn all_503_is_a_503_listing_each_attempt_dispatch() {
-    all_503_is_a_503_listing_each_attempt(Mode::Dispatch);
-}
-
-#[test]
-fn all_503_is_a_503_listing_each_attempt_kong() {
-    all_503_is_a_503_listing_each_attempt(Mode::Kong);
-}
-
-#[test]
-fn all_503_is_a_503_listing_each_attempt_envoy() {
-    all_503_is_a_503_listing_each_attempt(Mode::Envoy);
-}
+twins!(all_503_is_a_503_listing_each_attempt: route, dispatch, kong, envoy);
 
 fn all_refused_is_a_503(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [Up::Dead, Up::Dead, Up::Dead]);
@@ -725,25 +631,7 @@ fn all_refused_is_a_503(mode: Mode) {
     );
 }
 
-#[test]
-fn all_refused_is_a_503_route() {
-    all_refused_is_a_503(Mode::Route);
-}
-
-#[test]
-fn all_refused_is_a_503_dispatch() {
-    all_refused_is_a_503(Mode::Dispatch);
-}
-
-#[test]
-fn all_refused_is_a_503_kong() {
-    all_refused_is_a_503(Mode::Kong);
-}
-
-#[test]
-fn all_refused_is_a_503_envoy() {
-    all_refused_is_a_503(Mode::Envoy);
-}
+twins!(all_refused_is_a_503: route, dispatch, kong, envoy);
 
 fn all_hanging_is_a_504_within_the_deadline(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [hanging(), hanging(), hanging()]);
@@ -770,25 +658,7 @@ fn all_hanging_is_a_504_within_the_deadline(mode: Mode) {
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(1)]);
 }
 
-#[test]
-fn all_hanging_is_a_504_within_the_deadline_route() {
-    all_hanging_is_a_504_within_the_deadline(Mode::Route);
-}
-
-#[test]
-fn all_hanging_is_a_504_within_the_deadline_dispatch() {
-    all_hanging_is_a_504_within_the_deadline(Mode::Dispatch);
-}
-
-#[test]
-fn all_hanging_is_a_504_within_the_deadline_kong() {
-    all_hanging_is_a_504_within_the_deadline(Mode::Kong);
-}
-
-#[test]
-fn all_hanging_is_a_504_within_the_deadline_envoy() {
-    all_hanging_is_a_504_within_the_deadline(Mode::Envoy);
-}
+twins!(all_hanging_is_a_504_within_the_deadline: route, dispatch, kong, envoy);
 
 // ---------------------------------------------------------------------------------------------
 // 8: streaming request whose primary is down
@@ -871,25 +741,7 @@ fn stream_with_hanging_primary_fails_over_at_the_route_idle_timeout_route() {
     );
 }
 
-#[test]
-fn stream_with_primary_down_gets_complete_sse_route() {
-    stream_with_primary_down_gets_complete_sse(Mode::Route);
-}
-
-#[test]
-fn stream_with_primary_down_gets_complete_sse_dispatch() {
-    stream_with_primary_down_gets_complete_sse(Mode::Dispatch);
-}
-
-#[test]
-fn stream_with_primary_down_gets_complete_sse_kong() {
-    stream_with_primary_down_gets_complete_sse(Mode::Kong);
-}
-
-#[test]
-fn stream_with_primary_down_gets_complete_sse_envoy() {
-    stream_with_primary_down_gets_complete_sse(Mode::Envoy);
-}
+twins!(stream_with_primary_down_gets_complete_sse: route, dispatch, kong, envoy);
 
 // ---------------------------------------------------------------------------------------------
 // 9: client errors are not retried
@@ -919,25 +771,7 @@ fn client_error_is_not_retried(mode: Mode) {
     bed.assert_settled("provider.a.failure", 0);
 }
 
-#[test]
-fn client_error_is_not_retried_route() {
-    client_error_is_not_retried(Mode::Route);
-}
-
-#[test]
-fn client_error_is_not_retried_dispatch() {
-    client_error_is_not_retried(Mode::Dispatch);
-}
-
-#[test]
-fn client_error_is_not_retried_kong() {
-    client_error_is_not_retried(Mode::Kong);
-}
-
-#[test]
-fn client_error_is_not_retried_envoy() {
-    client_error_is_not_retried(Mode::Envoy);
-}
+twins!(client_error_is_not_retried: route, dispatch, kong, envoy);
 
 // ---------------------------------------------------------------------------------------------
 // 10: circuit breaker
@@ -995,25 +829,7 @@ fn circuit_opens_then_recovers(mode: Mode) {
     assert_eq!(bed.hits("c"), 0);
 }
 
-#[test]
-fn circuit_opens_then_recovers_route() {
-    circuit_opens_then_recovers(Mode::Route);
-}
-
-#[test]
-fn circuit_opens_then_recovers_dispatch() {
-    circuit_opens_then_recovers(Mode::Dispatch);
-}
-
-#[test]
-fn circuit_opens_then_recovers_kong() {
-    circuit_opens_then_recovers(Mode::Kong);
-}
-
-#[test]
-fn circuit_opens_then_recovers_envoy() {
-    circuit_opens_then_recovers(Mode::Envoy);
-}
+twins!(circuit_opens_then_recovers: route, dispatch, kong, envoy);
 
 // ---------------------------------------------------------------------------------------------
 // 11: credentials stay with the host; end-to-end headers follow the request
@@ -1104,25 +920,7 @@ fn auth_and_headers_follow_the_fallback(mode: Mode) {
     assert_eq!(last["model"], MODEL);
 }
 
-#[test]
-fn auth_and_headers_follow_the_fallback_route() {
-    auth_and_headers_follow_the_fallback(Mode::Route);
-}
-
-#[test]
-fn auth_and_headers_follow_the_fallback_dispatch() {
-    auth_and_headers_follow_the_fallback(Mode::Dispatch);
-}
-
-#[test]
-fn auth_and_headers_follow_the_fallback_kong() {
-    auth_and_headers_follow_the_fallback(Mode::Kong);
-}
-
-#[test]
-fn auth_and_headers_follow_the_fallback_envoy() {
-    auth_and_headers_follow_the_fallback(Mode::Envoy);
-}
+twins!(auth_and_headers_follow_the_fallback: route, dispatch, kong, envoy);
 
 // ---------------------------------------------------------------------------------------------
 // 12: attempts are bounded; a provider is never tried twice
@@ -1168,25 +966,7 @@ fn attempts_are_bounded(mode: Mode) {
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
 }
 
-#[test]
-fn attempts_are_bounded_route() {
-    attempts_are_bounded(Mode::Route);
-}
-
-#[test]
-fn attempts_are_bounded_dispatch() {
-    attempts_are_bounded(Mode::Dispatch);
-}
-
-#[test]
-fn attempts_are_bounded_kong() {
-    attempts_are_bounded(Mode::Kong);
-}
-
-#[test]
-fn attempts_are_bounded_envoy() {
-    attempts_are_bounded(Mode::Envoy);
-}
+twins!(attempts_are_bounded: route, dispatch, kong, envoy);
 
 // ---------------------------------------------------------------------------------------------
 // Streaming limit: a stream that breaks after bytes reached the client
@@ -1259,12 +1039,4 @@ fn stream_broken_after_first_bytes_fails_over(mode: Mode) {
     bed.assert_settled("stream_failed_midway", 0);
 }
 
-#[test]
-fn stream_broken_after_first_bytes_fails_over_dispatch() {
-    stream_broken_after_first_bytes_fails_over(Mode::Dispatch);
-}
-
-#[test]
-fn stream_broken_after_first_bytes_fails_over_kong() {
-    stream_broken_after_first_bytes_fails_over(Mode::Kong);
-}
+twins!(stream_broken_after_first_bytes_fails_over: dispatch, kong);

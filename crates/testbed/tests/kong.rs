@@ -455,7 +455,8 @@ fn bodies_up_to_the_limit_reach_the_provider_whole() {
 
 // The dispatch-mode failover scenarios (503, 429 with Retry-After, refused, hang, cut
 // mid-body, malformed, all failing, streaming, client errors, the circuit, credentials and
-// headers, bounded attempts) run in Kong's host as the `_kong` twins of tests/failover.rs.
+// headers, bounded attempts) run in Kong's host as the `<scenario>::kong` twins of
+// tests/failover.rs.
 
 /// Two nginx workers share one health table: after `failure_threshold` failures seen by
 /// either worker, neither sends to the provider until its cooldown ends.

@@ -112,6 +112,23 @@ impl Bed {
         Bed { mocks, envoy }
     }
 
+    /// Three healthy mocks behind an LLM route generated from `route_json` instead of the
+    /// plugin's configuration (a route that drifted from the plugin's providers).
+    fn drifted(config_json: &str, route_json: &str) -> Bed {
+        let mut cfg = EnvoyConfig::new();
+        let mut mocks = Vec::new();
+        for name in NAMES {
+            let m = MockProvider::start(name, &MockOpts::default()).unwrap();
+            cfg = cfg.provider(ProviderCluster::new(&format!("provider_{name}"), m.port()));
+            mocks.push(m);
+        }
+        let cfg = cfg
+            .market_router_envoy(config_json)
+            .envoy_route_from(route_json);
+        let envoy = Envoy::start(&cfg, 1).unwrap();
+        Bed { mocks, envoy }
+    }
+
     /// Three healthy mocks (behaviours are set per test with `behave`).
     fn healthy(config_json: &str) -> Bed {
         Bed::start(config_json, [0, 1, 2].map(|_| MockOpts::default()))
@@ -349,6 +366,11 @@ fn streaming_fallback(primary: Value, outcome: &str) {
     assert_eq!(bed.counter("provider.a.failover"), Some(1));
     assert_eq!(bed.counter("provider.b.success"), Some(1));
     assert_eq!(bed.counter("recovered_by_failover"), Some(1));
+    assert_eq!(
+        bed.counter("route_drift").unwrap_or(0),
+        0,
+        "a failover is no drift"
+    );
 }
 
 #[test]
@@ -392,6 +414,11 @@ fn refused_primary_fails_over_and_streams() {
         d[0]["tried"],
         json!([["a", "connect_failure"], ["b", "success"]])
     );
+    assert_eq!(
+        bed.counter("route_drift").unwrap_or(0),
+        0,
+        "a failover is no drift"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,6 +456,11 @@ fn slow_to_start_provider_is_left_at_its_ttft_bound_and_a_flowing_stream_is_neve
     assert!(total >= 300 + 1200, "the stream ended after {total} ms");
     let d = bed.decisions(1);
     assert_eq!(d[0]["tried"], json!([["a", "timeout"], ["b", "success"]]));
+    assert_eq!(
+        bed.counter("route_drift").unwrap_or(0),
+        0,
+        "a failover is no drift"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -790,4 +822,209 @@ fn client_cancelling_before_the_answer_is_not_a_provider_failure() {
     assert_eq!(r.header("x-market-router-attempts"), Some("1"));
     assert_eq!(bed.counter("provider.a.failure").unwrap_or(0), 0);
     assert_eq!(bed.counter("provider.a.circuit_open").unwrap_or(0), 0);
+}
+
+/// Lines of Envoy's log reporting a route that does not match the plugin's providers.
+fn drift_lines(bed: &Bed) -> Vec<String> {
+    bed.envoy
+        .log_contents()
+        .lines()
+        .filter(|l| l.contains("do not match the plugin's providers"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn drift_case(route: Value, requests: usize) -> (Bed, Vec<Response>) {
+    let bed = Bed::drifted(&ordered_config(), &route.to_string());
+    let answers = (0..requests).map(|_| bed.post(&[], &chat())).collect();
+    (bed, answers)
+}
+
+#[test]
+fn a_route_whose_groups_send_attempts_elsewhere_is_reported_in_one_line_and_counted() {
+    // The route's group `a` sends to b's cluster and `b` to a's: every first attempt lands on
+    // the wrong provider.
+    let mut route: Value = serde_json::from_str(&ordered_config()).unwrap();
+    route["providers"][0]["cluster"] = json!("provider_b");
+    route["providers"][1]["cluster"] = json!("provider_a");
+    let (bed, answers) = drift_case(route, 4);
+    for r in &answers {
+        assert_eq!(r.status, 200, "{}", show(r));
+    }
+    assert!(
+        bed.counter("route_drift").unwrap_or(0) >= 4,
+        "every drifted attempt is counted: {:?}\n{}",
+        bed.counter("route_drift"),
+        bed.envoy.log_tail(30)
+    );
+    let lines = drift_lines(&bed);
+    assert_eq!(lines.len(), 1, "one line, not one per request: {lines:?}");
+    let line = &lines[0];
+    for needed in [
+        "error",
+        "attempt 1",
+        "cluster `provider_b` (provider b)",
+        "the order named provider a (cluster `provider_a`)",
+        "market-router-envoy-config",
+    ] {
+        assert!(line.contains(needed), "{needed:?} missing from: {line}");
+    }
+}
+
+#[test]
+fn a_route_lacking_a_ranked_provider_is_reported_in_one_line_and_counted() {
+    // The plugin ranks a first; the route has no group for it. Envoy skips a group the route
+    // does not declare, so b answers every request, unseen but for the drift report.
+    let mut route: Value = serde_json::from_str(&ordered_config()).unwrap();
+    if let Some(ps) = route["providers"].as_array_mut() {
+        ps.remove(0);
+    }
+    let (bed, answers) = drift_case(route, 3);
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    assert!(
+        bed.counter("route_drift").unwrap_or(0) >= 3,
+        "counted per request: {:?} (answers {statuses:?})\n{}",
+        bed.counter("route_drift"),
+        bed.envoy.log_tail(30)
+    );
+    for r in &answers {
+        assert_eq!(r.status, 200, "{}", show(r));
+        assert_eq!(
+            r.header("x-market-router-provider"),
+            Some("b"),
+            "{}",
+            show(r)
+        );
+    }
+    let lines = drift_lines(&bed);
+    assert_eq!(lines.len(), 1, "one line: {lines:?} (answers {statuses:?})");
+    assert!(
+        lines[0].contains("where the order named provider a (cluster `provider_a`)"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains("market-router-envoy-config"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(bed.mock("a").hits().unwrap(), 0, "the route cannot reach a");
+}
+
+#[test]
+fn a_route_with_a_cluster_no_provider_uses_is_reported() {
+    // The route's group `a` sends to a cluster the plugin gives no provider.
+    let mut route: Value = serde_json::from_str(&ordered_config()).unwrap();
+    route["providers"][0]["cluster"] = json!("provider_other");
+    let cfg = EnvoyConfig::new();
+    let mut mocks = Vec::new();
+    let mut cfg = cfg;
+    for name in NAMES.iter().chain(["other"].iter()) {
+        let m = MockProvider::start(name, &MockOpts::default()).unwrap();
+        cfg = cfg.provider(ProviderCluster::new(&format!("provider_{name}"), m.port()));
+        mocks.push(m);
+    }
+    // provider_other keeps an upstream role from the same configuration, as a deployment
+    // whose clusters were generated from an older one would.
+    let cfg = cfg
+        .market_router_envoy(&ordered_config())
+        .envoy_route_from(&route.to_string())
+        .upstream_role(&ordered_config());
+    let envoy = Envoy::start(&cfg, 1).unwrap();
+    let bed = Bed { mocks, envoy };
+    let r = bed.post(&[], &chat());
+    let lines = drift_lines(&bed);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{lines:?}: {}\n{}",
+        show(&r),
+        bed.envoy.log_tail(30)
+    );
+    assert!(
+        lines[0].contains(
+            "cluster `provider_other`, which no provider in the plugin configuration uses"
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(bed.counter("route_drift").unwrap_or(0) >= 1);
+}
+
+#[test]
+fn a_failed_providers_message_and_the_answers_usage_reach_the_decision_record() {
+    let bed = Bed::healthy(&ordered_config());
+    bed.behave("a", json!({"status": 503}));
+    let r = bed.post(&[], &chat());
+    assert_eq!(r.status, 200, "{}", show(&r));
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some("b"),
+        "{}",
+        show(&r)
+    );
+    assert_eq!(r.header("x-market-router-attempts"), Some("2"));
+    // Priced from b's usage (held and read by the upstream role), not estimated.
+    assert!(
+        r.header("x-market-router-cost-usd").is_some(),
+        "{}",
+        show(&r)
+    );
+    assert_eq!(r.header("x-market-router-cost-estimated"), None);
+    let usage = r.json().unwrap()["usage"].clone();
+    let d = bed.decisions(1).pop().expect("a decision record");
+    assert_eq!(d["provider"], "b", "{d}");
+    assert_eq!(d["tried"], json!([["a", "5xx"], ["b", "success"]]), "{d}");
+    assert_eq!(
+        d["provider_error"], "a: simulated 503 Service Unavailable",
+        "{d}"
+    );
+    assert_eq!(d["prompt_tokens"], usage["prompt_tokens"], "{d}");
+    assert_eq!(d["completion_tokens"], usage["completion_tokens"], "{d}");
+    assert_eq!(d["cost_estimated"], false, "{d}");
+    // A healthy request after it says nothing of a provider error.
+    bed.behave("a", json!({}));
+    let r = bed.post(&[], &chat());
+    assert_eq!(
+        r.header("x-market-router-provider"),
+        Some("a"),
+        "{}",
+        show(&r)
+    );
+    let d = bed.decisions(2).pop().unwrap();
+    assert_eq!(d["provider_error"], Value::Null, "{d}");
+}
+
+#[test]
+fn an_answer_too_big_to_hold_flows_and_is_priced_from_the_usage_at_its_end() {
+    let bed = Bed::healthy(&ordered_config());
+    // With a content-length over the hold limit, and chunked (it grows past it while held).
+    for (i, chunked) in [false, true].into_iter().enumerate() {
+        bed.behave("a", json!({"answer_bytes": 700_000, "chunked": chunked}));
+        let r = bed.post(&[], &chat());
+        assert_eq!(r.status, 200, "chunked {chunked}: {}", show(&r));
+        assert!(
+            r.body.len() >= 700_000,
+            "chunked {chunked}: {} bytes",
+            r.body.len()
+        );
+        assert_eq!(r.header("x-market-router-provider"), Some("a"));
+        let usage = r.json().unwrap()["usage"].clone();
+        assert!(usage["prompt_tokens"].as_u64().unwrap_or(0) > 0, "{usage}");
+        let d = bed.decisions(i + 1).pop().expect("a decision record");
+        assert_eq!(d["provider"], "a", "chunked {chunked}: {d}");
+        assert_eq!(d["status"], 200, "{d}");
+        assert_eq!(
+            d["prompt_tokens"], usage["prompt_tokens"],
+            "chunked {chunked}: {d}"
+        );
+        assert_eq!(d["completion_tokens"], usage["completion_tokens"], "{d}");
+        assert_eq!(d["cost_estimated"], false, "chunked {chunked}: {d}");
+        assert!(d["cost_usd"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
+    }
+    assert!(
+        bed.counter("provider.a.tokens_in").unwrap_or(0) > 0,
+        "tokens counted: {}",
+        bed.envoy.log_tail(20)
+    );
 }

@@ -1,7 +1,10 @@
 //! Observability through a real Envoy: Prometheus counters and the decision-time histogram,
 //! response headers (provider, attempts, strategy, cost, snapshot age), the decision record in
 //! the access log, what the filter logs (and never logs), the transparency endpoints, gradual
-//! rollout counters, and the `report` example against a live Envoy.
+//! rollout counters, and the `report` example against a live Envoy. The response headers,
+//! the market-fed headers and the transparency endpoints are checked in Kong's wasm host too
+//! (dispatch mode), in the same test bodies ([`Host`]); Prometheus, the access log and
+//! Envoy's own 404s are Envoy's.
 //!
 //! Needs the wasm module (`make build`), the example binaries (`cargo build --examples`) and
 //! Envoy (`make envoy`).
@@ -49,6 +52,65 @@ struct Bed {
     envoy: Envoy,
 }
 
+/// The host a scenario runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Host {
+    /// Envoy, in the configuration's failover mode (route by default).
+    Envoy,
+    /// Kong's wasm host, dispatch mode.
+    Kong,
+}
+
+/// Where requests go: Envoy's listener or a [`Gateway`]'s.
+trait Listener {
+    fn url(&self, path: &str) -> String;
+}
+
+impl Listener for Envoy {
+    fn url(&self, path: &str) -> String {
+        Envoy::url(self, path)
+    }
+}
+
+impl Listener for Gateway {
+    fn url(&self, path: &str) -> String {
+        Gateway::url(self, path)
+    }
+}
+
+impl<T: Listener> Listener for &T {
+    fn url(&self, path: &str) -> String {
+        (*self).url(path)
+    }
+}
+
+/// Two mocks and `host` running the filter with `config`; on Kong the clusters become the
+/// mocks' (and the sidecar's) `127.0.0.1:<port>` and the failover mode `dispatch`.
+fn bed_on(
+    host: Host,
+    config: &Value,
+    sidecar: Option<u16>,
+) -> (MockProvider, MockProvider, Gateway) {
+    if host == Host::Envoy {
+        let Bed { a, b, envoy } = bed(config, |c| match sidecar {
+            Some(port) => c.sidecar("market_sidecar", port),
+            None => c,
+        });
+        return (a, b, Gateway::Envoy(envoy));
+    }
+    let a = MockProvider::start("a", &MockOpts::default()).unwrap();
+    let b = MockProvider::start("b", &MockOpts::default()).unwrap();
+    let mut config = config.clone();
+    config["providers"][0]["cluster"] = json!(format!("127.0.0.1:{}", a.port()));
+    config["providers"][1]["cluster"] = json!(format!("127.0.0.1:{}", b.port()));
+    if let Some(port) = sidecar {
+        config["market"]["cluster"] = json!(format!("127.0.0.1:{port}"));
+    }
+    config["failover"]["mode"] = json!("dispatch");
+    let kong = Kong::start(&KongConfig::new().market_router(&config.to_string())).unwrap();
+    (a, b, Gateway::Kong(kong))
+}
+
 fn bed(config: &Value, tune: impl FnOnce(EnvoyConfig) -> EnvoyConfig) -> Bed {
     let a = MockProvider::start("a", &MockOpts::default()).unwrap();
     let b = MockProvider::start("b", &MockOpts::default()).unwrap();
@@ -68,8 +130,8 @@ fn chat(model: &str, text: &str, max_tokens: Option<u64>) -> Value {
     v
 }
 
-fn post(envoy: &Envoy, body: &Value, headers: &[(&str, &str)]) -> Response {
-    post_json(&envoy.url(CHAT), headers, body, T).unwrap()
+fn post(host: &impl Listener, body: &Value, headers: &[(&str, &str)]) -> Response {
+    post_json(&host.url(CHAT), headers, body, T).unwrap()
 }
 
 /// Bytes of `body` as the provider receives it: the client's JSON with `model` rewritten.
@@ -291,7 +353,17 @@ fn prometheus_counters_move_by_exactly_the_traffic() {
 
 #[test]
 fn response_headers_carry_provider_attempts_strategy_and_cost() {
-    let Bed { a, b: _b, envoy } = bed(&base_config(), |c| c);
+    response_headers_carry_provider_attempts_strategy_and_cost_on(Host::Envoy);
+}
+
+#[test]
+fn response_headers_carry_provider_attempts_strategy_and_cost_kong() {
+    response_headers_carry_provider_attempts_strategy_and_cost_on(Host::Kong);
+}
+
+fn response_headers_carry_provider_attempts_strategy_and_cost_on(host: Host) {
+    let (a, _b, gateway) = bed_on(host, &base_config(), None);
+    let envoy = &gateway;
 
     // Non-streaming: the exact cost of the answer's usage at a's price.
     let body = chat("m", "what does this cost", Some(5));
@@ -320,9 +392,10 @@ fn response_headers_carry_provider_attempts_strategy_and_cost() {
         "no market configured"
     );
 
-    // Streaming with include_usage: the header can only be an estimate, but the counters take
-    // the real usage from the final chunk.
-    let before = prom(&envoy);
+    // Streaming with include_usage: in route mode the header can only be an estimate, but the
+    // counters take the real usage from the final chunk (Envoy's Prometheus page; Kong's host
+    // has none).
+    let before = gateway.envoy().map(prom);
     let mut body = chat("m", "stream me a few words please", Some(6));
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
@@ -331,9 +404,6 @@ fn response_headers_carry_provider_attempts_strategy_and_cost() {
     assert_eq!(header(&r, "content-type"), "text/event-stream");
     assert_eq!(header(&r, "x-market-router-provider"), "a");
     assert_eq!(header(&r, "x-market-router-attempts"), "1");
-    assert_eq!(header(&r, "x-market-router-cost-estimated"), "true");
-    let estimate: f64 = header(&r, "x-market-router-cost-usd").parse().unwrap();
-    assert!(estimate > 0.0 && estimate < 1.0, "estimate {estimate}");
     let data = r.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let final_usage = data
@@ -347,9 +417,26 @@ fn response_headers_carry_provider_attempts_strategy_and_cost() {
         final_usage["usage"]["completion_tokens"].as_u64().unwrap(),
     );
     assert_eq!(streamed, mock_usage(&body, "m"));
-    let mut after = prom(&envoy);
+    if host == Host::Kong {
+        // Dispatch mode holds the whole stream before it answers: the cost is the usage's.
+        assert_eq!(r.header("x-market-router-cost-estimated"), None);
+        assert_eq!(
+            header(&r, "x-market-router-cost-usd"),
+            format!("{:.8}", cost_usd(streamed, A_IN, A_OUT))
+        );
+    } else {
+        assert_eq!(header(&r, "x-market-router-cost-estimated"), "true");
+        let estimate: f64 = header(&r, "x-market-router-cost-usd").parse().unwrap();
+        assert!(estimate > 0.0 && estimate < 1.0, "estimate {estimate}");
+    }
+    assert_eq!(a.hits().unwrap(), 2);
+    let (Some(before), Some(envoy)) = (before, gateway.envoy()) else {
+        gateway.assert_no_crash();
+        return;
+    };
+    let mut after = prom(envoy);
     wait_for("the stream's usage in the counters", T, || {
-        after = prom(&envoy);
+        after = prom(envoy);
         delta(&before, &after, &pc("a", "tokens_in")) > 0.0
     });
     assert_eq!(
@@ -365,11 +452,19 @@ fn response_headers_carry_provider_attempts_strategy_and_cost() {
         micro_usd(streamed, A_IN, A_OUT) as f64
     );
     assert_eq!(delta(&before, &after, &pc("a", "success")), 1.0);
-    assert_eq!(a.hits().unwrap(), 2);
 }
 
 #[test]
 fn market_fed_answers_carry_snapshot_age_and_market_price() {
+    market_fed_answers_carry_snapshot_age_and_market_price_on(Host::Envoy);
+}
+
+#[test]
+fn market_fed_answers_carry_snapshot_age_and_market_price_kong() {
+    market_fed_answers_carry_snapshot_age_and_market_price_on(Host::Kong);
+}
+
+fn market_fed_answers_carry_snapshot_age_and_market_price_on(host: Host) {
     let dir = TempDir::new("obs-market").unwrap();
     let file = dir.join("snapshot.json");
     let generated = now_ms() - 2000;
@@ -388,11 +483,7 @@ fn market_fed_answers_carry_snapshot_age_and_market_price() {
     let mut config = base_config();
     config["market"] = json!({"cluster": "market_sidecar", "refresh_ms": 200,
                               "max_age_ms": 60000, "timeout_ms": 1000});
-    let Bed {
-        a: _a,
-        b: _b,
-        envoy,
-    } = bed(&config, |c| c.sidecar("market_sidecar", sidecar.port()));
+    let (_a, _b, envoy) = bed_on(host, &config, Some(sidecar.port()));
     wait_for(
         "the snapshot in the filter",
         Duration::from_secs(10),
@@ -424,6 +515,7 @@ fn market_fed_answers_carry_snapshot_age_and_market_price() {
         "priced at the market's price, not the static one"
     );
     assert!(sidecar.hits().unwrap() >= 1);
+    envoy.assert_no_crash();
 }
 
 /// Access log line prefix used by the decision-record test.
@@ -662,7 +754,16 @@ fn logs_tell_the_story_without_prompts_or_keys() {
 
 #[test]
 fn transparency_endpoints_answer_from_the_snapshot_alone() {
-    let Bed { a, b, envoy } = bed(&base_config(), |c| c);
+    transparency_endpoints_answer_from_the_snapshot_alone_on(Host::Envoy);
+}
+
+#[test]
+fn transparency_endpoints_answer_from_the_snapshot_alone_kong() {
+    transparency_endpoints_answer_from_the_snapshot_alone_on(Host::Kong);
+}
+
+fn transparency_endpoints_answer_from_the_snapshot_alone_on(host: Host) {
+    let (a, b, envoy) = bed_on(host, &base_config(), None);
 
     let r = get(&envoy.url("/market-router/v1/models"), T).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
@@ -733,8 +834,13 @@ fn transparency_endpoints_answer_from_the_snapshot_alone() {
         (0, 0),
         "no provider is asked"
     );
+    envoy.assert_no_crash();
+    let Some(e) = envoy.envoy() else {
+        // Kong: the rest (Envoy's stats and its own 404 once disabled) is Envoy's.
+        return;
+    };
     assert_eq!(
-        envoy.stat("cluster.provider_a.upstream_rq_total").unwrap(),
+        e.stat("cluster.provider_a.upstream_rq_total").unwrap(),
         Some(0)
     );
     drop(envoy);

@@ -1,6 +1,8 @@
 //! One end-to-end test per README promise that had none: each runs the filter in a real
 //! Envoy with mock providers (and the market sidecar where the promise is about market data)
-//! and fails when the promised behaviour is removed.
+//! and fails when the promised behaviour is removed. Each promise that holds in dispatch mode
+//! runs in Kong's wasm host too, in the same test body (mode [`KONG`]); Kong's host has no
+//! stats endpoint, so counters and gauges are checked on Envoy only.
 //!
 //! Needs the filter module (`make build`), the example binaries (`cargo build --examples`) and
 //! Envoy (`make envoy`).
@@ -18,7 +20,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const MODEL: &str = "gpt-4o-mini";
-const MODES: [&str; 2] = ["route", "dispatch"];
+/// Every failover mode a promise about failover is checked in (the last: Kong's host).
+const MODES: [&str; 3] = ["route", "dispatch", KONG];
+/// The hosts a promise about the answer or the ranking is checked in: Envoy (route mode) and
+/// Kong's (dispatch mode).
+const HOSTS: [&str; 2] = ["route", KONG];
 
 /// Providers `a` (cheapest), `b`, `c` with static offers, `cheapest`, the given failover
 /// section merged over a default one.
@@ -64,21 +70,38 @@ fn provider_of(r: &common::Response) -> Option<&str> {
 /// error, while the answer itself and a provider's Retry-After (standard HTTP) stay.
 #[test]
 fn response_headers_false_leaves_out_our_headers_only() {
-    let mut cfg = config(&["a", "b"], json!({}));
-    cfg["response_headers"] = json!(false);
-    let bed = Bed::start(&["a", "b"], cfg, 1);
-    let r = bed.chat(MODEL, &[]);
-    assert_eq!(r.status, 200, "{}", show(&r));
-    assert_eq!(r.json().unwrap()["provider"], "a");
-    assert_eq!(our_headers(&r), Vec::<String>::new(), "{:?}", r.headers);
+    for mode in HOSTS {
+        let mut cfg = config(&["a", "b"], json!({"mode": mode}));
+        cfg["response_headers"] = json!(false);
+        let bed = Bed::start(&["a", "b"], cfg, 1);
+        let r = bed.chat(MODEL, &[]);
+        assert_eq!(r.status, 200, "{mode}: {}", show(&r));
+        assert_eq!(r.json().unwrap()["provider"], "a", "{mode}");
+        assert_eq!(
+            our_headers(&r),
+            Vec::<String>::new(),
+            "{mode}: {:?}",
+            r.headers
+        );
 
-    bed.behave("a", json!({"status": 503, "retry_after": 7}));
-    bed.behave("b", json!({"status": 503, "retry_after": 9}));
-    let r = bed.chat(MODEL, &[]);
-    assert_eq!(r.status, 503, "{}", show(&r));
-    assert_eq!(r.json().unwrap()["error"]["code"], "all_providers_failed");
-    assert_eq!(our_headers(&r), Vec::<String>::new(), "{:?}", r.headers);
-    assert_eq!(r.header("retry-after"), Some("7"), "{:?}", r.headers);
+        bed.behave("a", json!({"status": 503, "retry_after": 7}));
+        bed.behave("b", json!({"status": 503, "retry_after": 9}));
+        let r = bed.chat(MODEL, &[]);
+        assert_eq!(r.status, 503, "{mode}: {}", show(&r));
+        assert_eq!(r.json().unwrap()["error"]["code"], "all_providers_failed");
+        assert_eq!(
+            our_headers(&r),
+            Vec::<String>::new(),
+            "{mode}: {:?}",
+            r.headers
+        );
+        assert_eq!(
+            r.header("retry-after"),
+            Some("7"),
+            "{mode}: {:?}",
+            r.headers
+        );
+    }
 }
 
 /// The `all_providers_failed` answer carries the soonest `Retry-After` a provider sent.
@@ -164,30 +187,34 @@ fn retry_after_on_a_503_keeps_the_provider_out() {
 /// logged at warn, and `/route` says `last_resort`.
 #[test]
 fn last_resort_tries_held_back_providers_soonest_free_first() {
-    let bed = Bed::start(&["a", "b"], config(&["a", "b"], json!({})), 1);
-    // Both ask for quiet, b for longer.
-    bed.behave("a", json!({"status": 503, "retry_after": 30}));
-    bed.behave("b", json!({"status": 503, "retry_after": 60}));
-    assert_eq!(bed.chat(MODEL, &[]).status, 503);
-    bed.behave("a", json!({}));
-    bed.behave("b", json!({}));
+    for mode in HOSTS {
+        let bed = Bed::start(&["a", "b"], config(&["a", "b"], json!({"mode": mode})), 1);
+        // Both ask for quiet, b for longer.
+        bed.behave("a", json!({"status": 503, "retry_after": 30}));
+        bed.behave("b", json!({"status": 503, "retry_after": 60}));
+        assert_eq!(bed.chat(MODEL, &[]).status, 503, "{mode}");
+        bed.behave("a", json!({}));
+        bed.behave("b", json!({}));
 
-    let v = route_json(&bed, &format!("model={MODEL}"));
-    assert_eq!(v["last_resort"], true, "{v}");
-    let ranked: Vec<&str> = v["candidates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["provider"].as_str().unwrap())
-        .collect();
-    assert_eq!(ranked.first(), Some(&"a"), "a is free soonest: {v}");
+        let v = route_json(&bed, &format!("model={MODEL}"));
+        assert_eq!(v["last_resort"], true, "{mode}: {v}");
+        let ranked: Vec<&str> = v["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["provider"].as_str().unwrap())
+            .collect();
+        assert_eq!(ranked.first(), Some(&"a"), "{mode}: a is free soonest: {v}");
 
-    let r = bed.chat(MODEL, &[]);
-    assert_eq!(r.status, 200, "{}", show(&r));
-    assert_eq!(provider_of(&r), Some("a"), "{}", show(&r));
-    let warn = bed.log_lines("every provider is held back by health; trying them anyway");
-    assert!(!warn.is_empty(), "{}", bed.gateway.log_tail(20));
-    assert!(warn.iter().all(|l| l.contains("[warning]")), "{warn:#?}");
+        let r = bed.chat(MODEL, &[]);
+        assert_eq!(r.status, 200, "{mode}: {}", show(&r));
+        assert_eq!(provider_of(&r), Some("a"), "{mode}: {}", show(&r));
+        let warn = bed.log_lines("every provider is held back by health; trying them anyway");
+        assert!(!warn.is_empty(), "{mode}: {}", bed.gateway.log_tail(20));
+        // The host's word for the level: Envoy's `[warning]`, nginx's `[warn]`.
+        let level = if bed.is_kong() { "[warn]" } else { "[warning]" };
+        assert!(warn.iter().all(|l| l.contains(level)), "{mode}: {warn:#?}");
+    }
 }
 
 /// `retry_on: ["4xx"]` fails over on a provider's client error; `retry_on_status` on the
@@ -393,10 +420,16 @@ fn default_output_tokens_prices_requests_without_max_tokens() {
         p
     };
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}]});
-    for (tokens, winner) in [(1, "x"), (1000, "y")] {
+    for (mode, tokens, winner) in [
+        ("route", 1, "x"),
+        ("route", 1000, "y"),
+        (KONG, 1, "x"),
+        (KONG, 1000, "y"),
+    ] {
         let cfg = json!({
             "providers": [priced("x", 0.1, 10.0), priced("y", 10.0, 1.0)],
-            "routing": {"strategy": "cheapest", "default_output_tokens": tokens}
+            "routing": {"strategy": "cheapest", "default_output_tokens": tokens},
+            "failover": {"mode": mode}
         });
         let bed = Bed::start(&["x", "y"], cfg, 1);
         let v = route_json(&bed, &format!("model={MODEL}&input_tokens=10"));
@@ -405,7 +438,7 @@ fn default_output_tokens_prices_requests_without_max_tokens() {
         assert_eq!(
             provider_of(&r),
             Some(winner),
-            "default_output_tokens {tokens}: {}",
+            "{mode}: default_output_tokens {tokens}: {}",
             show(&r)
         );
     }
@@ -415,12 +448,20 @@ fn default_output_tokens_prices_requests_without_max_tokens() {
 // Market data
 // ---------------------------------------------------------------------------------------------
 
-/// A market bed: providers `a` and `b` serving `models`, the sidecar serving `snap`.
-fn market_bed(models: &[&str], snap: Value, extra: Value, sidecar_path: Option<&str>) -> Bed {
+/// A market bed: providers `a` and `b` serving `models`, the sidecar serving `snap`, the
+/// filter in failover mode `mode`.
+fn market_bed(
+    mode: &str,
+    models: &[&str],
+    snap: Value,
+    extra: Value,
+    sidecar_path: Option<&str>,
+) -> Bed {
     let mut cfg = json!({
         "providers": [market_provider("a", models), market_provider("b", models)],
         "market": market_section(200),
-        "routing": {"strategy": "cheapest"}
+        "routing": {"strategy": "cheapest"},
+        "failover": {"mode": mode}
     });
     for (k, v) in extra.as_object().unwrap() {
         if k == "market" {
@@ -466,19 +507,26 @@ fn wait_offers(bed: &Bed, prefix: &str, n: u64) -> Value {
 /// A snapshot over `limits.max_snapshot_bytes` is refused: counted, logged, last good kept.
 #[test]
 fn max_snapshot_bytes_refuses_a_big_snapshot() {
+    for mode in HOSTS {
+        max_snapshot_bytes_refuses_a_big_snapshot_in(mode);
+    }
+}
+
+fn max_snapshot_bytes_refuses_a_big_snapshot_in(mode: &str) {
     let extra: Vec<String> = (0..40).map(|i| format!("extra-model-{i}")).collect();
     let mut models = vec![MODEL];
     models.extend(extra.iter().map(String::as_str));
     let small = snapshot(&[offer("a", MODEL, 0.1, 0.1), offer("b", MODEL, 1.0, 1.0)]);
     let bed = market_bed(
+        mode,
         &models,
         small,
         json!({"limits": {"max_snapshot_bytes": 2048}}),
         None,
     );
     wait_offers(&bed, "/market-router/v1", 2);
-    assert_eq!(bed.routed(MODEL, &[]), "a");
-    let failed_before = bed.counter("snapshot.refresh_failed");
+    assert_eq!(bed.routed(MODEL, &[]), "a", "{mode}");
+    let failed_before = bed.counter_on_envoy("snapshot.refresh_failed");
 
     // 82 offers, b now cheapest: far over 2048 bytes once stored.
     let mut offers = vec![offer("a", MODEL, 5.0, 5.0), offer("b", MODEL, 0.1, 0.1)];
@@ -495,13 +543,21 @@ fn max_snapshot_bytes_refuses_a_big_snapshot() {
         "no refusal logged: {}",
         bed.gateway.log_tail(20)
     );
-    assert!(bed.counter("snapshot.refresh_failed") > failed_before);
+    if let (Some(after), Some(before)) = (
+        bed.counter_on_envoy("snapshot.refresh_failed"),
+        failed_before,
+    ) {
+        assert!(
+            after > before,
+            "{mode}: snapshot.refresh_failed {before} -> {after}"
+        );
+    }
     let v = route_json(&bed, &format!("model={MODEL}"));
-    assert_eq!(v["snapshot"]["offers"], 2, "{v}");
+    assert_eq!(v["snapshot"]["offers"], 2, "{mode}: {v}");
     assert_eq!(
         bed.routed(MODEL, &[]),
         "a",
-        "the refused snapshot moved traffic"
+        "{mode}: the refused snapshot moved traffic"
     );
 }
 
@@ -514,7 +570,7 @@ fn snapshot_gauges_report_offers_and_age() {
         offer("b", "other-model", 1.0, 1.0),
     ]);
     snap["generated_at_ms"] = json!(now_ms() - 60_000);
-    let bed = market_bed(&[MODEL, "other-model"], snap, json!({}), None);
+    let bed = market_bed("route", &[MODEL, "other-model"], snap, json!({}), None);
     wait_offers(&bed, "/market-router/v1", 3);
     let gauge = |name: &str| {
         bed.envoy()
@@ -535,12 +591,18 @@ fn snapshot_gauges_report_offers_and_age() {
 /// renames the keys the fetching VM writes and the workers read (two workers route on it).
 #[test]
 fn market_path_authority_and_shared_data_prefix_are_used() {
+    for mode in HOSTS {
+        market_path_authority_and_shared_data_prefix_are_used_in(mode);
+    }
+}
+
+fn market_path_authority_and_shared_data_prefix_are_used_in(mode: &str) {
     let snap = snapshot(&[offer("a", MODEL, 1.0, 1.0), offer("b", MODEL, 0.1, 0.1)]);
     let extra = json!({
         "market": {"path": "/feeds/llm-market.json", "authority": "market.internal"},
         "shared_data_prefix": "edge-7"
     });
-    let mut bed = market_bed(&[MODEL], snap, extra, Some("/feeds/llm-market.json"));
+    let mut bed = market_bed(mode, &[MODEL], snap, extra, Some("/feeds/llm-market.json"));
     wait_offers(&bed, "/market-router/v1", 2);
     let stats = bed.sidecar.as_ref().unwrap().stats().unwrap();
     assert_eq!(stats["last_headers"]["host"], "market.internal", "{stats}");
@@ -551,15 +613,25 @@ fn market_path_authority_and_shared_data_prefix_are_used() {
     drop(bed.sidecar.take());
     let snap = snapshot(&[offer("a", MODEL, 1.0, 1.0), offer("b", MODEL, 0.1, 0.1)]);
     let other = market_bed(
+        mode,
         &[MODEL],
         snap,
         json!({"market": {"path": "/feeds/llm-market.json"}}),
         None,
     );
-    thread::sleep(Duration::from_millis(1000));
+    // The filter says why it has no snapshot: Envoy's counter, the log line on both hosts.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            !other.log_lines("market refresh failed").is_empty()
+        }),
+        "{mode}: no refresh failure logged: {}",
+        other.gateway.log_tail(20)
+    );
     let v = route_json(&other, &format!("model={MODEL}"));
-    assert_eq!(v["snapshot"]["offers"], 0, "{v}");
-    assert!(other.counter("snapshot.refresh_failed") >= 1);
+    assert_eq!(v["snapshot"]["offers"], 0, "{mode}: {v}");
+    assert!(other
+        .counter_on_envoy("snapshot.refresh_failed")
+        .is_none_or(|n| n >= 1));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -570,26 +642,28 @@ fn market_path_authority_and_shared_data_prefix_are_used() {
 /// an ordinary path.
 #[test]
 fn custom_explain_path_prefix() {
-    let mut cfg = config(&["a", "b"], json!({}));
-    cfg["explain"] = json!({"path_prefix": "/ops/router"});
-    let bed = Bed::start(&["a", "b"], cfg, 1);
-    let r = bed.get("/ops/router/models");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let m = r.json().unwrap();
-    assert_eq!(m["object"], "list", "{m}");
-    assert_eq!(m["data"][0]["id"], MODEL, "{m}");
-    let v = route_json_at(&bed, "/ops/router", &format!("model={MODEL}"));
-    assert_eq!(v["candidates"][0]["provider"], "a", "{v}");
-    let r = bed.get("/market-router/v1/models");
-    let answered_by_filter = r
-        .json()
-        .map(|v| v["object"] == "list" && v["data"].is_array())
-        .unwrap_or(false);
-    assert!(
-        !answered_by_filter,
-        "the default prefix still answers: {}",
-        r.text()
-    );
+    for mode in HOSTS {
+        let mut cfg = config(&["a", "b"], json!({"mode": mode}));
+        cfg["explain"] = json!({"path_prefix": "/ops/router"});
+        let bed = Bed::start(&["a", "b"], cfg, 1);
+        let r = bed.get("/ops/router/models");
+        assert_eq!(r.status, 200, "{mode}: {}", r.text());
+        let m = r.json().unwrap();
+        assert_eq!(m["object"], "list", "{mode}: {m}");
+        assert_eq!(m["data"][0]["id"], MODEL, "{mode}: {m}");
+        let v = route_json_at(&bed, "/ops/router", &format!("model={MODEL}"));
+        assert_eq!(v["candidates"][0]["provider"], "a", "{mode}: {v}");
+        let r = bed.get("/market-router/v1/models");
+        let answered_by_filter = r
+            .json()
+            .map(|v| v["object"] == "list" && v["data"].is_array())
+            .unwrap_or(false);
+        assert!(
+            !answered_by_filter,
+            "{mode}: the default prefix still answers: {}",
+            r.text()
+        );
+    }
 }
 
 fn route_json_at(bed: &Bed, prefix: &str, query: &str) -> Value {
@@ -625,26 +699,34 @@ fn custom_cluster_header_routes() {
 /// Dispatch mode sends `providers[].headers` and `providers[].authority` with every attempt.
 #[test]
 fn provider_headers_and_authority_in_dispatch_mode() {
-    let mut cfg = config(&["a", "b"], json!({"mode": "dispatch"}));
-    cfg["providers"][0]["headers"] = json!({"x-tenant": "t-17", "api-key": "k-a"});
-    cfg["providers"][0]["authority"] = json!("api.a.example");
-    cfg["providers"][1]["headers"] = json!({"x-tenant": "t-18"});
-    let bed = Bed::start(&["a", "b"], cfg, 1);
-    assert_eq!(bed.routed(MODEL, &[]), "a");
-    let h = bed.mock("a").last_request().unwrap()["headers"].clone();
-    assert_eq!(h["x-tenant"], "t-17", "{h}");
-    assert_eq!(h["api-key"], "k-a", "{h}");
-    assert_eq!(h["host"], "api.a.example", "{h}");
-    // The fallback gets its own headers, not a's.
-    bed.behave("a", json!({"status": 503}));
-    assert_eq!(bed.routed(MODEL, &[]), "b");
-    let h = bed.mock("b").last_request().unwrap()["headers"].clone();
-    assert_eq!(h["x-tenant"], "t-18", "{h}");
-    assert!(h.get("api-key").is_none(), "{h}");
-    assert_eq!(
-        h["host"], "provider_b",
-        "authority defaults to the cluster: {h}"
-    );
+    for mode in ["dispatch", KONG] {
+        let mut cfg = config(&["a", "b"], json!({"mode": mode}));
+        cfg["providers"][0]["headers"] = json!({"x-tenant": "t-17", "api-key": "k-a"});
+        cfg["providers"][0]["authority"] = json!("api.a.example");
+        cfg["providers"][1]["headers"] = json!({"x-tenant": "t-18"});
+        let bed = Bed::start(&["a", "b"], cfg, 1);
+        assert_eq!(bed.routed(MODEL, &[]), "a", "{mode}");
+        let h = bed.mock("a").last_request().unwrap()["headers"].clone();
+        assert_eq!(h["x-tenant"], "t-17", "{mode}: {h}");
+        assert_eq!(h["api-key"], "k-a", "{mode}: {h}");
+        assert_eq!(h["host"], "api.a.example", "{mode}: {h}");
+        // The fallback gets its own headers, not a's.
+        bed.behave("a", json!({"status": 503}));
+        assert_eq!(bed.routed(MODEL, &[]), "b", "{mode}");
+        let h = bed.mock("b").last_request().unwrap()["headers"].clone();
+        assert_eq!(h["x-tenant"], "t-18", "{mode}: {h}");
+        assert!(h.get("api-key").is_none(), "{mode}: {h}");
+        // The cluster: Envoy's name for it, the provider's address on Kong.
+        let cluster = if bed.is_kong() {
+            format!("127.0.0.1:{}", bed.mock("b").port())
+        } else {
+            "provider_b".to_string()
+        };
+        assert_eq!(
+            h["host"], cluster,
+            "{mode}: authority defaults to the cluster: {h}"
+        );
+    }
 }
 
 /// Dispatch mode sends `providers[].scheme` as the attempt's `:scheme` (seen by a provider

@@ -2,8 +2,8 @@
 //! failover modes: clients that accept compressed answers, providers that compress (when
 //! asked, and when not), answers bigger than Envoy's buffer, chunked answers without a length,
 //! what the client hears when every attempt fails, and routing headers a client must not be
-//! able to use to pick a cluster. The `_kong` twins run the dispatch scenarios nginx's gzip
-//! filter can serve (gzip only) in Kong's wasm host.
+//! able to use to pick a cluster. The `_kong` twins run the dispatch scenarios in Kong's wasm
+//! host, nginx's gzip filter (gzip only) as the compressor in front.
 //!
 //! Needs the filter module (`make build`), the example binaries (`cargo build --examples`) and
 //! Envoy (`make envoy`).
@@ -221,11 +221,17 @@ fn json_of(r: &Response) -> Value {
 /// encoding it accepted, and its cost comes from its usage.
 fn compressing_providers_serve_gzip_clients(mode: Mode) {
     let bed = Bed::start(mode, true, Default::default());
+    // Envoy's compressors do gzip, br and zstd; nginx's gzip filter (Kong) gzip only, so a
+    // client asking for br or zstd alone gets plain bytes there (which it accepts too).
+    let (br, zstd, br_over_gzip) = match mode {
+        Mode::Kong => (None, None, Some("gzip")),
+        _ => (Some("br"), Some("zstd"), Some("br")),
+    };
     for (accept, want) in [
         (HTTPX_ACCEPT, Some("gzip")),
-        ("br", Some("br")),
-        ("zstd", Some("zstd")),
-        ("gzip;q=0.5, br;q=1.0", Some("br")),
+        ("br", br),
+        ("zstd", zstd),
+        ("gzip;q=0.5, br;q=1.0", br_over_gzip),
         ("identity", None),
     ] {
         let r = bed.post(
@@ -320,6 +326,11 @@ fn compressing_providers_serve_gzip_clients_dispatch() {
     compressing_providers_serve_gzip_clients(Mode::Dispatch);
 }
 
+#[test]
+fn compressing_providers_serve_gzip_clients_kong() {
+    compressing_providers_serve_gzip_clients(Mode::Kong);
+}
+
 /// Without Envoy's compressor configured, a gzip-accepting client still gets its answer (plain,
 /// which it accepts too) from the first provider.
 fn gzip_clients_are_served_without_a_compressor(mode: Mode) {
@@ -366,9 +377,12 @@ fn gzip_clients_are_served_without_a_compressor_kong() {
     gzip_clients_are_served_without_a_compressor(Mode::Kong);
 }
 
-/// A provider that compresses whatever it is asked serves, is not charged a failure, and
-/// the client can read what it gets: its answer is not read (it flows unheld in route mode,
-/// and is passed on as it came in dispatch mode), so it is priced from the estimate.
+/// A provider that compresses whatever it is asked (gzip, br or zstd) serves, is not charged a
+/// failure, and the client can read what it gets: its answer is not read (it flows unheld in
+/// route mode, and is passed on as it came in dispatch mode), so it is priced from the
+/// estimate. Its body reaches the client byte for byte: framed by its length (or chunked),
+/// nothing added (Kong's host adds a newline to every local reply, which the filter cuts off
+/// again for these: a gzip, br or zstd decoder refuses a trailing byte).
 fn providers_that_always_compress_are_not_charged(mode: Mode, compression: bool) {
     let always = |c: &str| MockOpts {
         compress_always: Some(c.to_string()),
@@ -379,27 +393,44 @@ fn providers_that_always_compress_are_not_charged(mode: Mode, compression: bool)
         compression,
         [always("gzip"), always("br"), always("zstd")],
     );
-    for (path, body) in [
-        ("/v1/chat/completions", chat()),
-        ("/v1/embeddings", embeddings()),
-    ] {
-        let r = bed.post(path, &[("accept-encoding", "gzip, br, zstd")], &body);
-        assert_eq!(r.status, 200, "{}", show(&r));
-        assert_eq!(
-            r.header("x-market-router-provider"),
-            Some("a"),
-            "{}",
-            show(&r)
-        );
-        assert_eq!(r.header("x-market-router-attempts"), Some("1"));
-        let v = json_of(&r);
-        assert!(v["usage"].is_object(), "{v}");
-        assert_eq!(r.header("content-encoding"), Some("gzip"), "as it came");
-        assert_eq!(r.header("x-market-router-cost-estimated"), Some("true"));
+    for coding in ["gzip", "br", "zstd"] {
+        bed.mock("a")
+            .set_behavior(&json!({ "compress_always": coding }))
+            .unwrap();
+        for (path, body) in [
+            ("/v1/chat/completions", chat()),
+            ("/v1/embeddings", embeddings()),
+        ] {
+            let what = format!("{coding} {path}");
+            let r = bed.post(path, &[("accept-encoding", "gzip, br, zstd")], &body);
+            assert_eq!(r.status, 200, "{what}: {}", show(&r));
+            assert_eq!(
+                r.header("x-market-router-provider"),
+                Some("a"),
+                "{what}: {}",
+                show(&r)
+            );
+            assert_eq!(r.header("x-market-router-attempts"), Some("1"), "{what}");
+            assert_eq!(
+                r.header("content-encoding"),
+                Some(coding),
+                "{what}: as it came"
+            );
+            if let Some(len) = r.header("content-length") {
+                assert_eq!(len, r.body.len().to_string(), "{what}: {}", show(&r));
+            }
+            let v = json_of(&r);
+            assert!(v["usage"].is_object(), "{what}: {v}");
+            assert_eq!(
+                r.header("x-market-router-cost-estimated"),
+                Some("true"),
+                "{what}"
+            );
+        }
     }
-    assert_eq!(bed.hits(), [2, 0, 0]);
+    assert_eq!(bed.hits(), [6, 0, 0]);
     bed.check_counter("provider.a.failure", 0);
-    bed.check_counter("provider.a.success", 2);
+    bed.check_counter("provider.a.success", 6);
 }
 
 #[test]
@@ -410,6 +441,11 @@ fn providers_that_always_compress_are_not_charged_route() {
 #[test]
 fn providers_that_always_compress_are_not_charged_dispatch() {
     providers_that_always_compress_are_not_charged(Mode::Dispatch, true);
+}
+
+#[test]
+fn providers_that_always_compress_are_not_charged_kong() {
+    providers_that_always_compress_are_not_charged(Mode::Kong, true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -644,6 +680,13 @@ fn no_client_picks_a_cluster_route() {
 #[test]
 fn no_client_picks_a_cluster_dispatch() {
     no_client_picks_a_cluster(Mode::Dispatch);
+}
+
+/// Kong's host routes by its location, not by a header: what the filter lets through reaches
+/// the location's `proxy_pass` (a 404 server), never a provider.
+#[test]
+fn no_client_picks_a_cluster_kong() {
+    no_client_picks_a_cluster(Mode::Kong);
 }
 
 /// The shipped `envoy/envoy.yaml` (envoy mode), as it is but for its ports, the module's path

@@ -4,6 +4,11 @@
 //! provider health within its 20 ms re-read period, a circuit threshold counted over every
 //! worker's failures, a new market snapshot seen by every worker, and session affinity.
 //!
+//! The scenarios that hold in dispatch mode also run in Kong's wasm host with two nginx
+//! workers (`reuseport` spreads fresh connections over them; each answer names its worker in
+//! `x-kong-worker`). Its other cross-worker scenarios (circuit threshold, new snapshot,
+//! affinity) are in tests/kong.rs.
+//!
 //! Needs the filter module (`make build`), the example binaries (`cargo build --examples`) and
 //! Envoy (`make envoy`).
 
@@ -21,6 +26,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const WORKERS: u32 = 4;
+/// nginx workers of the Kong twins (2 cores here: more only slows the start).
+const KONG_WORKERS: u32 = 2;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -50,6 +57,21 @@ fn on_worker<R>(bed: &Bed, f: impl FnOnce() -> R) -> (String, R) {
 }
 
 fn static_config(threshold: u32, cooldown_ms: u64) -> Value {
+    static_config_in("route", threshold, cooldown_ms)
+}
+
+/// The host's worker that answered, where the answer says (Kong's `x-kong-worker`).
+fn kong_worker(r: &common::Response) -> Option<String> {
+    r.header("x-kong-worker").map(String::from)
+}
+
+/// The bed for `mode` ([`KONG`]: Kong's host with [`KONG_WORKERS`] workers).
+fn start_in(mode: &str, names: &[&str], config: Value) -> Bed {
+    let workers = if mode == KONG { KONG_WORKERS } else { WORKERS };
+    Bed::start(names, config, workers)
+}
+
+fn static_config_in(mode: &str, threshold: u32, cooldown_ms: u64) -> Value {
     json!({
         "providers": [
             static_provider("a", MODEL, 0.1),
@@ -57,7 +79,7 @@ fn static_config(threshold: u32, cooldown_ms: u64) -> Value {
         ],
         "routing": {"strategy": "cheapest"},
         "failover": {
-            "mode": "route",
+            "mode": mode,
             "attempt_timeout_ms": 2000,
             "deadline_ms": 6000,
             "circuit": {"failure_threshold": threshold, "cooldown_ms": cooldown_ms}
@@ -69,9 +91,23 @@ fn static_config(threshold: u32, cooldown_ms: u64) -> Value {
 /// requests over 8 parallel connections, spread over the workers, all skip it.
 #[test]
 fn retry_after_seen_on_one_worker_keeps_every_worker_off() {
-    let bed = Bed::start(&["a", "b"], static_config(5, 30_000), WORKERS);
+    retry_after_seen_on_one_worker_keeps_every_worker_off_in("route");
+}
+
+#[test]
+fn retry_after_seen_on_one_worker_keeps_every_worker_off_kong() {
+    retry_after_seen_on_one_worker_keeps_every_worker_off_in(KONG);
+}
+
+fn retry_after_seen_on_one_worker_keeps_every_worker_off_in(mode: &str) {
+    let bed = start_in(mode, &["a", "b"], static_config_in(mode, 5, 30_000));
     bed.behave("a", json!({"status": 429, "retry_after": 3}));
-    let (first_worker, r) = on_worker(&bed, || bed.chat(MODEL, &[]));
+    let (first_worker, r) = if bed.is_kong() {
+        let r = bed.chat(MODEL, &[]);
+        (kong_worker(&r).unwrap_or_default(), r)
+    } else {
+        on_worker(&bed, || bed.chat(MODEL, &[]))
+    };
     assert_eq!(
         r.header("x-market-router-provider"),
         Some("b"),
@@ -92,16 +128,17 @@ fn retry_after_seen_on_one_worker_keeps_every_worker_off() {
                     .map(|_| {
                         let r = common::post_json(&url, &[], &chat_body(MODEL), T).unwrap();
                         assert_eq!(r.status, 200, "{}", show(&r));
-                        r.header("x-market-router-provider").unwrap().to_string()
+                        (
+                            r.header("x-market-router-provider").unwrap().to_string(),
+                            kong_worker(&r),
+                        )
                     })
                     .collect::<Vec<_>>()
             })
         })
         .collect();
-    let who: Vec<String> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
+    let (who, kong_workers): (Vec<String>, Vec<Option<String>>) =
+        threads.into_iter().flat_map(|t| t.join().unwrap()).unzip();
     assert!(
         sent.elapsed() < Duration::from_secs(3),
         "the burst outlasted the Retry-After window ({} ms): nothing to judge",
@@ -113,7 +150,17 @@ fn retry_after_seen_on_one_worker_keeps_every_worker_off() {
         1,
         "a was tried inside its Retry-After window"
     );
-    let by_worker = bed.connections_by_worker();
+    let by_worker = if bed.is_kong() {
+        kong_workers
+            .into_iter()
+            .flatten()
+            .fold(BTreeMap::new(), |mut m, w| {
+                *m.entry(w).or_insert(0u64) += 1;
+                m
+            })
+    } else {
+        bed.connections_by_worker()
+    };
     let others = by_worker
         .iter()
         .filter(|(w, n)| **w != first_worker && **n > 0)
@@ -306,7 +353,16 @@ fn session_affinity_holds_across_workers() {
 /// its tries is skipped, never the request: every request is answered by the fallback.
 #[test]
 fn contended_health_writes_never_cost_a_request() {
-    let bed = Bed::start(&["a", "b"], static_config(1000, 30_000), WORKERS);
+    contended_health_writes_never_cost_a_request_in("route");
+}
+
+#[test]
+fn contended_health_writes_never_cost_a_request_kong() {
+    contended_health_writes_never_cost_a_request_in(KONG);
+}
+
+fn contended_health_writes_never_cost_a_request_in(mode: &str) {
+    let bed = start_in(mode, &["a", "b"], static_config_in(mode, 1000, 30_000));
     bed.behave("a", json!({"status": 503}));
     let url = Arc::new(bed.gateway.url("/v1/chat/completions"));
     let threads: Vec<_> = (0..8)
@@ -317,19 +373,20 @@ fn contended_health_writes_never_cost_a_request() {
                     .map(|_| {
                         let r = common::post_json(&url, &[], &chat_body(MODEL), T).unwrap();
                         (
-                            r.status,
-                            r.header("x-market-router-provider").map(String::from),
-                            r.header("x-market-router-attempts").map(String::from),
+                            (
+                                r.status,
+                                r.header("x-market-router-provider").map(String::from),
+                                r.header("x-market-router-attempts").map(String::from),
+                            ),
+                            kong_worker(&r),
                         )
                     })
                     .collect::<Vec<_>>()
             })
         })
         .collect();
-    let answers: Vec<_> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
+    let (answers, kong_workers): (Vec<_>, Vec<Option<String>>) =
+        threads.into_iter().flat_map(|t| t.join().unwrap()).unzip();
     let want = (200, Some("b".to_string()), Some("2".to_string()));
     let wrong: Vec<_> = answers.iter().filter(|a| **a != want).collect();
     assert!(
@@ -339,6 +396,11 @@ fn contended_health_writes_never_cost_a_request() {
     );
     assert_eq!(bed.hits("a"), 64);
     assert_eq!(bed.hits("b"), 64);
-    assert!(bed.busy_workers() >= 2, "{:?}", bed.connections_by_worker());
-    assert_eq!(bed.wait_counter("provider.a.failure", 64), 64);
+    if bed.is_kong() {
+        let workers: BTreeSet<String> = kong_workers.into_iter().flatten().collect();
+        assert!(workers.len() >= 2, "{workers:?}");
+    } else {
+        assert!(bed.busy_workers() >= 2, "{:?}", bed.connections_by_worker());
+        assert_eq!(bed.wait_counter("provider.a.failure", 64), 64);
+    }
 }

@@ -63,10 +63,13 @@
 //! first with no routing option set; and the oracle, which knows every attempt's outcome in
 //! advance and the true prices, and sends each request, once, to the cheapest provider that
 //! will answer it (by its prompt and the traffic's mean answer length: see [`run_oracle`]).
-//! The cost goal is judged against that oracle held to the p95 goal ([`run_oracle_within`]:
-//! the same, except that at most 5 % of requests may answer later than 0.8× round-robin's
-//! p95), the least any routing can pay and meet both goals; the unconstrained oracle's own p95
-//! is over that bound in some worlds (its row stays in the tables).
+//! The goals are joint (cost within 5 % of the oracle's and p95 ≤ 0.8× round-robin's), and
+//! where the cheapest providers are slow the unconstrained oracle's own p95 is over that bound,
+//! so both cannot hold against it: the cost goal is judged against the oracle held to the p95
+//! goal ([`run_oracle_within`]: the same knowledge, the least estimated cost with at most 5 %
+//! of requests later than 0.8× round-robin's p95). The unconstrained oracle's row stays in
+//! every table, and so does the same oracle knowing answer lengths, the least any router that
+//! meets the p95 goal can pay.
 //!
 //! For reference, not judged: the oracle that also knows each answer's length, and the informed
 //! oracle, which knows each provider's true state at every moment (not the requests' own luck)
@@ -1346,17 +1349,34 @@ pub fn run_oracle(w: &World, knows_lengths: bool) -> Stats {
     st
 }
 
-/// The oracle held to the latency goal: knows every attempt's outcome in advance, like
-/// [`run_oracle`], and routes each request, once, to the cheapest provider that will answer it
-/// — except that no more than 5 % of requests may answer later than `cap_ms` (0.8 × round-
-/// robin's p95, the goal's bound). Where the cheapest answer would be later, the request goes
-/// to the cheapest provider that will answer within `cap_ms`, unless it is among the late
-/// requests the bound allows, which are those whose fix costs most. That is the least any
-/// routing can pay and still meet the p95 goal: the fair reference for the cost goal, which the
-/// unconstrained oracle is not where the cheapest providers are slow (its own p95 is then over
-/// the bound).
-pub fn run_oracle_within(w: &World, cap_ms: u64) -> Stats {
-    let mut st = Stats::new(ORACLE_P95.into(), w.providers.len());
+/// The oracle held to the latency goal, the cost goal's reference. Precisely: over every way
+/// of sending each request once, at its arrival, to one provider, with every provider's
+/// outcome for it known in advance (whether it answers, and its time to first token), the
+/// least total estimated cost such that at most n − ⌈0.95 n⌉ requests answer (or fail) later
+/// than `cap_ms` (0.8 × round-robin's p95, the goal's bound; nearest-rank p95 ≤ `cap_ms`).
+/// The estimated cost of an answer is its prompt × input price + min(the traffic's mean answer
+/// length, `max_tokens`) × output price at the true prices of that moment, as for
+/// [`run_oracle`]: no router can read an answer's length before choosing. Each request's best
+/// answer is its cheapest (ties: fastest); where that is later than `cap_ms` and some provider
+/// answers within it, the switch costs the difference, and the late requests the bound allows
+/// are given to the dearest switches — which makes the total the minimum, not a heuristic
+/// (each request has only those two choices, and the bound only counts them). A request no
+/// provider answers counts its fastest failure. The recorded cost is the chosen answers' true
+/// cost (their real lengths).
+///
+/// What it bounds: the estimated cost of any router that answers the same requests, tries
+/// each once at its arrival and meets the p95 goal. A real router can differ by luck of
+/// lengths (an answer longer or shorter than estimated), by attempts that start later (after
+/// failovers, when prices or outcomes may differ) and by failing requests (which it is not
+/// charged for); with `knows_lengths` the oracle ranks by the answers' true costs instead
+/// ([`ORACLE_P95_LENGTHS`]), the least any such router can pay, whose row is in every table.
+pub fn run_oracle_within(w: &World, cap_ms: u64, knows_lengths: bool) -> Stats {
+    let label = if knows_lengths {
+        ORACLE_P95_LENGTHS
+    } else {
+        ORACLE_P95
+    };
+    let mut st = Stats::new(label.into(), w.providers.len());
     let n = w.requests.len();
     st.requests = n;
     let mean_out = w.requests.iter().map(|r| r.out_tok as f64).sum::<f64>() / n.max(1) as f64;
@@ -1366,7 +1386,11 @@ pub fn run_oracle_within(w: &World, cap_ms: u64) -> Stats {
     let mut extra: Vec<(f64, usize)> = Vec::new();
     let mut late_anyway = 0usize;
     for (i, req) in w.requests.iter().enumerate() {
-        let out = req.max_tokens.map_or(mean_out, |m| mean_out.min(m as f64));
+        let out = if knows_lengths {
+            req.out_tok as f64
+        } else {
+            req.max_tokens.map_or(mean_out, |m| mean_out.min(m as f64))
+        };
         let key = |p: usize| {
             let (pi, po) = w.price(p, req.model, req.at_ms);
             req.in_tok as f64 * pi + out * po
@@ -1522,6 +1546,9 @@ pub fn run_informed_oracle(w: &World, cap_ms: u64) -> Stats {
 pub const ORACLE: &str = "oracle (cheapest that will answer)";
 /// Row label of the oracle held to the p95 goal: the cost goal's reference.
 pub const ORACLE_P95: &str = "oracle (cheapest within the p95 goal)";
+/// Row label of the oracle held to the p95 goal that also knows each answer's length: the
+/// least any router meeting the p95 goal can pay (reference, not judged).
+pub const ORACLE_P95_LENGTHS: &str = "oracle within the p95 goal, knowing lengths";
 /// Row label of the oracle that also knows each answer's length (reference, not judged).
 pub const ORACLE_LENGTHS: &str = "oracle knowing answer lengths";
 /// Row label of round-robin.
@@ -1956,7 +1983,8 @@ pub fn simulate(o: Options, cat: &catalog::Catalog) -> Result<Report, String> {
     }
     let rr_p95 = rows[0].percentile(0.95);
     rows.push(oracle);
-    rows.push(run_oracle_within(&w, rr_p95 * 8 / 10));
+    rows.push(run_oracle_within(&w, rr_p95 * 8 / 10, false));
+    rows.push(run_oracle_within(&w, rr_p95 * 8 / 10, true));
     rows.push(run_oracle(&w, true));
     if o.informed_oracle {
         rows.push(run_informed_oracle(&w, rr_p95 * 8 / 10));
@@ -2106,6 +2134,23 @@ pub fn summary(reports: &[Report]) -> String {
                 gs.len()
             ));
         }
+    }
+    s.push_str(&format!(
+        "  cost / {ORACLE_P95_LENGTHS} (the least a router meeting the p95 goal can pay; not \
+         a goal)\n"
+    ));
+    for (name, rs) in &groups {
+        let vals: Vec<f64> = rs
+            .iter()
+            .filter_map(|r| {
+                let bound = r.row(ORACLE_P95_LENGTHS)?.effective_per_1k();
+                Some(r.row(DEFAULT)?.effective_per_1k() / bound)
+            })
+            .collect();
+        let (lo, med, hi) = spread(&vals);
+        s.push_str(&format!(
+            "           {name:<32} {lo:>9.4} / {med:>9.4} / {hi:>9.4}\n"
+        ));
     }
     s.push_str(&format!(
         "\nTCO per strategy, per world: min / median / max over seeds. TCO = Σ tokens × price × \

@@ -7,7 +7,7 @@ use crate::headers::PREF_HEADERS;
 use crate::host;
 use crate::metrics::{self, Global};
 use crate::native::{self, Plan};
-use log::{error, warn};
+use log::warn;
 use proxy_wasm::types::{Action, BufferType};
 use std::rc::Rc;
 
@@ -124,6 +124,13 @@ impl Http {
         if let Some(u) = tried.last().and_then(|t| t.usage) {
             self.usage = Some(u);
         }
+        // What a failed attempt's provider said (read only when one failed).
+        if tried
+            .iter()
+            .any(|t| !matches!(t.outcome, crate::attempt::Outcome::Success(_)))
+        {
+            self.last_said = host::property(&[native::SAID_PROPERTY]);
+        }
         if let Some(a) = self.walk.attempts.as_mut() {
             a.current = None;
             a.tried = tried.into_iter().map(|t| (t.provider, t.outcome)).collect();
@@ -147,19 +154,21 @@ impl Http {
         let from_provider = details.is_empty() || details == "via_upstream";
         if !from_provider {
             if tried == 0 {
-                error!(
-                    "#{} market-router: Envoy answered {status} ({details}) without trying any provider; check that the route uses the priority groups and the provider clusters the upstream filter that market-router-envoy-config prints",
-                    self.id
+                crate::upstream::drift(
+                    &self.vm,
+                    &format!("Envoy answered {status} ({details}) without trying any provider (the route's priority groups lack the order's providers, or the clusters lack the upstream role)"),
                 );
             }
             let e = self.final_error();
             return self.reply_error(&e);
         }
         if tried == 0 {
-            error!(
-                "#{} market-router: an answer arrived but no attempt was recorded: the provider clusters lack the market-router upstream filter (root id {}); see market-router-envoy-config",
-                self.id,
-                native::UPSTREAM_ROOT_ID
+            crate::upstream::drift(
+                &self.vm,
+                &format!(
+                    "an answer arrived but no attempt was recorded: the provider clusters lack the market-router upstream filter (root id {})",
+                    native::UPSTREAM_ROOT_ID
+                ),
             );
             self.state = State::Done;
             return Action::Continue;
@@ -172,15 +181,26 @@ impl Http {
                 let name = self.vm.config.providers[p].name.clone();
                 self.remember_affinity(&name);
             }
-            // Held to price it from its usage, unless the upstream role already read it.
-            if !self.stream()
-                && self.vm.config.response_headers
-                && self.usage.is_none()
-                && !end_of_stream
-            {
-                self.state = State::NativeHolding;
+            // Held to price it from its usage, unless the upstream role already read it. Too
+            // big to hold, or compressed: it flows, priced from the usage at its end (the
+            // record is written then).
+            if !self.stream() && self.usage.is_none() && !end_of_stream {
                 self.held = Some((status, host::now_ms()));
-                return Action::Pause;
+                self.encoded =
+                    crate::answer::is_encoded(host::response_header("content-encoding").as_deref());
+                let holdable = !self.encoded
+                    && crate::answer::fits(
+                        host::response_header("content-length").as_deref(),
+                        crate::answer::HOLD_LIMIT_BYTES,
+                    );
+                if self.vm.config.response_headers && holdable {
+                    self.state = State::NativeHolding;
+                    return Action::Pause;
+                }
+                self.unheld = true;
+                self.deliver_routed(status);
+                self.state = State::Unheld;
+                return Action::Continue;
             }
             self.deliver_routed(status);
             self.state = if self.stream() {
@@ -212,10 +232,19 @@ impl Http {
 
     /// A held non-streaming answer is complete: its usage prices it, then it goes out.
     pub(super) fn native_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if !end_of_stream {
-            return Action::Pause;
-        }
         let (status, _) = self.held.unwrap_or((200, 0));
+        if !end_of_stream {
+            if body_size <= crate::answer::HOLD_LIMIT_BYTES {
+                return Action::Pause;
+            }
+            // A chunked answer grew past what may be held: it flows on from here, priced from
+            // the usage at its end.
+            self.keep_tail(body_size);
+            self.unheld = true;
+            self.deliver_routed(status);
+            self.state = State::Unheld;
+            return Action::Continue;
+        }
         let body = host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default();
         self.usage = metrics::inspect_answer(&body).ok().flatten();
         self.deliver_routed(status);

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 pub const T: Duration = Duration::from_secs(10);
 /// Cluster name of the sidecar.
 pub const SIDECAR_CLUSTER: &str = "market_sidecar";
+/// A failover mode a test may give [`Bed::start`] and [`Bed::start_spec`] beside `route`,
+/// `dispatch` and `envoy`: dispatch mode in Kong's wasm host (the scenario's Kong twin).
+pub const KONG: &str = "kong";
 
 /// Cluster of provider `name`.
 pub fn cluster(name: &str) -> String {
@@ -106,11 +109,15 @@ impl Bed {
         )
     }
 
-    /// Starts everything in `spec`; `tweak` adjusts the Envoy bootstrap.
+    /// Starts everything in `spec`; `tweak` adjusts the Envoy bootstrap. With failover mode
+    /// [`KONG`] the filter runs in Kong's wasm host instead (`tweak` unused, `concurrency`
+    /// nginx workers): see [`Bed::kong_config`].
     pub fn start_spec(spec: Spec<'_>, tweak: impl FnOnce(EnvoyConfig) -> EnvoyConfig) -> Bed {
+        let kong = spec.config["failover"]["mode"] == KONG;
         let dir = TempDir::new("bed").unwrap();
         let mut mocks = BTreeMap::new();
         let mut dead = Vec::new();
+        let mut ports = BTreeMap::new();
         let mut cfg = EnvoyConfig::new();
         for (name, up) in spec.ups {
             let mock = match up {
@@ -132,6 +139,11 @@ impl Bed {
                     (port, false)
                 }
             };
+            assert!(
+                !(kong && h2c),
+                "Kong's host calls providers over HTTP/1.1 only"
+            );
+            ports.insert(cluster(name), port);
             let c = ProviderCluster::new(&cluster(name), port);
             cfg = cfg.provider(if h2c { c.h2c() } else { c });
         }
@@ -148,6 +160,25 @@ impl Bed {
             }
             None => (None, None),
         };
+        if kong {
+            let config = Bed::kong_config(spec.config, &ports, sidecar.as_ref().map(Sidecar::port));
+            let mut kc = KongConfig::new()
+                .workers(spec.concurrency as usize)
+                .market_router(&config.to_string());
+            // Shared-data keys `<prefix>/...` live in the shm_kv zone named `<prefix>`.
+            if let Some(prefix) = config["shared_data_prefix"].as_str() {
+                kc.shm_kv.push((prefix.to_string(), "16m".to_string()));
+            }
+            let kong = Kong::start(&kc).unwrap();
+            return Bed {
+                gateway: Gateway::Kong(kong),
+                sidecar,
+                mocks,
+                snapshot,
+                _dead: dead,
+                _dir: dir,
+            };
+        }
         let cfg = tweak(cfg.market_router(&spec.config.to_string()));
         let envoy = Envoy::start(&cfg, spec.concurrency).unwrap();
         if spec.concurrency > 1 {
@@ -167,36 +198,30 @@ impl Bed {
     }
 
     /// Kong's wasm host with `workers` nginx workers and the filter in dispatch mode, in front
-    /// of healthy mocks for `names`: `config`'s clusters `provider_<name>` become the mocks'
-    /// `127.0.0.1:<port>` (Kong's host has no clusters) and its failover mode `dispatch`.
+    /// of healthy mocks for `names`.
     pub fn start_kong(names: &[&str], mut config: Value, workers: usize) -> Bed {
-        let dir = TempDir::new("bed").unwrap();
-        let mut mocks = BTreeMap::new();
-        for name in names {
-            let m = MockProvider::start(name, &MockOpts::default()).unwrap();
-            mocks.insert(name.to_string(), m);
-        }
+        config["failover"]["mode"] = json!(KONG);
+        Bed::start(names, config, workers as u32)
+    }
+
+    /// `config` as Kong's host needs it (it has no clusters): each cluster in `ports` becomes
+    /// `127.0.0.1:<port>`, the sidecar's cluster the sidecar's address, and failover mode
+    /// [`KONG`] `dispatch`.
+    fn kong_config(
+        mut config: Value,
+        ports: &BTreeMap<String, u16>,
+        sidecar: Option<u16>,
+    ) -> Value {
         for p in config["providers"].as_array_mut().into_iter().flatten() {
-            let name = p["name"].as_str().unwrap_or_default().to_string();
-            if let Some(m) = mocks.get(&name) {
-                p["cluster"] = json!(format!("127.0.0.1:{}", m.port()));
+            if let Some(port) = p["cluster"].as_str().and_then(|c| ports.get(c)) {
+                p["cluster"] = json!(format!("127.0.0.1:{port}"));
             }
         }
-        config["failover"]["mode"] = json!("dispatch");
-        let kong = Kong::start(
-            &KongConfig::new()
-                .workers(workers)
-                .market_router(&config.to_string()),
-        )
-        .unwrap();
-        Bed {
-            gateway: Gateway::Kong(kong),
-            sidecar: None,
-            mocks,
-            snapshot: None,
-            _dead: Vec::new(),
-            _dir: dir,
+        if let (Some(port), true) = (sidecar, config["market"]["cluster"] == SIDECAR_CLUSTER) {
+            config["market"]["cluster"] = json!(format!("127.0.0.1:{port}"));
         }
+        config["failover"]["mode"] = json!("dispatch");
+        config
     }
 
     /// The Envoy this bed runs (fails on a Kong bed).
@@ -284,6 +309,12 @@ impl Bed {
         self.envoy()
             .counter(&format!("wasmcustom.market_router.{name}"))
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The filter's counter `market_router.<name>` on Envoy; `None` on Kong's host (no stats
+    /// endpoint), where a test leaves the check out.
+    pub fn counter_on_envoy(&self, name: &str) -> Option<u64> {
+        (!self.is_kong()).then(|| self.counter(name))
     }
 
     /// Polls counter `market_router.<name>` until it reaches `want` (5 s at most) and
