@@ -11,6 +11,7 @@
 #
 # Environment:
 #   MUTANTS_TIMEOUT=60    seconds allowed for one mutant's test run
+#   MUTANTS_JOBS=1        mutants built and tested at once (cargo-mutants --jobs)
 #   MUTANTS_VERSION=27.1.0  cargo-mutants version installed when it is missing
 #   MUTANTS_SUMMARY_ONLY=1  rewrite the summary from earlier outputs, run nothing
 # scripts/mutants-notes.md, when present, is appended to the summary (what the last run
@@ -29,11 +30,12 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-MODULES=(health attempt cas select market config config/raw config/leaf json request answer
+MODULES=(walk health attempt select market config config/raw config/leaf json request answer headers explain
     decision errors report)
 MODULES=("${MODULES[@]/#/crates/core/src/}")
 MODULES=("${MODULES[@]/%/.rs}")
 TIMEOUT=${MUTANTS_TIMEOUT:-60}
+JOBS=${MUTANTS_JOBS:-1}
 VERSION=${MUTANTS_VERSION:-27.1.0}
 OUT=target/mutants
 SUMMARY=bench/results/mutants.md
@@ -72,7 +74,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
             for r in "${res[@]}"; do re_args+=(--re "$r"); done
             rm -rf "$OUT/$name/retest"
             CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
-                cargo mutants --package market-router-core --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+                cargo mutants --package market-router-core --file "$m" --jobs "$JOBS" --timeout "$TIMEOUT" --no-shuffle \
                 "${re_args[@]}" ${MUTANTS_ARGS:-} --output "$OUT/$name/retest" --cargo-arg=--lib || {
                 rc=$?
                 [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
@@ -81,7 +83,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
         fi
         # Exit status 2 means mutants were missed: that is a result, not a failure here.
         CARGO_PROFILE_DEV_DEBUG=0 CARGO_PROFILE_TEST_DEBUG=0 \
-            cargo mutants --package market-router-core --file "$m" --jobs 1 --timeout "$TIMEOUT" --no-shuffle \
+            cargo mutants --package market-router-core --file "$m" --jobs "$JOBS" --timeout "$TIMEOUT" --no-shuffle \
             "${iterate[@]}" ${MUTANTS_ARGS:-} --output "$OUT/$name" --cargo-arg=--lib || {
             rc=$?
             [ "$rc" = 2 ] || [ "$rc" = 3 ] || { log "cargo mutants failed on $m (exit $rc)"; exit "$rc"; }
@@ -90,7 +92,7 @@ for line in open(sys.argv[1], encoding="utf-8"):
 fi
 
 python3 - "$OUT" "$SUMMARY" "$EQUIVALENT" <<'EOF'
-import pathlib, re, sys
+import json, pathlib, re, sys
 
 out, summary, equivalent = map(pathlib.Path, sys.argv[1:])
 reasons = {}
@@ -127,7 +129,13 @@ for d in sorted(p for p in out.iterdir() if (p / "mutants.out").is_dir()):
     killed = len(caught) + len(timeout)
     share = killed / (viable - len(equiv)) if viable - len(equiv) else 1.0
     module = (d / "module").read_text(encoding="utf-8").strip() if (d / "module").exists() else f"crates/core/src/{d.name}.rs"
-    rows.append((module, len(caught), len(missed), len(equiv), len(timeout), len(unviable), share))
+    # Every mutant the run found (cargo-mutants lists them before testing): a run stopped
+    # early shows fewer tested than found.
+    found = mo / "mutants.json"
+    found = len(json.loads(found.read_text(encoding="utf-8"))) if found.exists() else None
+    tested = viable + len(unviable)
+    tested = f"{tested} of {found}" if found is not None and not retest.is_dir() else str(tested)
+    rows.append((module, tested, len(caught), len(missed), len(equiv), len(timeout), len(unviable), share))
     for m in missed:
         survivors.append((m, reasons.get(m)))
     for k, v in (("caught", caught), ("missed", missed), ("timeout", timeout), ("unviable", unviable)):
@@ -141,11 +149,11 @@ md = ["# Mutation testing (cargo-mutants, `make mutants`)", "",
       "Native unit tests (`cargo test --lib`) against every mutant cargo-mutants generates in each",
       "core module. Caught share = (caught + timeout) / (viable − equivalent); equivalent mutants",
       "are listed with the reason in `scripts/mutants-equivalent.txt`.", "",
-      "| module | caught | missed | of which equivalent | timeout | unviable | caught share |",
-      "|---|---:|---:|---:|---:|---:|---:|"]
-for name, c, m, e, t, u, s in rows:
-    md.append(f"| `{name}` | {c} | {m} | {e} | {t} | {u} | {s:.1%} |")
-md.append(f"| **all** | {totals['caught']} | {totals['missed']} | {totals['equivalent']} | "
+      "| module | tested | caught | missed | of which equivalent | timeout | unviable | caught share |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+for name, n, c, m, e, t, u, s in rows:
+    md.append(f"| `{name}` | {n} | {c} | {m} | {e} | {t} | {u} | {s:.1%} |")
+md.append(f"| **all** | | {totals['caught']} | {totals['missed']} | {totals['equivalent']} | "
           f"{totals['timeout']} | {totals['unviable']} | **{share:.1%}** |")
 md += ["", "## Surviving mutants", ""]
 if not survivors:

@@ -71,6 +71,8 @@ fn cand<'r>(c: &Config, r: &'r Ranking, name: &str) -> &'r Candidate {
 }
 
 const ONLINE: &str = "online";
+/// A fourth provider, d, for `cfg`'s `providers_extra`: the market has no figures for it.
+const D: &str = r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#;
 
 #[test]
 fn source_wire_names() {
@@ -110,11 +112,7 @@ fn value_targets_the_median_of_the_known_offers_that_are_not_offline() {
     assert_eq!(r.ttft_target_ms, Some(200.0));
     assert_eq!(r.ttft_target_source, Some("market_median"));
     // A fourth provider with no figures at all does not count either.
-    let c = cfg(
-        "value",
-        "",
-        r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
-    );
+    let c = cfg("value", "", D);
     let m = view(
         &c,
         1000,
@@ -239,11 +237,7 @@ fn observed_time_to_first_byte_raises_the_median_after_three_samples() {
 
 #[test]
 fn value_marks_who_is_beyond_the_market_median() {
-    let c = cfg(
-        "value",
-        "",
-        r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
-    );
+    let c = cfg("value", "", D);
     let m = view(
         &c,
         1000,
@@ -267,11 +261,7 @@ fn value_marks_who_is_beyond_the_market_median() {
 #[test]
 fn constraints_accept_their_bound_and_need_figures() {
     let excluded = |constraints: &str| {
-        let c = cfg(
-            "cheapest",
-            &format!(r#","constraints":{constraints}"#),
-            r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
-        );
+        let c = cfg("cheapest", &format!(r#","constraints":{constraints}"#), D);
         let m = view(
             &c,
             1000,
@@ -354,68 +344,42 @@ fn value_charges_the_expected_failures() {
     assert!((value_usd(&a, Some(1000.0)) - 1.325).abs() < 1e-12);
 }
 
+/// A provider with no figures at all (d) goes after every known one, whatever the strategy
+/// and however the draw falls; it scores −1, below any known score.
 #[test]
-fn a_provider_with_no_figures_scores_below_every_known_one() {
-    let c = cfg(
+fn a_provider_with_no_figures_ranks_after_every_known_one() {
+    // b is the worst known offer on every count: d must still trail it.
+    let offers = [
+        ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+        ("b", 9.0, 9.0, 900.0, 0.5, ONLINE, ""),
+        ("c", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
+    ];
+    for strategy in [
         "cheapest",
-        "",
-        r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
-    );
-    let m = view(
-        &c,
-        1000,
-        &[
-            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
-            ("b", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
-            ("c", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
-        ],
-    );
-    for seed in 0..20 {
-        let r = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(80, 10),
-            &Prefs::default(),
-            1000,
-            &mut Rng::new(seed),
-        )
-        .unwrap();
-        assert_eq!(names(&c, &r)[3], "d", "seed {seed}");
-        assert_eq!(cand(&c, &r, "d").score, -1.0);
-        assert_eq!(cand(&c, &r, "a").score, 1.0);
-    }
-}
-
-#[test]
-fn weighted_never_draws_a_provider_with_no_figures_before_a_known_one() {
-    let c = cfg(
+        "fastest",
+        "most_reliable",
+        "value",
+        "balanced",
         "weighted",
-        "",
-        r#",{"name":"d","cluster":"d","models":{"m":"m"}}"#,
-    );
-    let m = view(
-        &c,
-        1000,
-        &[
-            ("a", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
-            ("b", 9.0, 9.0, 900.0, 0.5, ONLINE, ""),
-            ("c", 1.0, 1.0, 100.0, 0.99, ONLINE, ""),
-        ],
-    );
-    let mut rng = Rng::new(5);
-    for _ in 0..200 {
-        let r = rank(
-            &c,
-            Some(&m),
-            &HealthTable::default(),
-            &req(80, 10),
-            &Prefs::default(),
-            1000,
-            &mut rng,
-        )
-        .unwrap();
-        assert_eq!(names(&c, &r)[3], "d");
+    ] {
+        let c = cfg(strategy, "", D);
+        let m = view(&c, 1000, &offers);
+        let (h, mut rng) = (HealthTable::default(), Rng::new(5));
+        for draw in 0..50 {
+            let r = rank(
+                &c,
+                Some(&m),
+                &h,
+                &req(80, 10),
+                &Prefs::default(),
+                1000,
+                &mut rng,
+            )
+            .unwrap();
+            assert_eq!(names(&c, &r)[3], "d", "{strategy}, draw {draw}");
+            assert_eq!(cand(&c, &r, "d").score, -1.0, "{strategy}");
+            assert!(cand(&c, &r, "b").score > 0.0, "{strategy}");
+        }
     }
 }
 

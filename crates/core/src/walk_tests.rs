@@ -68,7 +68,7 @@ enum Host {
 }
 
 /// How the scripted request ended.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum End {
     /// The answer of this provider went to the client, with this outcome.
     Delivered(usize, Outcome),
@@ -150,16 +150,7 @@ fn count(p: usize, counter: PerProvider) -> Effect {
 }
 
 fn observed(run: &Run, p: usize) -> Vec<Observation> {
-    run.effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Observe {
-                provider,
-                observation,
-            } if *provider == p => Some(*observation),
-            _ => None,
-        })
-        .collect()
+    observed_in(&run.effects, p)
 }
 
 fn counted(run: &Run, p: usize, c: PerProvider) -> usize {
@@ -195,27 +186,144 @@ fn a_healthy_primary_answers_alone() {
     );
 }
 
-// primary_refused_fails_over_{route,dispatch,envoy}, kong primary_refused_fails_over.
+/// One outcome of the primary and what the walk makes of it. `Case::new` is the common path:
+/// the primary fails, health hears a failure, the walk fails over and b answers.
+struct Case {
+    what: &'static str,
+    /// Members of the `failover` object.
+    failover: &'static str,
+    /// What becomes of the first attempt (the ones after it succeed).
+    primary: Host,
+    /// Whether the host can dispatch again after a timed-out call.
+    redispatch: bool,
+    end: End,
+    /// What health hears of the primary.
+    heard: Vec<Observation>,
+    /// The primary's failure and failover counters.
+    counted: (usize, usize),
+}
+
+impl Case {
+    fn new(what: &'static str, primary: Outcome) -> Case {
+        Case {
+            what,
+            failover: "",
+            primary: Host::Ends(primary),
+            redispatch: true,
+            end: End::Delivered(1, Outcome::Success(200)),
+            heard: vec![failure(None)],
+            counted: (1, 1),
+        }
+    }
+    fn failover(self, failover: &'static str) -> Case {
+        Case { failover, ..self }
+    }
+    fn no_redispatch(self) -> Case {
+        Case {
+            redispatch: false,
+            ..self
+        }
+    }
+    fn ends(self, end: End) -> Case {
+        Case { end, ..self }
+    }
+    /// The primary's own answer goes to the client.
+    fn delivered(self) -> Case {
+        let Host::Ends(outcome) = self.primary else {
+            return self;
+        };
+        self.ends(End::Delivered(0, outcome))
+    }
+    fn heard(self, heard: Vec<Observation>) -> Case {
+        Case { heard, ..self }
+    }
+    fn counted(self, failures: usize, failovers: usize) -> Case {
+        Case {
+            counted: (failures, failovers),
+            ..self
+        }
+    }
+}
+
+// The real-host suites each of these paths stands for (crates/testbed/tests):
+// - refused connection: primary_refused_fails_over_{route,dispatch,envoy}, kong
+//   primary_refused_fails_over;
+// - timeout: primary_hang_times_out_and_fails_over_{route,dispatch,envoy}; on a host that cannot
+//   dispatch after a timed-out call, kong primary_hang_ends_the_request_at_the_attempt_timeout
+//   (the final error, 504: every attempt timed out);
+// - reset: primary_reset_mid_response_fails_over_{dispatch,envoy}, kong primary_cut_mid_body;
+// - client error: client_error_is_not_retried_{route,dispatch,envoy} (a 400 goes to the client,
+//   says nothing about the provider and counts no failure).
 #[test]
-fn a_refused_connection_fails_over_and_counts_the_recovery() {
-    let c = config("");
-    let run = drive(
-        &c,
-        walk(&c, four()),
-        &[Host::Ends(Outcome::ConnectFailure)],
-        false,
-        true,
-        |_| true,
-    );
-    assert_eq!(run.end, End::Delivered(1, Outcome::Success(200)));
-    assert_eq!(observed(&run, 0), vec![failure(None)]);
-    assert_eq!(counted(&run, 0, PerProvider::Failure), 1);
-    assert_eq!(counted(&run, 0, PerProvider::Failover), 1);
-    assert_eq!(counted(&run, 1, PerProvider::Success), 1);
-    assert!(run
-        .effects
-        .contains(&Effect::CountGlobal(Global::RecoveredByFailover)));
-    assert_eq!(run.effects.last(), Some(&Effect::Remember { provider: 1 }));
+fn each_outcome_of_the_primary_is_delivered_or_failed_over() {
+    use Outcome::*;
+    let cases = [
+        Case::new("refused connection", ConnectFailure),
+        Case::new("timeout", Timeout),
+        Case::new("timeout, no dispatch after it", Timeout)
+            .no_redispatch()
+            .ends(End::Failed(504))
+            .counted(1, 0),
+        Case::new("reset before the answer", Reset),
+        Case::new("2xx whose body is no answer", Malformed),
+        Case::new("malformed, not in retry_on", Malformed)
+            .failover(r#""retry_on":["5xx"]"#)
+            .delivered()
+            .counted(1, 0),
+        Case::new("503", status(503, None)),
+        Case::new("429 with Retry-After", status(429, Some(2000))).heard(vec![failure(Some(2000))]),
+        Case::new("429, not in retry_on", status(429, None))
+            .failover(r#""retry_on":["5xx","connect-failure"]"#)
+            .delivered()
+            .counted(1, 0),
+        Case::new("client error", status(400, None))
+            .delivered()
+            .heard(vec![])
+            .counted(0, 0),
+        Case::new("client error in retry_on_status", status(400, None))
+            .failover(r#""retry_on_status":[400]"#)
+            .heard(vec![])
+            .counted(0, 1),
+    ];
+    for case in cases {
+        let c = config(case.failover);
+        let run = drive(
+            &c,
+            walk(&c, four()),
+            &[case.primary],
+            false,
+            case.redispatch,
+            |_| true,
+        );
+        let what = case.what;
+        assert_eq!(run.end, case.end, "{what}");
+        assert_eq!(observed(&run, 0), case.heard, "{what}");
+        let failures = counted(&run, 0, PerProvider::Failure);
+        let failovers = counted(&run, 0, PerProvider::Failover);
+        assert_eq!((failures, failovers), case.counted, "{what}");
+        // Only a success pins the session, to the provider that gave it, as the last effect;
+        // a success after a failover counts as recovered by it.
+        let remembered: Vec<_> = run
+            .effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Remember { .. }))
+            .collect();
+        let recovered = run
+            .effects
+            .contains(&Effect::CountGlobal(Global::RecoveredByFailover));
+        match case.end {
+            End::Delivered(p, Outcome::Success(_)) => {
+                assert_eq!(remembered, [&Effect::Remember { provider: p }], "{what}");
+                assert_eq!(run.effects.last(), remembered.last().copied(), "{what}");
+                assert_eq!(counted(&run, p, PerProvider::Success), 1, "{what}");
+                assert_eq!(recovered, p != 0, "{what}");
+            }
+            _ => {
+                assert!(remembered.is_empty(), "{what}");
+                assert!(!recovered, "{what}");
+            }
+        }
+    }
 }
 
 // Dispatch mode, a dispatch the host will not make (unknown cluster): the next provider.
@@ -246,82 +354,6 @@ fn a_dispatch_the_host_refuses_is_a_connect_failure_and_the_walk_goes_on() {
     );
 }
 
-// primary_hang_times_out_and_fails_over_{route,dispatch,envoy}.
-#[test]
-fn a_timed_out_primary_fails_over_where_the_host_can_dispatch_again() {
-    let c = config("");
-    let run = drive(
-        &c,
-        walk(&c, four()),
-        &[Host::Ends(Outcome::Timeout)],
-        false,
-        true,
-        |_| true,
-    );
-    assert_eq!(run.end, End::Delivered(1, Outcome::Success(200)));
-    assert_eq!(counted(&run, 0, PerProvider::Failover), 1);
-}
-
-// kong primary_hang_ends_the_request_at_the_attempt_timeout: no dispatch after a timed-out
-// call on that host, so the request ends with the final error (504: every attempt timed out).
-#[test]
-fn a_timeout_ends_the_walk_where_the_host_cannot_dispatch_again() {
-    let c = config("");
-    let run = drive(
-        &c,
-        walk(&c, four()),
-        &[Host::Ends(Outcome::Timeout)],
-        false,
-        false,
-        |_| true,
-    );
-    assert_eq!(run.end, End::Failed(504));
-    assert_eq!(run.tried, vec![(0, Outcome::Timeout)]);
-    assert_eq!(counted(&run, 0, PerProvider::Failure), 1);
-    assert_eq!(counted(&run, 0, PerProvider::Failover), 0);
-}
-
-// primary_reset_mid_response_fails_over_{dispatch,envoy}; kong primary_cut_mid_body.
-#[test]
-fn a_reset_before_the_answer_fails_over() {
-    let c = config("");
-    let run = drive(
-        &c,
-        walk(&c, four()),
-        &[Host::Ends(Outcome::Reset)],
-        false,
-        true,
-        |_| true,
-    );
-    assert_eq!(run.end, End::Delivered(1, Outcome::Success(200)));
-    assert_eq!(observed(&run, 0), vec![failure(None)]);
-}
-
-// A non-streaming 2xx whose body is not an answer (retry_on malformed).
-#[test]
-fn a_malformed_answer_fails_over() {
-    let c = config("");
-    let run = drive(
-        &c,
-        walk(&c, four()),
-        &[Host::Ends(Outcome::Malformed)],
-        false,
-        true,
-        |_| true,
-    );
-    assert_eq!(run.end, End::Delivered(1, Outcome::Success(200)));
-    let c = config(r#""retry_on":["5xx"]"#);
-    let run = drive(
-        &c,
-        walk(&c, four()),
-        &[Host::Ends(Outcome::Malformed)],
-        false,
-        true,
-        |_| true,
-    );
-    assert_eq!(run.end, End::Delivered(0, Outcome::Malformed));
-}
-
 // stream_with_primary_down_gets_complete_sse_*; kong stream_is_answered_and_fails_over;
 // promises fastest_is_raised_by_the_observed_streaming_ttfb: a stream's success carries the
 // fallback's own time to first byte, measured from its own start.
@@ -348,40 +380,6 @@ fn a_stream_fails_over_and_its_time_to_first_byte_is_the_fallbacks() {
         outcome: Outcome::Success(200),
         ttfb_ms: Some(STEP_MS)
     }));
-}
-
-// client_error_is_not_retried_{route,dispatch,envoy}: a 400 goes to the client, says nothing
-// about the provider and counts no failure.
-#[test]
-fn a_client_error_is_delivered_and_not_held_against_the_provider() {
-    let c = config("");
-    let run = drive(
-        &c,
-        walk(&c, four()),
-        &[Host::Ends(status(400, None))],
-        false,
-        true,
-        |_| true,
-    );
-    assert_eq!(run.end, End::Delivered(0, status(400, None)));
-    assert!(observed(&run, 0).is_empty());
-    assert_eq!(counted(&run, 0, PerProvider::Failure), 0);
-    assert_eq!(counted(&run, 0, PerProvider::Failover), 0);
-    assert!(!run
-        .effects
-        .iter()
-        .any(|e| matches!(e, Effect::Remember { .. })));
-    // ... unless configured as retryable.
-    let c = config(r#""retry_on_status":[400]"#);
-    let run = drive(
-        &c,
-        walk(&c, four()),
-        &[Host::Ends(status(400, None))],
-        false,
-        true,
-        |_| true,
-    );
-    assert_eq!(run.end, End::Delivered(1, Outcome::Success(200)));
 }
 
 // attempts_are_bounded_{route,dispatch,envoy}: max_attempts failures, then the final error
@@ -539,4 +537,31 @@ fn an_empty_walk_does_nothing() {
     });
     assert_eq!(v, None);
     assert!(effects.is_empty());
+}
+
+// Route mode's streaming first attempt is bounded by the route's own timeouts, not by the
+// timeout the walk gave it: when it times out, the rest of the deadline is still there for the
+// next attempt. A bounded attempt given the whole deadline spends it.
+#[test]
+fn an_unbounded_attempt_timing_out_leaves_the_rest_of_the_deadline() {
+    let c = config(r#""attempt_timeout_ms":2000,"deadline_ms":2000"#);
+    for (unbounded, then) in [(false, None), (true, Some((1, 1500)))] {
+        let mut w = walk(&c, four());
+        let a = w.next(T0, |_| true).unwrap();
+        assert_eq!(a.timeout_ms, 2000);
+        w.started(a.provider, T0, |_| {});
+        if unbounded {
+            w.unbounded();
+        }
+        let v = w.answered(Outcome::Timeout, T0 + 500, false, &c.failover, true, |_| {});
+        assert_eq!(v, Some(Verdict::FailOver));
+        let next = w.next(T0 + 500, |_| true);
+        assert_eq!(
+            next.map(|a| (a.provider, a.timeout_ms)),
+            then,
+            "unbounded {unbounded}"
+        );
+    }
+    // A walk not begun has nothing to unbound.
+    Walk::default().unbounded();
 }

@@ -364,6 +364,12 @@ fn a_replica_restart_loses_no_shared_observation_and_no_request() {
         || format!("B {:#}", route(&b)),
         || route(&b)["candidates"][0]["provider"] == "other",
     );
+    // The worker that answered /route holds the new snapshot. Every other worker of B looks for
+    // a newer one at its next request once 250 ms have passed since its last look (the filter's
+    // market check period), so past that time each of them routes on it; before it, B's other
+    // worker may still send to `cheap` (a sample of `cheap` more in replica 2's view). A lower
+    // bound on time only: a slower machine only waits longer.
+    thread::sleep(Duration::from_millis(400));
     assert_eq!(chat(&b), "other");
     // Back on the same port as a new process: it reads the shared log and serves the same
     // snapshot as replica 2, with every observation made before the crash.
