@@ -1,4 +1,4 @@
-//! The failover section (under load): 8 client threads for a fixed time, provider `a` answers 503 from
+//! The failover section: 8 client threads for a fixed time, provider `a` answers 503 from
 //! half-way on; market-router in route mode and in envoy mode against Envoy's own retry with
 //! outlier detection over the same two mock providers.
 

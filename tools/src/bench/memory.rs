@@ -1,5 +1,6 @@
-//! The memory section: Envoy's RSS, tcmalloc and wasm linear memory with 0 to 10,000 market offers,
-//! after the snapshot is loaded and after traffic; the time to apply a 10,000-offer refresh.
+//! The memory section: Envoy's RSS, tcmalloc and wasm linear memory with 0 to 10,000 market
+//! offers, after the snapshot is loaded and after traffic; the time to apply a 10,000-offer
+//! refresh.
 
 use super::load::load;
 use super::market::{offer, snapshot, static_offer, wait_snapshot};

@@ -1,5 +1,5 @@
-//! The overhead section: what the filter costs per request against Envoy alone and an empty filter,
-//! with knob variants that split route mode's cost. Every variant is planned in [`plan`] under
+//! The overhead section: what the filter costs per request against Envoy alone and an empty
+//! filter, with knob variants that split route mode's cost. Every variant is planned in [`plan`] under
 //! a key of its own; the comparisons ([`pairs`]) name variants by key.
 
 use super::load::{Wrk, WrkOut};

@@ -1,5 +1,5 @@
-//! The streaming section: what a streamed answer costs, Envoy alone, the empty filter, route mode and
-//! envoy mode in front of the mock provider streaming one event per body chunk.
+//! The streaming section: what a streamed answer costs, Envoy alone, the empty filter, route
+//! mode and envoy mode in front of the mock provider streaming one event per body chunk.
 
 use super::load::{Wrk, WrkOut};
 use super::market::overhead_config;
