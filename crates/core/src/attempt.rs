@@ -415,37 +415,10 @@ impl Attempts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::select::Source;
-
-    fn cand(provider: usize) -> Candidate {
-        Candidate {
-            provider,
-            provider_model: "m".into(),
-            source: Source::Static,
-            input_per_mtok: 1.0,
-            output_per_mtok: 1.0,
-            ttft_ms: 1.0,
-            ttft_p50_ms: 1.0,
-            ttft_p95_ms: f64::NAN,
-            uptime: 1.0,
-            reliability: 1.0,
-            availability: crate::market::Availability::Online,
-            provider_type: crate::config::ProviderType::Company,
-            expected_cost_usd: 0.0,
-            score: 1.0,
-            probe: false,
-            beyond_ttft_target: false,
-            value_usd: 1.0,
-        }
-    }
+    use crate::test_support::cand;
 
     fn config(extra: &str) -> Config {
-        let doc = format!(
-            r#"{{"providers":[{{"name":"a","cluster":"a","models":{{"m":"m"}}}},{{"name":"b","cluster":"b","models":{{"m":"m"}}}},
-                {{"name":"c","cluster":"c","models":{{"m":"m"}}}},{{"name":"d","cluster":"d","models":{{"m":"m"}}}}]
-                {extra}}}"#
-        );
-        Config::parse(doc.as_bytes()).unwrap()
+        crate::test_support::config(4, extra)
     }
 
     #[test]

@@ -154,33 +154,7 @@ fn the_final_error_lists_each_attempt_and_picks_the_status() {
 }
 
 fn walk_config(extra: &str) -> Config {
-    let doc = format!(
-        r#"{{"providers":[{{"name":"a","cluster":"a","models":{{"m":"m"}}}},{{"name":"b","cluster":"b","models":{{"m":"m"}}}},
-            {{"name":"c","cluster":"c","models":{{"m":"m"}}}}]{extra}}}"#
-    );
-    Config::parse(doc.as_bytes()).unwrap()
-}
-
-fn walk_cand(provider: usize) -> Candidate {
-    Candidate {
-        provider,
-        provider_model: "m".into(),
-        source: crate::select::Source::Static,
-        input_per_mtok: 1.0,
-        output_per_mtok: 1.0,
-        ttft_ms: 1.0,
-        ttft_p50_ms: 1.0,
-        ttft_p95_ms: f64::NAN,
-        uptime: 1.0,
-        reliability: 1.0,
-        availability: crate::market::Availability::Online,
-        provider_type: crate::config::ProviderType::Company,
-        expected_cost_usd: 0.0,
-        score: 1.0,
-        probe: false,
-        beyond_ttft_target: false,
-        value_usd: 1.0,
-    }
+    crate::test_support::config(3, extra)
 }
 
 /// 3000 ms attempts under a 3500 ms deadline: the second attempt gets the last 500 ms; once
@@ -189,7 +163,7 @@ fn walk_cand(provider: usize) -> Candidate {
 #[test]
 fn an_attempt_given_the_rest_of_the_deadline_ends_the_walk_when_it_times_out() {
     let c = walk_config(r#","failover":{"attempt_timeout_ms":3000,"deadline_ms":3500}"#);
-    let mut cands: Vec<Candidate> = (0..3).map(walk_cand).collect();
+    let mut cands: Vec<Candidate> = (0..3).map(crate::test_support::cand).collect();
     let mut a = Attempts::new(&c, 0);
     assert_eq!(a.pick(&mut cands, 0, |_| true), Some((0, 3000)));
     a.start(0);
@@ -208,7 +182,7 @@ fn an_attempt_given_the_rest_of_the_deadline_ends_the_walk_when_it_times_out() {
 #[test]
 fn an_attempt_to_the_deadline_that_fails_early_leaves_the_rest() {
     let c = walk_config(r#","failover":{"attempt_timeout_ms":3000,"deadline_ms":3500}"#);
-    let mut cands: Vec<Candidate> = (0..3).map(walk_cand).collect();
+    let mut cands: Vec<Candidate> = (0..3).map(crate::test_support::cand).collect();
     let mut a = Attempts::new(&c, 0);
     assert_eq!(a.pick(&mut cands, 0, |_| true), Some((0, 3000)));
     a.start(0);
@@ -224,7 +198,7 @@ fn an_attempt_to_the_deadline_that_fails_early_leaves_the_rest() {
 #[test]
 fn only_an_attempt_bounded_by_the_deadline_spends_it() {
     let c = walk_config(r#","failover":{"attempt_timeout_ms":1000,"deadline_ms":1000}"#);
-    let mut cands: Vec<Candidate> = (0..3).map(walk_cand).collect();
+    let mut cands: Vec<Candidate> = (0..3).map(crate::test_support::cand).collect();
     let mut a = Attempts::new(&c, 0);
     // The first attempt's timeout is the whole deadline.
     assert_eq!(a.pick(&mut cands, 0, |_| true), Some((0, 1000)));

@@ -9,40 +9,15 @@ use crate::attempt::Attempts;
 use crate::config::Strategy;
 use crate::health::Observation;
 use crate::metrics::{Global, PerProvider};
-use crate::select::{Candidate, Ranking, Source};
+use crate::select::Ranking;
+use crate::test_support::cand;
 use crate::walk::{Effect, Verdict, Walk};
 use std::cell::{Cell, RefCell};
 
 const T0: u64 = 1_000_000;
 
-fn cand(provider: usize) -> Candidate {
-    Candidate {
-        provider,
-        provider_model: "m".into(),
-        source: Source::Static,
-        input_per_mtok: 1.0,
-        output_per_mtok: 1.0,
-        ttft_ms: 1.0,
-        ttft_p50_ms: 1.0,
-        ttft_p95_ms: f64::NAN,
-        uptime: 1.0,
-        reliability: 1.0,
-        availability: crate::market::Availability::Online,
-        provider_type: crate::config::ProviderType::Company,
-        expected_cost_usd: 0.0,
-        score: 1.0,
-        probe: false,
-        beyond_ttft_target: false,
-        value_usd: 1.0,
-    }
-}
-
 fn config(extra: &str) -> Config {
-    let doc = format!(
-        r#"{{"providers":[{{"name":"a","cluster":"a","models":{{"m":"m"}}}},{{"name":"b","cluster":"b","models":{{"m":"m"}}}},
-            {{"name":"c","cluster":"c","models":{{"m":"m"}}}}]{extra}}}"#
-    );
-    Config::parse(doc.as_bytes()).unwrap()
+    crate::test_support::config(3, extra)
 }
 
 /// The routed answer as the host shows it: its headers and `response.code_details`, and how

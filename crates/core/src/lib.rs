@@ -29,3 +29,6 @@ pub mod rng;
 pub mod select;
 pub mod served;
 pub mod walk;
+
+#[cfg(test)]
+mod test_support;

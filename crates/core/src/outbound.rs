@@ -234,7 +234,8 @@ mod tests {
     use crate::config::Strategy;
     use crate::host::MockHost;
     use crate::metrics::PerProvider;
-    use crate::select::{Candidate, Ranking, Source};
+    use crate::select::{Candidate, Ranking};
+    use crate::test_support;
 
     fn two(extra: &str) -> Config {
         let doc = format!(
@@ -245,23 +246,8 @@ mod tests {
 
     fn cand(provider: usize, provider_model: &str) -> Candidate {
         Candidate {
-            provider,
             provider_model: provider_model.into(),
-            source: Source::Static,
-            input_per_mtok: 1.0,
-            output_per_mtok: 1.0,
-            ttft_ms: 1.0,
-            ttft_p50_ms: 1.0,
-            ttft_p95_ms: f64::NAN,
-            uptime: 1.0,
-            reliability: 1.0,
-            availability: crate::market::Availability::Online,
-            provider_type: crate::config::ProviderType::Company,
-            expected_cost_usd: 0.0,
-            score: 1.0,
-            probe: false,
-            beyond_ttft_target: false,
-            value_usd: 1.0,
+            ..test_support::cand(provider)
         }
     }
 

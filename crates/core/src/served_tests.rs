@@ -5,37 +5,23 @@
 use super::*;
 use crate::attempt::{Attempts, Outcome};
 use crate::config::Strategy;
-use crate::select::{Candidate, Ranking, Source};
+use crate::select::{Candidate, Ranking};
+use crate::test_support;
 
 const T0: u64 = 1_000_000;
 
 fn cand(provider: usize, expected_cost_usd: f64) -> Candidate {
     Candidate {
-        provider,
-        provider_model: "m".into(),
-        source: Source::Static,
         input_per_mtok: 2.0,
         output_per_mtok: 8.0,
-        ttft_ms: 1.0,
-        ttft_p50_ms: 1.0,
-        ttft_p95_ms: f64::NAN,
-        uptime: 1.0,
-        reliability: 1.0,
-        availability: crate::market::Availability::Online,
-        provider_type: crate::config::ProviderType::Company,
         expected_cost_usd,
         score: 0.123_456,
-        probe: false,
-        beyond_ttft_target: false,
-        value_usd: 1.0,
+        ..test_support::cand(provider)
     }
 }
 
 fn config(extra: &str) -> Config {
-    let doc = format!(
-        r#"{{"providers":[{{"name":"a","cluster":"a","models":{{"m":"m"}}}},{{"name":"b","cluster":"b","models":{{"m":"m"}}}}]{extra}}}"#
-    );
-    Config::parse(doc.as_bytes()).unwrap()
+    test_support::config(2, extra)
 }
 
 /// A walk whose attempts ended so, in order (provider 0 first).

@@ -4,7 +4,8 @@
 
 use super::*;
 use crate::config::{Config, Strategy};
-use crate::select::{Candidate, Source};
+use crate::select::Candidate;
+use crate::test_support;
 
 const T0: u64 = 1_000_000;
 /// Each scripted attempt takes this long, ms.
@@ -12,33 +13,13 @@ const STEP_MS: u64 = 10;
 
 fn cand(provider: usize, probe: bool) -> Candidate {
     Candidate {
-        provider,
-        provider_model: "m".into(),
-        source: Source::Static,
-        input_per_mtok: 1.0,
-        output_per_mtok: 1.0,
-        ttft_ms: 1.0,
-        ttft_p50_ms: 1.0,
-        ttft_p95_ms: f64::NAN,
-        uptime: 1.0,
-        reliability: 1.0,
-        availability: crate::market::Availability::Online,
-        provider_type: crate::config::ProviderType::Company,
-        expected_cost_usd: 0.0,
-        score: 1.0,
         probe,
-        beyond_ttft_target: false,
-        value_usd: 1.0,
+        ..test_support::cand(provider)
     }
 }
 
 fn config(failover: &str) -> Config {
-    let doc = format!(
-        r#"{{"providers":[{{"name":"a","cluster":"a","models":{{"m":"m"}}}},{{"name":"b","cluster":"b","models":{{"m":"m"}}}},
-            {{"name":"c","cluster":"c","models":{{"m":"m"}}}},{{"name":"d","cluster":"d","models":{{"m":"m"}}}}],
-            "failover":{{{failover}}}}}"#
-    );
-    Config::parse(doc.as_bytes()).unwrap()
+    test_support::config(4, &format!(r#","failover":{{{failover}}}"#))
 }
 
 fn walk(config: &Config, candidates: Vec<Candidate>) -> Walk {
