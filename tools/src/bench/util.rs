@@ -11,6 +11,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub(crate) use crate::wrk::{clock_ticks_per_sec, cpu_ticks};
+
 pub(crate) use crate::wrk::{git_commit, median, which};
 
 /// Percentile (nearest rank) of sorted values.
@@ -154,32 +156,6 @@ pub(crate) fn histogram(
         }
     }
     Ok(None)
-}
-
-pub(crate) fn clock_ticks_per_sec() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .filter(|x| *x > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of a process, in clock ticks.
-pub(crate) fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state is field 3, utime 14, stime 15 (1-based over the whole line).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
 }
 
 /// A `/proc/<pid>/status` field in kB.

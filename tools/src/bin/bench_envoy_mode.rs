@@ -33,7 +33,7 @@ use common::{
     crate_root, envoy_bin, get, wait_ready_while, wasm_path, Envoy, EnvoyConfig, Filter, Proc,
     ProviderCluster, TempDir,
 };
-use market_router_tools::wrk;
+use market_router_tools::wrk::{self, clock_ticks_per_sec, cpu_ticks};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::fs;
@@ -96,22 +96,6 @@ fn pin(pid: u32, cpus: &str, all: bool) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn ticks_per_sec() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn start_nginx(bin: &Path) -> Result<(Proc, u16), String> {
@@ -432,7 +416,7 @@ fn run() -> Result<(), String> {
     let (_nginx, up) = start_nginx(&nginx)?;
     let dir = TempDir::new("bench-envoy-mode")?;
     let script = script(&dir, body)?;
-    let ticks = ticks_per_sec();
+    let ticks = clock_ticks_per_sec();
     let start = |key: &str| -> Result<Envoy, String> {
         let e = Envoy::start_bootstrap(&bootstrap(key, up, &empty)?, 1)
             .map_err(|e| format!("variant {key}: {e}"))?;

@@ -19,7 +19,6 @@ use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":50,"completion_tokens":8,"total_tokens":58}}"#;
@@ -56,24 +55,7 @@ fn main() {
     }
 }
 
-use market_router_tools::wrk::{median, which};
-
-/// user + system clock ticks of `pid`.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let st = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = st.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
+use market_router_tools::wrk::{clock_ticks_per_sec, cpu_ticks, median, which};
 
 struct WrkOut {
     rps: f64,
@@ -131,7 +113,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let wrk_bin = which("wrk").ok_or("wrk is not installed (scripts/bench.sh installs it)")?;
     let dir = TempDir::new("bench-kong")?;
     let script = wrk_script(dir.path())?;
-    let ticks = clock_ticks();
+    let ticks = clock_ticks_per_sec();
 
     // The upstream: the same nginx binary without the filter, answering a fixed completion.
     let up_port = common::free_port();
