@@ -1306,6 +1306,30 @@ pub fn run<R: Router>(w: &World, router: &mut R) -> Stats {
     st
 }
 
+/// The answer length an oracle prices `req` with: its true length when the oracle
+/// `knows_lengths`, else the traffic's mean answer length within the request's `max_tokens`.
+fn oracle_answer_tokens(req: &Request, mean_out: f64, knows_lengths: bool) -> f64 {
+    if knows_lengths {
+        req.out_tok as f64
+    } else {
+        req.max_tokens.map_or(mean_out, |m| mean_out.min(m as f64))
+    }
+}
+
+/// What an oracle pays for `req` at provider `p` with an answer of `out` tokens.
+fn oracle_cost(w: &World, req: &Request, out: f64, p: usize) -> f64 {
+    let (pi, po) = w.price(p, req.model, req.at_ms);
+    req.in_tok as f64 * pi + out * po
+}
+
+/// How one attempt at `req`'s arrival would end at each provider serving its model.
+fn oracle_outcomes(w: &World, req: &Request) -> Vec<(usize, AttemptResult)> {
+    w.serving(req.model)
+        .into_iter()
+        .map(|p| (p, w.attempt(req, p, req.at_ms, ATTEMPT_TIMEOUT_MS)))
+        .collect()
+}
+
 /// The oracle: knows every attempt's outcome in advance and the true prices of the moment, and
 /// sends each request, once, to the cheapest provider that will answer it (the fastest failure
 /// when none will). Cheapest by the request's prompt and, for the answer, the traffic's mean
@@ -1322,20 +1346,9 @@ pub fn run_oracle(w: &World, knows_lengths: bool) -> Stats {
     let mean_out =
         w.requests.iter().map(|r| r.out_tok as f64).sum::<f64>() / w.requests.len().max(1) as f64;
     for req in &w.requests {
-        let out = if knows_lengths {
-            req.out_tok as f64
-        } else {
-            req.max_tokens.map_or(mean_out, |m| mean_out.min(m as f64))
-        };
-        let key = |p: usize| {
-            let (pi, po) = w.price(p, req.model, req.at_ms);
-            req.in_tok as f64 * pi + out * po
-        };
-        let results: Vec<(usize, AttemptResult)> = w
-            .serving(req.model)
-            .into_iter()
-            .map(|p| (p, w.attempt(req, p, req.at_ms, ATTEMPT_TIMEOUT_MS)))
-            .collect();
+        let out = oracle_answer_tokens(req, mean_out, knows_lengths);
+        let key = |p: usize| oracle_cost(w, req, out, p);
+        let results = oracle_outcomes(w, req);
         st.attempts += 1;
         let best = results
             .iter()
@@ -1386,20 +1399,9 @@ pub fn run_oracle_within(w: &World, cap_ms: u64, knows_lengths: bool) -> Stats {
     let mut extra: Vec<(f64, usize)> = Vec::new();
     let mut late_anyway = 0usize;
     for (i, req) in w.requests.iter().enumerate() {
-        let out = if knows_lengths {
-            req.out_tok as f64
-        } else {
-            req.max_tokens.map_or(mean_out, |m| mean_out.min(m as f64))
-        };
-        let key = |p: usize| {
-            let (pi, po) = w.price(p, req.model, req.at_ms);
-            req.in_tok as f64 * pi + out * po
-        };
-        let results: Vec<(usize, AttemptResult)> = w
-            .serving(req.model)
-            .into_iter()
-            .map(|p| (p, w.attempt(req, p, req.at_ms, ATTEMPT_TIMEOUT_MS)))
-            .collect();
+        let out = oracle_answer_tokens(req, mean_out, knows_lengths);
+        let key = |p: usize| oracle_cost(w, req, out, p);
+        let results = oracle_outcomes(w, req);
         let cmp = |x: &&(usize, AttemptResult), y: &&(usize, AttemptResult)| {
             key(x.0).total_cmp(&key(y.0)).then(x.1.ms.cmp(&y.1.ms))
         };
