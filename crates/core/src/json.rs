@@ -101,6 +101,7 @@ pub(crate) fn decode_string(lit: &[u8]) -> Option<String> {
 
 /// Non-zero iff the 8-byte word `w` holds a byte string scanning must look at: a quote, a
 /// backslash or a control byte.
+#[inline(always)]
 fn special(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
@@ -112,6 +113,7 @@ fn special(w: u64) -> u64 {
 }
 
 /// The little-endian word at `b[i..i + 8]` (the caller checks the bounds).
+#[inline(always)]
 fn word(b: &[u8], i: usize) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(&b[i..i + 8]);
@@ -122,6 +124,7 @@ fn word(b: &[u8], i: usize) -> u64 {
 /// bytes at a time while it can, then eight. Returns the index of the first such byte (or of
 /// the tail shorter than a word): the lowest flagged byte of a word is exact (a borrow only
 /// ever flags bytes above a real match).
+#[inline(always)]
 fn plain_run(b: &[u8], mut i: usize) -> usize {
     while i + 32 <= b.len()
         && special(word(b, i))
@@ -177,22 +180,26 @@ impl Scanner<'_> {
         }
     }
 
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
 
+    #[inline(always)]
     fn next(&mut self) -> Option<u8> {
         let c = self.peek();
         self.i += 1;
         c
     }
 
+    #[inline(always)]
     fn ws(&mut self) {
         while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
             self.i += 1;
         }
     }
 
+    #[inline(always)]
     fn expect(&mut self, c: u8) -> Result<(), SyntaxError> {
         if self.peek() == Some(c) {
             self.i += 1;
@@ -270,6 +277,7 @@ impl Scanner<'_> {
         }
     }
 
+    #[inline(always)]
     fn digits(&mut self) -> usize {
         let start = self.i;
         while let Some(b'0'..=b'9') = self.peek() {

@@ -354,7 +354,7 @@ pub fn rank(
     // request that one of them may well answer.
     let last_resort = candidates.is_empty() && !held_back.is_empty();
     if last_resort {
-        held_back.sort_by_key(|(until, _)| *until);
+        sort_stable_by(&mut held_back, |a, b| a.0.cmp(&b.0));
         candidates = held_back.into_iter().map(|(_, c)| c).collect();
     } else if candidates.is_empty() {
         return Err(NoRoute::AllExcluded(excluded));
@@ -532,12 +532,35 @@ fn quantize(key: f64) -> f64 {
     (key * 1e9).round() / 1e9
 }
 
+/// Sorts `v` stably by `cmp`: binary insertion, for the few candidates a request ranks. One
+/// small instantiation per element type instead of the standard library's driftsort (about
+/// 4 KB of `.wasm` per call site); `O(n log n)` comparisons, and moves that are cheap for the
+/// short slices sorted here.
+fn sort_stable_by<T>(v: &mut [T], mut cmp: impl FnMut(&T, &T) -> std::cmp::Ordering) {
+    for i in 1..v.len() {
+        // The first place in the sorted prefix whose element sorts after `v[i]`: equal ones
+        // stay ahead of it.
+        let (mut lo, mut hi) = (0, i);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if cmp(&v[mid], &v[i]).is_gt() {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        for j in (lo..i).rev() {
+            v.swap(j, j + 1);
+        }
+    }
+}
+
 /// Median of `xs` (reordered); none when empty.
 fn median(xs: &mut [f64]) -> Option<f64> {
     if xs.is_empty() {
         return None;
     }
-    xs.sort_by(f64::total_cmp);
+    sort_stable_by(xs, f64::total_cmp);
     let n = xs.len();
     Some(if n % 2 == 1 {
         xs[n / 2]
@@ -660,7 +683,7 @@ fn score(
     // Rust's sort may panic on one that is not.
     let keys: Vec<(f64, f64)> = keys.into_iter().map(|(k, u)| (quantize(k), u)).collect();
     let mut order: Vec<usize> = (0..cands.len()).collect();
-    order.sort_by(|&x, &y| {
+    sort_stable_by(&mut order, |&x, &y| {
         let (a, b) = (keys[x], keys[y]);
         // The soft latency target splits the order in two: within it first, then the rest
         // (`value` weighs it into its figure instead).

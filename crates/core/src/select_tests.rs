@@ -461,3 +461,18 @@ fn balanced_adds_the_three_weighted_sub_scores() {
         score("b")
     );
 }
+
+#[test]
+fn sort_stable_by_matches_the_standard_stable_sort() {
+    let mut rng = Rng::new(7);
+    for len in 0..40 {
+        for _ in 0..20 {
+            // Few distinct keys, so ties are common; the second field records input order.
+            let mut v: Vec<(u64, usize)> = (0..len).map(|i| (rng.next_u64() % 5, i)).collect();
+            let mut want = v.clone();
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            sort_stable_by(&mut v, |a, b| a.0.cmp(&b.0));
+            assert_eq!(v, want);
+        }
+    }
+}
