@@ -470,7 +470,7 @@ fn sort_stable_by_matches_the_standard_stable_sort() {
             // Few distinct keys, so ties are common; the second field records input order.
             let mut v: Vec<(u64, usize)> = (0..len).map(|i| (rng.next_u64() % 5, i)).collect();
             let mut want = v.clone();
-            want.sort_by(|a, b| a.0.cmp(&b.0));
+            want.sort_by_key(|a| a.0);
             sort_stable_by(&mut v, |a, b| a.0.cmp(&b.0));
             assert_eq!(v, want);
         }
