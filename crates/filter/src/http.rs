@@ -29,7 +29,6 @@ use crate::walk::{Effect, Verdict, Walk};
 use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
-use serde_json::json;
 use std::rc::Rc;
 
 pub(crate) struct Http {
@@ -196,27 +195,8 @@ impl Http {
         let Ok(inner) = vm.inner.try_borrow() else {
             return self.reply_error(&ApiError::internal("market-router state busy"));
         };
-        let market = inner.market.as_deref();
-        let (status, body) = match q {
-            explain::Query::Models => (200, explain::models(&vm.config, market, now)),
-            explain::Query::Route {
-                model,
-                input_tokens,
-                output_tokens,
-            } => explain::route(
-                &vm.config,
-                market,
-                &inner.health,
-                &model,
-                input_tokens,
-                output_tokens,
-                now,
-            ),
-            explain::Query::NotFound => (
-                404,
-                json!({"error": {"message": "unknown market-router endpoint; try GET <prefix>/models or <prefix>/route?model=…", "type": "invalid_request_error", "code": "not_found"}}),
-            ),
-        };
+        let (status, body) =
+            explain::answer(&vm.config, inner.market.as_deref(), &inner.health, q, now);
         drop(inner);
         let hs = vec![("content-type".to_string(), "application/json".to_string())];
         self.send(status, &hs, body.to_string().as_bytes());
