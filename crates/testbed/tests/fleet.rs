@@ -6,7 +6,7 @@
 
 use market_router_testbed as common;
 
-use common::fleet::{self, offer, MODEL};
+use common::fleet::{self, offer, Pair, MODEL};
 use common::{
     get, post_json, Envoy, Kong, KongConfig, MarketService, MockOpts, MockProvider, TempDir,
 };
@@ -22,6 +22,13 @@ const REFRESH_MS: u64 = 500;
 fn envoy(service: &MarketService, cheap_port: u16, other_port: u16) -> Envoy {
     let plugin = fleet::plugin(REFRESH_MS, None);
     fleet::envoy(service.port(), cheap_port, other_port, &plugin, 2).unwrap()
+}
+
+/// A and B on `service_a` and `service_b`; A's `cheap` answers 503.
+fn pair(service_a: &MarketService, service_b: &MarketService) -> Pair {
+    let plugin = fleet::plugin(REFRESH_MS, None);
+    let broken = MockOpts::default().status(503);
+    Pair::start(service_a.port(), service_b.port(), &broken, &plugin, 2).unwrap()
 }
 
 fn route(e: &Envoy) -> Value {
@@ -41,11 +48,13 @@ fn a_provider_failing_for_envoy_a_is_avoided_by_envoy_b_without_a_request() {
 
     // Envoy A reaches a `cheap` that fails; Envoy B's `cheap` is healthy and counts every
     // request it gets, so any request B sends to `cheap` shows.
-    let broken_for_a = MockProvider::start("cheap", &MockOpts::default().status(503)).unwrap();
-    let cheap_for_b = MockProvider::start("cheap", &MockOpts::default()).unwrap();
-    let other = MockProvider::start("other", &MockOpts::default()).unwrap();
-    let a = envoy(&service, broken_for_a.port(), other.port());
-    let b = envoy(&service, cheap_for_b.port(), other.port());
+    let Pair {
+        cheap_a: broken_for_a,
+        cheap_b: cheap_for_b,
+        other: _other,
+        a,
+        b,
+    } = pair(&service, &service);
 
     // Both start from the feeds' view: `cheap` first.
     for e in [&a, &b] {

@@ -262,16 +262,17 @@ fn outage_run(redis: Option<&mut RedisServer>, dir: &TempDir) -> Result<Value, S
             )
         }
     };
-    let cheap_a = MockProvider::start("cheap", &MockOpts::default())?;
-    let cheap_b = MockProvider::start("cheap", &MockOpts::default())?;
-    let other = MockProvider::start("other", &MockOpts::default())?;
-    let a = envoy(&s1, cheap_a.port(), other.port(), REFRESH_MS, true, 1)?;
-    let b = envoy(
-        s2.as_ref().unwrap_or(&s1),
-        cheap_b.port(),
-        other.port(),
-        REFRESH_MS,
-        true,
+    let fleet::Pair {
+        cheap_a,
+        cheap_b,
+        other: _other,
+        a,
+        b,
+    } = fleet::Pair::start(
+        s1.port(),
+        s2.as_ref().unwrap_or(&s1).port(),
+        &MockOpts::default(),
+        &fleet::plugin(REFRESH_MS, Some(true)),
         1,
     )?;
     for e in [&a, &b] {
