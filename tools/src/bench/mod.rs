@@ -52,6 +52,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 use util::{git_commit, git_dirty, loadavg, log, round_to, tool_version, utc_now, which};
 
+// What `bench_envoy_mode` shares with the overhead section: the nginx upstream, the wrk script
+// and run, the request body and the filter configuration.
+pub use load::{Wrk, WrkOut};
+pub use market::overhead_config;
+pub use upstream::{start_nginx, Upstream};
+pub use util::chat_body;
+
 /// Model every benchmark request asks for.
 pub(crate) const MODEL: &str = "gpt-4o-mini";
 /// Path of the chat endpoint.

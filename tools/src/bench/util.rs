@@ -64,7 +64,7 @@ pub(crate) fn log(msg: &str) {
 }
 
 /// A chat request body of exactly `size` bytes.
-pub(crate) fn chat_body(size: usize) -> Result<Vec<u8>, String> {
+pub fn chat_body(size: usize) -> Result<Vec<u8>, String> {
     let head =
         format!(r#"{{"model":"{MODEL}","max_tokens":64,"messages":[{{"role":"user","content":""#);
     let tail = r#""}]}"#;
