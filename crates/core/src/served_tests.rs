@@ -242,3 +242,14 @@ fn the_decision_record_scores_the_provider_that_answered() {
     assert_eq!(s.decision(Some(1), Some(200)).score, Some(0.5));
     assert_eq!(s.decision(Some(0), Some(200)).score, Some(0.1235));
 }
+
+#[test]
+fn a_walk_begun_with_nothing_tried_is_a_no_provider_error() {
+    let c = config("");
+    let w = walk(&c, &[]);
+    let e = served(&c, &w, None).final_error(None);
+    assert_eq!(e.status, 503);
+    assert!(e
+        .message
+        .contains("no provider for model `m` could be tried"));
+}
