@@ -1,9 +1,11 @@
 //! The fleet test bed: one market service fed a fixed snapshot in which `cheap` is the
-//! cheapest offer and `other` the next, and Envoys routing `MODEL` between a `cheap` and an
-//! `other` provider through that market. Shared by the fleet suites (`tests/fleet.rs`,
-//! `tests/fleet_redis.rs`) and `bench_fleet`.
+//! cheapest offer and `other` the next, and gateways (Envoys, Kong's wasm host) routing
+//! `MODEL` between a `cheap` and an `other` provider through that market. Shared by the fleet
+//! suites (`tests/fleet.rs`, `tests/fleet_redis.rs`) and `bench_fleet`.
 
-use crate::{get, post_json, Envoy, EnvoyConfig, ProviderCluster, TempDir};
+use crate::{
+    get, post_json, Envoy, EnvoyConfig, Gateway, Kong, KongConfig, ProviderCluster, TempDir,
+};
 use serde_json::{json, Value};
 use std::fs;
 use std::path::PathBuf;
@@ -73,9 +75,54 @@ pub fn envoy(
     Envoy::start(&cfg, workers)
 }
 
+/// `plugin` as Kong's host needs it (no clusters): `cheap`, `other` and the market service at
+/// their `127.0.0.1:<port>`, failover in dispatch mode.
+pub fn kong_plugin(service_port: u16, cheap_port: u16, other_port: u16, plugin: &Value) -> Value {
+    let mut plugin = plugin.clone();
+    for p in plugin["providers"].as_array_mut().into_iter().flatten() {
+        let port = if p["name"] == "cheap" {
+            cheap_port
+        } else {
+            other_port
+        };
+        p["cluster"] = json!(format!("127.0.0.1:{port}"));
+    }
+    plugin["market"]["cluster"] = json!(format!("127.0.0.1:{service_port}"));
+    plugin["market"]["authority"] = json!("127.0.0.1");
+    plugin["failover"]["mode"] = json!("dispatch");
+    plugin
+}
+
+/// Kong's wasm host with [`kong_plugin`] of `plugin` and `workers` nginx workers. Its error
+/// log is at `debug`, so the filter's lines on each market refresh and each dropped report
+/// are there (Kong's host has no stats endpoint).
+pub fn kong(
+    service_port: u16,
+    cheap_port: u16,
+    other_port: u16,
+    plugin: &Value,
+    workers: usize,
+) -> Result<Kong, String> {
+    let plugin = kong_plugin(service_port, cheap_port, other_port, plugin);
+    let mut cfg = KongConfig::new()
+        .workers(workers)
+        .market_router(&plugin.to_string());
+    cfg.log_level = "debug".to_string();
+    Kong::start(&cfg)
+}
+
 /// The Envoy's ranking for [`MODEL`] (`/market-router/v1/route`); an error unless 200.
 pub fn route(e: &Envoy) -> Result<Value, String> {
-    let r = get(&e.url(&format!("/market-router/v1/route?model={MODEL}")), T)?;
+    route_at(&e.url(&format!("/market-router/v1/route?model={MODEL}")))
+}
+
+/// [`route`] on either host.
+pub fn route_on(g: &Gateway) -> Result<Value, String> {
+    route_at(&g.url(&format!("/market-router/v1/route?model={MODEL}")))
+}
+
+fn route_at(url: &str) -> Result<Value, String> {
+    let r = get(url, T)?;
     if r.status != 200 {
         return Err(format!("route: status {}: {}", r.status, r.text()));
     }
@@ -85,16 +132,25 @@ pub fn route(e: &Envoy) -> Result<Value, String> {
 /// A chat request through the Envoy: the provider that answered (`x-market-router-provider`);
 /// an error (with the Envoy's log tail) unless 200 with that header.
 pub fn chat(e: &Envoy) -> Result<String, String> {
+    chat_at(&e.url("/v1/chat/completions"), || e.log_tail(30))
+}
+
+/// [`chat`] on either host.
+pub fn chat_on(g: &Gateway) -> Result<String, String> {
+    chat_at(&g.url("/v1/chat/completions"), || g.log_tail(30))
+}
+
+fn chat_at(url: &str, log_tail: impl Fn() -> String) -> Result<String, String> {
     let body =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
-    let r = post_json(&e.url("/v1/chat/completions"), &[], &body, T)?;
+    let r = post_json(url, &[], &body, T)?;
     match r.header("x-market-router-provider") {
         Some(p) if r.status == 200 => Ok(p.to_string()),
         p => Err(format!(
             "chat: status {}, provider {p:?}: {}\n{}",
             r.status,
             r.text(),
-            e.log_tail(30)
+            log_tail()
         )),
     }
 }

@@ -366,11 +366,18 @@ fn the_deadline_cuts_attempts_short() {
 /// streaming answers once that is worse.
 #[test]
 fn fastest_is_raised_by_the_observed_streaming_ttfb() {
+    for mode in HOSTS {
+        fastest_is_raised_by_the_observed_streaming_ttfb_in(mode);
+    }
+}
+
+fn fastest_is_raised_by_the_observed_streaming_ttfb_in(mode: &str) {
     let mut fast = static_provider("f", MODEL, 1.0);
     fast["static_offer"]["latency_ms"]["ttft_p50"] = json!(100);
     let mut slow = static_provider("s", MODEL, 1.0);
     slow["static_offer"]["latency_ms"]["ttft_p50"] = json!(400);
-    let cfg = json!({"providers": [fast, slow], "routing": {"strategy": "fastest"}});
+    let cfg = json!({"providers": [fast, slow], "routing": {"strategy": "fastest"},
+                     "failover": {"mode": mode}});
     let bed = Bed::start_spec(
         Spec {
             ups: vec![
@@ -390,11 +397,11 @@ fn fastest_is_raised_by_the_observed_streaming_ttfb() {
     // On the medians, f first; its answers start after 900 ms.
     for _ in 0..3 {
         let r = bed.post("/v1/chat/completions", &[], &body);
-        assert_eq!(provider_of(&r), Some("f"), "{}", show(&r));
+        assert_eq!(provider_of(&r), Some("f"), "{mode}: {}", show(&r));
     }
     let v = route_json(&bed, &format!("model={MODEL}"));
     let first = &v["candidates"][0];
-    assert_eq!(first["provider"], "s", "{v}");
+    assert_eq!(first["provider"], "s", "{mode}: {v}");
     let f = v["candidates"]
         .as_array()
         .unwrap()
@@ -404,10 +411,10 @@ fn fastest_is_raised_by_the_observed_streaming_ttfb() {
     let ttft = f["ttft_ms"].as_f64().unwrap();
     assert!(
         ttft >= 800.0,
-        "f's ttft_ms {ttft} is not the observed ~900: {v}"
+        "{mode}: f's ttft_ms {ttft} is not the observed ~900: {v}"
     );
     let r = bed.post("/v1/chat/completions", &[], &body);
-    assert_eq!(provider_of(&r), Some("s"), "{}", show(&r));
+    assert_eq!(provider_of(&r), Some("s"), "{mode}: {}", show(&r));
 }
 
 /// `routing.default_output_tokens` prices a request without `max_tokens`: with few output

@@ -191,8 +191,27 @@ impl Bed {
             .map(|n| MockProvider::start(n, &MockOpts::default()).unwrap())
             .collect();
         let sidecar = Sidecar::start(&snapshot).unwrap();
-        let gateway = if config["failover"]["mode"] == KONG {
-            let kong_config = Bed::kong_config(&mocks, sidecar.port(), config);
+        let gateway = Bed::gateway(&mocks, sidecar.port(), config, concurrency, tweak);
+        Bed {
+            gateway,
+            sidecar: Some(sidecar),
+            mocks,
+            snapshot,
+            _dir: dir,
+        }
+    }
+
+    /// The host running `config` in front of `mocks` and the sidecar on `sidecar_port`: Kong's
+    /// host with `concurrency` workers when its failover mode is [`KONG`], else Envoy.
+    fn gateway(
+        mocks: &[MockProvider],
+        sidecar_port: u16,
+        config: &Value,
+        concurrency: u32,
+        tweak: impl FnOnce(EnvoyConfig) -> EnvoyConfig,
+    ) -> Gateway {
+        if config["failover"]["mode"] == KONG {
+            let kong_config = Bed::kong_config(mocks, sidecar_port, config);
             Gateway::Kong(
                 Kong::start(
                     &KongConfig::new()
@@ -204,18 +223,11 @@ impl Bed {
         } else {
             Gateway::Envoy(
                 Envoy::start(
-                    &tweak(Bed::envoy_config(&mocks, sidecar.port(), config)),
+                    &tweak(Bed::envoy_config(mocks, sidecar_port, config)),
                     concurrency,
                 )
                 .unwrap(),
             )
-        };
-        Bed {
-            gateway,
-            sidecar: Some(sidecar),
-            mocks,
-            snapshot,
-            _dir: dir,
         }
     }
 
@@ -249,18 +261,29 @@ impl Bed {
             .unwrap_or_else(|| panic!("this bed runs Kong's wasm host, not Envoy"))
     }
 
-    /// Replaces Envoy with one running `config` (same mocks, same sidecar).
+    /// Replaces the host with one running `config` (same mocks, same sidecar; Kong's host
+    /// when its failover mode is [`KONG`]). The old host's log is checked first.
     fn restart(&mut self, config: &Value) {
+        self.gateway.assert_no_crash();
         let port = self.sidecar().port();
-        let cfg = Bed::envoy_config(&self.mocks, port, config);
-        self.gateway = Gateway::Envoy(Envoy::start(&cfg, 1).unwrap());
+        self.gateway = Bed::gateway(&self.mocks, port, config, 1, |c| c);
     }
 
-    /// Replaces the sidecar and Envoy (same mocks) with a new sidecar and Envoy on `config`.
+    /// Replaces the sidecar and the host (same mocks) with a new sidecar and a host on
+    /// `config`.
     fn restart_with_sidecar(&mut self, sidecar: Sidecar, config: &Value) {
-        let cfg = Bed::envoy_config(&self.mocks, sidecar.port(), config);
+        self.gateway.assert_no_crash();
+        let gateway = Bed::gateway(&self.mocks, sidecar.port(), config, 1, |c| c);
         self.sidecar = Some(sidecar);
-        self.gateway = Gateway::Envoy(Envoy::start(&cfg, 1).unwrap());
+        self.gateway = gateway;
+    }
+
+    /// The host's whole log (Envoy's output, nginx's error.log with the filter's lines).
+    fn log(&self) -> String {
+        match &self.gateway {
+            Gateway::Envoy(e) => e.log_contents(),
+            Gateway::Kong(k) => k.error_log(),
+        }
     }
 
     fn sidecar(&self) -> &Sidecar {
@@ -963,6 +986,12 @@ fn broken_sidecar_keeps_the_last_good_snapshot() {
 
 #[test]
 fn invalid_offers_are_dropped_and_the_rest_used() {
+    for mode in HOSTS {
+        invalid_offers_are_dropped_and_the_rest_used_in(mode);
+    }
+}
+
+fn invalid_offers_are_dropped_and_the_rest_used_in(mode: &str) {
     let names = ["cheap", "fast"];
     let mut bad = offer(
         "cheap",
@@ -979,9 +1008,9 @@ fn invalid_offers_are_dropped_and_the_rest_used() {
         "fast", 0.6, 0.9, 150.0, 0.99, "online", "company", "us-east",
     );
     let config = plugin_config(providers(&names), 300, json!({"strategy": "cheapest"}));
-    let bed = Bed::start(&names, &snapshot(&[bad, good]), &config, 1);
+    let bed = Bed::start_in(mode, &names, &snapshot(&[bad, good]), &config, 1);
     let v = bed.wait_snapshot();
-    assert_eq!(v["snapshot"]["offers"], 1, "{v}");
+    assert_eq!(v["snapshot"]["offers"], 1, "{mode}: {v}");
     // cheap has no valid market data (and no static offer): it ranks after fast, as unknown.
     assert_eq!(ranked(&v), ["fast", "cheap"], "{v}");
     assert_eq!(candidate(&v, "cheap")["source"], "unknown");
@@ -991,19 +1020,22 @@ fn invalid_offers_are_dropped_and_the_rest_used() {
     }
     assert_eq!(bed.hits(), counts(&[("cheap", 0), ("fast", 5)]));
 
-    // The counter's exact name in /stats.
-    let stats = get(&bed.envoy().admin_url("/stats?filter=offers_invalid"), T)
-        .unwrap()
-        .text();
-    assert!(
-        stats.contains("wasmcustom.market_router.snapshot.offers_invalid:"),
-        "{stats}"
-    );
-    assert!(bed.stat("wasmcustom.market_router.snapshot.offers_invalid") >= 1);
-    let log = bed.envoy().log_contents();
+    if !bed.is_kong() {
+        // The counter's exact name in /stats (Kong's host has none).
+        let stats = get(&bed.envoy().admin_url("/stats?filter=offers_invalid"), T)
+            .unwrap()
+            .text();
+        assert!(
+            stats.contains("wasmcustom.market_router.snapshot.offers_invalid:"),
+            "{stats}"
+        );
+        assert!(bed.stat("wasmcustom.market_router.snapshot.offers_invalid") >= 1);
+    }
+    // The log line names the count and the first offer dropped, on every host.
+    let log = bed.log();
     assert!(
         log.contains("dropped 1 invalid offer(s)") && log.contains("offers[0]"),
-        "{}",
+        "{mode}: {}",
         bed.gateway.log_tail(30)
     );
 }
@@ -1164,6 +1196,14 @@ fn constraints_that_exclude_everyone_answer_503_with_reasons_in(mode: &str) {
 
 #[test]
 fn each_constraint_excludes_the_expected_provider() {
+    for mode in HOSTS {
+        each_constraint_excludes_the_expected_provider_in(mode);
+    }
+}
+
+/// One bed per host; each constraint restarts the host (Envoy or Kong's) on the same mocks
+/// and sidecar.
+fn each_constraint_excludes_the_expected_provider_in(mode: &str) {
     // (constraint, strategy, excluded providers with the reason given, who takes the traffic
     // instead). Each case excludes the provider the strategy picks without constraints (see
     // the strategy tests above).
@@ -1209,11 +1249,15 @@ fn each_constraint_excludes_the_expected_provider() {
             .next()
             .unwrap()
             .clone();
-        let config = plugin_config(
-            providers(&CATALOG_NAMES),
-            300,
-            json!({"strategy": strategy, "constraints": constraint}),
+        let config = in_mode(
+            plugin_config(
+                providers(&CATALOG_NAMES),
+                300,
+                json!({"strategy": strategy, "constraints": constraint}),
+            ),
+            mode,
         );
+        let what = format!("{mode}: {code}");
         match bed.as_mut() {
             None => {
                 bed = Some(Bed::start(
@@ -1234,15 +1278,15 @@ fn each_constraint_excludes_the_expected_provider() {
             .iter()
             .map(|(n, why)| json!({"provider": n, "constraint": code, "reason": why}))
             .collect();
-        assert_eq!(v["excluded"], json!(want), "{code}: {v}");
-        assert_eq!(ranked(&v)[0], winner, "{code}: {v}");
+        assert_eq!(v["excluded"], json!(want), "{what}: {v}");
+        assert_eq!(ranked(&v)[0], winner, "{what}: {v}");
         for _ in 0..3 {
-            assert_eq!(b.routed(&[]), winner, "{code}");
+            assert_eq!(b.routed(&[]), winner, "{what}");
         }
         let hits = b.hits();
-        assert_eq!(hits[winner], 3, "{code}: {hits:?}");
+        assert_eq!(hits[winner], 3, "{what}: {hits:?}");
         for (n, _) in out {
-            assert_eq!(hits[*n], 0, "{code}: {hits:?}");
+            assert_eq!(hits[*n], 0, "{what}: {hits:?}");
         }
     }
 }
@@ -1372,6 +1416,12 @@ fn client_overrides_on_take_effect_and_are_stripped_in(mode: &str) {
 
 #[test]
 fn session_affinity_sticks_and_moves_when_the_provider_goes_offline() {
+    for mode in HOSTS {
+        session_affinity_sticks_and_moves_when_the_provider_goes_offline_in(mode);
+    }
+}
+
+fn session_affinity_sticks_and_moves_when_the_provider_goes_offline_in(mode: &str) {
     let config = plugin_config(
         providers(&CATALOG_NAMES),
         200,
@@ -1382,23 +1432,23 @@ fn session_affinity_sticks_and_moves_when_the_provider_goes_offline() {
             "seed": 11
         }),
     );
-    let bed = Bed::start(&CATALOG_NAMES, &snapshot(&catalog()), &config, 1);
+    let bed = Bed::start_in(mode, &CATALOG_NAMES, &snapshot(&catalog()), &config, 1);
     bed.wait_snapshot();
 
     let session = |id: &str| bed.routed(&[("x-session-id", id)]);
     let sticky = session("conv-main");
     for _ in 0..9 {
-        assert_eq!(session("conv-main"), sticky);
+        assert_eq!(session("conv-main"), sticky, "{mode}");
     }
     // Other sessions spread (weighted draws), each sticking to its own provider.
     let mut used = BTreeSet::new();
     for i in 0..12 {
         let id = format!("conv-{i}");
         let first = session(&id);
-        assert_eq!(session(&id), first, "session {id}");
+        assert_eq!(session(&id), first, "{mode}: session {id}");
         used.insert(first);
     }
-    assert!(used.len() >= 2, "all sessions went to {used:?}");
+    assert!(used.len() >= 2, "{mode}: all sessions went to {used:?}");
 
     // The sticky provider goes offline: the session moves, and sticks to its new provider.
     let offers: Vec<Value> = catalog()
@@ -1416,11 +1466,11 @@ fn session_affinity_sticks_and_moves_when_the_provider_goes_offline() {
     });
     let before = bed.mock(&sticky).hits().unwrap();
     let moved = session("conv-main");
-    assert_ne!(moved, sticky);
+    assert_ne!(moved, sticky, "{mode}");
     for _ in 0..5 {
-        assert_eq!(session("conv-main"), moved);
+        assert_eq!(session("conv-main"), moved, "{mode}");
     }
-    assert_eq!(bed.mock(&sticky).hits().unwrap(), before);
+    assert_eq!(bed.mock(&sticky).hits().unwrap(), before, "{mode}");
 }
 
 // ---------------------------------------------------------------------------------------------
