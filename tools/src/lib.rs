@@ -3,5 +3,6 @@
 //! `sim` module, shared with `tools/tests/market_sim.rs`.
 
 pub mod bench;
+pub mod cli;
 pub mod sim;
 pub mod wrk;

@@ -31,6 +31,36 @@ pub enum Query {
     NotFound,
 }
 
+/// The answer to `q` at `now_ms`: its status and JSON body.
+pub fn answer(
+    config: &Config,
+    market: Option<&MarketView>,
+    health: &HealthTable,
+    q: Query,
+    now_ms: u64,
+) -> (u32, Value) {
+    match q {
+        Query::Models => (200, models(config, market, now_ms)),
+        Query::Route {
+            model,
+            input_tokens,
+            output_tokens,
+        } => route(
+            config,
+            market,
+            health,
+            &model,
+            input_tokens,
+            output_tokens,
+            now_ms,
+        ),
+        Query::NotFound => (
+            404,
+            json!({"error": {"message": "unknown market-router endpoint; try GET <prefix>/models or <prefix>/route?model=…", "type": "invalid_request_error", "code": "not_found"}}),
+        ),
+    }
+}
+
 /// Recognizes a transparency request under `prefix`.
 pub fn parse(prefix: &str, method: &str, path: &str) -> Option<Query> {
     let rest = path.strip_prefix(prefix)?;
@@ -270,6 +300,27 @@ mod tests {
               "routing":{"strategy":"cheapest","constraints":{"min_uptime":0.95}}}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn each_query_gets_its_answer() {
+        let (c, h) = (config(), HealthTable::default());
+        assert_eq!(
+            answer(&c, None, &h, Query::Models, 5),
+            (200, models(&c, None, 5))
+        );
+        let q = Query::Route {
+            model: "m".into(),
+            input_tokens: 10,
+            output_tokens: Some(20),
+        };
+        let (status, body) = answer(&c, None, &h, q, 5);
+        assert_eq!((status, body), route(&c, None, &h, "m", 10, Some(20), 5));
+        assert_eq!(status, 200);
+        let (status, body) = answer(&c, None, &h, Query::NotFound, 5);
+        assert_eq!(status, 404);
+        assert_eq!(body["error"]["code"], "not_found");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
     }
 
     #[test]

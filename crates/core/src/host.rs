@@ -98,6 +98,17 @@ pub enum SetError {
     Refused(HostError),
 }
 
+/// The value of header `name` in a header list (the first with that name): names compare
+/// ignoring ASCII case, as the hosts' own header lookups do (the filter lowercases the lists it
+/// reads, see `lowercase_names` in the filter's host module). One lookup for the filter's lists
+/// and [`MockHost`]'s.
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 /// How many times an unconditional write re-reads the CAS after losing a race.
 pub const OVERWRITE_TRIES: usize = 8;
 
@@ -384,12 +395,7 @@ impl HttpHost for MockHost {
     }
 
     fn response_header(&self, name: &str) -> Result<Option<String>, HostError> {
-        Ok(self
-            .response
-            .borrow()
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone()))
+        Ok(header(&self.response.borrow(), name).map(str::to_string))
     }
 
     fn set_response_header(&self, name: &str, value: &str) -> Result<(), HostError> {
@@ -462,6 +468,17 @@ mod tests {
                 true
             },
         )
+    }
+
+    #[test]
+    fn a_header_is_the_first_of_its_name_in_any_case() {
+        let list = |v: &[(&str, &str)]| owned(v);
+        let hs = list(&[(":status", "200"), ("ETag", "\"a\""), ("etag", "\"b\"")]);
+        assert_eq!(header(&hs, ":status"), Some("200"));
+        assert_eq!(header(&hs, "etag"), Some("\"a\""));
+        assert_eq!(header(&hs, "ETAG"), Some("\"a\""));
+        assert_eq!(header(&hs, "content-type"), None);
+        assert_eq!(header(&[], ":status"), None);
     }
 
     #[test]

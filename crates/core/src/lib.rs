@@ -26,6 +26,7 @@ pub mod outbound;
 pub mod report;
 pub mod request;
 pub mod rng;
+pub mod routing;
 pub mod select;
 pub mod served;
 pub mod walk;

@@ -6,7 +6,7 @@
 use crate::answer;
 use crate::config::{Config, Provider};
 use crate::headers;
-use crate::host::{HostError, HttpHost};
+use crate::host::{self, HostError, HttpHost};
 use crate::request::{self, RequestInfo};
 use crate::walk::{Effect, Walk};
 use std::borrow::Cow;
@@ -94,11 +94,7 @@ pub fn dispatch_next(
     mut refused: impl FnMut(usize, HostError),
 ) -> Option<u32> {
     let config = req.config;
-    let path = req
-        .client
-        .iter()
-        .find(|(k, _)| k == ":path")
-        .map_or("/v1/chat/completions", |(_, v)| v.as_str());
+    let path = host::header(req.client, ":path").unwrap_or("/v1/chat/completions");
     let forwarded = headers::forwarded(config, req.client);
     while let Some(a) = walk.next(now, &mut claim_probe) {
         let provider = &config.providers[a.provider];

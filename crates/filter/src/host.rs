@@ -2,8 +2,8 @@
 //! `proxy_wasm::hostcalls` and every error is turned into a value: the SDK's convenience
 //! methods panic on host errors, and a panic kills the VM for every request on the worker.
 
-pub(crate) use market_router_core::host::SetError;
 use market_router_core::host::{self as core_host, Host, HostError, HttpHost};
+pub(crate) use market_router_core::host::{header, SetError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 use std::time::{Duration, UNIX_EPOCH};

@@ -12,8 +12,7 @@ mod native;
 
 use super::Vm;
 use crate::answer;
-use crate::attempt::{Attempts, Outcome};
-use crate::config::FailoverMode;
+use crate::attempt::Outcome;
 use crate::errors::ApiError;
 use crate::exchange::{
     self, AfterRouted, Broke, Call, Exchange, OnBody, OnHeaders, Phase, Place, Reply,
@@ -23,21 +22,14 @@ use crate::headers;
 use crate::host;
 use crate::metrics::{self, Global, Usage};
 use crate::outbound::{self, NotRouted, Outgoing};
-use crate::request::{self, RequestInfo};
-use crate::select::{self, NoRoute, Prefs};
+use crate::request::RequestInfo;
+use crate::routing::{self, Affinity, First, OnRequest};
 use crate::served::Served;
 use crate::walk::{Effect, Verdict, Walk};
 use log::{debug, warn};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType};
-use serde_json::json;
 use std::rc::Rc;
-
-struct Affinity {
-    key: String,
-    tag: String,
-    stored: Option<String>,
-}
 
 pub(crate) struct Http {
     id: u32,
@@ -203,154 +195,84 @@ impl Http {
         let Ok(inner) = vm.inner.try_borrow() else {
             return self.reply_error(&ApiError::internal("market-router state busy"));
         };
-        let market = inner.market.as_deref();
-        let (status, body) = match q {
-            explain::Query::Models => (200, explain::models(&vm.config, market, now)),
-            explain::Query::Route {
-                model,
-                input_tokens,
-                output_tokens,
-            } => explain::route(
-                &vm.config,
-                market,
-                &inner.health,
-                &model,
-                input_tokens,
-                output_tokens,
-                now,
-            ),
-            explain::Query::NotFound => (
-                404,
-                json!({"error": {"message": "unknown market-router endpoint; try GET <prefix>/models or <prefix>/route?model=…", "type": "invalid_request_error", "code": "not_found"}}),
-            ),
-        };
+        let (status, body) =
+            explain::answer(&vm.config, inner.market.as_deref(), &inner.health, q, now);
         drop(inner);
         let hs = vec![("content-type".to_string(), "application/json".to_string())];
         self.send(status, &hs, body.to_string().as_bytes());
         Action::Pause
     }
 
+    /// The body is complete: the core decides (`routing`), then the first attempt goes.
     fn on_body_complete(&mut self, body: Vec<u8>) -> Action {
         let t0 = host::now_ns();
         let now = (t0 / 1_000_000) as u64;
-        let info = match request::parse(&body) {
+        let info = match routing::read(&body) {
             Ok(i) => i,
-            Err(e) => return self.reply_error(&ApiError::bad_request(e.code(), e.message())),
+            Err(e) => return self.reply_error(&e),
         };
         let vm = Rc::clone(&self.vm);
         let config = &vm.config;
         vm.sync_market(now, false);
         vm.sync_health(now, false);
-        let prefs = if config.routing.client_overrides {
-            headers::prefs_from_headers(&self.headers)
-        } else {
-            Prefs::default()
-        };
-        let session = config
-            .routing
-            .affinity_header
-            .as_deref()
-            .and_then(|h| self.header(h))
-            .filter(|s| !s.is_empty())
-            .map(str::to_string);
-        let ranked = match vm.inner.try_borrow_mut() {
+        let decided = match vm.inner.try_borrow_mut() {
             Ok(mut inner) => {
                 let inner = &mut *inner;
                 self.snapshot_age_ms = inner.market.as_ref().map(|m| m.age_ms(now));
-                let pinned = match config.routing.default_provider {
-                    Some(d)
-                        if !select::in_rollout(
-                            config.routing.rollout_percent,
-                            session.as_deref(),
-                            &mut inner.rng,
-                        ) =>
-                    {
-                        select::pinned(config, inner.market.as_deref(), &info, d)
-                    }
-                    _ => None,
+                let books = routing::Books {
+                    market: inner.market.as_deref(),
+                    health: &inner.health,
+                    rng: &mut inner.rng,
                 };
-                match pinned {
-                    Some(r) => {
-                        vm.metrics.inc(Global::RolloutDefault);
-                        Ok(r)
-                    }
-                    None => {
-                        if config.routing.rollout_percent < 100 {
-                            vm.metrics.inc(Global::RolloutMarket);
-                        }
-                        select::rank(
-                            config,
-                            inner.market.as_deref(),
-                            &inner.health,
-                            &info,
-                            &prefs,
-                            now,
-                            &mut inner.rng,
-                        )
-                    }
-                }
+                routing::decide(
+                    &host::Wasm,
+                    config,
+                    &vm.keys.affinity,
+                    books,
+                    &self.headers,
+                    &info,
+                    now,
+                    &mut self.walk,
+                    |e| apply(&vm, &info.model, None, now, e),
+                )
             }
             Err(_) => return self.reply_error(&ApiError::internal("market-router state busy")),
         };
         self.info = Some(info);
-        let mut ranking = match ranked {
-            Ok(r) => r,
-            Err(NoRoute::UnknownModel) => {
-                let model = self
-                    .info
-                    .as_ref()
-                    .map_or("", |i| i.model.as_str())
-                    .to_string();
-                return self.reply_error(&ApiError::unknown_model(&model));
+        match decided {
+            Ok(affinity) => self.affinity = affinity,
+            Err(u) => {
+                if u.excluded {
+                    debug!("#{} market-router: {}", self.id, u.error.message);
+                }
+                return self.reply_error(&u.error);
             }
-            Err(NoRoute::AllExcluded(ex)) => {
-                let model = self.info.as_ref().map_or("", |i| i.model.as_str());
-                let msg = select::explain_exclusions(config, model, &ex);
-                debug!("#{} market-router: {msg}", self.id);
-                return self.reply_error(&ApiError::no_provider(msg));
+        }
+        if let Some(ranking) = &self.walk.ranking {
+            if ranking.last_resort {
+                warn!(
+                    "#{} market-router: every provider is held back by health; trying them anyway, soonest free first",
+                    self.id
+                );
             }
-        };
-        if ranking.last_resort {
-            warn!(
-                "#{} market-router: every provider is held back by health; trying them anyway, soonest free first",
-                self.id
-            );
-        }
-        if ranking.stale {
-            vm.metrics.inc(Global::StaleDecisions);
-            debug!("#{} market-router: market data is stale; ranking on its last figures (its offline counts as degraded)", self.id);
-        }
-        if let Some(session) = session.as_deref() {
-            let (slot, tag) = headers::affinity_slot(session);
-            let key = format!("{}{slot}", vm.keys.affinity);
-            let stored = host::shared_get(&key)
-                .and_then(|(v, _)| headers::affinity_decode(&v, &tag).map(str::to_string));
-            if let Some(idx) = stored.as_deref().and_then(|n| config.provider_index(n)) {
-                select::prefer(&mut ranking, idx);
+            if ranking.stale {
+                debug!("#{} market-router: market data is stale; ranking on its last figures (its offline counts as degraded)", self.id);
             }
-            self.affinity = Some(Affinity { key, tag, stored });
+            if log::log_enabled!(log::Level::Debug) {
+                debug!(
+                    "#{} market-router: model {} strategy {} ranked [{}]",
+                    self.id,
+                    self.info.as_ref().map_or("", |i| i.model.as_str()),
+                    ranking.strategy.as_str(),
+                    routing::ranked_line(config, &self.walk)
+                );
+            }
         }
-        if log::log_enabled!(log::Level::Debug) {
-            debug!(
-                "#{} market-router: model {} strategy {} ranked [{}]",
-                self.id,
-                self.info.as_ref().map_or("", |i| i.model.as_str()),
-                ranking.strategy.as_str(),
-                ranking
-                    .candidates
-                    .iter()
-                    .map(|c| format!("{}:{:.3}", config.providers[c.provider].name, c.score))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        self.walk.begin(ranking, Attempts::new(config, now));
         self.body = body;
-        let action = match config.failover.mode {
-            // Without route failover in the host (Kong), route mode's attempts are dispatched.
-            FailoverMode::Route if host::caps().route_failover => self.route_first(now),
-            FailoverMode::Envoy => self.native_first(now),
-            FailoverMode::Route | FailoverMode::Dispatch => {
+        let action = match routing::first(config, host::caps().route_failover) {
+            First::Route => self.route_first(now),
+            First::Native => self.native_first(now),
+            First::Dispatch => {
                 if self.dispatch_next(now) {
                     Action::Pause
                 } else {
@@ -511,7 +433,9 @@ impl Http {
     }
 
     fn remember_affinity(&self, provider: &str) {
-        remember(self.affinity.as_ref(), provider);
+        if let Some(a) = &self.affinity {
+            a.remember(&host::Wasm, provider);
+        }
     }
 
     /// Route mode: the routed answer goes to the client, with our headers added in place.
@@ -789,77 +713,44 @@ const BOUNCE_TIMEOUT_MS: u64 = 1000;
 impl Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // One host call for all headers: cheaper than reading the path alone and then the rest.
-        let hs = host::request_headers();
-        // No client picks a cluster or passes preferences on, whatever the path.
-        for (k, _) in hs
-            .iter()
-            .filter(|(k, _)| headers::is_owned(&self.vm.config, k))
-        {
-            host::set_request_header(k, None);
-        }
-        let value = |name: &str| {
-            hs.iter()
-                .find(|(k, _)| k == name)
-                .map_or("", |(_, v)| v.as_str())
-        };
-        let (method, path) = (value(":method"), value(":path"));
-        // Only the filter names the order Envoy's retries follow, never the client.
-        if self.vm.config.failover.mode == FailoverMode::Envoy
-            && hs.iter().any(|(k, _)| k == crate::native::ORDER_HEADER)
-        {
-            host::set_request_header(crate::native::ORDER_HEADER, None);
-        }
-        if !headers::is_llm_path(method, path) {
-            let explain = self
-                .vm
-                .config
-                .explain_path_prefix
-                .as_deref()
-                .filter(|prefix| path.starts_with(prefix))
-                .and_then(|prefix| explain::parse(prefix, method, path));
-            return match explain {
-                Some(q) => self.answer_explain(q),
-                None => Action::Continue,
-            };
-        }
-        self.vm.metrics.inc(Global::Requests);
-        self.headers = hs;
-        if let Some(len) = self
-            .header("content-length")
-            .and_then(|v| v.parse::<usize>().ok())
-        {
-            if len > self.vm.config.max_body_bytes {
-                return self.reply_error(&ApiError::body_too_large(self.vm.config.max_body_bytes));
-            }
-        }
-        // An empty body: Kong runs no body callback for it.
-        if end_of_stream || self.header("content-length") == Some("0") {
-            return self.on_body_complete(Vec::new());
-        }
-        self.ex.phase = Phase::Reading;
-        // Kong never resumes a pause from here; its body callback comes anyway.
-        if host::caps().pause_request_headers {
-            Action::Pause
-        } else {
-            Action::Continue
-        }
+        self.headers = host::request_headers();
+        let vm = Rc::clone(&self.vm);
+        let step = routing::on_request_headers(
+            &host::Wasm,
+            &vm.config,
+            &self.headers,
+            end_of_stream,
+            // Kong never resumes a pause from here; its body callback comes anyway.
+            host::caps().pause_request_headers,
+            &mut self.ex.phase,
+            |e| apply(&vm, "", None, 0, e),
+        );
+        self.on_request(step)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.ex.phase != Phase::Reading {
-            return Action::Continue;
-        }
-        if body_size > self.vm.config.max_body_bytes {
-            return self.reply_error(&ApiError::body_too_large(self.vm.config.max_body_bytes));
-        }
-        if !end_of_stream {
-            return Action::Pause;
-        }
-        match host::buffer(BufferType::HttpRequestBody, body_size) {
-            Some(body) => self.on_body_complete(body),
-            None => self.reply_error(&ApiError::internal(
-                "the host did not hand over the request body",
-            )),
+        let step =
+            routing::on_request_body(&self.vm.config, self.ex.phase, body_size, end_of_stream);
+        self.on_request(step)
+    }
+
+    /// Carries out a request callback's step.
+    fn on_request(&mut self, step: OnRequest) -> Action {
+        match step {
+            OnRequest::Continue => Action::Continue,
+            OnRequest::Pause => Action::Pause,
+            OnRequest::Explain(q) => self.answer_explain(q),
+            OnRequest::Refuse(e) => self.reply_error(&e),
+            // An empty body: Kong runs no body callback for it.
+            OnRequest::Decide(None) => self.on_body_complete(Vec::new()),
+            OnRequest::Decide(Some(size)) => {
+                match host::buffer(BufferType::HttpRequestBody, size) {
+                    Some(body) => self.on_body_complete(body),
+                    None => self.reply_error(&ApiError::internal(
+                        "the host did not hand over the request body",
+                    )),
+                }
+            }
         }
     }
 
@@ -1028,15 +919,10 @@ fn apply(vm: &Vm, model: &str, affinity: Option<&Affinity>, now: u64, effect: Ef
         Effect::Count { provider, counter } => vm.metrics.add(provider, counter, 1),
         Effect::CountGlobal(counter) => vm.metrics.inc(counter),
         Effect::TallyBroken { provider } => vm.tally_broken_stream(provider, model),
-        Effect::Remember { provider } => remember(affinity, &vm.config.providers[provider].name),
-    }
-}
-
-/// Pins the session to `provider` (unless it is pinned there already).
-fn remember(affinity: Option<&Affinity>, provider: &str) {
-    if let Some(a) = affinity {
-        if a.stored.as_deref() != Some(provider) {
-            let _ = host::shared_set(&a.key, &headers::affinity_encode(&a.tag, provider), None);
+        Effect::Remember { provider } => {
+            if let Some(a) = affinity {
+                a.remember(&host::Wasm, &vm.config.providers[provider].name);
+            }
         }
     }
 }

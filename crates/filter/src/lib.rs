@@ -16,7 +16,7 @@ mod upstream;
 // The core's modules, at the paths the glue names them by (`crate::config`, ...).
 use market_router_core::{
     answer, attempt, config, errors, exchange, explain, headers, health, market, native, outbound,
-    report, request, rng, select, served, walk,
+    report, request, rng, routing, served, walk,
 };
 
 use crate::config::Config;

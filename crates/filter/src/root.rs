@@ -155,10 +155,7 @@ impl Root {
         let status = if num_headers == 0 || host::call_failure(num_headers).is_some() {
             None
         } else {
-            host::call_response_headers()
-                .into_iter()
-                .find(|(k, _)| k == ":status")
-                .map(|(_, v)| v)
+            host::header(&host::call_response_headers(), ":status").map(str::to_string)
         };
         if status.as_deref().is_some_and(|s| s.starts_with('2')) {
             vm.metrics.inc(Global::ReportsSent);
@@ -205,10 +202,7 @@ impl Root {
         } else {
             host::call_response_headers()
         };
-        let status = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .map(|(_, v)| v.as_str());
+        let status = host::header(&headers, ":status");
         match status {
             Some("304") => {
                 debug!("market-router: market snapshot not modified");
@@ -228,10 +222,7 @@ impl Root {
             Some("200") => {
                 let body =
                     host::buffer(BufferType::HttpCallResponseBody, body_size).unwrap_or_default();
-                let etag = headers
-                    .iter()
-                    .find(|(k, _)| k == "etag")
-                    .map(|(_, v)| v.clone());
+                let etag = host::header(&headers, "etag").map(str::to_string);
                 match market::validate(&body, &vm.config, host::now_ms(), etag) {
                     Ok(v) => {
                         if !v.invalid.is_empty() {

@@ -1,10 +1,12 @@
 //! The fleet test bed: one market service fed a fixed snapshot in which `cheap` is the
 //! cheapest offer and `other` the next, and gateways (Envoys, Kong's wasm host) routing
-//! `MODEL` between a `cheap` and an `other` provider through that market. Shared by the fleet
-//! suites (`tests/fleet.rs`, `tests/fleet_redis.rs`) and `bench_fleet`.
+//! `MODEL` between a `cheap` and an `other` provider through that market ([`Pair`]: two
+//! Envoys, each with its own `cheap`). Shared by the fleet suites (`tests/fleet.rs`,
+//! `tests/fleet_redis.rs`) and `bench_fleet`.
 
 use crate::{
-    get, post_json, Envoy, EnvoyConfig, Gateway, Kong, KongConfig, ProviderCluster, TempDir,
+    get, post_json, Envoy, EnvoyConfig, Gateway, Kong, KongConfig, MockOpts, MockProvider,
+    ProviderCluster, TempDir,
 };
 use serde_json::{json, Value};
 use std::fs;
@@ -73,6 +75,42 @@ pub fn envoy(
         .sidecar(CLUSTER, service_port)
         .market_router(&plugin.to_string());
     Envoy::start(&cfg, workers)
+}
+
+/// Two gateways on one market: Envoy A and Envoy B with the same `plugin`, each with its own
+/// `cheap` mock (A's behaving as `cheap_a` says, B's healthy: it counts every request B sends
+/// it), and one `other` mock for both; A's market is the service on `service_a`, B's the one on
+/// `service_b` (the same service, or another replica). Fields drop in order: the Envoys first.
+pub struct Pair {
+    pub a: Envoy,
+    pub b: Envoy,
+    pub cheap_a: MockProvider,
+    pub cheap_b: MockProvider,
+    pub other: MockProvider,
+}
+
+impl Pair {
+    /// Starts the mocks (`cheap_a`, `cheap_b`, `other`), then Envoy A, then Envoy B.
+    pub fn start(
+        service_a: u16,
+        service_b: u16,
+        cheap_a: &MockOpts,
+        plugin: &Value,
+        workers: u32,
+    ) -> Result<Pair, String> {
+        let cheap_a = MockProvider::start("cheap", cheap_a)?;
+        let cheap_b = MockProvider::start("cheap", &MockOpts::default())?;
+        let other = MockProvider::start("other", &MockOpts::default())?;
+        let a = envoy(service_a, cheap_a.port(), other.port(), plugin, workers)?;
+        let b = envoy(service_b, cheap_b.port(), other.port(), plugin, workers)?;
+        Ok(Pair {
+            a,
+            b,
+            cheap_a,
+            cheap_b,
+            other,
+        })
+    }
 }
 
 /// `plugin` as Kong's host needs it (no clusters): `cheap`, `other` and the market service at

@@ -10,7 +10,7 @@
 
 use market_router_testbed as common;
 
-use common::fleet::{self, offer};
+use common::fleet::{self, offer, Pair};
 use common::{redis_or_skip, Envoy, MarketService, MockOpts, MockProvider, RedisServer, TempDir};
 use serde_json::{json, Value};
 use std::cell::RefCell;
@@ -44,6 +44,13 @@ fn replica(config: &Path, port: u16, redis: &RedisServer, name: &str) -> MarketS
 fn envoy(service: &MarketService, cheap_port: u16, other_port: u16) -> Envoy {
     let plugin = fleet::plugin(REFRESH_MS, None);
     fleet::envoy(service.port(), cheap_port, other_port, &plugin, WORKERS).unwrap()
+}
+
+/// A on replica `r1` and B on `r2`; A's `cheap` answers 503.
+fn pair(r1: &MarketService, r2: &MarketService) -> Pair {
+    let plugin = fleet::plugin(REFRESH_MS, None);
+    let broken = MockOpts::default().status(503);
+    Pair::start(r1.port(), r2.port(), &broken, &plugin, 2).unwrap()
 }
 
 fn route(e: &Envoy) -> Value {
@@ -219,11 +226,13 @@ fn two_replicas_on_redis_give_one_snapshot_and_b_avoids_what_fails_for_a_through
 
     // A (on replica 1) reaches a `cheap` that fails; B (on replica 2) a healthy one that
     // counts every request it gets.
-    let broken_for_a = MockProvider::start("cheap", &MockOpts::default().status(503)).unwrap();
-    let cheap_for_b = MockProvider::start("cheap", &MockOpts::default()).unwrap();
-    let other = MockProvider::start("other", &MockOpts::default()).unwrap();
-    let a = envoy(&r1, broken_for_a.port(), other.port());
-    let b = envoy(&r2, cheap_for_b.port(), other.port());
+    let Pair {
+        cheap_a: broken_for_a,
+        cheap_b: cheap_for_b,
+        other: _other,
+        a,
+        b,
+    } = pair(&r1, &r2);
 
     // One snapshot for both: the same ETag from both replicas, the same version and ranking
     // in both Envoys, `cheap` first.
@@ -304,11 +313,13 @@ fn redis_stopped_mid_run_both_keep_routing_on_their_own_views_and_converge_when_
     let r1 = replica(&config, 0, &redis, "r1");
     let r2 = replica(&config, 0, &redis, "r2");
     wait_converged(&r1, &r2);
-    let broken_for_a = MockProvider::start("cheap", &MockOpts::default().status(503)).unwrap();
-    let cheap_for_b = MockProvider::start("cheap", &MockOpts::default()).unwrap();
-    let other = MockProvider::start("other", &MockOpts::default()).unwrap();
-    let a = envoy(&r1, broken_for_a.port(), other.port());
-    let b = envoy(&r2, cheap_for_b.port(), other.port());
+    let Pair {
+        cheap_a: broken_for_a,
+        cheap_b: _cheap_for_b,
+        other: _other,
+        a,
+        b,
+    } = pair(&r1, &r2);
     wait_same_ranking(&a, &b);
 
     // On Redis: B's successes reach both replicas.

@@ -9,14 +9,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/bed.rs"]
+mod bed;
 use market_router_testbed as common;
 
+use bed::{eventually, now_ms, show};
 use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(10);
 const MODEL: &str = "gpt-4o-mini";
@@ -24,12 +27,6 @@ const NAMES: [&str; 3] = ["a", "b", "c"];
 /// How late a streamed event may reach the client after the provider wrote it.
 const CHUNK_LATENCY_MS: u64 = 150;
 const DECISION_PREFIX: &str = "MR-DECISION ";
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// One provider's settings in the plugin configuration.
 #[derive(Clone)]
@@ -186,20 +183,18 @@ impl Bed {
 
     /// Decision records from the access log, waiting up to 3 s for `n` of them.
     fn decisions(&self, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            let got: Vec<Value> = self
+        let mut got = Vec::new();
+        eventually(Duration::from_secs(3), || {
+            got = self
                 .envoy
                 .log_contents()
                 .lines()
                 .filter_map(|l| l.strip_prefix(DECISION_PREFIX))
                 .filter_map(|l| serde_json::from_str(l.split_once(' ')?.1).ok())
                 .collect();
-            if got.len() >= n || Instant::now() >= deadline {
-                return got;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+            got.len() >= n
+        });
+        got
     }
 }
 
@@ -211,16 +206,6 @@ fn stream_chat() -> Value {
     let mut b = chat();
     b["stream"] = json!(true);
     b
-}
-
-fn show(r: &Response) -> String {
-    format!(
-        "status {} provider {:?} attempts {:?} body {}",
-        r.status,
-        r.header("x-market-router-provider"),
-        r.header("x-market-router-attempts"),
-        r.text()
-    )
 }
 
 /// A streamed answer as the client saw it: head, and each SSE `data:` payload with the Unix
@@ -321,7 +306,7 @@ fn stream_request(port: u16, body: &Value) -> Streamed {
                 }
             }
         };
-        let at = unix_ms();
+        let at = now_ms();
         pending.push_str(&String::from_utf8_lossy(&data));
         while let Some(end) = pending.find("\n\n") {
             let event: String = pending.drain(..end + 2).collect();
@@ -455,7 +440,7 @@ fn slow_to_start_provider_is_left_at_its_ttft_bound_and_a_flowing_stream_is_neve
             MockOpts::default(),
         ],
     );
-    let start = unix_ms();
+    let start = now_ms();
     let s = stream_request(bed.envoy.port(), &stream_chat());
     assert_eq!(s.status(), 200, "{}", s.head);
     assert_eq!(s.header("x-market-router-provider").as_deref(), Some("b"));

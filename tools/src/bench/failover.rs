@@ -4,7 +4,7 @@
 
 use super::load::{load, Sample};
 use super::market::static_offer;
-use super::util::{chat_body, f, fmt_num, log, pass, pct, round_to, stats_map};
+use super::util::{chat_body, fmt_num, json_num, log, pass, pct, round_to, stats_map};
 use super::{Opts, CHAT_PATH, MODEL, REQ_TIMEOUT, SMALL_BODY};
 use market_router_testbed::{
     listener_head, request, Envoy, EnvoyConfig, MockOpts, MockProvider, ProviderCluster,
@@ -372,130 +372,132 @@ pub(crate) fn run(opts: &Opts) -> Result<Failover, String> {
     })
 }
 
-/// The failover part of `latest.md`, from the section's JSON.
-pub(crate) fn markdown_part(failover: &Value) -> String {
+/// The failover part of `latest.md`.
+pub(crate) fn markdown_part(failover: Option<&Failover>) -> String {
     let mut md = String::new();
-    if !failover.is_null() {
-        let mr = &failover["market_router"];
-        let nm = &failover["market_router_envoy_mode"];
-        let ev = &failover["envoy_retry"];
-        let _ = writeln!(md, "\n## 2. Failover under load\n");
+    let Some(fo) = failover else {
+        return md;
+    };
+    let (mr, nm, ev) = (
+        &fo.market_router,
+        &fo.market_router_envoy_mode,
+        &fo.envoy_retry,
+    );
+    let _ = writeln!(md, "\n## 2. Failover under load\n");
+    let _ = writeln!(
+        md,
+        "{} client connections (keep-alive, closed loop, 200-byte body) for {} s; provider `a` answers 503 from t = {} s on. Upstreams: two mock providers (`--quiet`), one round trip {} µs (p50, direct). Envoy `--concurrency {}`.\n\n- **market-router**: route mode, `cheapest` (a first, then b), circuit `failure_threshold` 3, `cooldown_ms` 5000; **envoy mode**: the same in `failover.mode: envoy`.\n- **Envoy retry**: {}.\n\nDead-provider attempts: the 503 answers provider `a` counted, over the requests started after the switch. Healthy: from 0.5 s to the switch; outage: from the switch to the end.\n",
+        mr.connections,
+        mr.secs,
+        json_num(mr.switch_at_s),
+        fo.upstream_rtt_p50_us,
+        mr.envoy_concurrency,
+        fo.envoy_retry_setup,
+    );
+    let _ = writeln!(
+        md,
+        "| | market-router, route mode | market-router, envoy mode | Envoy retry + outlier detection | goal |\n|---|---:|---:|---:|---|"
+    );
+    // One row: the cell of each setup (route mode, envoy mode, Envoy retry) and the goal.
+    let row = |md: &mut String, label: &str, cell: &dyn Fn(&Scenario) -> String, goal: &str| {
         let _ = writeln!(
             md,
-            "{} client connections (keep-alive, closed loop, 200-byte body) for {} s; provider `a` answers 503 from t = {} s on. Upstreams: two mock providers (`--quiet`), one round trip {} µs (p50, direct). Envoy `--concurrency {}`.\n\n- **market-router**: route mode, `cheapest` (a first, then b), circuit `failure_threshold` 3, `cooldown_ms` 5000; **envoy mode**: the same in `failover.mode: envoy`.\n- **Envoy retry**: {}.\n\nDead-provider attempts: the 503 answers provider `a` counted, over the requests started after the switch. Healthy: from 0.5 s to the switch; outage: from the switch to the end.\n",
-            mr["connections"],
-            mr["secs"],
-            mr["switch_at_s"],
-            failover["upstream_rtt_p50_us"],
-            mr["envoy_concurrency"],
-            failover["envoy_retry_setup"].as_str().unwrap_or(""),
+            "| {label} | {} | {} | {} | {goal} |",
+            cell(mr),
+            cell(nm),
+            cell(ev)
         );
-        let _ = writeln!(
-            md,
-            "| | market-router, route mode | market-router, envoy mode | Envoy retry + outlier detection | goal |\n|---|---:|---:|---:|---|"
-        );
-        // One row: the cell of each setup (route mode, envoy mode, Envoy retry) and the goal.
-        let row = |md: &mut String, label: &str, cell: &dyn Fn(&Value) -> String, goal: &str| {
-            let _ = writeln!(
-                md,
-                "| {label} | {} | {} | {} | {goal} |",
-                cell(mr),
-                cell(nm),
-                cell(ev)
-            );
-        };
-        row(&mut md, "requests", &|v| v["requests"].to_string(), "");
-        row(
-            &mut md,
-            "success ratio",
-            &|v| fmt_num(f(&v["success_ratio"]) * 100.0, 3) + " %",
-            "100 %",
-        );
-        let failed = |v: &Value| -> String {
-            let mut parts: Vec<String> = v["by_status"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .filter(|(k, _)| k.as_str() != "200")
-                        .map(|(k, n)| {
-                            let k = if k == "0" {
-                                "transport error"
-                            } else {
-                                k.as_str()
-                            };
-                            format!("{n} × {k}")
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            if parts.is_empty() {
-                parts.push("none".into());
-            }
-            let overflow = v["counters"]["cluster.providers.upstream_rq_retry_overflow"]
-                .as_u64()
-                .unwrap_or(0);
-            if overflow > 0 {
-                parts.push(format!(
-                    "({overflow} retries refused by the cluster's retry circuit breaker, max_retries 3 by default)"
-                ));
-            }
-            parts.join(" ")
-        };
-        row(&mut md, "failed answers", &failed, "none");
-        row(
-            &mut md,
-            "dead-provider attempts per request (outage)",
-            &|v| {
-                format!(
-                    "{} ({} / {})",
-                    fmt_num(f(&v["dead_attempts_per_request"]), 4),
-                    v["dead_attempts"],
-                    v["outage_requests"]
-                )
-            },
-            "≤ 0.01",
-        );
-        row(
-            &mut md,
-            "req/s healthy → outage",
-            &|v| {
-                format!(
-                    "{} → {}",
-                    fmt_num(f(&v["healthy_rps"]), 0),
-                    fmt_num(f(&v["outage_rps"]), 0)
-                )
-            },
-            "",
-        );
-        row(
-            &mut md,
-            "outage throughput / healthy",
-            &|v| fmt_num(f(&v["outage_throughput_share"]), 3),
-            "≥ 0.9",
-        );
-        row(
-            &mut md,
-            "p50 µs healthy → outage",
-            &|v| format!("{} → {}", v["healthy_p50_us"], v["outage_p50_us"]),
-            "",
-        );
-        row(
-            &mut md,
-            "p99 µs healthy → outage",
-            &|v| format!("{} → {}", v["healthy_p99_us"], v["outage_p99_us"]),
-            "outage ≤ healthy + 1 round trip + 5 ms",
-        );
-        let goals = |v: &Value| -> String {
-            let g = &v["goals"];
+    };
+    row(&mut md, "requests", &|v| v.requests.to_string(), "");
+    row(
+        &mut md,
+        "success ratio",
+        &|v| fmt_num(v.success_ratio * 100.0, 3) + " %",
+        "100 %",
+    );
+    let failed = |v: &Scenario| -> String {
+        let mut parts: Vec<String> = v
+            .by_status
+            .iter()
+            .filter(|(k, _)| k.as_str() != "200")
+            .map(|(k, n)| {
+                let k = if k == "0" {
+                    "transport error"
+                } else {
+                    k.as_str()
+                };
+                format!("{n} × {k}")
+            })
+            .collect();
+        if parts.is_empty() {
+            parts.push("none".into());
+        }
+        let overflow = v
+            .counters
+            .get("cluster.providers.upstream_rq_retry_overflow")
+            .copied()
+            .unwrap_or(0);
+        if overflow > 0 {
+            parts.push(format!(
+                "({overflow} retries refused by the cluster's retry circuit breaker, max_retries 3 by default)"
+            ));
+        }
+        parts.join(" ")
+    };
+    row(&mut md, "failed answers", &failed, "none");
+    row(
+        &mut md,
+        "dead-provider attempts per request (outage)",
+        &|v| {
             format!(
-                "success {} · dead attempts {} · throughput {} · p99 {}",
-                pass(g["success_100pct"] == true),
-                pass(g["dead_attempts_le_0_01"] == true),
-                pass(g["throughput_ge_0_9"] == true),
-                pass(g["p99_within_budget"] == true)
+                "{} ({} / {})",
+                fmt_num(v.dead_attempts_per_request, 4),
+                v.dead_attempts,
+                v.outage_requests
             )
-        };
-        row(&mut md, "goals", &goals, "");
-    }
+        },
+        "≤ 0.01",
+    );
+    row(
+        &mut md,
+        "req/s healthy → outage",
+        &|v| {
+            format!(
+                "{} → {}",
+                fmt_num(v.healthy_rps, 0),
+                fmt_num(v.outage_rps, 0)
+            )
+        },
+        "",
+    );
+    row(
+        &mut md,
+        "outage throughput / healthy",
+        &|v| fmt_num(v.outage_throughput_share, 3),
+        "≥ 0.9",
+    );
+    row(
+        &mut md,
+        "p50 µs healthy → outage",
+        &|v| format!("{} → {}", v.healthy_p50_us, v.outage_p50_us),
+        "",
+    );
+    row(
+        &mut md,
+        "p99 µs healthy → outage",
+        &|v| format!("{} → {}", v.healthy_p99_us, v.outage_p99_us),
+        "outage ≤ healthy + 1 round trip + 5 ms",
+    );
+    let goals = |v: &Scenario| -> String {
+        let g = &v.goals;
+        format!(
+            "success {} · dead attempts {} · throughput {} · p99 {}",
+            pass(g.success_100pct),
+            pass(g.dead_attempts_le_0_01),
+            pass(g.throughput_ge_0_9),
+            pass(g.p99_within_budget)
+        )
+    };
+    row(&mut md, "goals", &goals, "");
     md
 }

@@ -10,24 +10,24 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Default)]
-pub(crate) struct WrkOut {
-    pub(crate) requests: u64,
-    pub(crate) secs: f64,
-    pub(crate) p50_us: f64,
-    pub(crate) p90_us: f64,
-    pub(crate) p99_us: f64,
-    pub(crate) max_us: f64,
-    pub(crate) non2xx: u64,
-    pub(crate) errors: u64,
+pub struct WrkOut {
+    pub requests: u64,
+    pub secs: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    pub non2xx: u64,
+    pub errors: u64,
 }
 
-pub(crate) struct Wrk {
+pub struct Wrk {
     bin: PathBuf,
     dir: TempDir,
 }
 
 impl Wrk {
-    pub(crate) fn new(bin: PathBuf) -> Result<Wrk, String> {
+    pub fn new(bin: PathBuf) -> Result<Wrk, String> {
         Ok(Wrk {
             bin,
             dir: TempDir::new("wrk")?,
@@ -35,7 +35,7 @@ impl Wrk {
     }
 
     /// A Lua script posting `body` with the cluster header, printing a JSON summary line.
-    pub(crate) fn script(&self, name: &str, body: &[u8]) -> Result<PathBuf, String> {
+    pub fn script(&self, name: &str, body: &[u8]) -> Result<PathBuf, String> {
         let body_path = self.dir.join(&format!("{name}.json"));
         fs::write(&body_path, body).map_err(|e| format!("cannot write a body file: {e}"))?;
         let lua = format!(
@@ -69,14 +69,14 @@ end
     }
 
     /// The twin of `script` that sends `accept-encoding: gzip, deflate`.
-    pub(crate) fn gzip_twin(script: &Path) -> PathBuf {
+    pub fn gzip_twin(script: &Path) -> PathBuf {
         let stem = script
             .file_stem()
             .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
         script.with_file_name(format!("{stem}-gz.lua"))
     }
 
-    pub(crate) fn run(
+    pub fn run(
         &self,
         script: &Path,
         url: &str,

@@ -36,7 +36,7 @@ pub(crate) fn static_offer(input: f64, output: f64, ttft: u64, uptime: f64) -> V
 }
 
 /// The overhead runs' filter configuration: two providers (both reach the fast upstream).
-pub(crate) fn overhead_config(mode: &str, full: bool, market: bool) -> String {
+pub fn overhead_config(mode: &str, full: bool, market: bool) -> String {
     let mut c = json!({
         "providers": [
             {"name": "alpha", "cluster": "provider_a", "models": {MODEL: MODEL},

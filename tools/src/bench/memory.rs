@@ -5,7 +5,7 @@
 use super::load::load;
 use super::market::{offer, snapshot, static_offer, wait_snapshot};
 use super::util::{
-    admin_json, chat_body, f, fmt_num, log, median, now_ms, round_to, stats_map, status_kb,
+    admin_json, chat_body, fmt_num, json_num, log, median, now_ms, round_to, stats_map, status_kb,
     wasm_memories,
 };
 use super::{Opts, LOAD_TIMEOUT, MODEL, SMALL_BODY};
@@ -355,71 +355,73 @@ fn log_time_ms(line: &str) -> Option<u64> {
     u64::try_from(t * 1000 + ms).ok()
 }
 
-/// The memory part of `latest.md`, from the section's JSON.
-pub(crate) fn markdown_part(memory: &Value) -> String {
+/// The memory part of `latest.md`.
+pub(crate) fn markdown_part(memory: Option<&Memory>) -> String {
     let mut md = String::new();
-    if !memory.is_null() {
-        let _ = writeln!(md, "\n## 3. Memory\n");
+    let Some(m) = memory else {
+        return md;
+    };
+    let (first, last) = (m.rows.first(), m.rows.last());
+    let null = || "null".to_string();
+    let _ = writeln!(md, "\n## 3. Memory\n");
+    let _ = writeln!(
+        md,
+        "Envoy `--concurrency {}` with market-router ({} providers, route mode), snapshots of N offers (every provider offers N/{} models). Measured once the route endpoint shows all N offers, and again after {} requests. Wasm linear memory: the read-write pages V8 maps below each linear memory's reservation in `/proc/<pid>/smaps` (Envoy has no stat for the V8 heap).\n",
+        m.envoy_concurrency,
+        m.providers,
+        m.providers,
+        first.map_or_else(null, |r| r.requests.to_string()),
+    );
+    let _ = writeln!(
+        md,
+        "| offers | snapshot JSON | loaded after | Envoy RSS MiB | tcmalloc allocated MiB | wasm linear memory MiB, all VMs (resident) |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    let mib = |x: Option<f64>| fmt_num(x.unwrap_or(f64::NAN), 1);
+    for r in &m.rows {
+        let (l, t) = (&r.after_load, &r.after_traffic);
         let _ = writeln!(
             md,
-            "Envoy `--concurrency {}` with market-router ({} providers, route mode), snapshots of N offers (every provider offers N/{} models). Measured once the route endpoint shows all N offers, and again after {} requests. Wasm linear memory: the read-write pages V8 maps below each linear memory's reservation in `/proc/<pid>/smaps` (Envoy has no stat for the V8 heap).\n",
-            memory["envoy_concurrency"],
-            memory["providers"],
-            memory["providers"],
-            memory["rows"][0]["requests"],
+            "| {} | {} KiB | {} ms | {} → {} | {} → {} | {} ({}) → {} ({}) |",
+            r.offers,
+            fmt_num(r.snapshot_json_bytes as f64 / 1024.0, 0),
+            r.loaded_after_ms,
+            mib(l.rss_mib),
+            mib(t.rss_mib),
+            mib(l.tcmalloc_allocated_mib),
+            mib(t.tcmalloc_allocated_mib),
+            fmt_num(l.wasm_linear_size_mib, 1),
+            fmt_num(l.wasm_linear_resident_mib, 1),
+            fmt_num(t.wasm_linear_size_mib, 1),
+            fmt_num(t.wasm_linear_resident_mib, 1),
         );
+    }
+    let _ = writeln!(
+        md,
+        "\nEach cell: after the snapshot is loaded → after the traffic. Wasm linear memories counted: {} (one per VM). Per VM with the largest snapshot, MiB (size/resident): {}.",
+        first.map_or_else(null, |r| r.after_traffic.wasm_linear_memories.to_string()),
+        last.map(|r| r
+            .after_traffic
+            .wasm_linear_per_vm_mib
+            .iter()
+            .map(|vm| format!("{}/{}", json_num(vm.size), json_num(vm.resident)))
+            .collect::<Vec<_>>()
+            .join(", "))
+            .unwrap_or_default()
+    );
+    if let Some(rf) = &m.refresh {
         let _ = writeln!(
             md,
-            "| offers | snapshot JSON | loaded after | Envoy RSS MiB | tcmalloc allocated MiB | wasm linear memory MiB, all VMs (resident) |\n|---:|---:|---:|---:|---:|---:|"
+            "\nRefresh of a {}-offer snapshot (tries: {}): from the sidecar receiving the filter's fetch to the filter's log line saying it stored the validated snapshot (transfer, validation, encoding, shared-data write): median {} ms; to the route endpoint showing the new generation: median {} ms (tries: {} ms). VMs that did not fetch pick a new generation up on their next check (on each tick, every refresh_ms/4 clamped to 50..1000 ms, here 250 ms; and on requests, at most every 250 ms), which dominates the time to visible.",
+            rf.offers,
+            rf.tries,
+            fmt_num(rf.fetch_to_stored_ms_median, 0),
+            fmt_num(rf.fetch_to_visible_ms_median, 0),
+            rf.fetch_to_visible_ms
+                .iter()
+                .map(|x| json_num(*x))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
-        for r in memory["rows"].as_array().into_iter().flatten() {
-            let (l, t) = (&r["after_load"], &r["after_traffic"]);
-            let _ = writeln!(
-                md,
-                "| {} | {} KiB | {} ms | {} → {} | {} → {} | {} ({}) → {} ({}) |",
-                r["offers"],
-                fmt_num(f(&r["snapshot_json_bytes"]) / 1024.0, 0),
-                r["loaded_after_ms"],
-                fmt_num(f(&l["rss_mib"]), 1),
-                fmt_num(f(&t["rss_mib"]), 1),
-                fmt_num(f(&l["tcmalloc_allocated_mib"]), 1),
-                fmt_num(f(&t["tcmalloc_allocated_mib"]), 1),
-                fmt_num(f(&l["wasm_linear_size_mib"]), 1),
-                fmt_num(f(&l["wasm_linear_resident_mib"]), 1),
-                fmt_num(f(&t["wasm_linear_size_mib"]), 1),
-                fmt_num(f(&t["wasm_linear_resident_mib"]), 1),
-            );
-        }
-        let _ = writeln!(
-            md,
-            "\nEach cell: after the snapshot is loaded → after the traffic. Wasm linear memories counted: {} (one per VM). Per VM with the largest snapshot, MiB (size/resident): {}.",
-            memory["rows"][0]["after_traffic"]["wasm_linear_memories"],
-            memory["rows"]
-                .as_array()
-                .and_then(|r| r.last())
-                .and_then(|r| r["after_traffic"]["wasm_linear_per_vm_mib"].as_array())
-                .map(|v| v
-                    .iter()
-                    .map(|m| format!("{}/{}", m["size"], m["resident"]))
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default()
-        );
-        let rf = &memory["refresh"];
-        if !rf.is_null() {
-            let _ = writeln!(
-                md,
-                "\nRefresh of a {}-offer snapshot (tries: {}): from the sidecar receiving the filter's fetch to the filter's log line saying it stored the validated snapshot (transfer, validation, encoding, shared-data write): median {} ms; to the route endpoint showing the new generation: median {} ms (tries: {} ms). VMs that did not fetch pick a new generation up on their next check (on each tick, every refresh_ms/4 clamped to 50..1000 ms, here 250 ms; and on requests, at most every 250 ms), which dominates the time to visible.",
-                rf["offers"],
-                rf["tries"],
-                fmt_num(f(&rf["fetch_to_stored_ms_median"]), 0),
-                fmt_num(f(&rf["fetch_to_visible_ms_median"]), 0),
-                rf["fetch_to_visible_ms"]
-                    .as_array()
-                    .map(|a| a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
-                    .unwrap_or_default(),
-            );
-        }
     }
     md
 }

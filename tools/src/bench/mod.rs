@@ -9,7 +9,7 @@
 //!
 //! One module a section, each returning its typed results ([`overhead::Overhead`],
 //! [`streaming::Streaming`], [`failover::Failover`], [`memory::Memory`]), serialized together
-//! as [`Results`] into `latest.json`; `latest.md` is rendered from that JSON.
+//! as [`Results`] into `latest.json`, and rendered from the same structs into `latest.md`.
 //!
 //! 1. Overhead ([`overhead`]): one fast upstream (nginx answering a fixed chat completion, or
 //!    the mock provider when nginx is missing) behind Envoy `--concurrency 1` with (a) no filter,
@@ -45,13 +45,19 @@ mod util;
 use clap::Parser;
 use market_router_testbed::{crate_root, envoy_bin, wasm_path};
 use serde::Serialize;
-use serde_json::Value;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 use util::{git_commit, git_dirty, loadavg, log, round_to, tool_version, utc_now, which};
+
+// What `bench_envoy_mode` shares with the overhead section: the nginx upstream, the wrk script
+// and run, the request body and the filter configuration.
+pub use load::{Wrk, WrkOut};
+pub use market::overhead_config;
+pub use upstream::{start_nginx, Upstream};
+pub use util::chat_body;
 
 /// Model every benchmark request asks for.
 pub(crate) const MODEL: &str = "gpt-4o-mini";
@@ -224,36 +230,30 @@ pub fn main() {
     }
 }
 
-/// `latest.md`, from the JSON of [`Results`].
-fn markdown(all: &Value) -> String {
-    let (meta, overhead, failover, memory) = (
-        &all["meta"],
-        &all["overhead"],
-        &all["failover"],
-        &all["memory"],
-    );
+/// `latest.md`, from [`Results`].
+fn markdown(all: &Results) -> String {
+    let meta = &all.meta;
     let mut md = String::new();
     let _ = writeln!(md, "# market-router benchmark\n");
     let _ = writeln!(
         md,
         "{} · commit `{}`{} · Envoy {} · {} cores, shared machine · loopback only · `make bench{}`\n",
-        meta["date"].as_str().unwrap_or(""),
-        meta["commit"].as_str().unwrap_or(""),
-        if meta["dirty"] == true { " (with uncommitted changes)" } else { "" },
-        meta["envoy"].as_str().unwrap_or(""),
-        meta["cores"],
-        if meta["quick"] == true { " ARGS=--quick" } else { "" },
+        meta.date,
+        meta.commit,
+        if meta.dirty { " (with uncommitted changes)" } else { "" },
+        meta.envoy,
+        meta.cores,
+        if meta.quick { " ARGS=--quick" } else { "" },
     );
     let _ = writeln!(
         md,
         "Load average (1/5/15 min) {} at the start, {} at the end: other work on this machine adds noise; runs alternate so it hits all variants alike.\n",
-        meta["loadavg_start"].as_str().unwrap_or(""),
-        meta["loadavg_end"].as_str().unwrap_or(""),
+        meta.loadavg_start, meta.loadavg_end,
     );
-    md.push_str(&overhead::markdown_part(overhead));
-    md.push_str(&failover::markdown_part(failover));
-    md.push_str(&memory::markdown_part(memory));
-    md.push_str(&streaming::markdown(&all["streaming"]));
+    md.push_str(&overhead::markdown_part(all.overhead.as_ref()));
+    md.push_str(&failover::markdown_part(all.failover.as_ref()));
+    md.push_str(&memory::markdown_part(all.memory.as_ref()));
+    md.push_str(&streaming::markdown(all.streaming.as_ref()));
     md
 }
 
@@ -312,11 +312,11 @@ fn run(cli: Cli, args: Vec<String>) -> Result<(), String> {
     };
     let json_path = opts.out.join("latest.json");
     let md_path = opts.out.join("latest.md");
+    let md = markdown(&all);
     let all = serde_json::to_value(&all).map_err(|e| e.to_string())?;
     let text = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;
     fs::write(&json_path, text + "\n")
         .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
-    let md = markdown(&all);
     fs::write(&md_path, &md).map_err(|e| format!("cannot write {}: {e}", md_path.display()))?;
     println!("{md}");
     log(&format!(
@@ -382,3 +382,7 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "latest_md_tests.rs"]
+mod latest_md_tests;

@@ -6,8 +6,8 @@ use super::load::{Wrk, WrkOut};
 use super::market::{offer, overhead_config, snapshot, wait_snapshot};
 use super::upstream::{start_nginx, Upstream};
 use super::util::{
-    chat_body, clock_ticks_per_sec, cpu_ticks, f, fmt_num, fmt_signed, histogram, log, median,
-    now_ms, pass, round_to, stats_map, tool_version, variant_list,
+    chat_body, clock_ticks_per_sec, cpu_ticks, fmt_num, fmt_signed, histogram, json_num, log,
+    median, now_ms, pass, round_to, stats_map, tool_version, variant_list,
 };
 use super::{
     Opts, CHAT_PATH, CLUSTER_HEADER, LARGE_BODY, LOAD_TIMEOUT, MODEL, PASSTHROUGH_PATH,
@@ -17,7 +17,6 @@ use market_router_testbed::{
     request, Envoy, EnvoyConfig, Filter, MockOpts, MockProvider, ProviderCluster, Sidecar, TempDir,
 };
 use serde::Serialize;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
@@ -1034,164 +1033,168 @@ fn perf_profile(
     })
 }
 
-/// The overhead part of `latest.md` (with the perf split), from the section's JSON.
-pub(crate) fn markdown_part(overhead: &Value) -> String {
+/// The overhead part of `latest.md` (with the perf split).
+pub(crate) fn markdown_part(overhead: Option<&Overhead>) -> String {
     let mut md = String::new();
-    if !overhead.is_null() {
-        let _ = writeln!(md, "## 1. Overhead\n");
+    let Some(o) = overhead else {
+        return md;
+    };
+    let _ = writeln!(md, "## 1. Overhead\n");
+    let _ = writeln!(
+        md,
+        "Upstream: {}. Load: {}, req/s at {} connections ({} threads, {} s runs), latency at 1 connection ({} s runs). Envoy `--concurrency 1`, wasm log level warning. {} rounds of alternating runs ({}); the table shows medians, the comparisons the median over rounds of each round's paired ratio or difference. Envoy CPU µs/req: Envoy's user+system CPU time during a saturation run over its requests. Knob variants run on the 200-byte body, at saturation only except (e) and (j), which also run at one connection.\n",
+        o.upstream,
+        o.load_generator,
+        o.saturation.connections,
+        o.saturation.threads,
+        o.saturation.secs,
+        o.latency.secs,
+        o.rounds,
+        o.variants.iter().map(|v| v.key).collect::<Vec<_>>().join(", "),
+    );
+    let _ = writeln!(md, "Variants:\n");
+    variant_list(&mut md, &o.variants);
+    let _ = writeln!(
+        md,
+        "\n| body | variant | req/s (16 conn) | Envoy CPU µs/req | p50 µs (1 conn) | p99 µs (1 conn) |\n|---|---|---:|---:|---:|---:|"
+    );
+    for r in &o.table {
         let _ = writeln!(
             md,
-            "Upstream: {}. Load: {}, req/s at {} connections ({} threads, {} s runs), latency at 1 connection ({} s runs). Envoy `--concurrency 1`, wasm log level warning. {} rounds of alternating runs ({}); the table shows medians, the comparisons the median over rounds of each round's paired ratio or difference. Envoy CPU µs/req: Envoy's user+system CPU time during a saturation run over its requests. Knob variants run on the 200-byte body, at saturation only except (e) and (j), which also run at one connection.\n",
-            overhead["upstream"].as_str().unwrap_or(""),
-            overhead["load_generator"].as_str().unwrap_or(""),
-            overhead["saturation"]["connections"],
-            overhead["saturation"]["threads"],
-            overhead["saturation"]["secs"],
-            overhead["latency"]["secs"],
-            overhead["rounds"],
-            overhead["variants"]
-                .as_array()
-                .map(|v| v.iter().filter_map(|x| x["key"].as_str()).collect::<Vec<_>>().join(", "))
-                .unwrap_or_default(),
+            "| {} | {} | {} | {} | {} | {} |",
+            body_label(r.body),
+            r.variant,
+            fmt_num(r.rps, 0),
+            fmt_num(r.cpu_us_per_req, 1),
+            fmt_num(r.p50_us, 0),
+            fmt_num(r.p99_us, 0),
         );
-        let _ = writeln!(md, "Variants:\n");
-        variant_list(&mut md, &overhead["variants"]);
-        let _ = writeln!(
-            md,
-            "\n| body | variant | req/s (16 conn) | Envoy CPU µs/req | p50 µs (1 conn) | p99 µs (1 conn) |\n|---|---|---:|---:|---:|---:|"
-        );
-        for r in overhead["table"].as_array().into_iter().flatten() {
-            let body = if r["body"] == "small" {
-                "200 B"
-            } else {
-                "64 KiB"
-            };
+    }
+    let _ = writeln!(
+        md,
+        "\n| body | pair | req/s ratio | added p50 µs (1 conn) | added p99 µs (1 conn) | added Envoy CPU µs/req |\n|---|---|---:|---:|---:|---:|"
+    );
+    for body in ["small", "large"] {
+        for (pair, c) in o.comparisons.get(body).into_iter().flatten() {
+            let (x, y) = pair.split_once('/').unwrap_or((pair, ""));
             let _ = writeln!(
                 md,
-                "| {body} | {} | {} | {} | {} | {} |",
-                r["variant"].as_str().unwrap_or(""),
-                fmt_num(f(&r["rps"]), 0),
-                fmt_num(f(&r["cpu_us_per_req"]), 1),
-                fmt_num(f(&r["p50_us"]), 0),
-                fmt_num(f(&r["p99_us"]), 0),
+                "| {} | {x} vs {y} | {} | {} | {} | {} |",
+                body_label(body),
+                fmt_num(c.rps_ratio, 3),
+                fmt_signed(c.added_p50_us, 0),
+                fmt_signed(c.added_p99_us, 0),
+                fmt_signed(c.added_cpu_us_per_req, 1),
             );
-        }
-        let _ = writeln!(
-            md,
-            "\n| body | pair | req/s ratio | added p50 µs (1 conn) | added p99 µs (1 conn) | added Envoy CPU µs/req |\n|---|---|---:|---:|---:|---:|"
-        );
-        for body in ["small", "large"] {
-            if let Some(m) = overhead["comparisons"][body].as_object() {
-                for (pair, c) in m {
-                    let label = if body == "small" { "200 B" } else { "64 KiB" };
-                    let (x, y) = pair.split_once('/').unwrap_or((pair, ""));
-                    let _ = writeln!(
-                        md,
-                        "| {label} | {x} vs {y} | {} | {} | {} | {} |",
-                        fmt_num(f(&c["rps_ratio"]), 3),
-                        fmt_signed(f(&c["added_p50_us"]), 0),
-                        fmt_signed(f(&c["added_p99_us"]), 0),
-                        fmt_signed(f(&c["added_cpu_us_per_req"]), 1),
-                    );
-                }
-            }
-        }
-        let _ = writeln!(md, "\nGoals:\n");
-        for g in overhead["goals"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                md,
-                "- {} — measured {} (target {}): **{}**",
-                g["goal"].as_str().unwrap_or(""),
-                g["value"],
-                g["target"],
-                pass(g["pass"] == true)
-            );
-        }
-        if let Some(fl) = overhead["floor"].as_object() {
-            let _ = writeln!(
-                md,
-                "\nThe same two measures for knob (j), the least a body-routing filter with response-phase failover does (hold the request until its body is complete, read the body, set the cluster header, read the response status) and no logic at all: {}× the empty filter's throughput, {} µs p50 over Envoy alone. Knob (k) against (h) is what reading a single value from the host costs.",
-                fmt_num(f(&fl["rps_ratio_vs_b"]), 3),
-                fmt_signed(f(&fl["added_p50_us_vs_a"]), 0),
-            );
-        }
-        let _ = writeln!(
-            md,
-            "\nThe filter's own decision time (`market_router.decision_us`: from the complete body to the route set or the attempt dispatched; Envoy histogram quantiles over the last 1 s stats interval of the last round's saturation run for each body, and over every request of the benchmark):\n"
-        );
-        let _ = writeln!(
-            md,
-            "| variant | body | p50 µs | p90 µs | p99 µs |\n|---|---|---:|---:|---:|"
-        );
-        if let Some(m) = overhead["decision_us_by_body"].as_object() {
-            for (k, h) in m {
-                let (v, body) = k.split_once('/').unwrap_or((k, ""));
-                let body = if body == "small" { "200 B" } else { "64 KiB" };
-                let _ = writeln!(
-                    md,
-                    "| {v} | {body} | {} | {} | {} |",
-                    fmt_num(f(&h["p50"]), 1),
-                    fmt_num(f(&h["p90"]), 1),
-                    fmt_num(f(&h["p99"]), 1),
-                );
-            }
-        }
-        if let Some(m) = overhead["decision_us"].as_object() {
-            for (k, h) in m {
-                let _ = writeln!(
-                    md,
-                    "| {k} | all, whole run | {} | {} | {} |",
-                    fmt_num(f(&h["p50"]), 1),
-                    fmt_num(f(&h["p90"]), 1),
-                    fmt_num(f(&h["p99"]), 1),
-                );
-            }
         }
     }
-    if let Some(split) = overhead["cpu_split"].as_object().filter(|m| !m.is_empty()) {
+    let _ = writeln!(md, "\nGoals:\n");
+    for g in &o.goals {
         let _ = writeln!(
             md,
-            "\nWhere Envoy's CPU goes (`perf record -e cpu-clock` on Envoy during one more 200-byte saturation run per variant; the Envoy binary is stripped, so samples are grouped by mapping; Envoy CPU µs per request, share in parentheses):\n"
+            "- {} — measured {} (target {}): **{}**",
+            g.goal,
+            json_num(g.value),
+            json_num(g.target),
+            pass(g.pass)
         );
-        let names = [
-            "JIT code (wasm filter, V8 stubs)",
-            "envoy binary (C++, V8 runtime)",
-            "kernel",
-            "libraries",
-        ];
+    }
+    if let Some(fl) = &o.floor {
         let _ = writeln!(
             md,
-            "| variant | total µs/req | wasm JIT code | Envoy binary (C++, V8 runtime) | kernel | libraries |\n|---|---:|---:|---:|---:|---:|"
+            "\nThe same two measures for knob (j), the least a body-routing filter with response-phase failover does (hold the request until its body is complete, read the body, set the cluster header, read the response status) and no logic at all: {}× the empty filter's throughput, {} µs p50 over Envoy alone. Knob (k) against (h) is what reading a single value from the host costs.",
+            fmt_num(fl.rps_ratio_vs_b, 3),
+            fmt_signed(fl.added_p50_us_vs_a, 0),
         );
-        for (k, v) in split {
-            if let Some(e) = v["error"].as_str() {
-                let _ = writeln!(md, "| {k} | perf failed: {e} | | | | |");
+    }
+    let _ = writeln!(
+        md,
+        "\nThe filter's own decision time (`market_router.decision_us`: from the complete body to the route set or the attempt dispatched; Envoy histogram quantiles over the last 1 s stats interval of the last round's saturation run for each body, and over every request of the benchmark):\n"
+    );
+    let _ = writeln!(
+        md,
+        "| variant | body | p50 µs | p90 µs | p99 µs |\n|---|---|---:|---:|---:|"
+    );
+    for (k, h) in &o.decision_us_by_body {
+        let (v, body) = k.split_once('/').unwrap_or((k, ""));
+        let _ = writeln!(
+            md,
+            "| {v} | {} | {} |",
+            body_label(body),
+            quantile_cells(Some(h))
+        );
+    }
+    for (k, h) in &o.decision_us {
+        let _ = writeln!(
+            md,
+            "| {k} | all, whole run | {} |",
+            quantile_cells(h.as_ref())
+        );
+    }
+    if o.cpu_split.is_empty() {
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "\nWhere Envoy's CPU goes (`perf record -e cpu-clock` on Envoy during one more 200-byte saturation run per variant; the Envoy binary is stripped, so samples are grouped by mapping; Envoy CPU µs per request, share in parentheses):\n"
+    );
+    let names = [
+        "JIT code (wasm filter, V8 stubs)",
+        "envoy binary (C++, V8 runtime)",
+        "kernel",
+        "libraries",
+    ];
+    let _ = writeln!(
+        md,
+        "| variant | total µs/req | wasm JIT code | Envoy binary (C++, V8 runtime) | kernel | libraries |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for (k, v) in &o.cpu_split {
+        let split = match v {
+            CpuSplit::Failed { error } => {
+                let _ = writeln!(md, "| {k} | perf failed: {error} | | | | |");
                 continue;
             }
-            let cells: Vec<String> = names
-                .iter()
-                .map(|n| {
-                    let g = &v["groups"][*n];
-                    if g.is_null() {
-                        "0".into()
-                    } else {
-                        format!(
-                            "{} ({} %)",
-                            fmt_num(f(&g["cpu_us_per_req"]), 1),
-                            fmt_num(f(&g["share_pct"]), 0)
-                        )
-                    }
-                })
-                .collect();
-            let _ = writeln!(
-                md,
-                "| {k} | {} | {} |",
-                fmt_num(f(&v["cpu_us_per_req"]), 1),
-                cells.join(" | ")
-            );
-        }
+            CpuSplit::Profile(split) => split,
+        };
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| match split.groups.get(*n) {
+                None => "0".into(),
+                Some(g) => format!(
+                    "{} ({} %)",
+                    fmt_num(g.cpu_us_per_req, 1),
+                    fmt_num(g.share_pct, 0)
+                ),
+            })
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {k} | {} | {} |",
+            fmt_num(split.cpu_us_per_req, 1),
+            cells.join(" | ")
+        );
     }
     md
+}
+
+/// How `latest.md` names a request body.
+fn body_label(body: &str) -> &'static str {
+    if body == "small" {
+        "200 B"
+    } else {
+        "64 KiB"
+    }
+}
+
+/// The p50, p90 and p99 cells of a decision-time row (n/a where unknown).
+fn quantile_cells(h: Option<&Quantiles>) -> String {
+    let q = |name: &str| h.and_then(|h| h.get(name)).copied().unwrap_or(f64::NAN);
+    format!(
+        "{} | {} | {}",
+        fmt_num(q("p50"), 1),
+        fmt_num(q("p90"), 1),
+        fmt_num(q("p99"), 1)
+    )
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use super::util::{clock_ticks_per_sec, fmt_num, fmt_signed, log, median, round_t
 use super::{Opts, CHAT_PATH, CLUSTER_HEADER, MODEL, REQ_TIMEOUT};
 use market_router_testbed::{request, Filter, MockOpts, MockProvider};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -206,51 +206,46 @@ pub(crate) fn run(opts: &Opts) -> Result<Streaming, String> {
     })
 }
 
-/// The streaming part of `latest.md`, from the section's JSON.
-pub(crate) fn markdown(st: &Value) -> String {
+/// The streaming part of `latest.md`.
+pub(crate) fn markdown(streaming: Option<&Streaming>) -> String {
     let mut md = String::new();
-    if st.is_null() {
+    let Some(st) = streaming else {
         return md;
-    }
-    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    };
     let _ = writeln!(md, "\n## 4. Streaming\n");
     let _ = writeln!(
         md,
         "Upstream: {}. Load: wrk, 16 connections, {} s runs, variants alternating, rounds: {}; medians (comparisons: the median of each round's paired difference or ratio). Requests stream (`stream: true`) with `stream_options.include_usage` true (usage: the filter reads the chunks to find the final usage chunk and prices the answer from it) or false (plain: no chunk is read and the cost stays the estimate). The mock paces the events, so req/s is the same for every variant; what differs is Envoy's CPU per streamed request.\n",
-        st["upstream"].as_str().unwrap_or(""),
-        st["secs"],
-        st["rounds"],
+        st.upstream, st.secs, st.rounds,
     );
-    variant_list(&mut md, &st["variants"]);
+    variant_list(&mut md, &st.variants);
     let _ = writeln!(
         md,
         "\n| request | variant | req/s | Envoy CPU µs/req |\n|---|---|---:|---:|"
     );
-    for r in st["table"].as_array().into_iter().flatten() {
+    for r in &st.table {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} |",
-            r["kind"].as_str().unwrap_or(""),
-            r["variant"].as_str().unwrap_or(""),
-            fmt_num(f(&r["rps"]), 0),
-            fmt_num(f(&r["cpu_us_per_req"]), 1),
+            r.kind,
+            r.variant,
+            fmt_num(r.rps, 0),
+            fmt_num(r.cpu_us_per_req, 1),
         );
     }
     let _ = writeln!(
         md,
         "\n| request | pair | added Envoy CPU µs/req | CPU capacity ratio (requests per CPU second, x over y) |\n|---|---|---:|---:|"
     );
-    if let Some(m) = st["comparisons"].as_object() {
-        for (kind, c) in m {
-            for (pair, v) in c.as_object().into_iter().flatten() {
-                let (x, y) = pair.split_once('/').unwrap_or((pair, ""));
-                let _ = writeln!(
-                    md,
-                    "| {kind} | {x} vs {y} | {} | {} |",
-                    fmt_signed(f(&v["added_cpu_us_per_req"]), 1),
-                    fmt_num(f(&v["cpu_capacity_ratio"]), 3),
-                );
-            }
+    for (kind, c) in &st.comparisons {
+        for (pair, v) in c {
+            let (x, y) = pair.split_once('/').unwrap_or((pair, ""));
+            let _ = writeln!(
+                md,
+                "| {kind} | {x} vs {y} | {} | {} |",
+                fmt_signed(v.added_cpu_us_per_req, 1),
+                fmt_num(v.cpu_capacity_ratio, 3),
+            );
         }
     }
     md

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 /// The fast upstream of the overhead runs.
-pub(crate) enum Upstream {
+pub enum Upstream {
     /// The process is held to keep it running; killed on drop.
     Nginx {
         _proc: Proc,
@@ -20,7 +20,7 @@ pub(crate) enum Upstream {
 }
 
 impl Upstream {
-    pub(crate) fn port(&self) -> u16 {
+    pub fn port(&self) -> u16 {
         match self {
             Upstream::Nginx { port, .. } => *port,
             Upstream::Mock(m) => m.port(),
@@ -43,7 +43,7 @@ impl Upstream {
 
 /// nginx as a single foreground process (no master/worker split, so killing our child ends
 /// all of it) answering every request with [`UPSTREAM_ANSWER`].
-pub(crate) fn start_nginx(bin: &Path) -> Result<Upstream, String> {
+pub fn start_nginx(bin: &Path) -> Result<Upstream, String> {
     let mut last_err = String::new();
     for _ in 0..3 {
         let port = common::free_port();

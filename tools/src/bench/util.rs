@@ -64,7 +64,7 @@ pub(crate) fn log(msg: &str) {
 }
 
 /// A chat request body of exactly `size` bytes.
-pub(crate) fn chat_body(size: usize) -> Result<Vec<u8>, String> {
+pub fn chat_body(size: usize) -> Result<Vec<u8>, String> {
     let head =
         format!(r#"{{"model":"{MODEL}","max_tokens":64,"messages":[{{"role":"user","content":""#);
     let tail = r#""}]}"#;
@@ -295,18 +295,14 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// `- **key**: about` for each variant.
-pub(crate) fn variant_list(md: &mut String, variants: &Value) {
-    for v in variants.as_array().into_iter().flatten() {
-        let _ = writeln!(
-            md,
-            "- **{}**: {}",
-            v["key"].as_str().unwrap_or(""),
-            v["about"].as_str().unwrap_or("")
-        );
+pub(crate) fn variant_list(md: &mut String, variants: &[super::overhead::VariantInfo]) {
+    for v in variants {
+        let _ = writeln!(md, "- **{}**: {}", v.key, v.about);
     }
 }
 
-/// A JSON number as f64; NaN when it is not one.
-pub(crate) fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(f64::NAN)
+/// A number as `latest.json` writes it (`5.0`, `0.57`; `null` when not finite), for the
+/// figures `latest.md` quotes as they are.
+pub(crate) fn json_num(x: f64) -> String {
+    serde_json::to_string(&x).unwrap_or_default()
 }

@@ -29,10 +29,8 @@
 use market_router_testbed as common;
 
 use clap::Parser;
-use common::{
-    crate_root, envoy_bin, get, wait_ready_while, wasm_path, Envoy, EnvoyConfig, Filter, Proc,
-    ProviderCluster, TempDir,
-};
+use common::{crate_root, envoy_bin, get, wasm_path, Envoy, EnvoyConfig, Filter, ProviderCluster};
+use market_router_tools::bench::{chat_body, overhead_config, start_nginx, Wrk};
 use market_router_tools::wrk::{self, clock_ticks_per_sec, cpu_ticks};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -42,9 +40,6 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-const MODEL: &str = "gpt-4o-mini";
-const CLUSTER_HEADER: &str = "x-market-router-cluster";
-const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":50,"completion_tokens":8,"total_tokens":58}}"#;
 const ABOUT: &[(&str, &str)] = &[
     ("a", "Envoy, no filter"),
     ("b", "the empty proxy-wasm filter, cluster-header route"),
@@ -98,61 +93,6 @@ fn pin(pid: u32, cpus: &str, all: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn start_nginx(bin: &Path) -> Result<(Proc, u16), String> {
-    let port = common::free_port();
-    let dir = TempDir::new("nginx")?;
-    let d = dir.path().display();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n\
-access_log off;\nkeepalive_requests 10000000;\nkeepalive_timeout 300s;\n\
-client_max_body_size 4m;\nclient_body_buffer_size 128k;\nclient_body_temp_path {d}/body;\n\
-proxy_temp_path {d}/proxy;\nfastcgi_temp_path {d}/fastcgi;\nuwsgi_temp_path {d}/uwsgi;\n\
-scgi_temp_path {d}/scgi;\nserver {{ listen 127.0.0.1:{port};\n\
-location / {{ default_type application/json; return 200 '{ANSWER}'; }} }}\n}}\n"
-    );
-    let conf_path = dir.join("nginx.conf");
-    fs::write(&conf_path, conf).map_err(|e| format!("cannot write nginx.conf: {e}"))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("-p")
-        .arg(dir.path())
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-c")
-        .arg(&conf_path);
-    let mut proc = Proc::spawn_in("nginx", &mut cmd, dir)?;
-    wait_ready_while(
-        &format!("http://127.0.0.1:{port}/"),
-        Duration::from_secs(10),
-        || proc.check_running(),
-    )?;
-    Ok((proc, port))
-}
-
-/// The plugin configuration: two providers on the same upstream, static offers.
-fn plugin_config(mode: &str, lean: bool) -> String {
-    let offer = |i: f64, o: f64, ttft: u64, up: f64| {
-        json!({"price": {"input_per_mtok": i, "output_per_mtok": o},
-               "latency_ms": {"ttft_p50": ttft}, "uptime": up})
-    };
-    let mut c = json!({
-        "providers": [
-            {"name": "alpha", "cluster": "provider_a", "models": {MODEL: MODEL},
-             "static_offer": offer(0.15, 0.6, 400, 0.995)},
-            {"name": "beta", "cluster": "provider_b", "models": {MODEL: MODEL},
-             "static_offer": offer(0.3, 1.2, 300, 0.999)}
-        ],
-        "routing": {"strategy": "balanced"},
-        "failover": {"mode": mode}
-    });
-    if lean {
-        c["response_headers"] = json!(false);
-        c["decision_record"] = json!(false);
-        c["failover"]["retry_on"] = json!(["connect-failure", "reset", "timeout", "5xx", "429"]);
-    }
-    c.to_string()
-}
-
 fn base(up: u16) -> EnvoyConfig {
     EnvoyConfig::new()
         .provider(ProviderCluster::new("provider_a", up))
@@ -177,13 +117,13 @@ fn bootstrap(key: &str, up: u16, empty: &Path) -> Result<String, String> {
         "a" => base(up).filter(Filter::None).to_yaml(),
         "b" => base(up).filter(empty_filter("{}")).to_yaml(),
         "c" => base(up)
-            .market_router(&plugin_config("route", false))
+            .market_router(&overhead_config("route", true, false))
             .to_yaml(),
         "n" => base(up)
-            .market_router_envoy(&plugin_config("envoy", false))
+            .market_router_envoy(&overhead_config("envoy", true, false))
             .to_yaml(),
         "nl" => base(up)
-            .market_router_envoy(&plugin_config("envoy", true))
+            .market_router_envoy(&overhead_config("envoy", false, false))
             .to_yaml(),
         "p" => {
             // (q) without the clusters' upstream wasm filter.
@@ -210,7 +150,7 @@ fn bootstrap(key: &str, up: u16, empty: &Path) -> Result<String, String> {
         "q" | "qh" => {
             // The envoy-mode bootstrap, the module and its configuration swapped for the
             // empty filter's (both roles: the empty filter tells them apart by root id).
-            let config = plugin_config("envoy", false);
+            let config = overhead_config("envoy", true, false);
             let yaml = base(up).market_router_envoy(&config).to_yaml();
             let order = market_router_core::native::order_header(&["alpha", "beta"]);
             let down = format!("order={order}");
@@ -230,36 +170,6 @@ fn bootstrap(key: &str, up: u16, empty: &Path) -> Result<String, String> {
         }
         other => return Err(format!("unknown variant `{other}`")),
     })
-}
-
-fn script(dir: &TempDir, body_len: usize) -> Result<PathBuf, String> {
-    let head =
-        format!(r#"{{"model":"{MODEL}","max_tokens":64,"messages":[{{"role":"user","content":""#);
-    let tail = r#""}]}"#;
-    let fill = body_len.saturating_sub(head.len() + tail.len());
-    let words = "lorem ipsum dolor sit amet consectetur adipiscing elit ";
-    let content: String = words.chars().cycle().take(fill).collect();
-    let body_path = dir.join("body.json");
-    fs::write(&body_path, format!("{head}{content}{tail}"))
-        .map_err(|e| format!("cannot write the body: {e}"))?;
-    let lua = format!(
-        r#"wrk.method = "POST"
-wrk.headers["content-type"] = "application/json"
-wrk.headers["{CLUSTER_HEADER}"] = "provider_a"
-local f = assert(io.open({path}, "rb"))
-wrk.body = f:read("*a")
-f:close()
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("BENCHJSON {{\"requests\":%d,\"non2xx\":%d,\"errors\":%d}}\n",
-    summary.requests, e.status, e.connect + e.read + e.write + e.timeout))
-end
-"#,
-        path = Value::from(body_path.to_string_lossy().into_owned()),
-    );
-    let p = dir.join("post.lua");
-    fs::write(&p, lua).map_err(|e| format!("cannot write the wrk script: {e}"))?;
-    Ok(p)
 }
 
 /// Sum of the provider clusters' `upstream_cx_total` and `upstream_rq_total`.
@@ -294,27 +204,13 @@ struct Run {
 }
 
 /// One wrk against `envoy` for `secs`, with its CPU and upstream connections per request.
-fn measure(
-    wrk_bin: &Path,
-    envoy: &Envoy,
-    script: &Path,
-    secs: u64,
-    ticks: f64,
-) -> Result<Run, String> {
+fn measure(wrk: &Wrk, envoy: &Envoy, script: &Path, secs: u64, ticks: f64) -> Result<Run, String> {
     let (cx0, rq0) = upstream_counts(envoy);
     let c0 = cpu_ticks(envoy.pid());
-    let out = wrk::run(
-        wrk_bin,
-        1,
-        8,
-        secs,
-        script,
-        &envoy.url("/v1/chat/completions"),
-        "BENCHJSON ",
-    )?;
+    let out = wrk.run(script, &envoy.url("/v1/chat/completions"), 1, 8, secs)?;
     let c1 = cpu_ticks(envoy.pid());
     let (cx1, rq1) = upstream_counts(envoy);
-    let requests = out["requests"].as_u64().unwrap_or(0);
+    let requests = out.requests;
     let cpu_us = match (c0, c1) {
         (Some(a), Some(b)) if requests > 0 => (b - a) as f64 / ticks * 1e6 / requests as f64,
         _ => f64::NAN,
@@ -323,7 +219,7 @@ fn measure(
         requests,
         cpu_us,
         cx_per_rq: (cx1 - cx0) as f64 / (rq1 - rq0).max(1) as f64,
-        bad: out["non2xx"].as_u64().unwrap_or(0) + out["errors"].as_u64().unwrap_or(0),
+        bad: out.non2xx + out.errors,
     })
 }
 
@@ -413,9 +309,10 @@ fn run() -> Result<(), String> {
             format!("Envoy {}", v.split('/').nth(1).unwrap_or(v))
         })
         .unwrap_or_default();
-    let (_nginx, up) = start_nginx(&nginx)?;
-    let dir = TempDir::new("bench-envoy-mode")?;
-    let script = script(&dir, body)?;
+    let upstream = start_nginx(&nginx)?;
+    let up = upstream.port();
+    let wrk = Wrk::new(wrk_bin)?;
+    let script = wrk.script("post", &chat_body(body)?)?;
     let ticks = clock_ticks_per_sec();
     let start = |key: &str| -> Result<Envoy, String> {
         let e = Envoy::start_bootstrap(&bootstrap(key, up, &empty)?, 1)
@@ -434,7 +331,7 @@ fn run() -> Result<(), String> {
         .map(|(k, e)| (k.as_str(), e))
         .chain(std::iter::once(("b", &b)))
     {
-        let r = measure(&wrk_bin, e, &script, 1, ticks)?;
+        let r = measure(&wrk, e, &script, 1, ticks)?;
         if r.requests == 0 || r.bad > 0 {
             return Err(format!(
                 "variant {k}: {} requests, {} failed in the warm-up; log: {}",
@@ -458,7 +355,7 @@ fn run() -> Result<(), String> {
                 .args(["-p", &e.pid().to_string(), "--", "sleep", &secs.to_string()])
                 .spawn()
                 .map_err(|err| format!("cannot run perf: {err}"))?;
-            let _ = measure(&wrk_bin, e, &script, secs, ticks)?;
+            let _ = measure(&wrk, e, &script, secs, ticks)?;
             let _ = perf.wait();
         }
     }
@@ -469,8 +366,8 @@ fn run() -> Result<(), String> {
     for round in 0..rounds {
         for (i, (k, e)) in variants.iter().enumerate() {
             let (x, y) = thread::scope(|s| {
-                let hx = s.spawn(|| measure(&wrk_bin, e, &script, secs, ticks));
-                let hy = s.spawn(|| measure(&wrk_bin, &b, &script, secs, ticks));
+                let hx = s.spawn(|| measure(&wrk, e, &script, secs, ticks));
+                let hy = s.spawn(|| measure(&wrk, &b, &script, secs, ticks));
                 (
                     hx.join()
                         .unwrap_or_else(|_| Err("wrk thread panicked".into())),

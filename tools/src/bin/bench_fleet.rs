@@ -22,9 +22,7 @@ use market_router_testbed as common;
 
 use clap::Parser;
 use common::fleet::{self, MODEL};
-use common::{
-    crate_root, get, post_json, Envoy, MarketService, MockOpts, MockProvider, RedisServer, TempDir,
-};
+use common::{get, post_json, Envoy, MarketService, MockOpts, MockProvider, RedisServer, TempDir};
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -40,6 +38,7 @@ fn log(msg: &str) {
     eprintln!("bench_fleet: {msg}");
 }
 
+use market_router_tools::cli::{self, RunArgs, RunHelp};
 use market_router_tools::wrk::{git_commit, median, which};
 
 fn r3(x: f64) -> Value {
@@ -61,33 +60,28 @@ struct Opts {
     about = "The fleet market: what market reporting costs on the request path, and the time from a provider's outage to fleet-wide avoidance (writes fleet.json, fleet.md)"
 )]
 struct Cli {
-    /// Fewer, shorter rounds and runs
-    #[arg(long)]
-    quick: bool,
-    /// Paired report-on/off rounds [default: 6, 2 with --quick]
-    #[arg(long, value_name = "N")]
-    rounds: Option<usize>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Seconds of each wrk run [default: 5, 2 with --quick]
     #[arg(long, value_name = "S")]
     secs: Option<u64>,
     /// Outage runs per setup [default: 5, 3 with --quick]
     #[arg(long, value_name = "K")]
     runs: Option<usize>,
-    /// Where fleet.json and fleet.md go [default: bench/results]
-    #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
-    let cli = Cli::parse();
-    let quick = cli.quick;
+    let cli: Cli = cli::parse(&RunHelp {
+        quick: "Fewer, shorter rounds and runs",
+        rounds: "Paired report-on/off rounds [default: 6, 2 with --quick]",
+        out: "Where fleet.json and fleet.md go [default: bench/results]",
+    });
+    let run = &cli.run;
     Ok(Opts {
-        rounds: cli.rounds.unwrap_or(if quick { 2 } else { 6 }),
-        secs: cli.secs.unwrap_or(if quick { 2 } else { 5 }),
-        runs: cli.runs.unwrap_or(if quick { 3 } else { 5 }),
-        out: cli
-            .out
-            .unwrap_or_else(|| crate_root().join("bench/results")),
+        rounds: run.rounds(6, 2),
+        secs: cli.secs.unwrap_or(run.pick(5, 2)),
+        runs: cli.runs.unwrap_or(run.pick(5, 3)),
+        out: run.out(),
     })
 }
 
@@ -268,16 +262,17 @@ fn outage_run(redis: Option<&mut RedisServer>, dir: &TempDir) -> Result<Value, S
             )
         }
     };
-    let cheap_a = MockProvider::start("cheap", &MockOpts::default())?;
-    let cheap_b = MockProvider::start("cheap", &MockOpts::default())?;
-    let other = MockProvider::start("other", &MockOpts::default())?;
-    let a = envoy(&s1, cheap_a.port(), other.port(), REFRESH_MS, true, 1)?;
-    let b = envoy(
-        s2.as_ref().unwrap_or(&s1),
-        cheap_b.port(),
-        other.port(),
-        REFRESH_MS,
-        true,
+    let fleet::Pair {
+        cheap_a,
+        cheap_b,
+        other: _other,
+        a,
+        b,
+    } = fleet::Pair::start(
+        s1.port(),
+        s2.as_ref().unwrap_or(&s1).port(),
+        &MockOpts::default(),
+        &fleet::plugin(REFRESH_MS, Some(true)),
         1,
     )?;
     for e in [&a, &b] {

@@ -14,7 +14,7 @@
 use market_router_testbed as common;
 
 use clap::Parser;
-use common::{crate_root, Kong, KongConfig, TempDir};
+use common::{Kong, KongConfig, TempDir};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::fs;
@@ -31,30 +31,29 @@ const MODEL: &str = "gpt-4o-mini";
     about = "Kong's wasm host: nginx proxy_pass alone against market-router in dispatch mode (writes kong.json, kong.md)"
 )]
 struct Cli {
-    /// One round of short runs
-    #[arg(long)]
-    quick: bool,
-    /// Alternating rounds [default: 3, 1 with --quick]
-    #[arg(long, value_name = "N")]
-    rounds: Option<usize>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Seconds of each saturation run [default: 3, 2 with --quick]
     #[arg(long, value_name = "S")]
     sat_secs: Option<u64>,
     /// Seconds of each one-connection latency run [default: 2, 1 with --quick]
     #[arg(long, value_name = "S")]
     lat_secs: Option<u64>,
-    /// Where kong.json and kong.md go [default: bench/results]
-    #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli: Cli = cli::parse(&RunHelp {
+        quick: "One round of short runs",
+        rounds: "Alternating rounds [default: 3, 1 with --quick]",
+        out: "Where kong.json and kong.md go [default: bench/results]",
+    });
+    if let Err(e) = run(cli) {
         eprintln!("bench_kong: error: {e}");
         std::process::exit(1);
     }
 }
 
+use market_router_tools::cli::{self, RunArgs, RunHelp};
 use market_router_tools::wrk::{clock_ticks_per_sec, cpu_ticks, median, which};
 
 struct WrkOut {
@@ -103,13 +102,10 @@ fn wrk(bin: &Path, script: &Path, url: &str, conns: u32, secs: u64) -> Result<Wr
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let quick = cli.quick;
-    let rounds: usize = cli.rounds.unwrap_or(if quick { 1 } else { 3 });
-    let sat_secs: u64 = cli.sat_secs.unwrap_or(if quick { 2 } else { 3 });
-    let lat_secs: u64 = cli.lat_secs.unwrap_or(if quick { 1 } else { 2 });
-    let out_dir = cli
-        .out
-        .unwrap_or_else(|| crate_root().join("bench").join("results"));
+    let rounds: usize = cli.run.rounds(3, 1);
+    let sat_secs: u64 = cli.sat_secs.unwrap_or(cli.run.pick(3, 2));
+    let lat_secs: u64 = cli.lat_secs.unwrap_or(cli.run.pick(2, 1));
+    let out_dir = cli.run.out();
     let wrk_bin = which("wrk").ok_or("wrk is not installed (scripts/bench.sh installs it)")?;
     let dir = TempDir::new("bench-kong")?;
     let script = wrk_script(dir.path())?;
