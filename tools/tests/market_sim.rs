@@ -25,7 +25,10 @@ const REQUESTS: u64 = 15_000;
 /// 0.90× round-robin's, not the goal's 0.80×: the default misses 0.80× on qwen3-235b seed 4
 /// (0.92 at the bench's 50,000 requests), where the cheapest offer (wandb, 0.10/0.10 per Mtok)
 /// is slower than most, and on 7 of the 25 runs of seeds 6-10 (bench/results/
-/// market-sim-seeds-6-10.txt); the summary prints the 0.80× goal with its pass count.
+/// market-sim-seeds-6-10.txt); the summary prints the 0.80× goal with its pass count. On three
+/// of those runs (llama-3.3-70b seed 8, deepseek-v3.1 seeds 8 and 9) even the informed oracle,
+/// with perfect market data, pays 1.08-1.13× the reference oracle's cost for p95 ≤ 0.80×, so
+/// both goals cannot be asserted there for any router (README, routing quality).
 const MIN_SUCCESS_PCT: f64 = 99.9;
 const MAX_VS_RR: f64 = 0.60;
 const MAX_VS_ORACLE: f64 = 1.05;
@@ -192,4 +195,44 @@ fn simulation_is_reproducible() {
         .expect("valid")
         .json();
     assert_ne!(a["strategies"], other["strategies"]);
+}
+
+/// The per-request records the lateness breakdown reads agree with each row's totals: one
+/// answering provider per answered request, the answers per provider, and the attempts.
+#[test]
+fn per_request_records_add_up_to_the_totals() {
+    let cat = catalog();
+    let o = sim::Options {
+        seed: 3,
+        requests: 2_000,
+        informed_oracle: true,
+        ..sim::Options::default()
+    };
+    let r = sim::simulate(o, &cat).expect("valid");
+    for row in &r.rows {
+        let at = &row.label;
+        assert_eq!(row.answered_by.len(), row.requests, "{at}");
+        assert_eq!(row.tries.len(), row.requests, "{at}");
+        let answered = row.answered_by.iter().filter(|p| p.is_some()).count();
+        assert_eq!(answered, row.ok, "{at}");
+        for (p, &n) in row.served.iter().enumerate() {
+            let by = row.answered_by.iter().filter(|x| **x == Some(p)).count();
+            assert_eq!(by, n, "{at}: provider {p}");
+        }
+        let tries: usize = row.tries.iter().map(|&t| usize::from(t)).sum();
+        assert_eq!(tries, row.attempts, "{at}");
+        assert!(
+            row.tries
+                .iter()
+                .all(|&t| usize::from(t) <= sim::MAX_ATTEMPTS),
+            "{at}"
+        );
+    }
+    // The breakdown is in the run's text, for round-robin and the default.
+    let text = r.text();
+    assert!(text.contains("late requests of round-robin"), "{text}");
+    assert!(
+        text.contains(&format!("late requests of {}", sim::DEFAULT)),
+        "{text}"
+    );
 }

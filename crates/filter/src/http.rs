@@ -93,10 +93,7 @@ impl Http {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        host::header(&self.headers, name)
     }
 
     fn stream(&self) -> bool {
@@ -619,10 +616,7 @@ impl Http {
         } else {
             host::call_response_headers()
         };
-        let status = answer
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse::<u32>().ok());
+        let status = host::header(&answer, ":status").and_then(|v| v.parse::<u32>().ok());
         // A call that broke off (Kong says so) has no body to read.
         let mut failure = host::call_failure(num_headers);
         let body = if num_headers == 0 || failure.is_some() {
@@ -638,12 +632,7 @@ impl Http {
                 }
             }
         };
-        let find = |name: &str| {
-            answer
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
+        let find = |name: &str| host::header(&answer, name);
         // A provider that compresses although asked for identity: its answer is delivered as
         // it came (not read, so not judged malformed; priced from the estimate).
         self.ex.encoded = answer::is_encoded(find("content-encoding"));

@@ -11,7 +11,8 @@ use crate::{
 use serde_json::{json, Value};
 use std::fs;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 /// The model every fleet request asks for.
 pub const MODEL: &str = "gpt-oss-120b";
@@ -200,4 +201,29 @@ pub fn offer(snap: &Value, provider: &str) -> Value {
         .and_then(|a| a.iter().find(|o| o["provider"] == provider))
         .cloned()
         .unwrap_or(Value::Null)
+}
+
+/// Waits until every answer of `ranks_first` over one whole `period` is true: a gateway's
+/// workers re-read the shared snapshot on their own ticks, and a fresh connection per request
+/// lands on any of them, so the first true answer only shows that one worker has the new
+/// snapshot. A false answer starts the period again; an error when `within` passes first.
+pub fn every_worker_for(
+    period: Duration,
+    within: Duration,
+    mut ranks_first: impl FnMut() -> Result<bool, String>,
+) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut since = Instant::now();
+    while since.elapsed() < period {
+        if !ranks_first()? {
+            since = Instant::now();
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "not every worker agreed over {period:?} within {within:?}"
+            ));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }

@@ -170,23 +170,12 @@ fn avoided_by_another_gateway(host_a: Host, host_b: Host) {
         thread::sleep(Duration::from_millis(20));
     };
     let took = outage.elapsed();
-    // B runs two workers and each re-reads the shared snapshot on its own tick, so the worker
-    // that answered may be ahead of the other. Every answer over a whole market period must
-    // rank `other` first (a `cheap` answer starts the period again) before B's traffic is
-    // checked: a fresh connection per request lands on either worker.
-    let every_worker = Instant::now() + WAIT;
-    let mut since = Instant::now();
-    while since.elapsed() < Duration::from_millis(REFRESH_MS) {
-        let v = route(&b);
-        if v["candidates"][0]["provider"] != "other" {
-            since = Instant::now();
-        }
-        assert!(
-            Instant::now() < every_worker,
-            "{what}: a worker of B still ranks cheap first: {v:#}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    // B's other worker may not have re-read the snapshot yet: wait until every answer over a
+    // whole market period ranks `other` first before B's traffic is checked.
+    fleet::every_worker_for(Duration::from_millis(REFRESH_MS), WAIT, || {
+        Ok(route(&b)["candidates"][0]["provider"] == "other")
+    })
+    .unwrap_or_else(|e| panic!("{what}: {e}: {:#}", route(&b)));
     eprintln!(
         "{what}: fleet-wide avoidance {} ms after A's first failure (market period {REFRESH_MS} ms)",
         took.as_millis()

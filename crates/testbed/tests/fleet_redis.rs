@@ -296,6 +296,12 @@ fn two_replicas_on_redis_give_one_snapshot_and_b_avoids_what_fails_for_a_through
         .unwrap();
     assert!(pushed >= 1.0, "{}", r1.metrics().unwrap());
 
+    // B's other worker may not have re-read the snapshot yet: wait until every answer over a
+    // whole market period ranks `other` first.
+    fleet::every_worker_for(Duration::from_millis(REFRESH_MS), WAIT, || {
+        Ok(route(&b)["candidates"][0]["provider"] == "other")
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:#}", route(&b)));
     // B's traffic goes to `other` at once; B never sent `cheap` a request.
     for _ in 0..3 {
         assert_eq!(chat(&b), "other");
