@@ -59,3 +59,18 @@ fn control_bytes_are_found_wherever_the_word_scan_meets_them() {
     let doc = format!("{{\"c\":\"{}\"}}", "\\\\".repeat(40));
     assert!(ok(doc.as_bytes()).is_ok());
 }
+
+#[test]
+fn a_special_byte_in_the_same_place_of_two_words_of_a_step_is_seen() {
+    // Two special bytes eight apart sit at the same place of two words; in the third and fourth
+    // word of a 32-byte step their flags are equal, which only an OR of the four words keeps.
+    for first in 0..24 {
+        for special in [b'"', b'\\', 0x01] {
+            let mut b = vec![b'x'; 64];
+            b[first] = special;
+            b[first + 8] = special;
+            let r = plain_run(&b, 0);
+            assert!(r <= first && first < r + 8, "{first} {special}: {r}");
+        }
+    }
+}

@@ -461,4 +461,76 @@ mod tests {
             ]
         );
     }
+
+    /// The client's request with `client` as its headers.
+    fn send_with<T>(c: &Config, client: &[(&str, &str)], f: impl FnOnce(&Outgoing<'_>) -> T) -> T {
+        let info = crate::request::parse(BODY).unwrap();
+        let client: Vec<(String, String)> = client
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        f(&Outgoing {
+            config: c,
+            info: &info,
+            body: BODY,
+            client: &client,
+        })
+    }
+
+    #[test]
+    fn a_rewritten_body_gets_a_content_length_only_when_the_client_sent_one() {
+        let c = two("");
+        let chunked = [
+            (":path", "/v1/chat/completions"),
+            ("transfer-encoding", "chunked"),
+            ("x-trace", "t1"),
+        ];
+        let (host, mut w) = (MockHost::envoy(), walk(&c));
+        let routed = send_with(&c, &chunked, |r| {
+            route_first(&host, &mut w, r, 1_000, |_| true, |_| {})
+        });
+        assert_eq!(routed, Ok(0));
+        let body = br#"{"model":"m-a","messages":[]}"#;
+        assert_eq!(host.request_body().as_deref(), Some(&body[..]));
+        assert!(
+            !host
+                .request_edits()
+                .iter()
+                .any(|(k, _)| k == "content-length"),
+            "{:?}",
+            host.request_edits()
+        );
+    }
+
+    #[test]
+    fn a_dispatched_call_keeps_the_clients_path_or_defaults_to_chat_completions() {
+        let c = two("");
+        for (client, want) in [
+            (
+                &[
+                    ("content-length", "27"),
+                    (":path", "/openai/v1/chat/completions"),
+                ][..],
+                "/openai/v1/chat/completions",
+            ),
+            (&[("content-length", "27")][..], "/v1/chat/completions"),
+        ] {
+            let (host, mut w) = (MockHost::envoy(), walk(&c));
+            let token = send_with(&c, client, |r| {
+                dispatch_next(&host, &mut w, r, 1_000, |_| true, |_| {}, |_, _| {})
+            });
+            assert!(token.is_some());
+            let calls = host.dispatched();
+            let path: Vec<&(String, String)> = calls[0]
+                .headers
+                .iter()
+                .filter(|(k, _)| k == ":path")
+                .collect();
+            assert_eq!(
+                path,
+                [&(":path".to_string(), want.to_string())],
+                "{client:?}"
+            );
+        }
+    }
 }

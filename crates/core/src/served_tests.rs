@@ -213,3 +213,43 @@ fn the_decision_record_lists_every_attempt_and_who_answered() {
     assert_eq!((d.provider, d.score, d.cost_usd), (None, None, None));
     assert_eq!(d.tried.len(), 2);
 }
+
+#[test]
+fn an_answer_without_usage_or_a_finite_estimate_has_no_cost() {
+    let c = config("");
+    let mut w = walk(&c, &[Outcome::Success(200)]);
+    if let Some(r) = w.ranking.as_mut() {
+        r.candidates[0].expected_cost_usd = f64::NAN;
+        r.candidates[1].expected_cost_usd = f64::INFINITY;
+    }
+    let s = served(&c, &w, None);
+    assert_eq!((s.cost(0), s.cost(1)), (None, None));
+    assert!(!headers_of(&s, 0)
+        .iter()
+        .any(|(k, _)| k.starts_with("x-market-router-cost")));
+    let d = s.decision(Some(0), Some(200));
+    assert_eq!((d.cost_usd, d.cost_estimated), (None, None));
+}
+
+#[test]
+fn the_decision_record_scores_the_provider_that_answered() {
+    let c = config("");
+    let mut w = walk(&c, &[Outcome::Success(200)]);
+    if let Some(r) = w.ranking.as_mut() {
+        r.candidates[1].score = 0.5;
+    }
+    let s = served(&c, &w, Some(USAGE));
+    assert_eq!(s.decision(Some(1), Some(200)).score, Some(0.5));
+    assert_eq!(s.decision(Some(0), Some(200)).score, Some(0.1235));
+}
+
+#[test]
+fn a_walk_begun_with_nothing_tried_is_a_no_provider_error() {
+    let c = config("");
+    let w = walk(&c, &[]);
+    let e = served(&c, &w, None).final_error(None);
+    assert_eq!(e.status, 503);
+    assert!(e
+        .message
+        .contains("no provider for model `m` could be tried"));
+}

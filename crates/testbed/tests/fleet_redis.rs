@@ -13,6 +13,8 @@ use market_router_testbed as common;
 use common::fleet::{self, offer, Pair};
 use common::{redis_or_skip, Envoy, MarketService, MockOpts, MockProvider, RedisServer, TempDir};
 use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -20,6 +22,8 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(30);
 /// The filters' market period.
 const REFRESH_MS: u64 = 500;
+/// Workers of each Envoy.
+const WORKERS: u32 = 2;
 
 /// The feeds' view (one snapshot file, read once: its figures do not move during a test):
 /// `cheap` is cheapest and online, so every gateway picks it first.
@@ -39,7 +43,7 @@ fn replica(config: &Path, port: u16, redis: &RedisServer, name: &str) -> MarketS
 
 fn envoy(service: &MarketService, cheap_port: u16, other_port: u16) -> Envoy {
     let plugin = fleet::plugin(REFRESH_MS, None);
-    fleet::envoy(service.port(), cheap_port, other_port, &plugin, 2).unwrap()
+    fleet::envoy(service.port(), cheap_port, other_port, &plugin, WORKERS).unwrap()
 }
 
 /// A on replica `r1` and B on `r2`; A's `cheap` answers 503.
@@ -155,6 +159,56 @@ fn wait_same_snapshot(a: &Envoy, b: &Envoy) {
             let (x, y) = (route(a), route(b));
             x["snapshot"]["generated_at_ms"].is_u64()
                 && x["snapshot"]["generated_at_ms"] == y["snapshot"]["generated_at_ms"]
+        },
+    );
+}
+
+/// Connections each worker of `e` accepted, from Envoy's per-worker listener stats.
+fn connections_by_worker(e: &Envoy) -> BTreeMap<String, u64> {
+    let r = common::get(
+        &e.admin_url("/stats?filter=worker_[0-9]+\\.downstream_cx_total$"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut by_worker = BTreeMap::new();
+    for line in r.text().lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        if let Some(w) = k.split('.').find(|p| p.starts_with("worker_")) {
+            *by_worker.entry(w.to_string()).or_insert(0) += v.trim().parse::<u64>().unwrap();
+        }
+    }
+    by_worker
+}
+
+/// Asks `e` for its ranking (one connection per request) until each of its `workers` has
+/// answered with `other` first: which worker answered is the one whose accepted connections
+/// grew across the request. Fails after `WAIT`.
+fn wait_every_worker_routes_other(e: &Envoy, workers: u32) {
+    let seen = RefCell::new(BTreeSet::new());
+    wait_until(
+        || {
+            format!(
+                "workers that ranked `other` first: {:?} of {workers}",
+                seen.borrow()
+            )
+        },
+        || {
+            let before = connections_by_worker(e);
+            let first = route(e)["candidates"][0]["provider"].clone();
+            let after = connections_by_worker(e);
+            let grew: Vec<&String> = after
+                .iter()
+                .filter(|(w, n)| before.get(*w) != Some(*n))
+                .map(|(w, _)| w)
+                .collect();
+            if let [w] = grew[..] {
+                if first == "other" {
+                    seen.borrow_mut().insert(w.clone());
+                }
+            }
+            seen.borrow().len() >= workers as usize
         },
     );
 }
@@ -381,12 +435,10 @@ fn a_replica_restart_loses_no_shared_observation_and_no_request() {
         || format!("B {:#}", route(&b)),
         || route(&b)["candidates"][0]["provider"] == "other",
     );
-    // The worker that answered /route holds the new snapshot. Every other worker of B looks for
-    // a newer one at its next request once 250 ms have passed since its last look (the filter's
-    // market check period), so past that time each of them routes on it; before it, B's other
-    // worker may still send to `cheap` (a sample of `cheap` more in replica 2's view). A lower
-    // bound on time only: a slower machine only waits longer.
-    thread::sleep(Duration::from_millis(400));
+    // The worker that answered /route holds the new snapshot; B's other worker may still hold
+    // the old one (and send to `cheap`: a sample of `cheap` more in replica 2's view) until its
+    // next look. Wait until every worker of B has answered /route with `other` first.
+    wait_every_worker_routes_other(&b, WORKERS);
     assert_eq!(chat(&b), "other");
     // Back on the same port as a new process: it reads the shared log and serves the same
     // snapshot as replica 2, with every observation made before the crash.

@@ -89,10 +89,23 @@ fn ordered_config() -> String {
 struct Bed {
     mocks: Vec<MockProvider>,
     envoy: Envoy,
+    /// Held for the bed's life: the port `provider_a` points at when a refuses.
+    _refusing: Option<RefusingPort>,
 }
 
 impl Bed {
     fn start(config_json: &str, opts: [MockOpts; 3]) -> Bed {
+        Bed::start_on(config_json, opts, false)
+    }
+
+    /// As [`Bed::start`], but `provider_a` points at a port that refuses every connection
+    /// (a's mock runs, unreached).
+    fn start_refusing_a(config_json: &str, opts: [MockOpts; 3]) -> Bed {
+        Bed::start_on(config_json, opts, true)
+    }
+
+    fn start_on(config_json: &str, opts: [MockOpts; 3], refusing_a: bool) -> Bed {
+        let refusing = refusing_a.then(|| RefusingPort::bind().unwrap());
         let mut cfg = EnvoyConfig::new()
             .access_log(true)
             .access_log_format(&format!(
@@ -102,11 +115,19 @@ impl Bed {
         let mut mocks = Vec::new();
         for (name, o) in NAMES.iter().zip(opts) {
             let m = MockProvider::start(name, &o).unwrap();
-            cfg = cfg.provider(ProviderCluster::new(&format!("provider_{name}"), m.port()));
+            let port = match &refusing {
+                Some(r) if *name == "a" => r.port(),
+                _ => m.port(),
+            };
+            cfg = cfg.provider(ProviderCluster::new(&format!("provider_{name}"), port));
             mocks.push(m);
         }
         let envoy = Envoy::start(&cfg.market_router_envoy(config_json), 1).unwrap();
-        Bed { mocks, envoy }
+        Bed {
+            mocks,
+            envoy,
+            _refusing: refusing,
+        }
     }
 
     /// Three healthy mocks behind an LLM route generated from `route_json` instead of the
@@ -123,7 +144,11 @@ impl Bed {
             .market_router_envoy(config_json)
             .envoy_route_from(route_json);
         let envoy = Envoy::start(&cfg, 1).unwrap();
-        Bed { mocks, envoy }
+        Bed {
+            mocks,
+            envoy,
+            _refusing: None,
+        }
     }
 
     /// Three healthy mocks (behaviours are set per test with `behave`).
@@ -148,10 +173,12 @@ impl Bed {
             .unwrap_or_else(|e| panic!("request failed: {e}\n{}", self.envoy.log_tail(30)))
     }
 
-    fn counter(&self, name: &str) -> Option<u64> {
+    /// The filter's counter `market_router.<name>`, settled; fails when Envoy has no such
+    /// counter (misspelled, or not defined by the filter), so it never reads as 0.
+    fn counter(&self, name: &str) -> u64 {
         self.envoy
-            .stat_settled(&format!("wasmcustom.market_router.{name}"))
-            .unwrap()
+            .counter(&format!("wasmcustom.market_router.{name}"))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Decision records from the access log, waiting up to 3 s for `n` of them.
@@ -348,14 +375,10 @@ fn streaming_fallback(primary: Value, outcome: &str) {
     assert_eq!(d.len(), 1, "{d:?}");
     assert_eq!(d[0]["provider"], "b");
     assert_eq!(d[0]["tried"], json!([["a", outcome], ["b", "success"]]));
-    assert_eq!(bed.counter("provider.a.failover"), Some(1));
-    assert_eq!(bed.counter("provider.b.success"), Some(1));
-    assert_eq!(bed.counter("recovered_by_failover"), Some(1));
-    assert_eq!(
-        bed.counter("route_drift").unwrap_or(0),
-        0,
-        "a failover is no drift"
-    );
+    assert_eq!(bed.counter("provider.a.failover"), 1);
+    assert_eq!(bed.counter("provider.b.success"), 1);
+    assert_eq!(bed.counter("recovered_by_failover"), 1);
+    assert_eq!(bed.counter("route_drift"), 0, "a failover is no drift");
 }
 
 #[test]
@@ -376,7 +399,8 @@ fn sse_error_event_as_first_chunk_fails_over_and_streams() {
 #[test]
 fn refused_primary_fails_over_and_streams() {
     let cfg = ordered_config();
-    let bed = Bed::start(
+    // a's cluster points at a port that refuses connections.
+    let bed = Bed::start_refusing_a(
         &cfg,
         [
             MockOpts::default(),
@@ -384,12 +408,6 @@ fn refused_primary_fails_over_and_streams() {
             MockOpts::default(),
         ],
     );
-    // a's port refuses connections from now on.
-    let a = bed.mocks[0].pid();
-    let _ = std::process::Command::new("kill")
-        .arg(a.to_string())
-        .status();
-    thread::sleep(Duration::from_millis(200));
     let s = stream_request(bed.envoy.port(), &stream_chat());
     assert_eq!(s.status(), 200, "{}", s.head);
     assert_eq!(s.header("x-market-router-provider").as_deref(), Some("b"));
@@ -399,11 +417,7 @@ fn refused_primary_fails_over_and_streams() {
         d[0]["tried"],
         json!([["a", "connect_failure"], ["b", "success"]])
     );
-    assert_eq!(
-        bed.counter("route_drift").unwrap_or(0),
-        0,
-        "a failover is no drift"
-    );
+    assert_eq!(bed.counter("route_drift"), 0, "a failover is no drift");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,11 +455,7 @@ fn slow_to_start_provider_is_left_at_its_ttft_bound_and_a_flowing_stream_is_neve
     assert!(total >= 300 + 1200, "the stream ended after {total} ms");
     let d = bed.decisions(1);
     assert_eq!(d[0]["tried"], json!([["a", "timeout"], ["b", "success"]]));
-    assert_eq!(
-        bed.counter("route_drift").unwrap_or(0),
-        0,
-        "a failover is no drift"
-    );
+    assert_eq!(bed.counter("route_drift"), 0, "a failover is no drift");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -602,7 +612,7 @@ fn retry_after_keeps_a_provider_out_and_the_last_answer_is_the_providers_own() {
     assert_eq!(r.header("x-market-router-attempts"), Some("3"));
     assert_eq!(r.header("retry-after"), Some("9"));
     assert_eq!(r.json().unwrap()["error"]["code"], "rate_limit_exceeded");
-    assert_eq!(bed.counter("all_failed"), Some(1));
+    assert_eq!(bed.counter("all_failed"), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -652,8 +662,8 @@ fn stream_broken_after_first_bytes_is_passed_through_and_counted() {
     assert!(!s.complete);
     assert!(s.chunks().iter().all(|(_, v)| v["provider"] == "a"));
     assert_eq!(bed.hits(), [1, 0, 0]);
-    assert_eq!(bed.counter("stream_failed_midway"), Some(1));
-    assert_eq!(bed.counter("provider.a.failure"), Some(1));
+    assert_eq!(bed.counter("stream_failed_midway"), 1);
+    assert_eq!(bed.counter("provider.a.failure"), 1);
 }
 
 #[test]
@@ -793,8 +803,22 @@ fn client_cancelling_before_the_answer_is_not_a_provider_failure() {
         drop(s);
     }
     bed.behave("a", json!({}));
-    // Let the cut attempts end in Envoy.
-    thread::sleep(Duration::from_millis(500));
+    // Until the cut requests and their attempts have ended in Envoy (nothing active
+    // downstream nor towards a), so whatever they would count is counted.
+    let ended = || {
+        let stat = |n: &str| bed.envoy.stat(n).unwrap();
+        stat("http.ingress.downstream_rq_active") == Some(0)
+            && stat("cluster.provider_a.upstream_rq_active") == Some(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ended() {
+        assert!(
+            Instant::now() < deadline,
+            "cut requests still active in Envoy after 10 s\n{}",
+            bed.envoy.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     let r = bed.post(&[], &chat());
     assert_eq!(r.status, 200, "{}", show(&r));
     assert_eq!(
@@ -805,8 +829,8 @@ fn client_cancelling_before_the_answer_is_not_a_provider_failure() {
         bed.envoy.log_tail(30)
     );
     assert_eq!(r.header("x-market-router-attempts"), Some("1"));
-    assert_eq!(bed.counter("provider.a.failure").unwrap_or(0), 0);
-    assert_eq!(bed.counter("provider.a.circuit_open").unwrap_or(0), 0);
+    assert_eq!(bed.counter("provider.a.failure"), 0);
+    assert_eq!(bed.counter("provider.a.circuit_open"), 0);
 }
 
 /// Lines of Envoy's log reporting a route that does not match the plugin's providers.
@@ -837,7 +861,7 @@ fn a_route_whose_groups_send_attempts_elsewhere_is_reported_in_one_line_and_coun
         assert_eq!(r.status, 200, "{}", show(r));
     }
     assert!(
-        bed.counter("route_drift").unwrap_or(0) >= 4,
+        bed.counter("route_drift") >= 4,
         "every drifted attempt is counted: {:?}\n{}",
         bed.counter("route_drift"),
         bed.envoy.log_tail(30)
@@ -867,7 +891,7 @@ fn a_route_lacking_a_ranked_provider_is_reported_in_one_line_and_counted() {
     let (bed, answers) = drift_case(route, 3);
     let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
     assert!(
-        bed.counter("route_drift").unwrap_or(0) >= 3,
+        bed.counter("route_drift") >= 3,
         "counted per request: {:?} (answers {statuses:?})\n{}",
         bed.counter("route_drift"),
         bed.envoy.log_tail(30)
@@ -916,7 +940,11 @@ fn a_route_with_a_cluster_no_provider_uses_is_reported() {
         .envoy_route_from(&route.to_string())
         .upstream_role(&ordered_config());
     let envoy = Envoy::start(&cfg, 1).unwrap();
-    let bed = Bed { mocks, envoy };
+    let bed = Bed {
+        mocks,
+        envoy,
+        _refusing: None,
+    };
     let r = bed.post(&[], &chat());
     let lines = drift_lines(&bed);
     assert_eq!(
@@ -933,7 +961,7 @@ fn a_route_with_a_cluster_no_provider_uses_is_reported() {
         "{}",
         lines[0]
     );
-    assert!(bed.counter("route_drift").unwrap_or(0) >= 1);
+    assert!(bed.counter("route_drift") >= 1);
 }
 
 #[test]
@@ -1008,7 +1036,7 @@ fn an_answer_too_big_to_hold_flows_and_is_priced_from_the_usage_at_its_end() {
         assert!(d["cost_usd"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
     }
     assert!(
-        bed.counter("provider.a.tokens_in").unwrap_or(0) > 0,
+        bed.counter("provider.a.tokens_in") > 0,
         "tokens counted: {}",
         bed.envoy.log_tail(20)
     );

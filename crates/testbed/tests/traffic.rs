@@ -169,7 +169,7 @@ impl Bed {
     fn counter(&self, name: &str) -> Option<u64> {
         let full = format!("wasmcustom.market_router.{name}");
         let envoy = self.gateway.envoy()?;
-        Some(envoy.stat_settled(&full).unwrap().unwrap_or(0))
+        Some(envoy.counter(&full).unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// Asserts counter `name` is `want` (Envoy only, see [`Bed::counter`]).
