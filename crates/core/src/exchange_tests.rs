@@ -700,6 +700,11 @@ fn the_routed_answer_is_read_only_when_something_needs_it() {
     assert!(!reads_answer(&c, true, false));
     let c = config(r#","response_headers":false,"failover":{"retry_on":["5xx"]}"#);
     assert!(!reads_answer(&c, false, false));
+    // Either need alone is enough: checking for malformed answers, or pricing for our headers.
+    let c = config(r#","response_headers":false,"failover":{"retry_on":["5xx","malformed"]}"#);
+    assert!(reads_answer(&c, false, false));
+    let c = config(r#","failover":{"retry_on":["5xx"]}"#);
+    assert!(reads_answer(&c, false, false));
 }
 
 // ---- dispatched calls ------------------------------------------------------------------
