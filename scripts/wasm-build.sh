@@ -15,12 +15,14 @@
 #   BUILD=release      cargo profile (release, debug/dev, or a custom profile)
 #   WASM_ROUTE=auto    force a route: rustup or debian
 #   RUSTUP_TIMEOUT=120 seconds allowed for one `rustup target add` (one retry follows)
-#   WASM_OPT=auto      after a release build, binaryen's wasm-opt -Oz rewrites the .wasm when
-#                      wasm-opt is installed (Debian: binaryen); `off` skips it, `required`
-#                      fails without it. Debug builds are left as cargo wrote them.
-#   RUSTC_OPT_LEVEL=z  rustc's opt-level for a release build of the .wasm only (native release
-#                      builds of the tools keep Cargo.toml's 3); bench/results/wasm-size.md
-#                      has the measurements behind "z"
+#   WASM_OPT=auto      after a release build, binaryen's wasm-opt (-O3; -Oz when
+#                      RUSTC_OPT_LEVEL is s or z) rewrites the .wasm when wasm-opt is installed
+#                      (Debian: binaryen); `off` skips it, `required` fails without it. Debug
+#                      builds are left as cargo wrote them.
+#   RUSTC_OPT_LEVEL=3  rustc's opt-level for a release build of the .wasm only (native release
+#                      builds of the tools keep Cargo.toml's 3). `z` gives a .wasm of about
+#                      450 KB instead of about 650 KB at some Envoy CPU per request
+#                      (bench/results/wasm-size.md)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,7 +33,11 @@ BUILD=${BUILD:-release}
 WASM_ROUTE=${WASM_ROUTE:-auto}
 RUSTUP_TIMEOUT=${RUSTUP_TIMEOUT:-120}
 WASM_OPT=${WASM_OPT:-auto}
-RUSTC_OPT_LEVEL=${RUSTC_OPT_LEVEL:-z}
+RUSTC_OPT_LEVEL=${RUSTC_OPT_LEVEL:-3}
+case "$RUSTC_OPT_LEVEL" in
+s | z) WASM_OPT_LEVEL=-Oz ;;
+*) WASM_OPT_LEVEL=-O3 ;;
+esac
 # The features rustc's wasm32-wasip1 output uses; wasm-opt needs them named once the
 # target_features section is stripped.
 WASM_OPT_FEATURES=(--enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int
@@ -157,7 +163,7 @@ profile_dir() {
     esac
 }
 
-# optimize FILE: wasm-opt -Oz on cargo's output. Cargo links FILE afresh from its copy under
+# optimize FILE: wasm-opt ($WASM_OPT_LEVEL) on cargo's output. Cargo links FILE afresh from its copy under
 # deps/ on every build, so the optimized result is kept beside it (FILE.opt) with the checksum
 # of the input it was made from, and wasm-opt runs again only when cargo's output changed.
 optimize() {
@@ -174,10 +180,10 @@ optimize() {
     fi
     src="$(dirname "$out")/deps/$CRATE.wasm"
     [ -f "$src" ] || src=$out
-    key="$(cksum <"$src") -Oz ${WASM_OPT_FEATURES[*]}"
+    key="$(cksum <"$src") $WASM_OPT_LEVEL ${WASM_OPT_FEATURES[*]}"
     if ! [ -f "$out.opt" ] || [ "$(cat "$out.opt.key" 2>/dev/null)" != "$key" ]; then
-        log "wasm-opt -Oz $out ($(wc -c <"$src") bytes)"
-        wasm-opt "${WASM_OPT_FEATURES[@]}" -Oz "$src" -o "$out.opt" || {
+        log "wasm-opt $WASM_OPT_LEVEL $out ($(wc -c <"$src") bytes)"
+        wasm-opt "${WASM_OPT_FEATURES[@]}" "$WASM_OPT_LEVEL" "$src" -o "$out.opt" || {
             rm -f "$out.opt"
             die "wasm-opt failed on $src"
         }
