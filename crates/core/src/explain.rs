@@ -324,6 +324,30 @@ mod tests {
     }
 
     #[test]
+    fn route_queries_read_their_numbers_and_decode_percent_escapes() {
+        let p = "/market-router/v1";
+        let route = |path: &str| parse(p, "GET", &format!("{p}/route?{path}"));
+        assert_eq!(
+            route("model=gpt%2Doss&input_tokens=5&output_tokens=7"),
+            Some(Query::Route {
+                model: "gpt-oss".into(),
+                input_tokens: 5,
+                output_tokens: Some(7),
+            })
+        );
+        let model = |path: &str| match route(path) {
+            Some(Query::Route { model, .. }) => model,
+            other => panic!("{other:?}"),
+        };
+        // An escape needs two hex digits after `%`; a short or bad one stays as written.
+        assert_eq!(model("model=a%41"), "aA");
+        assert_eq!(model("model=a%4"), "a%4");
+        assert_eq!(model("model=a%"), "a%");
+        assert_eq!(model("model=a%zzb"), "a%zzb");
+        assert_eq!(model("model=a+b"), "a b");
+    }
+
+    #[test]
     fn parses_endpoints_under_the_prefix() {
         let p = "/market-router/v1";
         assert_eq!(

@@ -255,6 +255,29 @@ mod tests {
     }
 
     #[test]
+    fn answer_headers_pass_a_providers_end_to_end_headers_only() {
+        let got = answer_headers(&h(&[
+            (":status", "200"),
+            ("content-type", "application/json"),
+            ("connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("x-request-id", "r1"),
+            ("x-market-router-provider", "spoofed"),
+            ("openai-processing-ms", "12"),
+        ]));
+        let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["content-type", "x-request-id", "openai-processing-ms"]
+        );
+        assert_eq!(got[1].1, "r1");
+        // Each rule on its own: a pseudo-header, a hop-by-hop one, one of ours.
+        assert!(answer_headers(&h(&[(":status", "200")])).is_empty());
+        assert!(answer_headers(&h(&[("keep-alive", "timeout=5")])).is_empty());
+        assert!(answer_headers(&h(&[("x-market-router-cost-usd", "1")])).is_empty());
+    }
+
+    #[test]
     fn affinity_slots_round_trip() {
         let (slot, tag) = affinity_slot("conversation-1");
         assert!(slot < AFFINITY_SLOTS);
