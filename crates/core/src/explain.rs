@@ -324,6 +324,31 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_part_says_whether_a_market_is_configured_and_has_answered() {
+        let none = config();
+        let body = models(&none, None, 5);
+        assert_eq!(
+            body["snapshot"]["note"],
+            "no market configured; static offers only"
+        );
+        let with = Config::parse(
+            br#"{"providers":[{"name":"a","cluster":"ca","models":{"m":"m"}}],
+              "market":{"cluster":"x","refresh_ms":1000,"max_age_ms":1000}}"#,
+        )
+        .unwrap();
+        let body = models(&with, None, 5);
+        assert_eq!(body["snapshot"]["note"], "no snapshot received yet");
+        let mut view = MarketView::default();
+        view.generated_at_ms = 100;
+        view.fetched_at_ms = 150;
+        let fresh = models(&with, Some(&view), 600);
+        assert_eq!(fresh["snapshot"]["generated_at_ms"], 100);
+        assert_eq!(fresh["snapshot"]["age_ms"], 500);
+        assert_eq!(fresh["snapshot"]["stale"], false);
+        assert_eq!(models(&with, Some(&view), 1200)["snapshot"]["stale"], true);
+    }
+
+    #[test]
     fn route_queries_read_their_numbers_and_decode_percent_escapes() {
         let p = "/market-router/v1";
         let route = |path: &str| parse(p, "GET", &format!("{p}/route?{path}"));
