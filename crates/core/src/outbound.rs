@@ -266,22 +266,30 @@ mod tests {
 
     const BODY: &[u8] = br#"{"model":"m","messages":[]}"#;
 
-    fn req_headers() -> Vec<(String, String)> {
-        [
-            (":path", "/v1/chat/completions"),
-            ("content-length", "27"),
-            ("authorization", "Bearer client"),
-            ("x-trace", "t1"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-    }
+    const REQ_HEADERS: [(&str, &str); 4] = [
+        (":path", "/v1/chat/completions"),
+        ("content-length", "27"),
+        ("authorization", "Bearer client"),
+        ("x-trace", "t1"),
+    ];
 
     fn send<T>(c: &Config, stream: bool, f: impl FnOnce(&Outgoing<'_>) -> T) -> T {
+        send_as(c, stream, &REQ_HEADERS, f)
+    }
+
+    /// The client's request (`stream` or not) with `client` as its headers.
+    fn send_as<T>(
+        c: &Config,
+        stream: bool,
+        client: &[(&str, &str)],
+        f: impl FnOnce(&Outgoing<'_>) -> T,
+    ) -> T {
         let info = crate::request::parse(BODY).unwrap();
         let info = RequestInfo { stream, ..info };
-        let client = req_headers();
+        let client: Vec<(String, String)> = client
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         f(&Outgoing {
             config: c,
             info: &info,
@@ -462,21 +470,6 @@ mod tests {
         );
     }
 
-    /// The client's request with `client` as its headers.
-    fn send_with<T>(c: &Config, client: &[(&str, &str)], f: impl FnOnce(&Outgoing<'_>) -> T) -> T {
-        let info = crate::request::parse(BODY).unwrap();
-        let client: Vec<(String, String)> = client
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        f(&Outgoing {
-            config: c,
-            info: &info,
-            body: BODY,
-            client: &client,
-        })
-    }
-
     #[test]
     fn a_rewritten_body_gets_a_content_length_only_when_the_client_sent_one() {
         let c = two("");
@@ -486,7 +479,7 @@ mod tests {
             ("x-trace", "t1"),
         ];
         let (host, mut w) = (MockHost::envoy(), walk(&c));
-        let routed = send_with(&c, &chunked, |r| {
+        let routed = send_as(&c, false, &chunked, |r| {
             route_first(&host, &mut w, r, 1_000, |_| true, |_| {})
         });
         assert_eq!(routed, Ok(0));
@@ -516,7 +509,7 @@ mod tests {
             (&[("content-length", "27")][..], "/v1/chat/completions"),
         ] {
             let (host, mut w) = (MockHost::envoy(), walk(&c));
-            let token = send_with(&c, client, |r| {
+            let token = send_as(&c, false, client, |r| {
                 dispatch_next(&host, &mut w, r, 1_000, |_| true, |_| {}, |_, _| {})
             });
             assert!(token.is_some());
