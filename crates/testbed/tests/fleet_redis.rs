@@ -50,7 +50,7 @@ fn envoy(service: &MarketService, cheap_port: u16, other_port: u16) -> Envoy {
 fn pair(r1: &MarketService, r2: &MarketService) -> Pair {
     let plugin = fleet::plugin(REFRESH_MS, None);
     let broken = MockOpts::default().status(503);
-    Pair::start(r1.port(), r2.port(), &broken, &plugin, 2).unwrap()
+    Pair::start(r1.port(), r2.port(), &broken, &plugin, WORKERS).unwrap()
 }
 
 fn route(e: &Envoy) -> Value {
@@ -296,12 +296,8 @@ fn two_replicas_on_redis_give_one_snapshot_and_b_avoids_what_fails_for_a_through
         .unwrap();
     assert!(pushed >= 1.0, "{}", r1.metrics().unwrap());
 
-    // B's other worker may not have re-read the snapshot yet: wait until every answer over a
-    // whole market period ranks `other` first.
-    fleet::every_worker_for(Duration::from_millis(REFRESH_MS), WAIT, || {
-        Ok(route(&b)["candidates"][0]["provider"] == "other")
-    })
-    .unwrap_or_else(|e| panic!("{e}: {:#}", route(&b)));
+    // B's other worker may not have re-read the snapshot yet.
+    wait_every_worker_routes_other(&b, WORKERS);
     // B's traffic goes to `other` at once; B never sent `cheap` a request.
     for _ in 0..3 {
         assert_eq!(chat(&b), "other");
