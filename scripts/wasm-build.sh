@@ -21,7 +21,7 @@
 #                      builds are left as cargo wrote them.
 #   RUSTC_OPT_LEVEL=3  rustc's opt-level for a release build of the .wasm only (native release
 #                      builds of the tools keep Cargo.toml's 3). `z` gives a .wasm of about
-#                      450 KB instead of about 650 KB at some Envoy CPU per request
+#                      440 KB instead of about 630 KB at some Envoy CPU per request
 #                      (bench/results/wasm-size.md)
 set -euo pipefail
 

@@ -161,7 +161,7 @@ pub fn models(config: &Config, market: Option<&MarketView>, now_ms: u64) -> Valu
         .iter()
         .flat_map(|p| p.models.iter().map(|(m, _)| m.as_str()))
         .collect();
-    names.sort_unstable();
+    crate::select::sort_stable_by(&mut names, |a, b| a.cmp(b));
     names.dedup();
     let data: Vec<Value> = names
         .iter()

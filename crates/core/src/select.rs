@@ -535,8 +535,9 @@ fn quantize(key: f64) -> f64 {
 /// Sorts `v` stably by `cmp`: binary insertion, for the few candidates a request ranks. One
 /// small instantiation per element type instead of the standard library's driftsort (about
 /// 4 KB of `.wasm` per call site); `O(n log n)` comparisons, and moves that are cheap for the
-/// short slices sorted here.
-fn sort_stable_by<T>(v: &mut [T], mut cmp: impl FnMut(&T, &T) -> std::cmp::Ordering) {
+/// short slices sorted here (and for the model list of `GET <prefix>/models`, which is
+/// answered rarely).
+pub(crate) fn sort_stable_by<T>(v: &mut [T], mut cmp: impl FnMut(&T, &T) -> std::cmp::Ordering) {
     for i in 1..v.len() {
         // The first place in the sorted prefix whose element sorts after `v[i]`: equal ones
         // stay ahead of it.
