@@ -207,7 +207,8 @@ fn one_request_probes_a_half_open_circuit_across_four_workers() {
 /// the circuit opens again (counted and logged a second time), and `a` is left alone for
 /// another whole cooldown before the next probe.
 fn a_failed_probe_reopens_the_circuit(mode: &str, workers: u32) {
-    const COOLDOWN_MS: u64 = 2500;
+    // Long enough that a loaded machine answers a request or two inside the second cooldown.
+    const COOLDOWN_MS: u64 = 4000;
     let bed = start(mode, config(mode, 500, 2, COOLDOWN_MS), workers);
     let opened = open_circuit(&bed, 2).from;
 

@@ -97,6 +97,8 @@ struct Knobs {
     failure_threshold: u32,
     /// The route's `idle_timeout` (what bounds a streaming first attempt in route mode).
     route_idle_timeout: Option<Duration>,
+    /// The circuit's cooldown.
+    cooldown_ms: u64,
 }
 
 impl Default for Knobs {
@@ -105,6 +107,7 @@ impl Default for Knobs {
             max_attempts: 3,
             failure_threshold: 3,
             route_idle_timeout: None,
+            cooldown_ms: COOLDOWN_MS,
         }
     }
 }
@@ -149,7 +152,7 @@ fn config(mode: Mode, k: Knobs, ports: [u16; 3], keys: [Option<&str>; 3]) -> Str
             "max_attempts": k.max_attempts,
             "attempt_timeout_ms": ATTEMPT_TIMEOUT_MS,
             "deadline_ms": DEADLINE_MS,
-            "circuit": {"failure_threshold": k.failure_threshold, "cooldown_ms": COOLDOWN_MS}
+            "circuit": {"failure_threshold": k.failure_threshold, "cooldown_ms": k.cooldown_ms}
         }
     })
     .to_string()
@@ -464,18 +467,19 @@ twins!(primary_503_fails_over: route, dispatch, kong, envoy);
 
 fn primary_429_retry_after_keeps_it_out(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
-    bed.behave("a", json!({"status": 429, "retry_after": 2}));
+    bed.behave("a", json!({"status": 429, "retry_after": 3}));
     let sent = Instant::now();
     let r = bed.chat();
     assert_answer_from(&r, "b", 2);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
 
-    // `a` is healthy again, but asked for 2 s: every request within the window skips it. The
-    // filter starts the window when the 429 comes back, after `sent`: a request answered
-    // before `sent` + 2 s was surely handled inside it, however loaded the machine; one
-    // answered later may have been handled after it, so it only has to succeed.
+    // `a` is healthy again, but asked for 3 s (room for a loaded machine to answer a few
+    // requests): every request within the window skips it. The filter starts the window when
+    // the 429 comes back, after `sent`: a request answered before `sent` + 3 s was surely
+    // handled inside it, however loaded the machine; one answered later may have been handled
+    // after it, so it only has to succeed.
     bed.behave("a", json!({}));
-    let window = Duration::from_millis(2000);
+    let window = Duration::from_millis(3000);
     let mut inside = 0;
     let late = loop {
         let r = bed.chat();
@@ -510,7 +514,7 @@ fn primary_429_retry_after_keeps_it_out(mode: Mode) {
     let (at, r) = back.unwrap();
     assert!(
         at >= window - FILTER_CLOCK,
-        "a answered {} ms after the 429 that asked for 2 s was sent",
+        "a answered {} ms after the 429 that asked for 3 s was sent",
         at.as_millis()
     );
     assert_answer_from(&r, "a", 1);
@@ -786,8 +790,11 @@ twins!(client_error_is_not_retried: route, dispatch, kong, envoy);
 // ---------------------------------------------------------------------------------------------
 
 fn circuit_opens_then_recovers(mode: Mode) {
+    // Long enough that a loaded machine answers a request or two inside it.
+    const COOLDOWN_MS: u64 = 2500;
     let knobs = Knobs {
         failure_threshold: 2,
+        cooldown_ms: COOLDOWN_MS,
         ..Knobs::default()
     };
     let bed = Bed::start(mode, knobs, [failing(503), ok(), ok()]);
