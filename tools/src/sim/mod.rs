@@ -1732,6 +1732,57 @@ pub struct ProviderFacts {
     pub bills_failures: bool,
 }
 
+/// How many runs of each group the default meets every goal on, against both references: the
+/// oracle held to the p95 goal (which knows each request's luck: the cost goal's reference) and,
+/// when it ran, the informed oracle (perfect instant market data, no request's own luck). With
+/// the informed oracle it also counts the runs where even it stays within 1.05× of the
+/// reference at the p95 goal: on the others no router can meet both goals against it.
+fn all_goals_counts(groups: &[(String, Vec<&Report>)], with_informed: bool) -> String {
+    let mut s = String::from(
+        "  runs meeting every goal (success, cost vs the reference oracle and round-robin, p95)",
+    );
+    s.push_str(if with_informed {
+        "; runs where the informed oracle stays within 1.05x of the reference (feasible for a \
+         router); runs where the default meets every goal with its cost judged against the \
+         informed oracle instead\n"
+    } else {
+        "\n"
+    });
+    for (name, rs) in groups {
+        let met = rs.iter().filter(|r| r.meets_all(DEFAULT)).count();
+        s.push_str(&format!("           {name:<32} {met:>2}/{}", rs.len()));
+        if with_informed {
+            let mut feasible = 0;
+            let mut met_informed = 0;
+            for r in rs {
+                let Some(io) = r
+                    .rows
+                    .iter()
+                    .find(|x| x.label.starts_with("informed oracle"))
+                    .map(Stats::effective_per_1k)
+                else {
+                    continue;
+                };
+                let reference = r.row(ORACLE_P95).map_or(f64::NAN, Stats::effective_per_1k);
+                feasible += usize::from(io / reference <= 1.05);
+                let others = r
+                    .goals_of(DEFAULT)
+                    .iter()
+                    .all(|g| g.goal == GOAL_VS_ORACLE || g.pass);
+                let cost = r.row(DEFAULT).map_or(f64::NAN, Stats::effective_per_1k) / io;
+                met_informed += usize::from(others && cost <= 1.05);
+            }
+            s.push_str(&format!(
+                "   informed oracle feasible {feasible:>2}/{}   default vs informed {met_informed:>2}/{}",
+                rs.len(),
+                rs.len()
+            ));
+        }
+        s.push('\n');
+    }
+    s
+}
+
 /// Everything one run produced.
 pub struct Report {
     /// What ran.
@@ -2276,6 +2327,10 @@ pub fn summary(reports: &[Report]) -> String {
             ));
         }
     }
+    s.push_str(&all_goals_counts(
+        &groups,
+        reports.iter().any(|r| informed(r).is_some()),
+    ));
     s.push_str(&format!(
         "\nTCO per strategy, per world: min / median / max over seeds. TCO = Σ tokens × price × \
          (1 + retry rate), $ per 1k requests; eff = the answers plus failed attempts' prompts \
