@@ -76,6 +76,23 @@ pub trait HttpHost {
     ) -> Result<u32, HostError>;
 }
 
+/// Properties of the request at hand (Envoy: its stream info, e.g. `xds.cluster_name`, and
+/// filter state, which a request's downstream and upstream filters share; envoy mode only).
+pub trait Properties {
+    /// The property at `path` (`None`: not there).
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
+    /// Writes the filter-state property `name`.
+    fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError>;
+}
+
+/// A property as UTF-8 (lossy); `None` when absent or refused.
+pub fn property_text(host: &impl Properties, path: &[&str]) -> Option<String> {
+    host.property(path)
+        .ok()
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
 /// A call a [`MockHost`] was asked to dispatch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dispatched {
@@ -230,6 +247,10 @@ pub struct MockHost {
     calls: RefCell<Vec<Dispatched>>,
     /// Local replies sent: status, headers, body.
     replies: RefCell<Vec<Reply>>,
+    /// Properties by path (parts joined with NUL).
+    properties: RefCell<HashMap<String, Vec<u8>>>,
+    /// Every property write is refused so.
+    refuse_properties: Cell<Option<HostError>>,
 }
 
 impl MockHost {
@@ -292,6 +313,30 @@ impl MockHost {
     pub fn refusing_request_headers(self, e: HostError) -> Self {
         self.refuse_headers.set(Some(e));
         self
+    }
+
+    /// Property `path` holds `value`.
+    pub fn with_property(self, path: &[&str], value: &[u8]) -> Self {
+        self.properties
+            .borrow_mut()
+            .insert(path.join("\0"), value.to_vec());
+        self
+    }
+
+    /// Every property write is refused with `e`.
+    pub fn refusing_properties(self, e: HostError) -> Self {
+        self.refuse_properties.set(Some(e));
+        self
+    }
+
+    /// What property `path` holds.
+    pub fn property_value(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.properties.borrow().get(&path.join("\0")).cloned()
+    }
+
+    /// A response header as it stands now.
+    pub fn response_value(&self, name: &str) -> Option<String> {
+        header(&self.response.borrow(), name).map(str::to_string)
     }
 
     /// The request header edits made, in order (`None`: removed).
@@ -367,6 +412,22 @@ impl Host for MockHost {
         let next = current.map_or(1, |c| c + 1);
         data.insert(key.to_string(), (value.to_vec(), next));
         self.writes.set(self.writes.get() + 1);
+        Ok(())
+    }
+}
+
+impl Properties for MockHost {
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        Ok(self.property_value(path))
+    }
+
+    fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        if let Some(e) = self.refuse_properties.get() {
+            return Err(e);
+        }
+        self.properties
+            .borrow_mut()
+            .insert(name.to_string(), value.to_vec());
         Ok(())
     }
 }

@@ -15,6 +15,7 @@ pub mod envoy_config;
 pub mod errors;
 pub mod exchange;
 pub mod explain;
+pub mod handover;
 pub mod headers;
 pub mod health;
 pub mod host;
@@ -29,6 +30,7 @@ pub mod rng;
 pub mod routing;
 pub mod select;
 pub mod served;
+pub mod upstream;
 pub mod walk;
 
 #[cfg(test)]

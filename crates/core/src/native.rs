@@ -1,7 +1,7 @@
-//! Envoy mode (`failover.mode: envoy`): what the filter hands Envoy's router so that the router
-//! itself walks the market's order, and what the same module does once per attempt as an
-//! upstream filter. Plain Rust; the glue is `filter/http/native.rs` (downstream role) and
-//! `filter/upstream.rs` (upstream role).
+//! Envoy mode (`failover.mode: envoy`): the formats of what the filter hands Envoy's router so
+//! that the router itself walks the market's order, and of what the same module records once
+//! per attempt as an upstream filter; which plugin roles may share a VM. The steps built on
+//! them are `crate::handover` (downstream role) and `crate::upstream` (upstream role).
 //!
 //! The hand-over, per request:
 //! - the order, as the request header [`ORDER_HEADER`]: a base64 protobuf `google.protobuf.Value`
@@ -101,6 +101,57 @@ pub fn check_roles(me: Role, others: &[Role]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// The roles of a VM's configured plugins, by root context id: each new one is checked
+/// against the others ([`check_roles`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Roles(Vec<(u32, Role)>);
+
+impl Roles {
+    /// No plugin yet.
+    pub const fn new() -> Self {
+        Roles(Vec::new())
+    }
+
+    /// Registers the role of the plugin of root context `id` (replacing an earlier one of
+    /// it), unless it cannot run beside the VM's other plugins.
+    pub fn register(&mut self, id: u32, role: Role) -> Result<(), ConfigError> {
+        self.0.retain(|(i, _)| *i != id);
+        let others: Vec<Role> = self.0.iter().map(|(_, r)| *r).collect();
+        check_roles(role, &others)?;
+        self.0.push((id, role));
+        Ok(())
+    }
+
+    /// Forgets the role of the plugin of root context `id` (the host removed it).
+    pub fn unregister(&mut self, id: u32) {
+        self.0.retain(|(i, _)| *i != id);
+    }
+}
+
+/// What `on_configure` does with a plugin whose role [`Roles::register`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Refuse the configuration: the host creates no context for it (the upstream role, so
+    /// no dispatched call enters it).
+    Configuration,
+    /// Accept it unconfigured: every LLM request gets an OpenAI-style 503 pointing to the
+    /// log line (the listener's filter, whose conflict Envoy shows only after the base VM's
+    /// checks of each plugin alone passed; Envoy runs on, and nothing dispatches into the
+    /// upstream role).
+    Requests,
+}
+
+impl Role {
+    /// How a refused plugin of this role is turned away.
+    pub fn refused(self) -> Refused {
+        if self.upstream {
+            Refused::Configuration
+        } else {
+            Refused::Requests
+        }
+    }
 }
 
 /// The order as the `header_to_metadata` value: base64 of a protobuf `Value` holding a list of

@@ -2,9 +2,11 @@
 //! interchangeable providers. Tests change what they test with struct update syntax
 //! (`Candidate { probe: true, ..cand(1) }`) rather than keeping their own copies.
 
-use crate::config::{Config, ProviderType};
+use crate::attempt::Attempts;
+use crate::config::{Config, ProviderType, Strategy};
 use crate::market::Availability;
-use crate::select::{Candidate, Source};
+use crate::select::{Candidate, Ranking, Source};
+use crate::walk::Walk;
 
 /// A candidate from static prices for provider `provider`, model "m": prices of 1 USD per
 /// million tokens, 1 ms to first token, full uptime, online, score 1, no probe.
@@ -42,4 +44,22 @@ pub(crate) fn config(n: usize, extra: &str) -> Config {
         .collect();
     let doc = format!(r#"{{"providers":[{}]{extra}}}"#, providers.join(","));
     Config::parse(doc.as_bytes()).unwrap()
+}
+
+/// A walk begun at `now` on `candidates` (strategy `value`, nothing excluded, fresh market).
+pub(crate) fn walk(config: &Config, candidates: Vec<Candidate>, now: u64) -> Walk {
+    let mut w = Walk::default();
+    w.begin(
+        Ranking {
+            strategy: Strategy::Value,
+            candidates,
+            excluded: Vec::new(),
+            stale: false,
+            last_resort: false,
+            ttft_target_ms: None,
+            ttft_target_source: None,
+        },
+        Attempts::new(config, now),
+    );
+    w
 }

@@ -3,7 +3,7 @@
 //! dispatch loop drives it.
 
 use super::*;
-use crate::config::{Config, Strategy};
+use crate::config::Config;
 use crate::select::Candidate;
 use crate::test_support;
 
@@ -23,20 +23,7 @@ fn config(failover: &str) -> Config {
 }
 
 fn walk(config: &Config, candidates: Vec<Candidate>) -> Walk {
-    let mut w = Walk::default();
-    w.begin(
-        Ranking {
-            strategy: Strategy::Value,
-            candidates,
-            excluded: Vec::new(),
-            stale: false,
-            last_resort: false,
-            ttft_target_ms: None,
-            ttft_target_source: None,
-        },
-        Attempts::new(config, T0),
-    );
-    w
+    test_support::walk(config, candidates, T0)
 }
 
 /// What a host does with one attempt.

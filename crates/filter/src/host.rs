@@ -2,7 +2,7 @@
 //! `proxy_wasm::hostcalls` and every error is turned into a value: the SDK's convenience
 //! methods panic on host errors, and a panic kills the VM for every request on the worker.
 
-use market_router_core::host::{self as core_host, Host, HostError, HttpHost};
+use market_router_core::host::{self as core_host, Host, HostError, HttpHost, Properties};
 pub(crate) use market_router_core::host::{header, SetError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
@@ -162,6 +162,16 @@ impl HttpHost for Wasm {
     }
 }
 
+impl Properties for Wasm {
+    fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_property(path.to_vec()).map_err(host_error)
+    }
+
+    fn set_property(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        hostcalls::set_property(vec![name], Some(value)).map_err(host_error)
+    }
+}
+
 /// A shared-data value and its CAS; `None` when the host refused (a missing key is empty).
 pub(crate) fn shared_get(key: &str) -> Option<(Vec<u8>, u32)> {
     core_host::shared_get(&Wasm, key)
@@ -275,12 +285,6 @@ pub(crate) fn set_decision_property(value: &[u8]) -> bool {
         Some(path) => hostcalls::set_property(path.to_vec(), Some(value)).is_ok(),
         None => false,
     }
-}
-
-/// Writes a per-request property (Envoy: filter state `wasm.<name>`, shared by a request's
-/// downstream and upstream filters; envoy mode only). False when the host refused.
-pub(crate) fn set_property(name: &str, value: &[u8]) -> bool {
-    hostcalls::set_property(vec![name], Some(value)).is_ok()
 }
 
 /// Monotonic-enough nanoseconds for measuring the filter's own work (0 if unavailable).

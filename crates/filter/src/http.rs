@@ -92,10 +92,6 @@ impl Http {
         }
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
-        host::header(&self.headers, name)
-    }
-
     fn stream(&self) -> bool {
         self.info.as_ref().is_some_and(|i| i.stream)
     }
@@ -426,12 +422,6 @@ impl Http {
                     Some(false)
                 }
             }
-        }
-    }
-
-    fn remember_affinity(&self, provider: &str) {
-        if let Some(a) = &self.affinity {
-            a.remember(&host::Wasm, provider);
         }
     }
 
@@ -894,7 +884,7 @@ impl exchange::ResponseView for HostResponse {
 }
 
 /// Carries out one of the walk's effects on this VM (health, counters, market report, affinity).
-fn apply(vm: &Vm, model: &str, affinity: Option<&Affinity>, now: u64, effect: Effect) {
+pub(crate) fn apply(vm: &Vm, model: &str, affinity: Option<&Affinity>, now: u64, effect: Effect) {
     match effect {
         Effect::Observe {
             provider,

@@ -15,8 +15,8 @@ mod upstream;
 
 // The core's modules, at the paths the glue names them by (`crate::config`, ...).
 use market_router_core::{
-    answer, attempt, config, errors, exchange, explain, headers, health, market, native, outbound,
-    report, request, rng, routing, served, walk,
+    answer, attempt, config, errors, exchange, explain, handover, headers, health, market, native,
+    outbound, report, request, rng, routing, served, walk,
 };
 
 use crate::config::Config;
@@ -187,25 +187,19 @@ thread_local! {
 }
 
 thread_local! {
-    /// The role of each configured plugin of this VM, by root context id.
-    static ROLES: RefCell<Vec<(u32, crate::native::Role)>> = const { RefCell::new(Vec::new()) };
+    /// The roles of this VM's configured plugins (core: `native::Roles`).
+    static ROLES: RefCell<crate::native::Roles> = const { RefCell::new(crate::native::Roles::new()) };
 }
 
-/// Registers the role of the plugin of root context `id` (replacing an earlier one of it),
-/// unless it cannot run beside the VM's other plugins (`native::check_roles`).
+/// Registers the role of the plugin of root context `id`, unless it cannot run beside the
+/// VM's other plugins (`native::check_roles`).
 pub(crate) fn register_role(
     id: u32,
     role: crate::native::Role,
 ) -> Result<(), crate::config::ConfigError> {
-    ROLES.with(|r| {
-        let Ok(mut roles) = r.try_borrow_mut() else {
-            return Ok(());
-        };
-        roles.retain(|(i, _)| *i != id);
-        let others: Vec<_> = roles.iter().map(|(_, r)| *r).collect();
-        crate::native::check_roles(role, &others)?;
-        roles.push((id, role));
-        Ok(())
+    ROLES.with(|r| match r.try_borrow_mut() {
+        Ok(mut roles) => roles.register(id, role),
+        Err(_) => Ok(()),
     })
 }
 
@@ -213,7 +207,7 @@ pub(crate) fn register_role(
 pub(crate) fn unregister_role(id: u32) {
     ROLES.with(|r| {
         if let Ok(mut roles) = r.try_borrow_mut() {
-            roles.retain(|(i, _)| *i != id);
+            roles.unregister(id);
         }
     });
 }

@@ -349,16 +349,13 @@ impl RootContext for Root {
         };
         if let Err(e) = super::register_role(self.id, role) {
             error!("market-router: invalid plugin configuration: {e}");
-            if upstream {
-                // Refused: the host creates no context for it, so no dispatched call enters it.
-                return false;
-            }
-            // The listener's filter conflicts with another plugin of its VM, which Envoy only
-            // shows after the base VM's checks (each plugin alone) passed: Envoy runs on, and
-            // every LLM request gets an OpenAI-style 503 pointing to this line (never a
-            // dispatch into the upstream role).
-            self.vm = None;
-            return true;
+            return match role.refused() {
+                crate::native::Refused::Configuration => false,
+                crate::native::Refused::Requests => {
+                    self.vm = None;
+                    true
+                }
+            };
         }
         let seed = host::now_ms() ^ (u64::from(self.id) << 32);
         let vm = super::shared_vm(&bytes, config, seed);
