@@ -349,6 +349,62 @@ mod tests {
     }
 
     #[test]
+    fn an_offer_that_says_where_its_figures_came_from_shows_it_and_one_that_does_not_shows_nothing()
+    {
+        let c = Config::parse(
+            br#"{"providers":[{"name":"a","cluster":"ca","models":{"m":"m"}},
+              {"name":"b","cluster":"cb","models":{"m":"m"}}],
+              "market":{"cluster":"x","refresh_ms":1000,"max_age_ms":60000}}"#,
+        )
+        .unwrap();
+        let offer = |p: &str, extra: &str| {
+            format!(
+                r#"{{"provider":"{p}","model":"m","price":{{"input_per_mtok":1,"output_per_mtok":1}},
+                  "latency_ms":{{"ttft_p50":100}},"uptime":0.99,"availability":"online","provider_type":"company"{extra}}}"#
+            )
+        };
+        let doc = format!(
+            r#"{{"version":1,"generated_at_ms":1000,"offers":[{},{}]}}"#,
+            offer(
+                "a",
+                r#","provenance":{"price":{"source":"litellm","as_of_ms":400,"stale":true}}"#
+            ),
+            offer("b", "")
+        );
+        let view = MarketView::new(
+            crate::market::validate(doc.as_bytes(), &c, 0, None)
+                .unwrap()
+                .stored,
+            &c,
+        );
+        let shown = json!({"price": {"source": "litellm", "age_ms": 1600, "stale": true}});
+        let listed = models(&c, Some(&view), 2000);
+        let providers = &listed["data"][0]["providers"];
+        assert_eq!(providers[0]["provider"], "a", "{listed}");
+        assert_eq!(providers[0]["provenance"], shown, "{listed}");
+        assert_eq!(providers[1]["provider"], "b", "{listed}");
+        assert!(providers[1].get("provenance").is_none(), "{listed}");
+        let (status, v) = route(
+            &c,
+            Some(&view),
+            &HealthTable::default(),
+            "m",
+            10,
+            Some(10),
+            2000,
+        );
+        assert_eq!(status, 200, "{v}");
+        let cands = v["candidates"].as_array().unwrap();
+        assert_eq!(cands.len(), 2, "{v}");
+        for cand in cands {
+            match cand["provider"].as_str() {
+                Some("a") => assert_eq!(cand["provenance"], shown, "{v}"),
+                _ => assert!(cand.get("provenance").is_none(), "{v}"),
+            }
+        }
+    }
+
+    #[test]
     fn route_queries_read_their_numbers_and_decode_percent_escapes() {
         let p = "/market-router/v1";
         let route = |path: &str| parse(p, "GET", &format!("{p}/route?{path}"));

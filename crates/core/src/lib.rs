@@ -30,6 +30,7 @@ pub mod rng;
 pub mod routing;
 pub mod select;
 pub mod served;
+pub mod shared;
 pub mod upstream;
 pub mod walk;
 

@@ -346,4 +346,231 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_slice(&older.report_json()).unwrap();
         assert_eq!(doc["observations"][0]["tail_failures"], 2);
     }
+
+    fn status(status: u32, retry_after_ms: Option<u64>) -> Outcome {
+        Outcome::Status {
+            status,
+            retry_after_ms,
+        }
+    }
+
+    /// One (provider, model) with every field of its tally different from the others, so a
+    /// field swapped, dropped or miscounted shows.
+    fn busy() -> Tallies {
+        let mut t = Tallies::default();
+        // One answer per TTFB bucket edge and one past the last (8 successes), one untimed.
+        for ms in [100, 250, 500, 1000, 2500, 5000, 10_000, 10_001, 101, 4999] {
+            t.record("p", "m", &Outcome::Success(200), Some(ms));
+        }
+        t.record("p", "m", &Outcome::Success(201), None);
+        t.record("p", "m", &status(429, Some(2000)), None);
+        t.record("p", "m", &status(429, None), None);
+        t.record("p", "m", &status(503, Some(1000)), None);
+        t.record("p", "m", &status(500, None), None);
+        // A 4xx other than 429 says nothing about the provider: not counted at all.
+        t.record("p", "m", &status(499, Some(9000)), None);
+        t.record("p", "m", &status(404, None), None);
+        t.record("p", "m", &Outcome::ConnectFailure, None);
+        t.record("p", "m", &Outcome::Reset, None);
+        t.record("p", "m", &Outcome::Reset, None);
+        t.record("p", "m", &Outcome::Reset, None);
+        t.record("p", "m", &Outcome::Timeout, None);
+        t.record("p", "m", &Outcome::Timeout, None);
+        t.record("p", "m", &Outcome::Timeout, None);
+        t.record("p", "m", &Outcome::Timeout, None);
+        t
+    }
+
+    #[test]
+    fn every_field_of_the_report_body_is_the_tallys_own() {
+        let t = busy();
+        let a = &t.by_key[&key("p", "m")];
+        let want = Tally {
+            attempts: 11 + 2 + 2 + 1 + 3 + 4,
+            successes: 11,
+            failures: [2, 1, 3, 4, 0],
+            rate_limited: 2,
+            retry_after_ms: Some(2000),
+            hist: [1, 2, 1, 1, 1, 2, 1, 1],
+            tail_failures: 10,
+        };
+        assert_eq!(a, &want);
+        let doc: serde_json::Value = serde_json::from_slice(&t.report_json()).unwrap();
+        // The whole body (object members compare without regard to order): failure kinds
+        // with no count are left out, the histogram has one more bucket than bounds.
+        assert_eq!(
+            doc,
+            serde_json::json!({
+                "version": 1, "dropped": 0,
+                "observations": [{
+                    "provider": "p", "model": "m", "attempts": 23, "successes": 11,
+                    "failures": {"5xx": 2, "connect_failure": 1, "reset": 3, "timeout": 4},
+                    "rate_limited": 2, "retry_after_ms": 2000,
+                    "ttfb_hist": [1, 2, 1, 1, 1, 2, 1, 1], "tail_failures": 10,
+                }],
+            })
+        );
+        let mut m = Tallies::default();
+        m.record("q", "", &Outcome::Malformed, None);
+        m.dropped = 7;
+        let doc: serde_json::Value = serde_json::from_slice(&m.report_json()).unwrap();
+        assert_eq!(
+            doc,
+            serde_json::json!({
+                "version": 1, "dropped": 7,
+                "observations": [{
+                    "provider": "q", "model": "", "attempts": 1, "successes": 0,
+                    "failures": {"malformed": 1}, "rate_limited": 0, "retry_after_ms": null,
+                    "ttfb_hist": [0, 0, 0, 0, 0, 0, 0, 0], "tail_failures": 1,
+                }],
+            })
+        );
+        let doc: serde_json::Value =
+            serde_json::from_slice(&Tallies::default().report_json()).unwrap();
+        assert_eq!(
+            doc,
+            serde_json::json!({"version": 1, "dropped": 0, "observations": []})
+        );
+    }
+
+    #[test]
+    fn the_shared_data_encoding_is_short_keys_in_a_fixed_order() {
+        let mut t = Tallies::default();
+        t.record("p", "m", &Outcome::Success(200), Some(300));
+        t.record("p", "m", &status(429, Some(1500)), None);
+        t.record("p", "m", &Outcome::Reset, None);
+        t.dropped = 4;
+        assert_eq!(
+            String::from_utf8(t.encode()).unwrap(),
+            r#"{"t":{"p\u0000m":{"a":3,"s":1,"f":[0,0,1,0,0],"r":1,"w":1500,"h":[0,0,1,0,0,0,0,0],"l":1}},"d":4}"#
+        );
+        assert_eq!(Tallies::decode(&t.encode()), t);
+        // No Retry-After seen: the member is left out, and read back as none.
+        let mut n = Tallies::default();
+        n.record("p", "m", &Outcome::Timeout, None);
+        assert_eq!(
+            String::from_utf8(n.encode()).unwrap(),
+            r#"{"t":{"p\u0000m":{"a":1,"s":0,"f":[0,0,0,1,0],"r":0,"h":[0,0,0,0,0,0,0,0],"l":1}},"d":0}"#
+        );
+        assert_eq!(Tallies::decode(&n.encode()), n);
+        assert_eq!(Tallies::decode(b""), Tallies::default());
+        // Members left out read as zero.
+        let sparse = Tallies::decode(br#"{"t":{"p\u0000m":{"a":2}}}"#);
+        assert_eq!(sparse.by_key[&key("p", "m")].attempts, 2);
+        assert_eq!(sparse.by_key[&key("p", "m")].hist, [0; BUCKETS]);
+        assert_eq!(sparse.dropped, 0);
+    }
+
+    #[test]
+    fn merging_adds_every_count_and_keeps_the_longest_retry_after() {
+        let mut older = busy();
+        let mut newer = Tallies::default();
+        newer.record("p", "m", &Outcome::Success(200), Some(50));
+        newer.record("p", "m", &Outcome::Success(200), Some(20_000));
+        newer.record("p", "m", &Outcome::Success(200), Some(20_000));
+        newer.record("p", "m", &status(429, Some(500)), None);
+        newer.record("p", "m", &status(502, None), None);
+        newer.record("p", "m", &Outcome::Malformed, None);
+        newer.record("p", "m", &Outcome::Malformed, None);
+        newer.record("p", "m", &Outcome::Malformed, None);
+        newer.record("other", "m", &Outcome::Reset, None);
+        newer.dropped = 5;
+        older.dropped = 2;
+        older.merge(&newer);
+        assert_eq!(
+            older.by_key[&key("p", "m")],
+            Tally {
+                attempts: 23 + 8,
+                successes: 11 + 3,
+                failures: [3, 1, 3, 4, 3],
+                rate_limited: 3,
+                retry_after_ms: Some(2000),
+                hist: [2, 2, 1, 1, 1, 2, 1, 3],
+                // The newer tally has a success: its own tail is how the period ended.
+                tail_failures: 4,
+            }
+        );
+        assert_eq!(older.by_key[&key("other", "m")].failures, [0, 0, 1, 0, 0]);
+        assert_eq!(older.dropped, 7);
+        // A longer Retry-After in the newer tally wins.
+        let mut a = Tallies::default();
+        a.record("p", "m", &status(429, Some(100)), None);
+        let mut b = Tallies::default();
+        b.record("p", "m", &status(429, Some(700)), None);
+        a.merge(&b);
+        assert_eq!(a.by_key[&key("p", "m")].retry_after_ms, Some(700));
+        assert_eq!(a.by_key[&key("p", "m")].rate_limited, 2);
+    }
+
+    #[test]
+    fn nothing_to_report_is_no_pair_and_nothing_dropped() {
+        let mut t = Tallies::default();
+        assert!(t.is_empty());
+        t.dropped = 1;
+        assert!(!t.is_empty());
+        let mut k = Tallies::default();
+        k.record("p", "m", &Outcome::Timeout, None);
+        assert!(!k.is_empty());
+        // A 4xx records nothing, not even the pair.
+        let mut four = Tallies::default();
+        four.record("p", "m", &status(404, None), None);
+        assert!(four.is_empty());
+    }
+
+    #[test]
+    fn a_full_tally_still_counts_its_pairs_and_drops_only_new_ones() {
+        let mut t = Tallies::default();
+        for i in 0..MAX_KEYS {
+            t.record(&format!("p{i}"), "m", &Outcome::Success(200), None);
+        }
+        t.record("p0", "m", &Outcome::Timeout, None);
+        t.broke_off("p1", "m");
+        assert_eq!(t.dropped, 0);
+        assert_eq!(t.by_key[&key("p0", "m")].attempts, 2);
+        assert_eq!(t.by_key[&key("p1", "m")].failures[2], 1);
+        t.broke_off("new", "m");
+        t.record("new", "m", &Outcome::Timeout, None);
+        assert_eq!(t.dropped, 2);
+        assert_eq!(t.by_key.len(), MAX_KEYS);
+        let mut other = Tallies::default();
+        other.record("p2", "m", &Outcome::Reset, None);
+        other.record("new2", "m", &Outcome::Reset, None);
+        t.merge(&other);
+        assert_eq!(t.by_key[&key("p2", "m")].failures[2], 1);
+        assert_eq!(t.dropped, 3);
+    }
+
+    #[test]
+    fn a_stream_broken_off_before_any_success_was_counted_is_a_new_failed_attempt() {
+        let mut t = Tallies::default();
+        t.broke_off("a", "m");
+        t.broke_off("a", "m");
+        let a = &t.by_key[&key("a", "m")];
+        assert_eq!(
+            (a.attempts, a.successes, a.failures, a.tail_failures),
+            (2, 0, [0, 0, 2, 0, 0], 2)
+        );
+        // After two successes, one breaks off: one success left, the tail starts again.
+        let mut t = Tallies::default();
+        t.record("a", "m", &Outcome::Success(200), None);
+        t.record("a", "m", &Outcome::Success(200), None);
+        t.broke_off("a", "m");
+        let a = &t.by_key[&key("a", "m")];
+        assert_eq!(
+            (a.attempts, a.successes, a.failures[2], a.tail_failures),
+            (2, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn long_model_names_are_clipped_in_the_key() {
+        let long = "x".repeat(MAX_MODEL_BYTES + 10);
+        let mut t = Tallies::default();
+        t.record("p", &long, &Outcome::Timeout, None);
+        t.record("p", &long[..MAX_MODEL_BYTES], &Outcome::Timeout, None);
+        assert_eq!(t.by_key.len(), 1);
+        let k = t.by_key.keys().next().unwrap();
+        assert_eq!(k, &format!("p\u{0}{}", &long[..MAX_MODEL_BYTES]));
+        assert_eq!(t.by_key[k].attempts, 2);
+    }
 }

@@ -16,12 +16,11 @@ mod upstream;
 // The core's modules, at the paths the glue names them by (`crate::config`, ...).
 use market_router_core::{
     answer, attempt, config, errors, exchange, explain, handover, headers, health, market, native,
-    outbound, report, request, rng, routing, served, walk,
+    outbound, report, request, rng, routing, served, shared, walk,
 };
 
 use crate::config::Config;
-use crate::health::{Admission, HealthTable, Observation};
-use crate::host::SetError;
+use crate::health::{HealthTable, Observation};
 use crate::market::{MarketView, Stored};
 use crate::report::Tallies;
 use crate::rng::Rng;
@@ -379,11 +378,9 @@ impl Vm {
         }
         let opened = std::cell::Cell::new(false);
         self.update_health(|t| {
-            let rec = t.entry(provider);
-            let before = rec.opens;
-            let material = rec.observe(obs, now, &circuit);
-            opened.set(rec.opens > before);
-            material
+            let o = shared::observe(t, provider, obs, now, &circuit);
+            opened.set(o.opened);
+            o.material
         });
         if opened.get() {
             if let Some(idx) = self.config.provider_index(provider) {
@@ -437,53 +434,25 @@ impl Vm {
         if inner.tally.is_empty() {
             return;
         }
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = host::shared_get(&self.keys.obs).unwrap_or_default();
-            let mut shared = Tallies::decode(&bytes);
-            shared.merge(&inner.tally);
-            match host::shared_set(&self.keys.obs, &shared.encode(), Some(cas)) {
-                Ok(()) => {
-                    inner.tally = Tallies::default();
-                    return;
-                }
-                Err(SetError::CasMismatch) => continue,
-                Err(SetError::Refused(s)) => {
-                    debug!("market-router: report tally refused by the host ({s:?}); kept");
-                    return;
-                }
+        match shared::merge_tally(&host::Wasm, &self.keys.obs, &inner.tally) {
+            Update::Written(_) => inner.tally = Tallies::default(),
+            Update::Refused(s) => {
+                debug!("market-router: report tally refused by the host ({s:?}); kept")
             }
+            Update::Declined | Update::GaveUp => {}
         }
     }
 
     /// Takes the process-wide tally (leaving it empty) for this period's report.
     pub(crate) fn take_tally(&self) -> Option<Tallies> {
         self.flush_tally();
-        for _ in 0..CAS_RETRIES {
-            let (bytes, cas) = host::shared_get(&self.keys.obs)?;
-            let shared = Tallies::decode(&bytes);
-            if shared.is_empty() {
-                return None;
-            }
-            match host::shared_set(&self.keys.obs, b"", Some(cas)) {
-                Ok(()) => return Some(shared),
-                Err(SetError::CasMismatch) => continue,
-                Err(SetError::Refused(_)) => return None,
-            }
-        }
-        None
+        shared::take_tally(&host::Wasm, &self.keys.obs)
     }
 
     /// Claims the half-open probe of `provider`; false when another request has it.
     pub(crate) fn claim_probe(&self, provider: &str, now: u64) -> bool {
         let until = now + self.config.failover.attempt_timeout_ms;
-        let claimed = self.update_health(|t| {
-            let rec = t.entry(provider);
-            if rec.admission(now) != Admission::Probe {
-                return false;
-            }
-            rec.claim_probe(until);
-            true
-        });
+        let claimed = self.update_health(|t| shared::claim_probe(t, provider, now, until));
         if claimed {
             info!("market-router: probing provider {provider} after its circuit cooldown");
         }

@@ -9,8 +9,10 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// How long [`Envoy::start`] waits for `/ready`.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Envoy::start`] waits for `/ready` (an Envoy that exits is seen at once). Its main
+/// thread compiles the module before it answers: on a loaded 2-core machine, beside other
+/// Envoys doing the same, that was seen to take over 30 s (as long as Kong's bed allows).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One upstream cluster for an LLM provider on 127.0.0.1.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -40,10 +40,12 @@ fn config(mode: &str, attempt_timeout_ms: u64, threshold: u32, cooldown_ms: u64)
 }
 
 /// Opens `a`'s circuit with `threshold` failed requests (each answered by `b`); returns when
-/// the last one was answered.
-fn open_circuit(bed: &Bed, threshold: u64) -> Instant {
+/// the last one was sent and when it was answered.
+fn open_circuit(bed: &Bed, threshold: u64) -> Opened {
     bed.behave("a", json!({"status": 503}));
+    let mut from = Instant::now();
     for _ in 0..threshold {
+        from = Instant::now();
         let r = bed.chat(MODEL, &[]);
         assert_eq!(r.status, 200, "{}", show(&r));
         assert_eq!(
@@ -53,14 +55,26 @@ fn open_circuit(bed: &Bed, threshold: u64) -> Instant {
             show(&r)
         );
     }
-    let opened = Instant::now();
+    let by = Instant::now();
     assert_eq!(bed.hits("a"), threshold);
     assert_eq!(bed.wait_circuit_opened("a", 1), 1);
     // Other workers re-read the shared health table at most every 20 ms (HEALTH_CHECK_MS):
     // give them that before the next request, which any worker may take.
     thread::sleep(Duration::from_millis(60));
-    opened
+    Opened { from, by }
 }
+
+/// When a circuit opened, as seen from here: while the request that opened it was in flight.
+struct Opened {
+    /// Before that request was sent: the cooldown ends no sooner than this + the cooldown.
+    from: Instant,
+    /// After its answer came back: the cooldown ends no later than this + the cooldown.
+    by: Instant,
+}
+
+/// The filter reads the host's clock in whole milliseconds: a cooldown it ends may end up to
+/// this much before the same span measured here.
+const FILTER_CLOCK: Duration = Duration::from_millis(2);
 
 /// `mode` in Envoy with `workers` worker threads, or (`kong`) dispatch mode in Kong's wasm
 /// host with `workers` nginx workers.
@@ -112,7 +126,7 @@ fn one_request_probes_a_half_open_circuit(mode: &str, workers: u32) {
     const PROBE_LATENCY_MS: u64 = 1500;
     const BURST: usize = 8;
     let bed = start(mode, config(mode, 4000, 2, COOLDOWN_MS), workers);
-    let opened = open_circuit(&bed, 2);
+    let opened = open_circuit(&bed, 2).by;
 
     // Healthy again, but slow: the probe stays in flight while the burst arrives.
     bed.behave("a", json!({"latency_ms": PROBE_LATENCY_MS}));
@@ -193,13 +207,15 @@ fn one_request_probes_a_half_open_circuit_across_four_workers() {
 /// the circuit opens again (counted and logged a second time), and `a` is left alone for
 /// another whole cooldown before the next probe.
 fn a_failed_probe_reopens_the_circuit(mode: &str, workers: u32) {
-    const COOLDOWN_MS: u64 = 2500;
+    // Long enough that a loaded machine answers a request or two inside the second cooldown.
+    const COOLDOWN_MS: u64 = 4000;
     let bed = start(mode, config(mode, 500, 2, COOLDOWN_MS), workers);
-    let opened = open_circuit(&bed, 2);
+    let opened = open_circuit(&bed, 2).from;
 
     // Requests until one probes `a` (a third hit), answered by `b` after failing over.
     let mut probe = None;
     let probed = eventually(Duration::from_millis(COOLDOWN_MS + 5000), || {
+        let sent = Instant::now();
         let r = bed.chat(MODEL, &[]);
         assert_eq!(r.status, 200, "{}", show(&r));
         assert_eq!(
@@ -209,18 +225,17 @@ fn a_failed_probe_reopens_the_circuit(mode: &str, workers: u32) {
             show(&r)
         );
         if bed.hits("a") == 3 {
-            probe = Some((opened.elapsed(), r));
+            probe = Some((sent, opened.elapsed(), r));
             true
         } else {
             false
         }
     });
     assert!(probed, "a was never probed after its cooldown");
-    let probe_at = Instant::now();
-    let (after, r) = probe.unwrap();
+    let (probe_sent, after, r) = probe.unwrap();
     assert!(
-        // Room for a request that reaches the filter late on a loaded machine.
-        after >= Duration::from_millis(COOLDOWN_MS - 400),
+        // Handled after the cooldown, which began after `opened`; answered later still.
+        after >= Duration::from_millis(COOLDOWN_MS) - FILTER_CLOCK,
         "a was probed {} ms after its circuit opened (cooldown {COOLDOWN_MS} ms)",
         after.as_millis()
     );
@@ -231,10 +246,16 @@ fn a_failed_probe_reopens_the_circuit(mode: &str, workers: u32) {
         show(&r)
     );
 
-    // Reopened: for most of a new cooldown every request skips `a` (one attempt, at `b`).
+    // Reopened while the probe was in flight, so until at least `probe_sent` + a cooldown:
+    // every request answered before that skips `a` (one attempt, at `b`), however loaded the
+    // machine.
+    let cooldown = Duration::from_millis(COOLDOWN_MS) - FILTER_CLOCK;
     let mut skipped = 0;
-    while probe_at.elapsed() < Duration::from_millis(COOLDOWN_MS - 700) {
+    let late = loop {
         let r = bed.chat(MODEL, &[]);
+        if probe_sent.elapsed() >= cooldown {
+            break r;
+        }
         assert_eq!(
             r.header("x-market-router-provider"),
             Some("b"),
@@ -249,16 +270,22 @@ fn a_failed_probe_reopens_the_circuit(mode: &str, workers: u32) {
         );
         skipped += 1;
         thread::sleep(Duration::from_millis(50));
-    }
+    };
     assert!(skipped >= 1, "no request while the circuit was open again");
+    // The mock agrees: nothing reached `a` but the probe, and perhaps the last request (sent
+    // near the end of the new cooldown: a second probe, failing over to `b`).
+    assert_eq!(late.status, 200, "{}", show(&late));
+    let second_probe = u64::from(late.header("x-market-router-attempts") == Some("2"));
     assert_eq!(
         bed.hits("a"),
-        3,
+        3 + second_probe,
         "a was tried again before a new cooldown passed"
     );
-    assert_eq!(bed.wait_circuit_opened("a", 2), 2);
+    // Opened twice (and once more if the last request's probe failed).
+    let opens = 2 + second_probe;
+    assert_eq!(bed.wait_circuit_opened("a", opens), opens);
     let warnings = bed.log_lines("circuit opened for provider a");
-    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert_eq!(warnings.len() as u64, opens, "{warnings:#?}");
     let level = if bed.is_kong() { "[warn]" } else { "[warning]" };
     assert!(warnings.iter().all(|l| l.contains(level)), "{warnings:#?}");
     assert_eq!(bed.hits("c"), 0);

@@ -35,6 +35,9 @@ const DUO: &str = "duo-model";
 const ATTEMPT_TIMEOUT_MS: u64 = 800;
 const DEADLINE_MS: u64 = 3000;
 const COOLDOWN_MS: u64 = 1000;
+/// The filter reads the host's clock in whole milliseconds: a window it ends may end up to
+/// this much before the same span measured here (never more: the lower bounds below are exact).
+const FILTER_CLOCK: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -94,6 +97,8 @@ struct Knobs {
     failure_threshold: u32,
     /// The route's `idle_timeout` (what bounds a streaming first attempt in route mode).
     route_idle_timeout: Option<Duration>,
+    /// The circuit's cooldown.
+    cooldown_ms: u64,
 }
 
 impl Default for Knobs {
@@ -102,6 +107,7 @@ impl Default for Knobs {
             max_attempts: 3,
             failure_threshold: 3,
             route_idle_timeout: None,
+            cooldown_ms: COOLDOWN_MS,
         }
     }
 }
@@ -146,7 +152,7 @@ fn config(mode: Mode, k: Knobs, ports: [u16; 3], keys: [Option<&str>; 3]) -> Str
             "max_attempts": k.max_attempts,
             "attempt_timeout_ms": ATTEMPT_TIMEOUT_MS,
             "deadline_ms": DEADLINE_MS,
-            "circuit": {"failure_threshold": k.failure_threshold, "cooldown_ms": COOLDOWN_MS}
+            "circuit": {"failure_threshold": k.failure_threshold, "cooldown_ms": k.cooldown_ms}
         }
     })
     .to_string()
@@ -444,6 +450,32 @@ fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The first answer from `a` with when it came back (since `since`): `late`, the answer
+/// that ended a window (with its time), or one of the requests sent after it for up to
+/// `within`. Every answer must be a 200.
+fn first_from_a(
+    bed: &Bed,
+    since: Instant,
+    within: Duration,
+    late: (Duration, Response),
+) -> Option<(Duration, Response)> {
+    let mut next = Some(late);
+    let mut back = None;
+    eventually(within, || {
+        let (at, r) = next.take().unwrap_or_else(|| {
+            let r = bed.chat();
+            (since.elapsed(), r)
+        });
+        assert_eq!(r.status, 200, "{}", show(&r));
+        let from_a = r.header("x-market-router-provider") == Some("a");
+        if from_a {
+            back = Some((at, r));
+        }
+        from_a
+    });
+    back
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1-6: one failure of the primary, answered by the fallback
 // ---------------------------------------------------------------------------------------------
@@ -461,56 +493,48 @@ twins!(primary_503_fails_over: route, dispatch, kong, envoy);
 
 fn primary_429_retry_after_keeps_it_out(mode: Mode) {
     let bed = Bed::start(mode, Knobs::default(), [ok(), ok(), ok()]);
-    bed.behave("a", json!({"status": 429, "retry_after": 2}));
+    bed.behave("a", json!({"status": 429, "retry_after": 3}));
     let sent = Instant::now();
     let r = bed.chat();
     assert_answer_from(&r, "b", 2);
     assert_eq!(bed.all_hits(), [Some(1), Some(1), Some(0)]);
 
-    // `a` is healthy again, but asked for 2 s: every request within the window skips it.
+    // `a` is healthy again, but asked for 3 s (room for a loaded machine to answer a few
+    // requests): every request within the window skips it. The filter starts the window when
+    // the 429 comes back, after `sent`: a request answered before `sent` + 3 s was surely
+    // handled inside it, however loaded the machine; one answered later may have been handled
+    // after it, so it only has to succeed.
     bed.behave("a", json!({}));
-    let window = Duration::from_millis(2000);
+    let window = Duration::from_millis(3000);
     let mut inside = 0;
-    // 500 ms of room: a request sent just before this bound may reach the filter much later
-    // on a loaded machine.
-    while sent.elapsed() < window - Duration::from_millis(500) {
+    let late = loop {
         let r = bed.chat();
+        let at = sent.elapsed();
+        if at >= window {
+            break (at, r);
+        }
         assert_answer_from(&r, "b", 1);
         inside += 1;
         thread::sleep(Duration::from_millis(100));
-    }
+    };
     // A count, not a rate: a loaded machine may fit only a few requests in the window.
     assert!(inside >= 2, "only {inside} requests inside the window");
-    assert_eq!(
-        bed.hits("a"),
-        1,
-        "a was tried inside its Retry-After window"
-    );
 
-    // After the window `a` is the primary again (bounded wait).
-    let mut back = None;
-    let used_again = eventually(Duration::from_secs(5), || {
-        let at = sent.elapsed();
-        let r = bed.chat();
-        assert_eq!(r.status, 200, "{}", show(&r));
-        if r.header("x-market-router-provider") == Some("a") {
-            back = Some((at, r));
-            true
-        } else {
-            false
-        }
-    });
-    assert!(used_again, "a never came back after its Retry-After window");
-    let (at, r) = back.unwrap();
+    // After the window `a` is the primary again (bounded wait). Whenever it is used, its
+    // answer comes back after the window: handled at or after its end, answered later still.
+    let back = first_from_a(&bed, sent, Duration::from_secs(5), late);
+    let (at, r) = back.expect("a never came back after its Retry-After window");
     assert!(
-        // `at` is taken before the request is sent, which may reach the filter a few hundred
-        // ms later on a loaded machine: room for that, still far from "never kept out".
-        at >= window - Duration::from_millis(400),
-        "a came back {} ms after the 429 asked for 2 s",
+        at >= window - FILTER_CLOCK,
+        "a answered {} ms after the 429 that asked for 3 s was sent",
         at.as_millis()
     );
     assert_answer_from(&r, "a", 1);
-    assert_eq!(bed.hits("a"), 2);
+    assert_eq!(
+        bed.hits("a"),
+        2,
+        "a was tried inside its Retry-After window"
+    );
     assert_eq!(bed.hits("c"), 0);
 }
 
@@ -778,8 +802,11 @@ twins!(client_error_is_not_retried: route, dispatch, kong, envoy);
 // ---------------------------------------------------------------------------------------------
 
 fn circuit_opens_then_recovers(mode: Mode) {
+    // Long enough that a loaded machine answers a request or two inside it.
+    const COOLDOWN_MS: u64 = 2500;
     let knobs = Knobs {
         failure_threshold: 2,
+        cooldown_ms: COOLDOWN_MS,
         ..Knobs::default()
     };
     let bed = Bed::start(mode, knobs, [failing(503), ok(), ok()]);
@@ -789,36 +816,36 @@ fn circuit_opens_then_recovers(mode: Mode) {
     assert_eq!(bed.hits("a"), 2);
     bed.assert_counter("provider.a.circuit_open", 1);
 
-    // Open: new requests skip `a` entirely, even once it is healthy again.
+    // Open: new requests skip `a` entirely, even once it is healthy again. The circuit opened
+    // while the second request was handled, after `opened`: a request answered before
+    // `opened` + the cooldown was surely handled while it was open, however loaded the machine.
     bed.behave("a", json!({}));
+    let cooldown = Duration::from_millis(COOLDOWN_MS);
     let mut skipped = 0;
-    // Room for a loaded machine, as above.
-    while opened.elapsed() < Duration::from_millis(COOLDOWN_MS - 500) {
-        assert_answer_from(&bed.chat(), "b", 1);
+    let late = loop {
+        let r = bed.chat();
+        let at = opened.elapsed();
+        if at >= cooldown {
+            break (at, r);
+        }
+        assert_answer_from(&r, "b", 1);
         skipped += 1;
         thread::sleep(Duration::from_millis(50));
-    }
+    };
     assert!(skipped >= 1, "no request while open");
-    assert_eq!(bed.hits("a"), 2, "a was tried while its circuit was open");
 
-    // After the cooldown `a` is probed and, healthy, used again.
-    let mut back = None;
-    let recovered = eventually(Duration::from_millis(COOLDOWN_MS + 4000), || {
-        let at = opened.elapsed();
-        let r = bed.chat();
-        assert_eq!(r.status, 200, "{}", show(&r));
-        if r.header("x-market-router-provider") == Some("a") {
-            back = Some((at, r));
-            true
-        } else {
-            false
-        }
-    });
-    assert!(recovered, "a was never probed after the cooldown");
-    let (at, r) = back.unwrap();
+    // After the cooldown `a` is probed and, healthy, used again: its answer comes back after
+    // the cooldown (handled at or after its end, answered later still).
+    let back = first_from_a(
+        &bed,
+        opened,
+        Duration::from_millis(COOLDOWN_MS + 4000),
+        late,
+    );
+    let (at, r) = back.expect("a was never probed after the cooldown");
     assert!(
-        at >= Duration::from_millis(COOLDOWN_MS - 400),
-        "a was used {} ms after its circuit opened (cooldown {COOLDOWN_MS} ms)",
+        at >= cooldown - FILTER_CLOCK,
+        "a answered {} ms after its circuit opened (cooldown {COOLDOWN_MS} ms)",
         at.as_millis()
     );
     assert_answer_from(&r, "a", 1);

@@ -402,16 +402,21 @@ fn a_replica_restart_loses_no_shared_observation_and_no_request() {
     let Some(redis) = redis_or_skip("a_replica_restart").unwrap() else {
         return;
     };
+    let t0 = Instant::now();
+    let stage = |what: &str| eprintln!("{:>6} ms: {what}", t0.elapsed().as_millis());
     let dir = TempDir::new("fleet-redis-restart").unwrap();
     let config = service_config(&dir);
     let mut r1 = replica(&config, 0, &redis, "r1");
     let r2 = replica(&config, 0, &redis, "r2");
     wait_converged(&r1, &r2);
+    stage("replicas converged");
     let broken_for_a = MockProvider::start("cheap", &MockOpts::default().status(503)).unwrap();
     let other = MockProvider::start("other", &MockOpts::default()).unwrap();
     let a = envoy(&r1, broken_for_a.port(), other.port());
     let b = envoy(&r2, other.port(), other.port());
+    stage("A and B started");
     wait_same_ranking(&a, &b);
+    stage("A and B rank the same");
 
     // A's failures reach replica 1, and through Redis replica 2.
     while broken_for_a.hits().unwrap() < 3 {
@@ -419,9 +424,29 @@ fn a_replica_restart_loses_no_shared_observation_and_no_request() {
     }
     let n = broken_for_a.hits().unwrap();
     wait_until(
-        || format!("r2 {:#}", offer(&r2.snapshot().unwrap(), "cheap")),
+        || {
+            format!(
+                "{n} hits of A's cheap ({} now); samples r1 {} r2 {}; A's reports sent {:?} \
+                 dropped {:?}\nr1 redis {:#}\nr2 redis {:#}\nr2 {:#}\nr1 log {}\nr2 log {}",
+                broken_for_a.hits().unwrap_or(0),
+                samples(&r1, "cheap"),
+                samples(&r2, "cheap"),
+                a.stat("wasmcustom.market_router.report.sent"),
+                a.stat("wasmcustom.market_router.report.dropped"),
+                health(&r1)["redis"],
+                health(&r2)["redis"],
+                offer(&r2.snapshot().unwrap(), "cheap"),
+                r1.log_contents(),
+                r2.log_contents()
+            )
+        },
         || samples(&r2, "cheap") == n,
     );
+    stage(&format!(
+        "A's failures reached replica 2 (A's reports sent {:?}, dropped {:?})",
+        a.stat("wasmcustom.market_router.report.sent"),
+        a.stat("wasmcustom.market_router.report.dropped")
+    ));
 
     // Replica 1 crashes. A keeps routing on its last good snapshot meanwhile.
     let port = r1.port();
@@ -431,20 +456,24 @@ fn a_replica_restart_loses_no_shared_observation_and_no_request() {
         || format!("B {:#}", route(&b)),
         || route(&b)["candidates"][0]["provider"] == "other",
     );
+    stage("B ranks other first");
     // The worker that answered /route holds the new snapshot; B's other worker may still hold
     // the old one (and send to `cheap`: a sample of `cheap` more in replica 2's view) until its
     // next look. Wait until every worker of B has answered /route with `other` first.
     wait_every_worker_routes_other(&b, WORKERS);
+    stage("every worker of B ranks other first");
     assert_eq!(chat(&b), "other");
     // Back on the same port as a new process: it reads the shared log and serves the same
     // snapshot as replica 2, with every observation made before the crash.
     let r1 = replica(&config, port, &redis, "r1-restarted");
     wait_converged(&r1, &r2);
+    stage("the restarted replica converged");
     assert_eq!(samples(&r1, "cheap"), n, "{:#}", r1.snapshot().unwrap());
     assert_eq!(
         offer(&r1.snapshot().unwrap(), "cheap")["availability"],
         "offline"
     );
     wait_same_ranking(&a, &b);
+    stage("A and B rank the same again");
     assert_eq!(chat(&a), "other");
 }

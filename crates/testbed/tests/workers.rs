@@ -104,6 +104,9 @@ fn retry_after_seen_on_one_worker_keeps_every_worker_off_in(mode: &str) {
     const RETRY_AFTER_S: u64 = 20;
     let bed = start_in(mode, &["a", "b"], static_config_in(mode, 5, 30_000));
     bed.behave("a", json!({"status": 429, "retry_after": RETRY_AFTER_S}));
+    // Before the 429 is asked for: the window the filter starts when it comes back ends after
+    // this + the Retry-After.
+    let sent = Instant::now();
     let (first_worker, r) = if bed.is_kong() {
         let r = bed.chat(MODEL, &[]);
         (kong_worker(&r).unwrap_or_default(), r)
@@ -118,7 +121,6 @@ fn retry_after_seen_on_one_worker_keeps_every_worker_off_in(mode: &str) {
     );
     assert_eq!(bed.hits("a"), 1);
     bed.behave("a", json!({}));
-    let sent = Instant::now();
     thread::sleep(Duration::from_millis(100));
 
     let url = Arc::new(bed.gateway.url("/v1/chat/completions"));
