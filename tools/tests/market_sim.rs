@@ -236,3 +236,64 @@ fn per_request_records_add_up_to_the_totals() {
         "{text}"
     );
 }
+
+/// The summary counts the runs meeting every goal against both references: the p95 oracle
+/// (the cost goal's) and, when it ran, the informed oracle; and how many runs even the
+/// informed oracle can meet both goals on.
+#[test]
+fn summary_counts_runs_meeting_every_goal_against_both_references() {
+    let cat = catalog();
+    let o = sim::Options {
+        requests: 1_500,
+        informed_oracle: true,
+        ..sim::Options::default()
+    };
+    let reports = sim::simulate_all(o, &[3, 8], Some("deepseek-v3.1"), &cat).expect("valid worlds");
+    let eff = |r: &sim::Report, label: &str| r.row(label).map(|x| x.effective_per_1k());
+    let informed = |r: &sim::Report| {
+        r.rows
+            .iter()
+            .find(|x| x.label.starts_with("informed oracle"))
+            .map(|x| x.effective_per_1k())
+            .expect("the informed oracle ran")
+    };
+    let met = reports.iter().filter(|r| r.meets_all(sim::DEFAULT)).count();
+    let feasible = reports
+        .iter()
+        .filter(|r| informed(r) / eff(r, sim::ORACLE_P95).unwrap() <= 1.05)
+        .count();
+    let met_informed = reports
+        .iter()
+        .filter(|r| {
+            let others = r
+                .goals_of(sim::DEFAULT)
+                .iter()
+                .all(|g| g.goal == sim::GOAL_VS_ORACLE || g.pass);
+            others && eff(r, sim::DEFAULT).unwrap() / informed(r) <= 1.05
+        })
+        .count();
+    let text = sim::summary(&reports);
+    let line = text
+        .lines()
+        .skip_while(|l| !l.contains("runs meeting every goal"))
+        .find(|l| l.trim_start().starts_with("all runs"))
+        .unwrap_or_else(|| panic!("no counts line in\n{text}"));
+    let want = format!(
+        "{met:>2}/2   informed oracle feasible {feasible:>2}/2   default vs informed {met_informed:>2}/2"
+    );
+    assert!(line.ends_with(&want), "{line:?} should end with {want:?}");
+    // Without the informed oracle only the first count is printed.
+    let plain = sim::simulate_all(
+        sim::Options {
+            informed_oracle: false,
+            ..o
+        },
+        &[3],
+        Some("deepseek-v3.1"),
+        &cat,
+    )
+    .expect("valid world");
+    let text = sim::summary(&plain);
+    assert!(text.contains("runs meeting every goal"), "{text}");
+    assert!(!text.contains("informed oracle feasible"), "{text}");
+}
