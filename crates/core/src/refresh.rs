@@ -446,7 +446,7 @@ fn store(
         host,
         keys.market_gen,
         CAS_TRIES,
-        |g| read_u64(g),
+        read_u64,
         |g| g.to_le_bytes().to_vec(),
         |g| {
             *g = g.wrapping_add(1);

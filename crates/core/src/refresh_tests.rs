@@ -525,7 +525,7 @@ fn an_oversized_answer_is_not_read_and_an_oversized_snapshot_not_stored() {
     let offer = String::from_utf8(snapshot(T0)).unwrap();
     let one = offer.split_once(r#""offers":["#).unwrap().1;
     let one = &one[..one.find("},{").unwrap() + 1];
-    let many = vec![one; 12].join(",");
+    let many = [one; 12].join(",");
     let body = format!(r#"{{"version":1,"generated_at_ms":{T0},"offers":[{many}]}}"#);
     let fx = ok(&h, &c, body.as_bytes());
     let line = logs(&fx).last().unwrap().1.to_string();
