@@ -38,6 +38,15 @@ fn keys(vm: &Vm) -> refresh::Keys<'_> {
     }
 }
 
+/// The headers of the call answer being delivered: none when it failed or has none.
+fn answer_headers(failure: Option<&str>, num_headers: usize) -> Vec<(String, String)> {
+    if failure.is_some() || num_headers == 0 {
+        Vec::new()
+    } else {
+        host::call_response_headers()
+    }
+}
+
 /// Writes a refresh effect: a counter (batched in VM memory) or a log line.
 fn apply(vm: &Vm, effect: Effect) {
     match effect {
@@ -80,11 +89,7 @@ impl Context for Root {
                 } else {
                     host::call_failure(num_headers)
                 };
-                let headers = if failure.is_some() || num_headers == 0 {
-                    Vec::new()
-                } else {
-                    host::call_response_headers()
-                };
+                let headers = answer_headers(failure.as_deref(), num_headers);
                 let answer = Answer {
                     failure: failure.as_deref(),
                     headers: &headers,
@@ -95,11 +100,7 @@ impl Context for Root {
             Call::Snapshot => {
                 let Some(vm) = self.vm.clone() else { return };
                 let failure = host::call_failure(num_headers);
-                let headers = if failure.is_some() || num_headers == 0 {
-                    Vec::new()
-                } else {
-                    host::call_response_headers()
-                };
+                let headers = answer_headers(failure.as_deref(), num_headers);
                 let answer = Answer {
                     failure: failure.as_deref(),
                     headers: &headers,
@@ -185,14 +186,10 @@ impl RootContext for Root {
         vm.metrics.flush(now);
         vm.flush_tally();
         vm.sync_market(now, true);
-        if let Ok(inner) = vm.inner.try_borrow() {
-            if let Some(m) = &inner.market {
-                vm.metrics.snapshot(m.age_ms(now), m.offers);
-            }
+        let view = vm.inner.try_borrow().ok().and_then(|i| i.market.clone());
+        if let Some(m) = &view {
+            vm.metrics.snapshot(m.age_ms(now), m.offers);
         }
-        let inner = vm.inner.try_borrow().ok();
-        let view = inner.as_ref().and_then(|i| i.market.clone());
-        drop(inner);
         let held = view.as_ref().map(|m| Held {
             age_ms: m.age_ms(now),
             etag: m.etag.as_deref(),
