@@ -82,14 +82,25 @@ fn answer(h: &MockHost, c: &Config, a: Answer<'_>, body: &[u8]) -> (Vec<Effect>,
     (fx, read.get())
 }
 
-fn ok(h: &MockHost, c: &Config, body: &[u8]) -> Vec<Effect> {
-    let headers = status("200");
+/// An answer of status `s` announcing `body_size` bytes, with `body`.
+fn answer_with(
+    h: &MockHost,
+    c: &Config,
+    s: &str,
+    body_size: usize,
+    body: &[u8],
+) -> (Vec<Effect>, bool) {
+    let headers = status(s);
     let a = Answer {
         headers: &headers,
-        body_size: body.len(),
+        body_size,
         ..Answer::default()
     };
-    answer(h, c, a, body).0
+    answer(h, c, a, body)
+}
+
+fn ok(h: &MockHost, c: &Config, body: &[u8]) -> Vec<Effect> {
+    answer_with(h, c, "200", body.len(), body).0
 }
 
 fn logs(fx: &[Effect]) -> Vec<(Level, &str)> {
@@ -366,16 +377,7 @@ fn a_failure_keeps_the_last_good_snapshot_and_is_logged_once_per_streak() {
             assert_eq!(generation(&h), 1);
         }
         // A bad body is a failure of the same streak.
-        let (fx, read) = answer(
-            &h,
-            &c,
-            Answer {
-                headers: &status("200"),
-                body_size: 5,
-                ..Answer::default()
-            },
-            b"nope!",
-        );
+        let (fx, read) = answer_with(&h, &c, "200", 5, b"nope!");
         assert!(read);
         assert_eq!(
             logs(&fx),
@@ -407,16 +409,7 @@ fn a_failure_keeps_the_last_good_snapshot_and_is_logged_once_per_streak() {
 fn a_bad_first_snapshot_stores_nothing() {
     let c = config("");
     let h = MockHost::envoy();
-    let (fx, _) = answer(
-        &h,
-        &c,
-        Answer {
-            headers: &status("200"),
-            body_size: 28,
-            ..Answer::default()
-        },
-        br#"{"version":2,"offers":[]}"#,
-    );
+    let (fx, _) = answer_with(&h, &c, "200", 28, br#"{"version":2,"offers":[]}"#);
     assert_eq!(
         logs(&fx),
         [(
@@ -449,15 +442,7 @@ fn a_bad_first_snapshot_stores_nothing() {
 fn not_modified_keeps_the_snapshot_and_ends_a_streak() {
     let c = config("");
     let h = MockHost::envoy().with_value(KEYS.market_status, b"fail");
-    let (fx, read) = answer(
-        &h,
-        &c,
-        Answer {
-            headers: &status("304"),
-            ..Answer::default()
-        },
-        b"",
-    );
+    let (fx, read) = answer_with(&h, &c, "304", 0, b"");
     assert!(!read);
     assert_eq!(
         fx,
@@ -477,15 +462,7 @@ fn not_modified_keeps_the_snapshot_and_ends_a_streak() {
     assert_eq!(h.value(KEYS.market_gen), None);
     // Already ok: nothing written.
     let writes = h.writes();
-    answer(
-        &h,
-        &c,
-        Answer {
-            headers: &status("304"),
-            ..Answer::default()
-        },
-        b"",
-    );
+    answer_with(&h, &c, "304", 0, b"");
     assert_eq!(h.writes(), writes);
 }
 
@@ -494,32 +471,14 @@ fn an_oversized_answer_is_not_read_and_an_oversized_snapshot_not_stored() {
     let c = config(r#"}, "limits": {"max_snapshot_bytes": 1024"#);
     assert_eq!(c.max_snapshot_bytes, 1024);
     let h = MockHost::envoy();
-    let (fx, read) = answer(
-        &h,
-        &c,
-        Answer {
-            headers: &status("200"),
-            body_size: 8193,
-            ..Answer::default()
-        },
-        b"",
-    );
+    let (fx, read) = answer_with(&h, &c, "200", 8193, b"");
     assert!(!read);
     assert_eq!(
         logs(&fx)[0].1,
         "market-router: market refresh failed: snapshot answer of 8193 bytes is over 8 x limits.max_snapshot_bytes (1024); not read; keeping the last good snapshot"
     );
     // At exactly 8 x the limit it is read.
-    let (_, read) = answer(
-        &h,
-        &c,
-        Answer {
-            headers: &status("200"),
-            body_size: 8192,
-            ..Answer::default()
-        },
-        b"",
-    );
+    let (_, read) = answer_with(&h, &c, "200", 8192, b"");
     assert!(read);
     // Valid, but its stored form is over the limit.
     let offer = String::from_utf8(snapshot(T0)).unwrap();
