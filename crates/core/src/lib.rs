@@ -24,6 +24,7 @@ pub mod market;
 pub mod metrics;
 pub mod native;
 pub mod outbound;
+pub mod refresh;
 pub mod report;
 pub mod request;
 pub mod rng;

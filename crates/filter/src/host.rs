@@ -2,8 +2,8 @@
 //! `proxy_wasm::hostcalls` and every error is turned into a value: the SDK's convenience
 //! methods panic on host errors, and a panic kills the VM for every request on the worker.
 
+pub(crate) use market_router_core::host::header;
 use market_router_core::host::{self as core_host, Host, HostError, HttpHost, Properties};
-pub(crate) use market_router_core::host::{header, SetError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 use std::time::{Duration, UNIX_EPOCH};
@@ -177,13 +177,6 @@ pub(crate) fn shared_get(key: &str) -> Option<(Vec<u8>, u32)> {
     core_host::shared_get(&Wasm, key)
 }
 
-/// Writes shared data: with `Some(nonzero)` only if the value still has that CAS; with `None`
-/// (or 0) whatever is there, in a bounded loop (Envoy and Kong differ on a CAS of 0: see
-/// [`HostCaps`] and `market_router_core::host::shared_set`).
-pub(crate) fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-    core_host::shared_set(&Wasm, key, value, cas)
-}
-
 /// Starts an HTTP call to a host cluster.
 pub(crate) fn dispatch(
     cluster: &str,
@@ -302,7 +295,7 @@ pub(crate) fn now_ns() -> u128 {
 /// Handled the same way on every host, so not listed: the log level (the filter logs up to
 /// debug and the host filters; `proxy_get_log_level` is never imported, since Kong's has
 /// another signature and wasmtime refuses a module importing it), shared-data CAS (a
-/// CAS of 0 overwrites on Envoy and only creates on Kong: see [`shared_set`]), and the tick
+/// CAS of 0 overwrites on Envoy and only creates on Kong: see `market_router_core::host::shared_set`), and the tick
 /// period (set once per root context: Kong traps on a second call).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct HostCaps {

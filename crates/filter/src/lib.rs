@@ -16,7 +16,7 @@ mod upstream;
 // The core's modules, at the paths the glue names them by (`crate::config`, ...).
 use market_router_core::{
     answer, attempt, config, errors, exchange, explain, handover, headers, health, market, native,
-    outbound, report, request, rng, routing, served, shared, walk,
+    outbound, refresh, report, request, rng, routing, served, shared, walk,
 };
 
 use crate::config::Config;
@@ -25,14 +25,12 @@ use crate::market::{MarketView, Stored};
 use crate::report::Tallies;
 use crate::rng::Rng;
 use log::{debug, info, warn};
-use market_router_core::host::Update;
+use market_router_core::host::{Update, CAS_TRIES};
 use market_router_core::metrics::{self, Global, PerProvider};
 use proxy_wasm::types::MetricType;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-/// Bounded CAS retries on shared data; on give-up the update is skipped (the request never fails for it).
-const CAS_RETRIES: usize = market_router_core::host::CAS_TRIES;
 /// How often a VM looks for a newer market generation from the request path, ms.
 const MARKET_CHECK_MS: u64 = 250;
 /// How often a VM re-reads the shared health table from the request path, ms: what other
@@ -331,13 +329,13 @@ impl Vm {
         }
     }
 
-    /// Applies `f` to the shared health table with CAS; gives up after `CAS_RETRIES`.
+    /// Applies `f` to the shared health table with CAS; gives up after `CAS_TRIES`.
     /// `f` returns whether the change is worth writing. Returns whether it was applied.
     fn update_health(&self, f: impl Fn(&mut HealthTable) -> bool) -> bool {
         let update = market_router_core::host::cas_update(
             &host::Wasm,
             &self.keys.health,
-            CAS_RETRIES,
+            CAS_TRIES,
             HealthTable::decode,
             HealthTable::encode,
             f,
@@ -358,7 +356,7 @@ impl Vm {
             }
             Update::GaveUp => {
                 debug!(
-                    "market-router: health update gave up after {CAS_RETRIES} CAS conflicts; skipped"
+                    "market-router: health update gave up after {CAS_TRIES} CAS conflicts; skipped"
                 );
                 false
             }

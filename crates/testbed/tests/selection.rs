@@ -646,7 +646,7 @@ fn weighted_spreads_traffic_by_balanced_score_in(mode: &str) {
 fn snapshot_change_moves_traffic_within_two_refresh_periods() {
     // Long enough that the slack below (three ticks) is room for a loaded 2-core machine.
     const REFRESH_MS: u64 = 1000;
-    // The filter ticks every refresh_ms / 4 (crates/filter/src/root.rs) and takes the refresh slot on
+    // The filter ticks every refresh_ms / 4 (`refresh::tick_period_ms` in the core) and takes the refresh slot on
     // the first tick after the due time.
     const TICK_MS: u64 = REFRESH_MS / 4;
     let names = ["cheap", "fast"];
