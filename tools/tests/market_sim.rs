@@ -20,9 +20,9 @@ use std::process::Command;
 const SEEDS: &str = "1,2,3,4,5";
 const REQUESTS: u64 = 15_000;
 
-/// What every run must reach, asserted on each (world, seed): the goals. The cost is
-/// judged against the oracle held to the p95 goal (`sim::ORACLE_P95`). The p95 bound stays at
-/// 0.90× round-robin's, not the goal's 0.80×: the default misses 0.80× on qwen3-235b seed 4
+/// What every run must reach, asserted on each (world, seed): the routing goals (README,
+/// routing quality) with the p95 bound relaxed as said below. The cost is judged against the
+/// oracle held to the p95 goal (`sim::ORACLE_P95`). The p95 bound stays at 0.90× round-robin's, not the goal's 0.80×: the default misses 0.80× on qwen3-235b seed 4
 /// (0.92 at the bench's 50,000 requests), where the cheapest offer (wandb, 0.10/0.10 per Mtok)
 /// is slower than most, and on 7 of the 25 runs of seeds 6-10 (bench/results/
 /// market-sim-seeds-6-10.txt); the summary prints the 0.80× goal with its pass count. On three
@@ -78,7 +78,7 @@ fn f(v: &Value) -> f64 {
 }
 
 #[test]
-fn the_default_configuration_meets_the_goals_on_every_world_and_seed() {
+fn the_default_configuration_holds_these_bounds_on_every_world_and_seed() {
     let runs = runs();
     assert_eq!(runs.len(), sim::catalog::WORLDS.len() * 5);
     for r in &runs {
