@@ -94,7 +94,9 @@ pub fn create_slot(host: &impl Host, keys: &Keys<'_>) {
     }
 }
 
-fn read_u64(bytes: &[u8]) -> u64 {
+/// A counter as the refresh keeps it in shared data (the generation, the slot's due time):
+/// eight little-endian bytes; 0 when shorter (not written yet).
+pub fn read_u64(bytes: &[u8]) -> u64 {
     bytes
         .get(..8)
         .and_then(|b| b.try_into().ok())

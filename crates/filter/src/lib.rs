@@ -248,13 +248,6 @@ pub(crate) struct VmInner {
     tally: Tallies,
 }
 
-fn read_u64(bytes: &[u8]) -> u64 {
-    bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
-}
-
 impl Vm {
     pub(crate) fn new(config: Config, seed: u64) -> Self {
         let keys = Keys::new(&config.shared_data_prefix);
@@ -293,7 +286,7 @@ impl Vm {
         let Some((gen_bytes, _)) = host::shared_get(&self.keys.market_gen) else {
             return;
         };
-        let generation = read_u64(&gen_bytes);
+        let generation = refresh::read_u64(&gen_bytes);
         if generation == 0 || generation == inner.market_gen {
             return;
         }

@@ -38,13 +38,25 @@ fn keys(vm: &Vm) -> refresh::Keys<'_> {
     }
 }
 
-/// The headers of the call answer being delivered: none when it failed or has none.
-fn answer_headers(failure: Option<&str>, num_headers: usize) -> Vec<(String, String)> {
-    if failure.is_some() || num_headers == 0 {
+/// Hands `f` the call answer being delivered, as the refresh reads it: `failure` is the host's
+/// word that the call broke off (`host::call_failure`); no headers are read when it did or when
+/// there are none.
+fn with_answer(
+    failure: Option<String>,
+    num_headers: usize,
+    body_size: usize,
+    f: impl FnOnce(&Answer<'_>),
+) {
+    let headers = if failure.is_some() || num_headers == 0 {
         Vec::new()
     } else {
         host::call_response_headers()
-    }
+    };
+    f(&Answer {
+        failure: failure.as_deref(),
+        headers: &headers,
+        body_size,
+    })
 }
 
 /// Writes a refresh effect: a counter (batched in VM memory) or a log line.
@@ -80,41 +92,33 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        match self.refresh.answered(token_id) {
+        let call = self.refresh.answered(token_id);
+        let Some(vm) = self.vm.clone() else { return };
+        match call {
             Call::Report => {
-                let Some(vm) = self.vm.clone() else { return };
                 // Asked only when the answer has headers (see `host::call_failure`).
                 let failure = if num_headers == 0 {
                     None
                 } else {
                     host::call_failure(num_headers)
                 };
-                let headers = answer_headers(failure.as_deref(), num_headers);
-                let answer = Answer {
-                    failure: failure.as_deref(),
-                    headers: &headers,
-                    body_size,
-                };
-                refresh::on_report(&answer, &mut |e| apply(&vm, e));
+                with_answer(failure, num_headers, body_size, |answer| {
+                    refresh::on_report(answer, &mut |e| apply(&vm, e))
+                });
             }
             Call::Snapshot => {
-                let Some(vm) = self.vm.clone() else { return };
                 let failure = host::call_failure(num_headers);
-                let headers = answer_headers(failure.as_deref(), num_headers);
-                let answer = Answer {
-                    failure: failure.as_deref(),
-                    headers: &headers,
-                    body_size,
-                };
-                refresh::on_snapshot(
-                    &host::Wasm,
-                    &vm.config,
-                    &keys(&vm),
-                    &answer,
-                    host::call_response_body,
-                    host::now_ms(),
-                    &mut |e| apply(&vm, e),
-                );
+                with_answer(failure, num_headers, body_size, |answer| {
+                    refresh::on_snapshot(
+                        &host::Wasm,
+                        &vm.config,
+                        &keys(&vm),
+                        answer,
+                        host::call_response_body,
+                        host::now_ms(),
+                        &mut |e| apply(&vm, e),
+                    );
+                });
                 vm.sync_market(host::now_ms(), true);
             }
             Call::Other => {}
@@ -187,12 +191,13 @@ impl RootContext for Root {
         vm.flush_tally();
         vm.sync_market(now, true);
         let view = vm.inner.try_borrow().ok().and_then(|i| i.market.clone());
-        if let Some(m) = &view {
-            vm.metrics.snapshot(m.age_ms(now), m.offers);
-        }
-        let held = view.as_ref().map(|m| Held {
-            age_ms: m.age_ms(now),
-            etag: m.etag.as_deref(),
+        let held = view.as_ref().map(|m| {
+            let age_ms = m.age_ms(now);
+            vm.metrics.snapshot(age_ms, m.offers);
+            Held {
+                age_ms,
+                etag: m.etag.as_deref(),
+            }
         });
         self.refresh.tick(
             &host::Wasm,
