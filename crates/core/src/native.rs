@@ -313,6 +313,15 @@ pub fn push_tried(list: &mut Vec<u8>, t: Tried) {
     }
 }
 
+/// How many attempts the stored list holds (without parsing them).
+pub fn tried_count(list: &[u8]) -> usize {
+    if list.is_empty() {
+        0
+    } else {
+        list.iter().filter(|b| **b == b',').count() + 1
+    }
+}
+
 /// The stored list back; entries that do not parse are skipped.
 pub fn parse_tried(list: &[u8]) -> Vec<Tried> {
     let text = String::from_utf8_lossy(list);
@@ -560,6 +569,8 @@ mod tests {
         }
         let back = parse_tried(&list);
         assert_eq!(back.len(), all.len());
+        assert_eq!(tried_count(&list), all.len());
+        assert_eq!(tried_count(b""), 0);
         for (i, t) in back.iter().enumerate() {
             assert_eq!((t.provider, t.outcome), (i, all[i]));
         }

@@ -130,15 +130,6 @@ pub struct Attempt {
     tried: Vec<u8>,
 }
 
-/// How many attempts a stored attempt list holds.
-fn count(list: &[u8]) -> usize {
-    if list.is_empty() {
-        0
-    } else {
-        list.iter().filter(|b| **b == b',').count() + 1
-    }
-}
-
 impl Attempt {
     /// The provider this attempt went to, once its request headers were seen with a plan.
     pub fn provider(&self) -> Option<usize> {
@@ -181,7 +172,7 @@ impl Attempt {
             .unwrap_or_default();
         // Envoy walks the route's priority groups in the order handed over: attempt N must be
         // on the order's N-th provider (the last one if Envoy tries more).
-        let before = count(&self.tried);
+        let before = native::tried_count(&self.tried);
         if let Some(&(want, _)) = plan.providers.get(before).or(plan.providers.last()) {
             if want != p {
                 let w = &config.providers[want];
@@ -506,7 +497,7 @@ impl Attempt {
             }));
         }
         let mut list = std::mem::take(&mut self.tried);
-        let before = count(&list);
+        let before = native::tried_count(&list);
         native::push_tried(
             &mut list,
             Tried {
