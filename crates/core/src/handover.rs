@@ -103,8 +103,7 @@ pub fn hand_over<H: HttpHost + Properties>(
     for (k, _) in client {
         if native::CLIENT_RETRY_HEADERS.contains(&k.as_str())
             || PREF_HEADERS.contains(&k.as_str())
-            || k == "proxy-authorization"
-            || (k == "authorization" && !failover.forward_client_authorization)
+            || headers::is_client_credential(config, k)
             || (k != "authorization" && native::credential_headers_contain(config, k))
         {
             // A refused removal is caught below: the same host then refuses ours too.

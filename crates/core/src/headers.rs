@@ -88,6 +88,14 @@ pub fn is_owned(config: &Config, name: &str) -> bool {
     name == config.routing.cluster_header || PREF_HEADERS.contains(&name)
 }
 
+/// Whether the client's header `name` is its credential for this gateway, never sent to a
+/// provider: `proxy-authorization`, and `authorization` unless
+/// `failover.forward_client_authorization`.
+pub fn is_client_credential(config: &Config, name: &str) -> bool {
+    name == "proxy-authorization"
+        || (name == "authorization" && !config.failover.forward_client_authorization)
+}
+
 /// Headers of a dispatched attempt: the client's end-to-end headers (request id, trace
 /// context, content type, custom headers) minus pseudo-headers, hop-by-hop headers, the
 /// cluster header, preference headers, `accept-encoding` (the filter reads the answer, so the
@@ -102,7 +110,7 @@ pub fn forwarded(config: &Config, headers: &[(String, String)]) -> Vec<(String, 
                 && !is_owned(config, k)
                 && k != "accept-encoding"
                 && !k.starts_with("x-envoy-")
-                && (config.failover.forward_client_authorization || k != "authorization")
+                && !is_client_credential(config, k)
         })
         .cloned()
         .collect()

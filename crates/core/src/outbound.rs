@@ -134,9 +134,7 @@ pub fn routed_edits(
 ) {
     // The client's credentials are for this gateway, not for a provider (unless configured).
     for (k, _) in client {
-        if k == "proxy-authorization"
-            || (k == "authorization" && !config.failover.forward_client_authorization)
-        {
+        if headers::is_client_credential(config, k) {
             set(k, None);
         }
     }
