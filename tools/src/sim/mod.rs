@@ -1567,7 +1567,7 @@ impl World {
 pub fn run_informed_oracle(w: &World, cap_ms: u64) -> Stats {
     let pass = |lambda: f64| {
         let mut st = Stats::new(
-            format!("informed oracle (p95 <= {cap_ms} ms)"),
+            format!("{INFORMED} (p95 <= {cap_ms} ms)"),
             w.providers.len(),
         );
         st.requests = w.requests.len();
@@ -1757,12 +1757,7 @@ fn all_goals_counts(groups: &[(String, Vec<&Report>)], with_informed: bool) -> S
             let mut feasible = 0;
             let mut met_informed = 0;
             for r in rs {
-                let Some(io) = r
-                    .rows
-                    .iter()
-                    .find(|x| x.label.starts_with("informed oracle"))
-                    .map(Stats::effective_per_1k)
-                else {
+                let Some(io) = r.informed().map(Stats::effective_per_1k) else {
                     continue;
                 };
                 let reference = r.row(ORACLE_P95).map_or(f64::NAN, Stats::effective_per_1k);
@@ -1789,7 +1784,7 @@ fn all_goals_counts(groups: &[(String, Vec<&Report>)], with_informed: bool) -> S
 /// its run's bound).
 fn row_of<'a>(r: &'a Report, label: &str) -> Option<&'a Stats> {
     if label.starts_with(INFORMED) {
-        r.rows.iter().find(|x| x.label.starts_with(INFORMED))
+        r.informed()
     } else {
         r.row(label)
     }
@@ -1840,6 +1835,11 @@ impl Report {
     /// Row by label.
     pub fn row(&self, label: &str) -> Option<&Stats> {
         self.rows.iter().find(|r| r.label == label)
+    }
+
+    /// The informed oracle's row, when it ran (its label names its run's bound).
+    pub fn informed(&self) -> Option<&Stats> {
+        self.rows.iter().find(|r| r.label.starts_with(INFORMED))
     }
 
     /// Goal checks of one market-router variant (or any row).
@@ -1996,11 +1996,7 @@ impl Report {
                 g.target
             ));
         }
-        if let Some(io) = self
-            .rows
-            .iter()
-            .find(|r| r.label.starts_with("informed oracle"))
-        {
+        if let Some(io) = self.informed() {
             s.push_str(&format!("\nreference, not a goal: {}\n", io.label));
             for g in self.goals_of(&io.label) {
                 s.push_str(&format!(
@@ -2041,7 +2037,7 @@ impl Report {
         let reference: Vec<Value> = self
             .rows
             .iter()
-            .filter(|r| r.label.starts_with("informed oracle"))
+            .filter(|r| r.label.starts_with(INFORMED))
             .flat_map(|r| self.goals_of(&r.label))
             .map(|g| goal(&g))
             .collect();
@@ -2316,12 +2312,7 @@ pub fn summary(reports: &[Report]) -> String {
             "           {name:<32} {lo:>9.4} / {med:>9.4} / {hi:>9.4}\n"
         ));
     }
-    let informed = |r: &Report| {
-        r.rows
-            .iter()
-            .find(|x| x.label.starts_with("informed oracle"))
-            .map(Stats::effective_per_1k)
-    };
+    let informed = |r: &Report| r.informed().map(Stats::effective_per_1k);
     if reports.iter().any(|r| informed(r).is_some()) {
         s.push_str(&format!(
             "  informed oracle's cost / {ORACLE_P95}'s (perfect instant market data, no \
